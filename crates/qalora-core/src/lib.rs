@@ -1,0 +1,18 @@
+//! qalora-core: the tch-free kernels of qalora. Everything here works on plain slices
+//! (row-major), so `cargo test` runs without libtorch; the Python extension adapts torch
+//! tensors onto these functions.
+
+pub mod error;
+pub mod layout;
+pub mod merge;
+pub mod pack;
+pub mod parallel;
+pub mod pool;
+pub mod qmatmul;
+pub mod quant;
+#[doc(hidden)]
+pub mod testutil;
+
+pub use error::{ErrorKind, KernelError, Result};
+pub use layout::{check_bits, max_code, packed_row_bytes, QuantLayout, SUPPORTED_BITS};
+pub use quant::ParamDtype;

@@ -1,0 +1,219 @@
+//! Group-wise asymmetric min-max round-to-nearest quantization and its inverse.
+//!
+//! Offset form (DESIGN.md §1): W~[n,k] = s[n,l] * q[n,k] + m[n,l], l = k / g.
+//! Scales and offsets are rounded to their storage dtype *before* the codes are chosen, so
+//! the codes are the nearest ones under the parameters that are actually stored.
+
+use half::{bf16, f16};
+
+use crate::error::{KernelError, Result};
+use crate::layout::{max_code, QuantLayout};
+use crate::pack::{pack_row, unpack_row};
+use crate::parallel::for_each_row_with;
+
+/// Storage dtype of scales and offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamDtype {
+    F16,
+    BF16,
+    F32,
+}
+
+impl ParamDtype {
+    /// Rounds `v` to the nearest value representable in this dtype.
+    pub fn round(self, v: f32) -> f32 {
+        match self {
+            ParamDtype::F16 => f16::from_f32(v).to_f32(),
+            ParamDtype::BF16 => bf16::from_f32(v).to_f32(),
+            ParamDtype::F32 => v,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ParamDtype::F16 => "float16",
+            ParamDtype::BF16 => "bfloat16",
+            ParamDtype::F32 => "float32",
+        }
+    }
+}
+
+/// Fails at the first NaN or infinite weight, naming its position.
+pub fn check_finite(w: &[f32], k: usize, what: &str) -> Result<()> {
+    match w.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(KernelError::value(format!(
+            "{what}: value {} at row {}, column {} is not finite; quantization needs finite weights",
+            w[i],
+            i / k,
+            i % k
+        ))),
+    }
+}
+
+/// Scale and offset of one group, rounded to `dtype`. A constant group (max == min) or a
+/// range too small for the dtype gets scale 0: every code is 0 and the group dequantizes
+/// to its offset, with no division by zero.
+pub fn group_params(group: &[f32], bits: u32, dtype: ParamDtype) -> (f32, f32) {
+    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+    for &v in group {
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    let offset = dtype.round(lo);
+    let scale = dtype.round((hi - lo) / max_code(bits) as f32);
+    (scale, offset)
+}
+
+/// Nearest code of `v` under (scale, offset), clamped to [0, 2^bits - 1]; ties round to
+/// even, as torch.round does, so the CPU and device paths choose the same codes.
+#[inline]
+pub fn code_of(v: f32, scale: f32, offset: f32, qmax: f32) -> u8 {
+    if scale > 0.0 {
+        ((v - offset) / scale).round_ties_even().clamp(0.0, qmax) as u8
+    } else {
+        0
+    }
+}
+
+/// Quantizes a row-major (N, K) weight. Writes packed codes (N, K*b/8) and scales/offsets
+/// (N, K/g) as f32 values already rounded to `dtype`.
+pub fn quantize(
+    w: &[f32],
+    layout: QuantLayout,
+    dtype: ParamDtype,
+    packed: &mut [u8],
+    scales: &mut [f32],
+    offsets: &mut [f32],
+) -> Result<()> {
+    let QuantLayout { n, k, bits, group_size: g } = layout;
+    if w.len() != n * k {
+        return Err(KernelError::shape(format!("weight: got {} values, expected {n}*{k}", w.len())));
+    }
+    layout.check_buffers(packed.len(), scales.len(), offsets.len())?;
+    check_finite(w, k, "weight")?;
+    // Parameters first (cheap, sequential over a small output), checked for overflow.
+    let groups = layout.groups();
+    for (i, (s, m)) in scales.iter_mut().zip(offsets.iter_mut()).enumerate() {
+        let (row, l) = (i / groups, i % groups);
+        let start = row * k + l * g;
+        let (sc, off) = group_params(&w[start..start + g], bits, dtype);
+        if !sc.is_finite() || !off.is_finite() {
+            return Err(KernelError::value(format!(
+                "weight: group {l} of row {row} spans a range that overflows {} scales/offsets; use scale_dtype=torch.float32",
+                dtype.name()
+            )));
+        }
+        *s = sc;
+        *m = off;
+    }
+    let qmax = max_code(bits) as f32;
+    let row_bytes = layout.row_bytes();
+    let (scales, offsets) = (&*scales, &*offsets);
+    for_each_row_with(packed, row_bytes, n * k, || vec![0u8; k], |codes, row, out| {
+        let wr = &w[row * k..(row + 1) * k];
+        for l in 0..groups {
+            let (s, m) = (scales[row * groups + l], offsets[row * groups + l]);
+            for j in l * g..(l + 1) * g {
+                codes[j] = code_of(wr[j], s, m, qmax);
+            }
+        }
+        pack_row(codes, bits, out);
+    });
+    Ok(())
+}
+
+/// Dequantizes rows of packed codes into a row-major f32 matrix: out = s * q + m.
+/// `packed`, `scales`, `offsets` and `out` may cover any whole-row slice of a layer
+/// (`layout.n` is the number of rows given).
+pub fn dequantize(
+    packed: &[u8],
+    scales: &[f32],
+    offsets: &[f32],
+    layout: QuantLayout,
+    out: &mut [f32],
+) -> Result<()> {
+    layout.check_buffers(packed.len(), scales.len(), offsets.len())?;
+    let QuantLayout { n, k, .. } = layout;
+    if out.len() != n * k {
+        return Err(KernelError::internal("dequantize output has the wrong length"));
+    }
+    for_each_row_with(out, k, n * k, || vec![0u8; k], |codes, row, o| {
+        dequantize_row(packed, scales, offsets, layout, row, codes, o)
+    });
+    Ok(())
+}
+
+/// Dequantizes row `row` into `out` (K values), using `codes` (K bytes) as scratch.
+#[inline]
+pub fn dequantize_row(
+    packed: &[u8],
+    scales: &[f32],
+    offsets: &[f32],
+    layout: QuantLayout,
+    row: usize,
+    codes: &mut [u8],
+    out: &mut [f32],
+) {
+    let rb = layout.row_bytes();
+    let g = layout.group_size;
+    let groups = layout.groups();
+    unpack_row(&packed[row * rb..(row + 1) * rb], layout.bits, codes);
+    for l in 0..groups {
+        let (s, m) = (scales[row * groups + l], offsets[row * groups + l]);
+        for (o, &q) in out[l * g..(l + 1) * g].iter_mut().zip(&codes[l * g..(l + 1) * g]) {
+            *o = s * q as f32 + m;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::random_f32;
+
+    #[test]
+    fn round_trip_error_is_at_most_half_a_step() {
+        for bits in [2u32, 3, 4, 8] {
+            for (n, k, g) in [(7usize, 64usize, 32usize), (5, 96, 16), (3, 48, 48)] {
+                let layout = QuantLayout::new(n, k, bits, g).unwrap();
+                let w = random_f32(n * k, (bits as u64) << 8 | g as u64);
+                let mut packed = vec![0u8; layout.packed_len()];
+                let (mut s, mut m) = (vec![0f32; n * k / g], vec![0f32; n * k / g]);
+                quantize(&w, layout, ParamDtype::F32, &mut packed, &mut s, &mut m).unwrap();
+                let mut wq = vec![0f32; n * k];
+                dequantize(&packed, &s, &m, layout, &mut wq).unwrap();
+                for i in 0..n * k {
+                    let step = s[(i / k) * (k / g) + (i % k) / g];
+                    assert!((w[i] - wq[i]).abs() <= 0.5 * step * (1.0 + 1e-5) + 1e-7, "bits={bits}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn constant_groups_have_no_nan() {
+        let layout = QuantLayout::new(2, 8, 4, 4).unwrap();
+        let w = [0.5f32, 0.5, 0.5, 0.5, -1.0, 2.0, 0.0, 1.0, 3.0, 3.0, 3.0, 3.0, 0.0, 0.0, 0.0, 0.0];
+        let mut packed = vec![0u8; layout.packed_len()];
+        let (mut s, mut m) = (vec![0f32; 4], vec![0f32; 4]);
+        quantize(&w, layout, ParamDtype::F16, &mut packed, &mut s, &mut m).unwrap();
+        let mut wq = vec![0f32; 16];
+        dequantize(&packed, &s, &m, layout, &mut wq).unwrap();
+        assert_eq!(&wq[..4], &[0.5; 4]);
+        assert_eq!(&wq[8..], &[3.0, 3.0, 3.0, 3.0, 0.0, 0.0, 0.0, 0.0]);
+        assert!(wq.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn rejects_non_finite_and_fp16_overflow() {
+        let layout = QuantLayout::new(1, 4, 4, 4).unwrap();
+        let mut p = vec![0u8; 2];
+        let (mut s, mut m) = (vec![0f32; 1], vec![0f32; 1]);
+        let err = quantize(&[1.0, f32::NAN, 0.0, 1.0], layout, ParamDtype::F16, &mut p, &mut s, &mut m);
+        assert!(err.unwrap_err().message.contains("column 1"));
+        let err = quantize(&[1e6, -1e6, 0.0, 1.0], layout, ParamDtype::F16, &mut p, &mut s, &mut m);
+        assert!(err.unwrap_err().message.contains("float32"));
+        quantize(&[1e6, -1e6, 0.0, 1.0], layout, ParamDtype::F32, &mut p, &mut s, &mut m).unwrap();
+    }
+}

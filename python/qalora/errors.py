@@ -1,0 +1,76 @@
+"""The qalora exception hierarchy.
+
+Every error the library raises on purpose derives from :class:`QALoRAError`, and also from
+the built-in type that fits (``ValueError`` or ``TypeError``), so ``except ValueError`` in
+user code keeps working. The Rust kernels raise these same classes.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "QALoRAError",
+    "ShapeError",
+    "DTypeError",
+    "DeviceError",
+    "UnsupportedBitsError",
+    "GroupSizeError",
+    "CodeRangeError",
+    "InvalidValueError",
+    "ConfigError",
+    "NoTargetModulesError",
+    "AdapterMismatchError",
+    "CheckpointError",
+    "InternalError",
+]
+
+
+class QALoRAError(Exception):
+    """Base class of every error raised by qalora."""
+
+
+class ShapeError(QALoRAError, ValueError):
+    """A tensor has the wrong shape, length or memory layout."""
+
+
+class DTypeError(QALoRAError, TypeError):
+    """An argument has a type or dtype the operation does not take."""
+
+
+class DeviceError(QALoRAError, ValueError):
+    """Tensors are on different devices, or on one the operation does not support."""
+
+
+class UnsupportedBitsError(QALoRAError, ValueError):
+    """The bit width is not one of 2, 3, 4, 8."""
+
+
+class GroupSizeError(QALoRAError, ValueError):
+    """The group size is zero, does not divide in_features, or breaks the packed layout."""
+
+
+class CodeRangeError(QALoRAError, ValueError):
+    """A code handed to ``pack`` is outside [0, 2**bits - 1]."""
+
+
+class InvalidValueError(QALoRAError, ValueError):
+    """A value is not acceptable (non-finite weights, a bad option string, ...)."""
+
+
+class ConfigError(QALoRAError, ValueError):
+    """A :class:`qalora.QALoRAConfig` is invalid or cannot be read."""
+
+
+class NoTargetModulesError(ConfigError):
+    """``wrap`` matched no layer; the message lists the linear-like modules it saw."""
+
+
+class AdapterMismatchError(QALoRAError, ValueError):
+    """A saved adapter or model does not fit the model it is loaded into."""
+
+
+class CheckpointError(QALoRAError, ValueError):
+    """A checkpoint directory is missing, incomplete or unreadable."""
+
+
+class InternalError(QALoRAError, RuntimeError):
+    """A bug inside qalora (a Rust panic caught at the boundary). Please report it."""

@@ -1,0 +1,228 @@
+"""Low-level QA-LoRA kernels (Rust, on CPU tensors with rayon and on CUDA tensors through
+libtorch).
+
+Storage layout (see the README): a quantized weight of shape (N, K) = (out_features,
+in_features) is three tensors,
+
+* ``packed`` uint8 (N, K*bits/8): row k-codes as a little-endian bitstream (code k occupies
+  bits [k*bits, (k+1)*bits) of its row; at 4 bits, byte j = q[2j] | q[2j+1] << 4);
+* ``scales`` and ``offsets`` (N, K/group_size), float16 by default;
+
+and dequantizes as ``W[n, k] = scales[n, k // g] * q[n, k] + offsets[n, k // g]``.
+
+Every function raises a :class:`qalora.QALoRAError` subclass on bad input and releases the
+GIL while it runs. ``backend`` picks the implementation: ``"auto"`` (the Rust core for CPU
+tensors, libtorch ops otherwise), ``"core"`` or ``"torch"``; the two give the same results and
+the tests hold them to it.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple, Union
+
+import numpy as np
+import torch
+
+from . import _core
+from .errors import CodeRangeError, DTypeError, ShapeError
+
+__all__ = [
+    "SUPPORTED_BITS",
+    "pack",
+    "unpack",
+    "quantize",
+    "dequantize",
+    "qmatmul",
+    "group_pool",
+    "merge_offsets",
+]
+
+#: Bit widths the kernels store.
+SUPPORTED_BITS: Tuple[int, ...] = tuple(_core.SUPPORTED_BITS)
+
+ArrayOrTensor = Union[torch.Tensor, np.ndarray]
+
+
+def _dtype_name(dtype: torch.dtype, arg: str) -> str:
+    if not isinstance(dtype, torch.dtype):
+        raise DTypeError(f"{arg}: expected a torch.dtype such as torch.float16, got {type(dtype).__name__}")
+    return str(dtype).replace("torch.", "")
+
+
+def _int_arg(value: int, arg: str) -> int:
+    # bool is an int subclass; reject it and floats so that bits=4.0 or True fail loudly.
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise DTypeError(f"{arg}: expected an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def pack(codes: ArrayOrTensor, bits: int) -> ArrayOrTensor:
+    """Pack integer codes into the canonical little-endian bitstream.
+
+    Args:
+        codes: (N, K) integer tensor or numpy array, values in [0, 2**bits - 1].
+        bits: 2, 3, 4 or 8. K*bits must be a multiple of 8.
+
+    Returns:
+        (N, K*bits/8) uint8, of the same kind (tensor or array) and device as ``codes``.
+    """
+    bits = _int_arg(bits, "bits")
+    if isinstance(codes, np.ndarray):
+        if not np.issubdtype(codes.dtype, np.integer):
+            raise DTypeError(f"codes: expected an integer array, got dtype {codes.dtype}")
+        if codes.ndim == 2 and codes.size and bits in SUPPORTED_BITS:
+            bad = np.argwhere((codes < 0) | (codes > (1 << bits) - 1))
+            if len(bad):
+                r, c = bad[0]
+                raise CodeRangeError(
+                    f"codes: value {codes[r, c]} at row {r}, column {c} is outside [0, {(1 << bits) - 1}] allowed at {bits} bits"
+                )
+        if codes.ndim != 2:
+            raise ShapeError(f"codes: got shape {codes.shape}, expected a 2-D array")
+        return _core.pack_array(np.ascontiguousarray(codes, dtype=np.uint8), bits)
+    return _core.pack(codes, bits)
+
+
+def unpack(packed: ArrayOrTensor, bits: int, k: int) -> ArrayOrTensor:
+    """Unpack (N, K*bits/8) uint8 into (N, K) uint8 codes (inverse of :func:`pack`)."""
+    bits, k = _int_arg(bits, "bits"), _int_arg(k, "k")
+    if isinstance(packed, np.ndarray):
+        if packed.dtype != np.uint8:
+            raise DTypeError(f"packed: expected a uint8 array, got dtype {packed.dtype}")
+        if packed.ndim != 2:
+            raise ShapeError(f"packed: got shape {packed.shape}, expected a 2-D array")
+        return _core.unpack_array(packed, bits, k)
+    return _core.unpack(packed, bits, k)
+
+
+def quantize(
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int,
+    scale_dtype: torch.dtype = torch.float16,
+    *,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min-max round-to-nearest quantization per (row, group).
+
+    For each row n and group l of ``group_size`` consecutive columns: offset = min,
+    scale = (max - min) / (2**bits - 1), both rounded to ``scale_dtype`` first; then
+    q = clamp(round((w - offset) / scale)) with ties to even. A constant group gets scale 0,
+    codes 0, and dequantizes to its offset exactly (no NaN/Inf).
+
+    Args:
+        weight: (N, K) float tensor (float32/bfloat16/float16/float64), finite.
+        bits: 2, 3, 4 or 8.
+        group_size: a divisor of K (a multiple of 8 at 3 bits).
+        scale_dtype: torch.float16 (default), torch.bfloat16 or torch.float32.
+
+    Returns:
+        ``(packed, scales, offsets)``: uint8 (N, K*bits/8) and two (N, K/group_size) tensors
+        of ``scale_dtype``, on the weight's device.
+    """
+    return _core.quantize(
+        weight, _int_arg(bits, "bits"), _int_arg(group_size, "group_size"), _dtype_name(scale_dtype, "scale_dtype"), backend
+    )
+
+
+def dequantize(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype = torch.float32,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Dense (N, K) weight ``scales * q + offsets`` (computed in float32), in ``dtype``."""
+    return _core.dequantize(
+        packed, scales, offsets, _int_arg(bits, "bits"), _int_arg(group_size, "group_size"), _dtype_name(dtype, "dtype"), backend
+    )
+
+
+class _QMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, packed, scales, offsets, bits, group_size, backend):
+        ctx.save_for_backward(packed, scales, offsets)
+        ctx.config = (bits, group_size, backend)
+        return _core.qmatmul(x, packed, scales, offsets, bits, group_size, backend)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 7
+        packed, scales, offsets = ctx.saved_tensors
+        bits, group_size, backend = ctx.config
+        grad_x = _core.qmatmul_grad_input(grad_output, packed, scales, offsets, bits, group_size, backend)
+        return grad_x, None, None, None, None, None, None
+
+
+def qmatmul(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    bits: int,
+    group_size: int,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``x @ W.T`` for the quantized weight W, without materialising W on CPU.
+
+    Args:
+        x: (..., K) float32, bfloat16, float16 or float64.
+
+    Returns:
+        (..., N) in x's dtype. Differentiable with respect to ``x`` (backward = grad @ W);
+        the quantized weight is frozen. On CPU, small batches (M <= 16 rows) use a fused
+        dequantize-and-multiply kernel and larger ones dequantize one tile of rows at a time
+        for torch's GEMM, so at most a tile of W is ever dense; on CUDA W is dequantized
+        once per call.
+    """
+    return _QMatmul.apply(x, packed, scales, offsets, _int_arg(bits, "bits"), _int_arg(group_size, "group_size"), backend)
+
+
+class _GroupPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group_size, backend):
+        ctx.config = (group_size, backend)
+        return _core.group_pool(x, group_size, backend)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        group_size, backend = ctx.config
+        return _core.group_pool_backward(grad_output, group_size, backend), None, None
+
+
+def group_pool(x: torch.Tensor, group_size: int, *, backend: str = "auto") -> torch.Tensor:
+    """Mean over each contiguous group of ``group_size`` along the last dimension.
+
+    (..., K) -> (..., K/group_size), differentiable. This is QA-LoRA's pooling: the adapter
+    sees one value per quantization group, so its update folds into the group offsets.
+    """
+    return _GroupPool.apply(x, _int_arg(group_size, "group_size"), backend)
+
+
+def merge_offsets(
+    offsets: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    group_size: int,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The exact QA-LoRA merge: ``offsets + scaling * (lora_B @ lora_A) / group_size``.
+
+    Args:
+        offsets: (N, L) with L = K / group_size.
+        lora_A: (rank, L). lora_B: (N, rank).
+        scaling: alpha / rank.
+
+    Returns:
+        New offsets (N, L), computed in float32 and returned in ``offsets``' dtype.
+    """
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float, np.floating, np.integer)):
+        raise DTypeError(f"scaling: expected a float, got {type(scaling).__name__}")
+    return _core.merge_offsets(offsets, lora_A, lora_B, float(scaling), _int_arg(group_size, "group_size"), backend)

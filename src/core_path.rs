@@ -1,0 +1,196 @@
+//! Ops on CPU tensors through the tch-free Rust core (rayon inside).
+
+use qalora_core::{pack, pool, qmatmul, quant, ParamDtype, QuantLayout};
+use tch::{Device, Kind, Tensor};
+
+use crate::args::QuantWeight;
+use crate::boundary::{slice, slice_mut, KResult};
+
+/// Below or at this many activation rows the fused kernel wins; above it, dequantizing a
+/// tile and calling torch's GEMM does.
+pub const FUSED_MAX_ROWS: usize = 16;
+/// Elements of one dequantized tile (8 MiB of f32): bounds the transient memory of the
+/// large-M path to a small fraction of one dense copy of a large layer.
+const TILE_ELEMS: usize = 2 << 20;
+
+fn cpu(kind: Kind) -> (Kind, Device) {
+    (kind, Device::Cpu)
+}
+
+pub fn pack_codes(codes: &Tensor, bits: u32) -> KResult<Tensor> {
+    let (n, k) = (codes.size()[0] as usize, codes.size()[1] as usize);
+    let row_bytes = qalora_core::packed_row_bytes(k, bits)?;
+    let out = Tensor::empty([n as i64, row_bytes as i64], cpu(Kind::Uint8));
+    pack::pack(slice(codes), n, k, bits, slice_mut(&out))?;
+    Ok(out)
+}
+
+pub fn unpack_codes(packed: &Tensor, bits: u32, k: usize) -> KResult<Tensor> {
+    let n = packed.size()[0] as usize;
+    let out = Tensor::empty([n as i64, k as i64], cpu(Kind::Uint8));
+    pack::unpack(slice(packed), n, k, bits, slice_mut(&out))?;
+    Ok(out)
+}
+
+pub fn param_dtype(kind: Kind) -> ParamDtype {
+    match kind {
+        Kind::Half => ParamDtype::F16,
+        Kind::BFloat16 => ParamDtype::BF16,
+        _ => ParamDtype::F32,
+    }
+}
+
+pub fn quantize(w: &Tensor, layout: QuantLayout, scale_kind: Kind) -> KResult<(Tensor, Tensor, Tensor)> {
+    let w = w.to_kind(Kind::Float).contiguous();
+    let packed = Tensor::empty([layout.n as i64, layout.row_bytes() as i64], cpu(Kind::Uint8));
+    let shape = [layout.n as i64, layout.groups() as i64];
+    let scales = Tensor::empty(shape, cpu(Kind::Float));
+    let offsets = Tensor::empty(shape, cpu(Kind::Float));
+    quant::quantize(
+        slice(&w),
+        layout,
+        param_dtype(scale_kind),
+        slice_mut(&packed),
+        slice_mut(&scales),
+        slice_mut(&offsets),
+    )?;
+    // Values are already rounded to `scale_kind`, so this cast is exact.
+    Ok((packed, scales.to_kind(scale_kind), offsets.to_kind(scale_kind)))
+}
+
+/// Dequantizes rows [row0, row0 + out.rows) of the weight into `out` (f32, contiguous).
+fn dequantize_rows(w: &QuantWeight, s: &Tensor, o: &Tensor, row0: usize, out: &Tensor) -> KResult<()> {
+    let rows = out.size()[0] as usize;
+    let l = w.layout;
+    let sub = QuantLayout::new(rows, l.k, l.bits, l.group_size)?;
+    let (rb, gs) = (l.row_bytes(), l.groups());
+    quant::dequantize(
+        &slice::<u8>(&w.packed)[row0 * rb..(row0 + rows) * rb],
+        &slice::<f32>(s)[row0 * gs..(row0 + rows) * gs],
+        &slice::<f32>(o)[row0 * gs..(row0 + rows) * gs],
+        sub,
+        slice_mut(out),
+    )
+}
+
+pub fn dequantize(w: &QuantWeight, kind: Kind) -> KResult<Tensor> {
+    let (s, o) = w.params_f32();
+    let out = Tensor::empty([w.layout.n as i64, w.layout.k as i64], cpu(Kind::Float));
+    dequantize_rows(w, &s, &o, 0, &out)?;
+    Ok(if kind == Kind::Float { out } else { out.to_kind(kind) })
+}
+
+fn tile_rows(layout: QuantLayout) -> usize {
+    (TILE_ELEMS / layout.k).clamp(1, layout.n)
+}
+
+/// Calls `f(row0, tile)` for consecutive row tiles of the dequantized weight, reusing one
+/// buffer, in `kind` (f32 or f64).
+fn for_each_tile(w: &QuantWeight, kind: Kind, mut f: impl FnMut(usize, &Tensor)) -> KResult<()> {
+    let (s, o) = w.params_f32();
+    let (n, k) = (w.layout.n, w.layout.k);
+    let rows = tile_rows(w.layout);
+    let buf = Tensor::empty([rows as i64, k as i64], cpu(Kind::Float));
+    let mut row0 = 0;
+    while row0 < n {
+        let r = rows.min(n - row0);
+        let tile = buf.narrow(0, 0, r as i64);
+        dequantize_rows(w, &s, &o, row0, &tile)?;
+        if kind == Kind::Float {
+            f(row0, &tile);
+        } else {
+            f(row0, &tile.to_kind(kind));
+        }
+        row0 += r;
+    }
+    Ok(())
+}
+
+/// y = x W~^T for x of shape (M, K) (any float kind); returns (M, N) in x's kind.
+pub fn qmatmul(x2: &Tensor, w: &QuantWeight) -> KResult<Tensor> {
+    let (m, n) = (x2.size()[0] as usize, w.layout.n);
+    let out_kind = x2.kind();
+    if m == 0 {
+        return Ok(Tensor::zeros([0, n as i64], cpu(out_kind)));
+    }
+    if out_kind != Kind::Double && m <= FUSED_MAX_ROWS {
+        let (s, o) = w.params_f32();
+        let xf = x2.to_kind(Kind::Float).contiguous();
+        let out = Tensor::empty([m as i64, n as i64], cpu(Kind::Float));
+        qmatmul::qmatmul(slice(&xf), m, slice(&w.packed), slice(&s), slice(&o), w.layout, slice_mut(&out))?;
+        return Ok(out.to_kind(out_kind));
+    }
+    // Large M: one dequantized tile at a time through torch's GEMM, written into a
+    // transposed output whose row blocks are contiguous.
+    let ck = if out_kind == Kind::Double { Kind::Double } else { Kind::Float };
+    let xc = x2.to_kind(ck);
+    let xt = xc.tr();
+    let out_t = Tensor::empty([n as i64, m as i64], cpu(ck));
+    for_each_tile(w, ck, |row0, tile| {
+        let dst = out_t.narrow(0, row0 as i64, tile.size()[0]);
+        let _ = tile.mm_out(&dst, &xt);
+    })?;
+    Ok(out_t.tr().contiguous().to_kind(out_kind))
+}
+
+/// grad_x = grad W~ for grad of shape (M, N); returns (M, K) in grad's kind.
+pub fn qmatmul_grad_input(g2: &Tensor, w: &QuantWeight) -> KResult<Tensor> {
+    let (m, k) = (g2.size()[0], w.layout.k as i64);
+    let out_kind = g2.kind();
+    let ck = if out_kind == Kind::Double { Kind::Double } else { Kind::Float };
+    let gc = g2.to_kind(ck);
+    let mut gx = Tensor::zeros([m, k], cpu(ck));
+    if m == 0 {
+        return Ok(gx.to_kind(out_kind));
+    }
+    for_each_tile(w, ck, |row0, tile| {
+        let part = gc.narrow(1, row0 as i64, tile.size()[0]);
+        let _ = gx.addmm_(&part, tile);
+    })?;
+    Ok(gx.to_kind(out_kind))
+}
+
+pub fn group_pool(x: &Tensor, lead: &[i64], k: usize, g: usize) -> KResult<Tensor> {
+    let xc = x.contiguous();
+    let mut shape = lead.to_vec();
+    shape.push((k / g.max(1)) as i64);
+    let out = Tensor::empty(shape.as_slice(), cpu(Kind::Float));
+    pool::group_pool(slice(&xc), k, g, slice_mut(&out))?;
+    Ok(out)
+}
+
+pub fn group_pool_backward(grad: &Tensor, lead: &[i64], k: usize, g: usize) -> KResult<Tensor> {
+    let gc = grad.contiguous();
+    let mut shape = lead.to_vec();
+    shape.push(k as i64);
+    let out = Tensor::empty(shape.as_slice(), cpu(Kind::Float));
+    pool::group_pool_backward(slice(&gc), k, g, slice_mut(&out))?;
+    Ok(out)
+}
+
+pub fn merge_offsets(
+    offsets: &Tensor,
+    lora_a: &Tensor,
+    lora_b: &Tensor,
+    scaling: f32,
+    group_size: usize,
+) -> KResult<Tensor> {
+    let (n, groups) = (offsets.size()[0] as usize, offsets.size()[1] as usize);
+    let rank = lora_a.size()[0] as usize;
+    let m = offsets.to_kind(Kind::Float).contiguous();
+    let a = lora_a.to_kind(Kind::Float).contiguous();
+    let b = lora_b.to_kind(Kind::Float).contiguous();
+    let out = Tensor::empty([n as i64, groups as i64], cpu(Kind::Float));
+    qalora_core::merge::merge_offsets(
+        slice(&m),
+        n,
+        groups,
+        slice(&a),
+        slice(&b),
+        rank,
+        scaling,
+        group_size,
+        slice_mut(&out),
+    )?;
+    Ok(out.to_kind(offsets.kind()))
+}

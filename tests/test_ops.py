@@ -1,0 +1,394 @@
+"""qalora.ops against independent float64 references, on random inputs, every bit width."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import qalora
+from qalora import ops
+
+import reference as ref
+
+BITS = [2, 3, 4, 8]
+BACKENDS = ["core", "torch"]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def rng(seed):
+    return np.random.default_rng(seed)
+
+
+def random_weight(n, k, seed, device="cpu"):
+    w = rng(seed).standard_normal((n, k)).astype(np.float32) * 0.05
+    return torch.from_numpy(w).to(device)
+
+
+# ---------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,k", [(1, 8), (7, 24), (33, 136), (5, 256)])
+def test_pack_is_byte_exact(bits, backend, n, k):
+    codes = rng(n * k + bits).integers(0, 2**bits, size=(n, k), dtype=np.int64)
+    packed = ops.pack(torch.from_numpy(codes), bits, ) if backend == "core" else qalora._core.pack(torch.from_numpy(codes), bits, "torch")
+    assert packed.dtype == torch.uint8 and packed.shape == (n, k * bits // 8)
+    np.testing.assert_array_equal(packed.numpy(), ref.pack(codes, bits))
+    back = qalora._core.unpack(packed, bits, k, backend)
+    np.testing.assert_array_equal(back.numpy(), codes.astype(np.uint8))
+    np.testing.assert_array_equal(ref.unpack(packed.numpy(), bits, k), codes)
+
+
+def test_pack_documented_4bit_layout():
+    codes = torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8)
+    assert ops.pack(codes, 4).tolist() == [[0x21, 0x0F]]
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_pack_numpy_arrays(bits):
+    codes = rng(bits).integers(0, 2**bits, size=(9, 48), dtype=np.int32)
+    packed = ops.pack(codes, bits)
+    assert isinstance(packed, np.ndarray) and packed.dtype == np.uint8
+    np.testing.assert_array_equal(packed, ref.pack(codes.astype(np.int64), bits))
+    np.testing.assert_array_equal(ops.unpack(packed, bits, 48), codes)
+
+
+def test_pack_accepts_every_integer_dtype():
+    codes = torch.randint(0, 16, (3, 32))
+    want = ops.pack(codes, 4)
+    for dt in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        assert torch.equal(ops.pack(codes.to(dt), 4), want)
+    # A non-contiguous view packs like its contiguous copy.
+    wide = torch.randint(0, 16, (32, 6))
+    assert torch.equal(ops.pack(wide.t(), 4), ops.pack(wide.t().contiguous(), 4))
+
+
+# ---------------------------------------------------------------- quantize / dequantize
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("n,k,g", [(7, 64, 32), (33, 96, 16), (5, 576, 64), (3, 48, 48)])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32, torch.bfloat16])
+def test_quantize_matches_reference(bits, n, k, g, scale_dtype):
+    if bits == 3 and g % 8:
+        pytest.skip("3-bit groups are multiples of 8")
+    w = random_weight(n, k, seed=bits * 1000 + k + g)
+    store = {torch.float16: np.float16, torch.float32: np.float32, torch.bfloat16: None}[scale_dtype]
+    results = {}
+    for backend in BACKENDS:
+        packed, scales, offsets = ops.quantize(w, bits, g, scale_dtype, backend=backend)
+        assert packed.shape == (n, k * bits // 8) and scales.shape == (n, k // g) == offsets.shape
+        assert scales.dtype == scale_dtype == offsets.dtype
+        results[backend] = (packed, scales, offsets)
+        s64, m64 = scales.double().numpy(), offsets.double().numpy()
+        if store is not None:
+            rs, rm = ref.params(w.numpy(), bits, g, store)
+            np.testing.assert_allclose(s64, rs, rtol=1e-6, atol=0)
+            np.testing.assert_array_equal(m64, rm)
+        codes = ref.unpack(packed.numpy(), bits, k)
+        want, tie = ref.codes_for(w.numpy(), s64, m64, bits, g)
+        # Codes are the nearest ones under the stored parameters (ties are ambiguous only
+        # within float32 rounding of (w - m) / s).
+        assert np.all((codes == want) | (tie < 1e-4))
+        err = np.abs(ref.dequantize(codes, s64, m64, g) - w.double().numpy())
+        # Half a step, plus what rounding the parameters to their dtype can add at the
+        # ends of the range (qmax steps of scale error, one offset error).
+        rel = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}[scale_dtype]
+        s_full, m_full = np.repeat(s64, g, axis=1), np.repeat(m64, g, axis=1)
+        bound = s_full / 2 * (1 + 1e-5) + (2**bits - 1) * s_full * rel + np.abs(m_full) * rel + 1e-7
+        assert np.all(err <= bound)
+    for a, b in zip(results["core"], results["torch"]):
+        assert torch.equal(a, b)
+
+
+def test_quantize_constant_and_tiny_groups():
+    w = torch.tensor([[0.5] * 8 + [-2.0] * 8, [1e-9] * 4 + [2e-9] * 4 + [3.0] * 8])
+    for backend in BACKENDS:
+        p, s, m = ops.quantize(w, 4, 8, backend=backend)
+        dense = ops.dequantize(p, s, m, 4, 8)
+        assert torch.isfinite(dense).all() and torch.isfinite(s).all()
+        assert dense[0].tolist() == [0.5] * 8 + [-2.0] * 8
+        assert torch.allclose(dense[1], w[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_dequantize_matches_reference(bits, dtype):
+    n, k, g = 13, 128, 32
+    w = random_weight(n, k, seed=bits)
+    p, s, m = ops.quantize(w, bits, g)
+    want = ref.dequantize(ref.unpack(p.numpy(), bits, k), s.double().numpy(), m.double().numpy(), g)
+    for backend in BACKENDS:
+        dense = ops.dequantize(p, s, m, bits, g, dtype, backend=backend)
+        assert dense.dtype == dtype and dense.shape == (n, k)
+        tol = {torch.float32: 1e-6, torch.float64: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
+        np.testing.assert_allclose(dense.double().numpy(), want, rtol=tol, atol=tol * 0.1)
+
+
+# ---------------------------------------------------------------- qmatmul
+
+
+def _quantized(n, k, g, bits, seed=0, device="cpu"):
+    w = random_weight(n, k, seed, device)
+    p, s, m = ops.quantize(w, bits, g)
+    dense64 = ops.dequantize(p, s, m, bits, g, torch.float64).cpu().numpy()
+    return (p, s, m), dense64
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("shape", [(1, 64), (7, 64), (3, 5, 64), (40, 64), (2, 33, 64)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_qmatmul_matches_float64(bits, shape, backend):
+    n, k, g = 37, shape[-1], 16
+    q, dense64 = _quantized(n, k, g, bits, seed=bits)
+    x = torch.from_numpy(rng(len(shape)).standard_normal(shape).astype(np.float32))
+    y = ops.qmatmul(x, *q, bits, g, backend=backend)
+    assert y.shape == (*shape[:-1], n) and y.dtype == torch.float32
+    want = x.double().numpy() @ dense64.T
+    np.testing.assert_allclose(y.double().numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 3e-3), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("m", [1, 4, 64])
+def test_qmatmul_low_and_high_precision(dtype, tol, m):
+    n, k, g, bits = 24, 96, 32, 4
+    q, dense64 = _quantized(n, k, g, bits, seed=5)
+    x = torch.from_numpy(rng(m).standard_normal((m, k))).to(dtype)
+    want = x.double().numpy() @ dense64.T
+    for backend in BACKENDS:
+        y = ops.qmatmul(x, *q, bits, g, backend=backend)
+        assert y.dtype == dtype
+        np.testing.assert_allclose(y.double().numpy(), want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+def test_qmatmul_large_layer_crosses_tiles():
+    # 4096 x 1024 rows exceed one 2M-element tile, so the tiled path runs several tiles.
+    n, k, g, bits = 2304, 1024, 128, 4
+    q, dense64 = _quantized(n, k, g, bits, seed=9)
+    x = torch.from_numpy(rng(1).standard_normal((20, k)).astype(np.float32))
+    y = ops.qmatmul(x, *q, bits, g)
+    np.testing.assert_allclose(y.double().numpy(), x.double().numpy() @ dense64.T, rtol=1e-4, atol=1e-4)
+    grad = torch.from_numpy(rng(2).standard_normal((20, n)).astype(np.float32))
+    gx = qalora._core.qmatmul_grad_input(grad, *q, bits, g, "core")
+    np.testing.assert_allclose(gx.double().numpy(), grad.double().numpy() @ dense64, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_qmatmul_gradcheck(bits, backend):
+    n, k, g = 6, 16, 8
+    q, _ = _quantized(n, k, g, bits, seed=3)
+    x = torch.randn(3, k, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: ops.qmatmul(t, *q, bits, g, backend=backend), (x,))
+
+
+@pytest.mark.parametrize("m", [1, 5, 30])
+def test_qmatmul_backward_float32_matches_dense(m):
+    n, k, g, bits = 20, 64, 32, 3
+    q, dense64 = _quantized(n, k, g, bits, seed=4)
+    x = torch.randn(m, k, requires_grad=True)
+    y = ops.qmatmul(x, *q, bits, g)
+    upstream = torch.randn_like(y)
+    y.backward(upstream)
+    np.testing.assert_allclose(x.grad.double().numpy(), upstream.double().numpy() @ dense64, rtol=1e-4, atol=1e-5)
+
+
+def test_qmatmul_accepts_non_contiguous_x():
+    q, dense64 = _quantized(8, 32, 16, 4)
+    x = torch.randn(32, 3).t()
+    np.testing.assert_allclose(ops.qmatmul(x, *q, 4, 16).double().numpy(), x.double().numpy() @ dense64.T, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- group_pool / merge
+
+
+@pytest.mark.parametrize("g", [1, 3, 8, 32, 96])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_pool_matches_reference(g, backend):
+    x = torch.from_numpy(rng(g).standard_normal((2, 5, 96)).astype(np.float32))
+    y = ops.group_pool(x, g, backend=backend)
+    assert y.shape == (2, 5, 96 // g)
+    np.testing.assert_allclose(y.double().numpy(), ref.group_pool(x.numpy(), g), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_pool_gradcheck(backend):
+    x = torch.randn(3, 4, 24, dtype=torch.float64, requires_grad=True)
+    # float64 runs on the torch path (the core kernel is float32; forcing it is refused).
+    assert torch.autograd.gradcheck(lambda t: ops.group_pool(t, 6), (x,))
+    if backend == "core":
+        with pytest.raises(qalora.DTypeError, match="float32"):
+            ops.group_pool(x, 6, backend="core")
+    x32 = torch.randn(7, 24, requires_grad=True)
+    ops.group_pool(x32, 8, backend=backend).pow(2).sum().backward()
+    x64 = x32.detach().double().requires_grad_()
+    x64.reshape(7, 3, 8).mean(-1).pow(2).sum().backward()
+    np.testing.assert_allclose(x32.grad.numpy(), x64.grad.numpy(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("offset_dtype", [torch.float16, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_merge_offsets_matches_reference(offset_dtype, backend):
+    n, l, r, g, c = 19, 7, 4, 32, 16 / 4
+    gen = rng(11)
+    m = torch.from_numpy(gen.standard_normal((n, l)).astype(np.float32)).to(offset_dtype)
+    a = torch.from_numpy(gen.standard_normal((r, l)).astype(np.float32))
+    b = torch.from_numpy(gen.standard_normal((n, r)).astype(np.float32))
+    out = ops.merge_offsets(m, a, b, c, g, backend=backend)
+    assert out.dtype == offset_dtype and out.shape == (n, l)
+    want = ref.merge(m.double().numpy(), a.numpy(), b.numpy(), c, g)
+    tol = {torch.float16: 1e-3, torch.float32: 1e-6, torch.bfloat16: 8e-3}[offset_dtype]
+    np.testing.assert_allclose(out.double().numpy(), want, rtol=tol, atol=tol)
+
+
+def test_merged_offsets_reproduce_the_adapter_output():
+    """The merge identity end to end: x W'^T == x W^T + c * B A pool(x)."""
+    n, k, g, bits, r, c = 16, 128, 32, 4, 4, 2.0
+    w = random_weight(n, k, 1)
+    p, s, m = ops.quantize(w, bits, g, torch.float32)
+    a, b = torch.randn(r, k // g), torch.randn(n, r)
+    x = torch.randn(5, k)
+    unmerged = ops.qmatmul(x, p, s, m, bits, g) + c * ops.group_pool(x, g) @ a.t() @ b.t()
+    merged = ops.qmatmul(x, p, s, ops.merge_offsets(m, a, b, c, g), bits, g)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _q():
+    return ops.quantize(random_weight(4, 64, 0), 4, 32)
+
+
+@pytest.mark.parametrize(
+    "call,error,fragment",
+    [
+        (lambda: ops.pack(torch.full((2, 8), 16), 4), qalora.CodeRangeError, "value 16 at row 0, column 0"),
+        (lambda: ops.pack(torch.full((2, 8), -1), 4), qalora.CodeRangeError, "outside [0, 15]"),
+        (lambda: ops.pack(np.full((2, 8), 9), 3), qalora.CodeRangeError, "outside [0, 7]"),
+        (lambda: ops.pack(torch.zeros(2, 8, dtype=torch.int32), 5), qalora.UnsupportedBitsError, "2, 3, 4 and 8"),
+        (lambda: ops.pack(torch.zeros(2, 8), 4), qalora.DTypeError, "torch.float32"),
+        (lambda: ops.pack(torch.zeros(2, 6, dtype=torch.uint8), 3), qalora.ShapeError, "multiple of 8"),
+        (lambda: ops.pack(torch.zeros(0, 8, dtype=torch.uint8), 4), qalora.ShapeError, "empty"),
+        (lambda: ops.pack([[1, 2]], 4), qalora.DTypeError, "expected a torch.Tensor, got list"),
+        (lambda: ops.unpack(torch.zeros(2, 5, dtype=torch.uint8), 4, 8), qalora.ShapeError, "need 4"),
+        (lambda: ops.unpack(torch.zeros(2, 4, dtype=torch.uint8), 4.0, 8), qalora.DTypeError, "expected an int"),
+        (lambda: ops.quantize(random_weight(4, 64, 0), 4, 48), qalora.GroupSizeError, "must divide in_features K = 64"),
+        (lambda: ops.quantize(random_weight(4, 64, 0), 4, 0), qalora.GroupSizeError, "got 0"),
+        (lambda: ops.quantize(random_weight(4, 64, 0), 3, 4), qalora.GroupSizeError, "multiple of 8"),
+        (lambda: ops.quantize(random_weight(4, 64, 0), 1, 32), qalora.UnsupportedBitsError, "got 1"),
+        (lambda: ops.quantize(random_weight(4, 64, 0).int(), 4, 32), qalora.DTypeError, "weight: got dtype torch.int32"),
+        (lambda: ops.quantize(torch.randn(64), 4, 32), qalora.ShapeError, "2-D"),
+        (lambda: ops.quantize(torch.tensor([[1.0, float("nan")] * 16]), 4, 32), qalora.InvalidValueError, "column 1"),
+        (lambda: ops.quantize(random_weight(4, 64, 0), 4, 32, torch.int8), qalora.DTypeError, "scale_dtype"),
+        (lambda: ops.quantize(random_weight(4, 64, 0), 4, 32, "float16"), qalora.DTypeError, "torch.dtype"),
+        (lambda: ops.quantize(torch.tensor([[1e6, -1e6] * 16]), 4, 32), qalora.InvalidValueError, "float32"),
+        (lambda: ops.qmatmul(torch.randn(3, 63), *_q(), 4, 32), qalora.ShapeError, "K = 63 does not match"),
+        (lambda: ops.qmatmul(torch.randn(3, 64).int(), *_q(), 4, 32), qalora.DTypeError, "x: got dtype torch.int32"),
+        (lambda: ops.qmatmul(torch.randn(3, 64), *_q(), 4, 16), qalora.ShapeError, "scales: got shape [4, 2]"),
+        (lambda: ops.qmatmul(torch.randn(3, 64), _q()[0][:, :31], *_q()[1:], 4, 32), qalora.ShapeError, "not contiguous"),
+        (lambda: ops.qmatmul(torch.randn(3, 64), _q()[0].float(), *_q()[1:], 4, 32), qalora.DTypeError, "torch.uint8"),
+        (lambda: ops.qmatmul(torch.randn(3, 64), *_q(), 8, 32), qalora.ShapeError, "hold 32 codes of 8 bits"),
+        (lambda: ops.qmatmul(torch.randn(3, 64), *_q(), 4, 32, backend="gpu"), qalora.InvalidValueError, "'auto', 'core', 'torch'"),
+        (lambda: ops.dequantize(*_q()[:2], _q()[2][:3], 4, 32), qalora.ShapeError, "offsets: got shape [3, 2]"),
+        (lambda: ops.dequantize(*_q(), 4, 32, torch.int32), qalora.DTypeError, "dtype"),
+        (lambda: ops.group_pool(torch.randn(2, 30), 8), qalora.GroupSizeError, "positive divisor"),
+        (lambda: ops.group_pool(torch.randn(2, 30), 0), qalora.GroupSizeError, "got 0"),
+        (lambda: ops.merge_offsets(torch.randn(4, 2), torch.randn(3, 2), torch.randn(4, 2), 1.0, 32), qalora.ShapeError, "lora_B"),
+        (lambda: ops.merge_offsets(torch.randn(4, 2), torch.randn(3, 3), torch.randn(4, 3), 1.0, 32), qalora.ShapeError, "lora_A"),
+        (lambda: ops.merge_offsets(torch.randn(4, 2), torch.randn(3, 2), torch.randn(4, 3), float("nan"), 32), qalora.InvalidValueError, "finite"),
+        (lambda: ops.merge_offsets(torch.randn(4, 2), torch.randn(3, 2), torch.randn(4, 3), 1.0, 0), qalora.GroupSizeError, "positive"),
+    ],
+)
+def test_bad_inputs_raise_typed_errors(call, error, fragment):
+    with pytest.raises(error) as info:
+        call()
+    assert fragment in str(info.value)
+    assert isinstance(info.value, qalora.QALoRAError)
+
+
+def test_error_hierarchy_fits_builtin_types():
+    assert issubclass(qalora.ShapeError, ValueError) and issubclass(qalora.DTypeError, TypeError)
+    assert issubclass(qalora.NoTargetModulesError, qalora.ConfigError)
+    assert issubclass(qalora.InternalError, RuntimeError)
+
+
+@cuda
+def test_core_backend_refuses_cuda_tensors():
+    p, s, m = (t.cuda() for t in _q())
+    with pytest.raises(qalora.DeviceError, match="CPU tensors only"):
+        ops.dequantize(p, s, m, 4, 32, backend="core")
+
+
+@cuda
+def test_device_mix_is_refused():
+    p, s, m = _q()
+    with pytest.raises(qalora.DeviceError, match="cuda"):
+        ops.qmatmul(torch.randn(2, 64, device="cuda"), p, s, m, 4, 32)
+
+
+# ---------------------------------------------------------------- threads
+
+
+def test_two_threads_run_kernels_concurrently():
+    q, dense64 = _quantized(512, 1024, 64, 4, seed=21)
+    xs = [torch.randn(3, 1024) for _ in range(2)]
+    wants = [x.double().numpy() @ dense64.T for x in xs]
+    results, errors = [[], []], []
+    barrier = threading.Barrier(2)
+
+    def worker(i):
+        try:
+            barrier.wait()
+            for _ in range(20):
+                results[i].append(ops.qmatmul(xs[i], *q, 4, 64))
+                ops.group_pool(xs[i], 64)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in range(2):
+        assert len(results[i]) == 20
+        for y in results[i]:
+            np.testing.assert_allclose(y.double().numpy(), wants[i], rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- CUDA
+
+
+@cuda
+@pytest.mark.parametrize("bits", BITS)
+def test_cuda_ops_match_cpu(bits):
+    n, k, g = 40, 256, 32
+    w = random_weight(n, k, seed=bits)
+    cpu_q = ops.quantize(w, bits, g)
+    gpu_q = ops.quantize(w.cuda(), bits, g)
+    for a, b in zip(cpu_q, gpu_q):
+        assert b.is_cuda
+        assert torch.equal(a, b.cpu())
+    codes = ops.unpack(gpu_q[0], bits, k)
+    assert torch.equal(ops.pack(codes, bits).cpu(), cpu_q[0])
+    dense64 = ops.dequantize(*cpu_q, bits, g, torch.float64).numpy()
+    for dtype, tol in [(torch.float32, 1e-3), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)]:
+        x = torch.randn(6, k, device="cuda").to(dtype).requires_grad_()
+        y = ops.qmatmul(x, *gpu_q, bits, g)
+        want = x.detach().double().cpu().numpy() @ dense64.T
+        np.testing.assert_allclose(y.detach().double().cpu().numpy(), want, rtol=tol, atol=tol * np.abs(want).max())
+        y.sum().backward()
+        assert x.grad.shape == x.shape and x.grad.is_cuda
+    xg = torch.randn(2, 7, k, device="cuda")
+    np.testing.assert_allclose(ops.group_pool(xg, g).cpu().numpy(), ref.group_pool(xg.cpu().numpy(), g), rtol=1e-5, atol=1e-6)
+    a, b = torch.randn(4, k // g, device="cuda"), torch.randn(n, 4, device="cuda")
+    merged = ops.merge_offsets(gpu_q[2], a, b, 2.0, g)
+    want = ref.merge(gpu_q[2].double().cpu().numpy(), a.cpu().numpy(), b.cpu().numpy(), 2.0, g)
+    np.testing.assert_allclose(merged.double().cpu().numpy(), want, rtol=1e-3, atol=1e-3)
