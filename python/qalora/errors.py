@@ -19,8 +19,10 @@ __all__ = [
     "ConfigError",
     "NoTargetModulesError",
     "AdapterMismatchError",
+    "MergeError",
     "CheckpointError",
     "InternalError",
+    "QALoRAWarning",
 ]
 
 
@@ -68,9 +70,17 @@ class AdapterMismatchError(QALoRAError, ValueError):
     """A saved adapter or model does not fit the model it is loaded into."""
 
 
+class MergeError(QALoRAError, ValueError):
+    """An adapter cannot be merged exactly (a dense LoRA adapter: use ``merge_requantize``)."""
+
+
 class CheckpointError(QALoRAError, ValueError):
     """A checkpoint directory is missing, incomplete or unreadable."""
 
 
 class InternalError(QALoRAError, RuntimeError):
     """A bug inside qalora (a Rust panic caught at the boundary). Please report it."""
+
+
+class QALoRAWarning(UserWarning):
+    """Something worth knowing that did not stop the operation (e.g. a layer left dense)."""

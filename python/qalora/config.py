@@ -1,0 +1,148 @@
+"""`QALoRAConfig`: what to quantize and how to adapt it (versioned, JSON round-trip)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+from .errors import ConfigError
+from .io import atomic_write_text
+
+#: Bumped when the meaning of a field changes; files of a newer version are refused.
+CONFIG_VERSION = 1
+
+_SCALE_DTYPES = ("float16", "bfloat16", "float32")
+_ADAPTERS = ("qalora", "lora")
+_ON_INDIVISIBLE = ("raise", "skip")
+
+
+@dataclass
+class QALoRAConfig:
+    """Settings of :func:`qalora.wrap`.
+
+    Attributes:
+        bits: code width of the frozen base: 2, 3, 4 or 8.
+        group_size: columns (in_features) per quantization group; it must divide each
+            targeted layer's in_features (see ``on_indivisible``).
+        rank: LoRA rank r.
+        alpha: LoRA alpha; the adapter output is scaled by ``alpha / rank``.
+        dropout: dropout on the adapter input during training.
+        target_modules: which linear layers to quantize and adapt. ``None`` (default): every
+            ``nn.Linear`` / Hugging Face ``Conv1D`` except the output head. A list: module
+            names or name suffixes (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``);
+            an entry naming a parent module covers the layers inside it (``"mlp"``).
+            A string: a regular expression that must match the whole qualified name.
+        exclude_modules: names, suffixes or a regex (same rules) never wrapped.
+        scale_dtype: storage dtype of scales and offsets: "float16" (default), "bfloat16",
+            "float32".
+        on_indivisible: a targeted layer whose in_features is not divisible by group_size:
+            "raise" (default, naming the layer) or "skip" (left dense and frozen, with a warning).
+        adapter: "qalora" (default: pooled adapter that merges exactly) or "lora" (a standard
+            dense LoRA on the same quantized base, for comparison; it can only be merged by
+            re-quantizing, see :func:`qalora.merge_requantize`).
+        version: format version of this config.
+    """
+
+    bits: int = 4
+    group_size: int = 32
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Optional[Union[List[str], str]] = None
+    exclude_modules: Optional[Union[List[str], str]] = None
+    scale_dtype: str = "float16"
+    on_indivisible: str = "raise"
+    adapter: str = "qalora"
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        if isinstance(self.exclude_modules, tuple):
+            self.exclude_modules = list(self.exclude_modules)
+        self.validate()
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def validate(self) -> None:
+        """Raises :class:`ConfigError` naming the first bad field."""
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not is_int(self.bits) or self.bits not in (2, 3, 4, 8):
+            raise ConfigError(f"bits: got {self.bits!r}, allowed values are 2, 3, 4 and 8")
+        if not is_int(self.group_size) or self.group_size <= 0:
+            raise ConfigError(f"group_size: got {self.group_size!r}, it must be a positive int")
+        if self.bits == 3 and self.group_size % 8:
+            raise ConfigError(f"group_size: got {self.group_size}, at 3 bits it must be a multiple of 8")
+        if not is_int(self.rank) or self.rank <= 0:
+            raise ConfigError(f"rank: got {self.rank!r}, it must be a positive int")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not (self.alpha == self.alpha):
+            raise ConfigError(f"alpha: got {self.alpha!r}, it must be a number")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout: got {self.dropout!r}, it must be in [0, 1)")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, str):
+                try:
+                    re.compile(value)
+                except re.error as e:
+                    raise ConfigError(f"{name}: {value!r} is not a valid regular expression ({e})") from None
+            elif not (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
+                raise ConfigError(f"{name}: got {value!r}, expected None, a regex string or a list of module names")
+        if self.scale_dtype not in _SCALE_DTYPES:
+            raise ConfigError(f"scale_dtype: got {self.scale_dtype!r}, allowed: {', '.join(_SCALE_DTYPES)}")
+        if self.on_indivisible not in _ON_INDIVISIBLE:
+            raise ConfigError(f"on_indivisible: got {self.on_indivisible!r}, allowed: 'raise', 'skip'")
+        if self.adapter not in _ADAPTERS:
+            raise ConfigError(f"adapter: got {self.adapter!r}, allowed: 'qalora', 'lora'")
+        if not is_int(self.version) or not 1 <= self.version <= CONFIG_VERSION:
+            raise ConfigError(
+                f"version: got {self.version!r}; this qalora reads config versions 1..{CONFIG_VERSION} (upgrade qalora for newer files)"
+            )
+
+    # ------------------------------------------------------------------ JSON
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "QALoRAConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"expected a JSON object for QALoRAConfig, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown QALoRAConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "QALoRAConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config is not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+    def save(self, path) -> None:
+        """Writes the config as JSON, atomically."""
+        atomic_write_text(path, self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path) -> "QALoRAConfig":
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls.from_json(f.read())
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None

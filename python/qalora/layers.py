@@ -1,0 +1,217 @@
+"""The two module types qalora puts into a model.
+
+* :class:`QuantLinear`: a frozen group-wise INT-b linear layer (packed codes, scales,
+  offsets as buffers, optional bias). What a merged model is made of.
+* :class:`QALoRALinear`: a ``QuantLinear`` (``base_layer``) plus a trainable adapter
+  (``lora_A``, ``lora_B``). For ``adapter="qalora"`` the adapter reads the group means of the
+  input, so its update is constant inside each quantization group and folds exactly into
+  the offsets (:meth:`QALoRALinear.merged`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import ops
+from .errors import GroupSizeError, MergeError
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def check_group_size(in_features: int, bits: int, group_size: int, layer: str) -> None:
+    """Raises GroupSizeError, naming ``layer``, unless the layer can be stored at these settings."""
+    if in_features % group_size:
+        divisors = [d for d in range(1, in_features + 1) if in_features % d == 0]
+        near = sorted(sorted(divisors, key=lambda d: abs(d - group_size))[:4])
+        raise GroupSizeError(
+            f"layer {layer!r}: in_features = {in_features} is not divisible by group_size = {group_size} "
+            f"(divisors near it: {near}); choose another group_size, exclude the layer, "
+            f"or set on_indivisible='skip' to leave it unquantized"
+        )
+    if (in_features * bits) % 8:
+        raise GroupSizeError(f"layer {layer!r}: in_features = {in_features} does not pack into whole bytes at {bits} bits")
+
+
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    # Custom kernels are invisible to autocast: apply its dtype by hand so that
+    # torch.autocast behaves as it does for nn.Linear.
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        target = torch.get_autocast_dtype(device_type)
+        if x.is_floating_point() and x.dtype != target:
+            return x.to(target)
+    return x
+
+
+class QuantLinear(nn.Module):
+    """A frozen linear layer y = x W^T + b with W stored as b-bit codes per group.
+
+    Buffers: ``packed`` uint8 (out, in*bits/8), ``scales`` and ``offsets`` (out, in/group_size).
+    ``bias`` is a frozen parameter (or None).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool = True,
+        scale_dtype: torch.dtype = torch.float16,
+        device=None,
+        layer_name: str = "",
+    ) -> None:
+        super().__init__()
+        check_group_size(in_features, bits, group_size, layer_name or "QuantLinear")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        groups = in_features // group_size
+        self.register_buffer("packed", torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, groups, dtype=scale_dtype, device=device))
+        self.register_buffer("offsets", torch.zeros(out_features, groups, dtype=scale_dtype, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        bits: int,
+        group_size: int,
+        scale_dtype: torch.dtype = torch.float16,
+        layer_name: str = "",
+    ) -> "QuantLinear":
+        """Quantizes a dense (out, in) weight with min-max RTN."""
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, bits, group_size, bias is not None, scale_dtype, weight.device, layer_name)
+        with torch.no_grad():
+            packed, scales, offsets = ops.quantize(weight.detach(), bits, group_size, scale_dtype)
+            layer.packed.copy_(packed)
+            layer.scales.copy_(scales)
+            layer.offsets.copy_(offsets)
+            if bias is not None:
+                layer.bias.data = bias.detach().clone()
+        return layer
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense (out, in) weight this layer computes with."""
+        return ops.dequantize(self.packed, self.scales, self.offsets, self.bits, self.group_size, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _autocast_input(x)
+        y = ops.qmatmul(x, self.packed, self.scales, self.offsets, self.bits, self.group_size)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}, scale_dtype={self.scales.dtype}"
+        )
+
+
+class QALoRALinear(nn.Module):
+    """``base_layer(x) + scaling * lora_B(lora_A(pool(dropout(x))))``.
+
+    ``lora_A``: (rank, in/group_size) for ``adapter="qalora"``, (rank, in) for ``"lora"``;
+    ``lora_B``: (out, rank), zero-initialised so a fresh adapter changes nothing.
+    """
+
+    def __init__(
+        self,
+        base_layer: QuantLinear,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        adapter: str = "qalora",
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.rank, self.alpha, self.adapter = rank, float(alpha), adapter
+        self.scaling = self.alpha / rank
+        adapter_in = base_layer.in_features // base_layer.group_size if adapter == "qalora" else base_layer.in_features
+        device = base_layer.packed.device
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(adapter_in, rank, bias=False, device=device)
+        self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, device=device)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.lora_dropout(x)
+        if self.adapter == "qalora":
+            return ops.group_pool(x, self.base_layer.group_size)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        x = _autocast_input(x)
+        a_in = self.adapter_input(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            # Adapters train in their own dtype (float32 by default) whatever x is.
+            a_in = a_in.to(self.lora_A.weight.dtype)
+        update = self.lora_B(self.lora_A(a_in)) * self.scaling
+        return y + update.to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The adapter's dense update (out, in) in float32: scaling * B A, expanded per group
+        (and divided by group_size, the pooling mean) for a QA-LoRA adapter."""
+        ba = self.lora_B.weight.float() @ self.lora_A.weight.float()
+        if self.adapter == "qalora":
+            g = self.base_layer.group_size
+            ba = ba.repeat_interleave(g, dim=1) / g
+        return self.scaling * ba
+
+    @torch.no_grad()
+    def merged(self) -> QuantLinear:
+        """A QuantLinear with the adapter folded into its offsets (exact; codes unchanged)."""
+        if self.adapter != "qalora":
+            raise MergeError(
+                "a dense LoRA adapter (adapter='lora') varies inside quantization groups and cannot be merged "
+                "into the offsets; use qalora.merge_requantize(model), which re-quantizes the merged weight"
+            )
+        base = self.base_layer
+        out = QuantLinear(
+            base.in_features, base.out_features, base.bits, base.group_size, base.bias is not None,
+            base.scales.dtype, base.packed.device,
+        )
+        out.packed.copy_(base.packed)
+        out.scales.copy_(base.scales)
+        out.offsets.copy_(
+            ops.merge_offsets(base.offsets, self.lora_A.weight.detach(), self.lora_B.weight.detach(), self.scaling, base.group_size)
+        )
+        if base.bias is not None:
+            out.bias.data = base.bias.detach().clone()
+        return out
+
+    @torch.no_grad()
+    def requantized(self) -> QuantLinear:
+        """QLoRA-style deployment: dense base + adapter update, re-quantized with RTN at the
+        same bits and group size. Lossy for a dense adapter; for a QA-LoRA adapter it gives back
+        the same codes (the update is constant per group)."""
+        base = self.base_layer
+        dense = base.dequantize(torch.float32) + self.delta_weight()
+        return QuantLinear.from_weight(dense, base.bias, base.bits, base.group_size, base.scales.dtype)
+
+    def extra_repr(self) -> str:
+        return f"adapter={self.adapter}, rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}"
+
+
+def scale_dtype_of(name: str) -> torch.dtype:
+    return _DTYPES[name]
