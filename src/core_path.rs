@@ -1,6 +1,6 @@
 //! Ops on CPU tensors through the tch-free Rust core (rayon inside).
 
-use qalora_core::{pack, pool, qmatmul, quant, ParamDtype, QuantLayout};
+use qalora_core::{pack, pool, qmatmul, quant, GroupParams, Isa, ParamDtype, QuantLayout};
 use tch::{Device, Kind, Tensor};
 
 use crate::args::QuantWeight;
@@ -9,9 +9,10 @@ use crate::boundary::{slice, slice_mut, KResult};
 /// Below or at this many activation rows the fused kernel wins; above it, dequantizing a
 /// tile and calling torch's GEMM does.
 pub const FUSED_MAX_ROWS: usize = 16;
-/// Elements of one dequantized tile (8 MiB of f32): bounds the transient memory of the
+/// Elements of one dequantized tile (16 MiB of f32; fewer, larger GEMM calls measured
+/// better than 8 MiB tiles, larger did not help): bounds the transient memory of the
 /// large-M path to a small fraction of one dense copy of a large layer.
-const TILE_ELEMS: usize = 2 << 20;
+const TILE_ELEMS: usize = 4 << 20;
 
 fn cpu(kind: Kind) -> (Kind, Device) {
     (kind, Device::Cpu)
@@ -86,16 +87,25 @@ fn tile_rows(layout: QuantLayout) -> usize {
 
 /// Calls `f(row0, tile)` for consecutive row tiles of the dequantized weight, reusing one
 /// buffer, in `kind` (f32 or f64).
+///
+/// Tiles are dequantized on the calling thread (SIMD, a few ms per 16M weights) rather than
+/// on rayon's pool: right after a torch GEMM, torch's OpenMP threads still spin on both
+/// cores, and waking rayon workers against them was measured to cost more than the work.
 fn for_each_tile(w: &QuantWeight, kind: Kind, mut f: impl FnMut(usize, &Tensor)) -> KResult<()> {
     let (s, o) = w.params_f32();
     let (n, k) = (w.layout.n, w.layout.k);
     let rows = tile_rows(w.layout);
     let buf = Tensor::empty([rows as i64, k as i64], cpu(Kind::Float));
+    let (packed, sf, of) = (slice::<u8>(&w.packed), slice::<f32>(&s), slice::<f32>(&o));
+    let mut codes = vec![0u8; k];
     let mut row0 = 0;
     while row0 < n {
         let r = rows.min(n - row0);
         let tile = buf.narrow(0, 0, r as i64);
-        dequantize_rows(w, &s, &o, row0, &tile)?;
+        let dst = slice_mut::<f32>(&tile);
+        for (i, out_row) in dst.chunks_exact_mut(k).enumerate() {
+            quant::dequantize_row(packed, sf, of, w.layout, row0 + i, &mut codes, out_row);
+        }
         if kind == Kind::Float {
             f(row0, &tile);
         } else {
@@ -114,10 +124,20 @@ pub fn qmatmul(x2: &Tensor, w: &QuantWeight) -> KResult<Tensor> {
         return Ok(Tensor::zeros([0, n as i64], cpu(out_kind)));
     }
     if out_kind != Kind::Double && m <= FUSED_MAX_ROWS {
-        let (s, o) = w.params_f32();
         let xf = x2.to_kind(Kind::Float).contiguous();
         let out = Tensor::empty([m as i64, n as i64], cpu(Kind::Float));
-        qmatmul::qmatmul(slice(&xf), m, slice(&w.packed), slice(&s), slice(&o), w.layout, slice_mut(&out))?;
+        let (xs, pk, os) = (slice(&xf), slice(&w.packed), slice_mut(&out));
+        if w.scales.kind() == Kind::Half && w.offsets.kind() == Kind::Half {
+            // The default dtype goes to the kernel as raw f16 bits, converted per row in
+            // registers: no extra pass over N*K/g parameters per call.
+            let (s, o) = (w.scales.contiguous(), w.offsets.contiguous());
+            let params = GroupParams::F16 { scales: slice(&s), offsets: slice(&o) };
+            qmatmul::qmatmul_with(xs, m, pk, params, w.layout, os, Isa::detect())?;
+        } else {
+            let (s, o) = w.params_f32();
+            let params = GroupParams::F32 { scales: slice(&s), offsets: slice(&o) };
+            qmatmul::qmatmul_with(xs, m, pk, params, w.layout, os, Isa::detect())?;
+        }
         return Ok(out.to_kind(out_kind));
     }
     // Large M: one dequantized tile at a time through torch's GEMM, written into a

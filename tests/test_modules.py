@@ -116,6 +116,27 @@ def test_merge_updates_offsets_only():
     assert model[0].offsets.dtype == torch.float16
 
 
+def test_merge_into_float32_offsets_keeps_small_updates(tmp_path):
+    model = qalora.wrap(mlp(), QALoRAConfig(group_size=32, rank=2))  # float16 scales and offsets
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, qalora.QALoRALinear):
+                m.lora_B.weight.normal_(std=1e-4)  # an update far below float16's resolution
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        before = model(x)
+    with pytest.raises(qalora.DTypeError, match="offset_dtype"):
+        qalora.merge(model, offset_dtype=torch.int8)
+    qalora.merge(model, offset_dtype=torch.float32)
+    assert model[0].offsets.dtype == torch.float32 and model[0].scales.dtype == torch.float16
+    with torch.no_grad():
+        assert rel_err(model(x), before) < 1e-5
+    qalora.save_pretrained(model, tmp_path)
+    fresh = qalora.from_pretrained(tmp_path, mlp(seed=5))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
 def test_qalora_requantize_reproduces_codes():
     """A QA-LoRA update is constant in each group, so RTN re-quantization keeps the codes."""
     model = qalora.wrap(mlp(), QALoRAConfig(bits=4, group_size=16, rank=4, scale_dtype="float32"))

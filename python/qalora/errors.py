@@ -21,6 +21,8 @@ __all__ = [
     "AdapterMismatchError",
     "MergeError",
     "CheckpointError",
+    "DataError",
+    "ModelLoadError",
     "InternalError",
     "QALoRAWarning",
 ]
@@ -76,6 +78,14 @@ class MergeError(QALoRAError, ValueError):
 
 class CheckpointError(QALoRAError, ValueError):
     """A checkpoint directory is missing, incomplete or unreadable."""
+
+
+class DataError(QALoRAError, ValueError):
+    """A data file is missing, malformed, or too small."""
+
+
+class ModelLoadError(QALoRAError, ValueError):
+    """A model could not be found or loaded (missing package, file or directory)."""
 
 
 class InternalError(QALoRAError, RuntimeError):

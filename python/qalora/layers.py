@@ -64,15 +64,17 @@ class QuantLinear(nn.Module):
         scale_dtype: torch.dtype = torch.float16,
         device=None,
         layer_name: str = "",
+        offset_dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         check_group_size(in_features, bits, group_size, layer_name or "QuantLinear")
+        offset_dtype = offset_dtype or scale_dtype
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         groups = in_features // group_size
         self.register_buffer("packed", torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.zeros(out_features, groups, dtype=scale_dtype, device=device))
-        self.register_buffer("offsets", torch.zeros(out_features, groups, dtype=scale_dtype, device=device))
+        self.register_buffer("offsets", torch.zeros(out_features, groups, dtype=offset_dtype, device=device))
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False)
         else:
@@ -114,7 +116,8 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-            f"group_size={self.group_size}, bias={self.bias is not None}, scale_dtype={self.scales.dtype}"
+            f"group_size={self.group_size}, bias={self.bias is not None}, scale_dtype={self.scales.dtype}, "
+            f"offset_dtype={self.offsets.dtype}"
         )
 
 
@@ -179,22 +182,28 @@ class QALoRALinear(nn.Module):
         return self.scaling * ba
 
     @torch.no_grad()
-    def merged(self) -> QuantLinear:
-        """A QuantLinear with the adapter folded into its offsets (exact; codes unchanged)."""
+    def merged(self, offset_dtype: Optional[torch.dtype] = None) -> QuantLinear:
+        """A QuantLinear with the adapter folded into its offsets (exact; codes unchanged).
+
+        ``offset_dtype`` (default: the current offsets' dtype) stores the merged offsets in
+        another precision, e.g. torch.float32 so that a small update is not rounded away."""
         if self.adapter != "qalora":
             raise MergeError(
                 "a dense LoRA adapter (adapter='lora') varies inside quantization groups and cannot be merged "
                 "into the offsets; use qalora.merge_requantize(model), which re-quantizes the merged weight"
             )
         base = self.base_layer
+        offset_dtype = offset_dtype or base.offsets.dtype
         out = QuantLinear(
             base.in_features, base.out_features, base.bits, base.group_size, base.bias is not None,
-            base.scales.dtype, base.packed.device,
+            base.scales.dtype, base.packed.device, offset_dtype=offset_dtype,
         )
         out.packed.copy_(base.packed)
         out.scales.copy_(base.scales)
         out.offsets.copy_(
-            ops.merge_offsets(base.offsets, self.lora_A.weight.detach(), self.lora_B.weight.detach(), self.scaling, base.group_size)
+            ops.merge_offsets(
+                base.offsets.to(offset_dtype), self.lora_A.weight.detach(), self.lora_B.weight.detach(), self.scaling, base.group_size
+            )
         )
         if base.bias is not None:
             out.bias.data = base.bias.detach().clone()

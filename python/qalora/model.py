@@ -17,6 +17,7 @@ from .errors import (
     AdapterMismatchError,
     CheckpointError,
     ConfigError,
+    DTypeError,
     GroupSizeError,
     NoTargetModulesError,
     QALoRAWarning,
@@ -256,7 +257,7 @@ def wrap(model: nn.Module, config: Optional[QALoRAConfig] = None, *, show_progre
     return model
 
 
-def merge(model: nn.Module) -> nn.Module:
+def merge(model: nn.Module, offset_dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Fold every QA-LoRA adapter into its layer's offsets (exact; codes unchanged), in place.
 
     Each :class:`QALoRALinear` becomes a plain :class:`QuantLinear`: the model is then a pure
@@ -264,13 +265,20 @@ def merge(model: nn.Module) -> nn.Module:
     float32 and stored in the offsets' dtype (float16 rounding of the offsets is the only
     difference from the unmerged model).
 
+    Args:
+        offset_dtype: store the merged offsets in this dtype (default: keep theirs).
+            ``torch.float32`` keeps a small update that float16 would round away, at 16 more
+            bits per group.
+
     Raises:
         MergeError: the model holds dense LoRA adapters (``adapter="lora"``); use
             :func:`merge_requantize`.
     """
+    if offset_dtype is not None and offset_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise DTypeError(f"offset_dtype: got {offset_dtype!r}, allowed: torch.float16, torch.bfloat16, torch.float32")
     layers = list(_qalora_layers(model, QALoRALinear))
     config_of(model)
-    merged = [(name, layer.merged()) for name, layer in layers]  # all checked before any swap
+    merged = [(name, layer.merged(offset_dtype)) for name, layer in layers]  # all checked before any swap
     for name, new in merged:
         _replace(model, name, new)
     model.qalora_merged = True
@@ -301,6 +309,7 @@ def _layer_meta(layer: nn.Module) -> Dict:
         "group_size": base.group_size,
         "bias": base.bias is not None,
         "scale_dtype": str(base.scales.dtype).replace("torch.", ""),
+        "offset_dtype": str(base.offsets.dtype).replace("torch.", ""),
     }
     if isinstance(layer, QALoRALinear):
         meta.update(adapter=layer.adapter, rank=layer.rank, alpha=layer.alpha)
@@ -364,6 +373,7 @@ def _build_layer(name: str, meta: Dict, device) -> nn.Module:
         base = QuantLinear(
             meta["in_features"], meta["out_features"], meta["bits"], meta["group_size"], meta["bias"],
             scale_dtype_of(meta["scale_dtype"]), device, name,
+            offset_dtype=scale_dtype_of(meta.get("offset_dtype", meta["scale_dtype"])),
         )
         if meta["type"] == "QALoRALinear":
             return QALoRALinear(base, meta["rank"], meta["alpha"], 0.0, meta["adapter"])

@@ -12,7 +12,10 @@ pub mod qmatmul;
 pub mod quant;
 #[doc(hidden)]
 pub mod testutil;
+#[cfg(target_arch = "x86_64")]
+pub mod x86;
 
 pub use error::{ErrorKind, KernelError, Result};
 pub use layout::{check_bits, max_code, packed_row_bytes, QuantLayout, SUPPORTED_BITS};
+pub use qmatmul::{GroupParams, Isa};
 pub use quant::ParamDtype;

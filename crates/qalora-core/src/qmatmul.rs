@@ -1,10 +1,19 @@
-//! Fused dequantize-and-multiply for small M (generation): y = x W~^T without ever
-//! materialising W~ beyond one row per worker.
+//! Fused dequantize-and-multiply for small M (generation): y = x W~^T straight from the
+//! packed codes, never materialising W~.
+//!
+//! Per (weight row n, group l) the kernels form Σ_k q[n,k]·x[i,k] from codes converted to
+//! f32 in registers, then add s[n,l]·Σ + m[n,l]·xsum[i,l], where xsum (the group sums of x)
+//! is computed once per call. Accumulation is exact f32 (no activation quantization).
+//! The AVX2/FMA kernels live in `x86.rs`, chosen at run time; [`row_scalar`] is their twin.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
 
 use crate::error::{KernelError, Result};
 use crate::layout::QuantLayout;
-use crate::parallel::for_each_row_with;
-use crate::quant::dequantize_row;
+use crate::pack::unpack_row;
+use crate::pool::group_sum;
 
 /// Dot product with eight independent accumulators (auto-vectorizes to 8-wide FMA lanes).
 #[inline]
@@ -20,7 +29,135 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// x: (M, K) row-major; out: (M, N) row-major.
+/// Instruction set a kernel runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// Portable scalar code (the twin every SIMD kernel is tested against).
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C.
+    Avx2,
+}
+
+impl Isa {
+    /// The best instruction set this CPU has (detected once).
+    pub fn detect() -> Isa {
+        static BEST: OnceLock<Isa> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+                {
+                    return Isa::Avx2;
+                }
+            }
+            Isa::Scalar
+        })
+    }
+
+    /// Every instruction set usable here (Scalar first), for tests and benchmarks.
+    pub fn available() -> Vec<Isa> {
+        let mut v = vec![Isa::Scalar];
+        if Isa::detect() == Isa::Avx2 {
+            v.push(Isa::Avx2);
+        }
+        v
+    }
+}
+
+/// Scales and offsets of a weight, (N, L) row-major, as f32 values or raw f16 bits (the
+/// default storage dtype: converting per row inside the kernel saves a pass over them).
+#[derive(Debug, Clone, Copy)]
+pub enum GroupParams<'a> {
+    F32 { scales: &'a [f32], offsets: &'a [f32] },
+    F16 { scales: &'a [u16], offsets: &'a [u16] },
+}
+
+impl GroupParams<'_> {
+    fn lens(&self) -> (usize, usize) {
+        match self {
+            GroupParams::F32 { scales, offsets } => (scales.len(), offsets.len()),
+            GroupParams::F16 { scales, offsets } => (scales.len(), offsets.len()),
+        }
+    }
+
+    /// Row `n`'s scales and offsets of groups [l0, l1) as f32, into `s[l0..l1]` and
+    /// `m[l0..l1]` (`s.len()` = L).
+    #[inline]
+    pub fn row_into(&self, n: usize, (l0, l1): (usize, usize), isa: Isa, s: &mut [f32], m: &mut [f32]) {
+        let l = s.len();
+        let r = n * l + l0..n * l + l1;
+        let (s, m) = (&mut s[l0..l1], &mut m[l0..l1]);
+        match self {
+            GroupParams::F32 { scales, offsets } => {
+                s.copy_from_slice(&scales[r.clone()]);
+                m.copy_from_slice(&offsets[r]);
+            }
+            GroupParams::F16 { scales, offsets } => match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => unsafe {
+                    crate::x86::f16_to_f32(&scales[r.clone()], s);
+                    crate::x86::f16_to_f32(&offsets[r], m);
+                },
+                _ => {
+                    for (d, &h) in s.iter_mut().zip(&scales[r.clone()]) {
+                        *d = half::f16::from_bits(h).to_f32();
+                    }
+                    for (d, &h) in m.iter_mut().zip(&offsets[r]) {
+                        *d = half::f16::from_bits(h).to_f32();
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// Scalar twin of the SIMD row kernels: for each of the `out.len()` activation rows i,
+/// out[i] = Σ_l (s_l · Σ_{k in l} q[k]·x[i,k] + m_l · xsum[i,l]). `codes` in natural order.
+#[allow(clippy::too_many_arguments)]
+pub fn row_scalar(codes: &[u8], x: &[f32], ks: usize, xsum: &[f32], s: &[f32], m: &[f32], g: usize, out: &mut [f32]) {
+    let groups = s.len();
+    for (i, o) in out.iter_mut().enumerate() {
+        let xi = &x[i * ks..i * ks + groups * g];
+        let mut y = 0f32;
+        for l in 0..groups {
+            let mut acc = 0f32;
+            for (&q, &v) in codes[l * g..(l + 1) * g].iter().zip(&xi[l * g..(l + 1) * g]) {
+                acc += q as f32 * v;
+            }
+            y += s[l] * acc + m[l] * xsum[i * groups + l];
+        }
+        *o = y;
+    }
+}
+
+/// Per-worker buffers: one row's f32 scales/offsets and unpacked codes, twice (row pairs).
+struct Scratch {
+    s: Vec<f32>,
+    m: Vec<f32>,
+    codes: Vec<u8>,
+    s2: Vec<f32>,
+    m2: Vec<f32>,
+    codes2: Vec<u8>,
+}
+
+/// How a call feeds weight rows to the kernels.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// AVX2 straight on the canonical 4-bit row, x permuted to match.
+    Nib,
+    /// AVX2 on one byte per code (8-bit rows as they are, 2/3-bit rows unpacked).
+    Bytes,
+    /// Scalar twin on unpacked codes.
+    Scalar,
+}
+
+/// Below this many weights a call runs on the calling thread: rayon's wake-up
+/// (~10-20 µs on two cores) would cost more than the work.
+const PARALLEL_MIN_WEIGHTS: usize = 1 << 18;
+
+/// x: (M, K) row-major; out: (M, N) row-major; scales/offsets as f32.
 pub fn qmatmul(
     x: &[f32],
     m: usize,
@@ -30,8 +167,23 @@ pub fn qmatmul(
     layout: QuantLayout,
     out: &mut [f32],
 ) -> Result<()> {
-    layout.check_buffers(packed.len(), scales.len(), offsets.len())?;
-    let QuantLayout { n, k, .. } = layout;
+    qmatmul_with(x, m, packed, GroupParams::F32 { scales, offsets }, layout, out, Isa::detect())
+}
+
+/// [`qmatmul`] with scales/offsets in either storage dtype and an explicit instruction set
+/// (an unavailable one falls back to scalar).
+pub fn qmatmul_with(
+    x: &[f32],
+    m: usize,
+    packed: &[u8],
+    params: GroupParams<'_>,
+    layout: QuantLayout,
+    out: &mut [f32],
+    isa: Isa,
+) -> Result<()> {
+    let (sl, ol) = params.lens();
+    layout.check_buffers(packed.len(), sl, ol)?;
+    let QuantLayout { n, k, bits, group_size: g } = layout;
     if x.len() != m * k {
         return Err(KernelError::shape(format!("x: got {} values, expected M*K = {m}*{k}", x.len())));
     }
@@ -41,34 +193,203 @@ pub fn qmatmul(
     if m == 0 {
         return Ok(());
     }
-    // Each worker produces whole output columns (one weight row against all M inputs),
-    // written transposed and flipped back at the end.
-    let mut out_t = vec![0f32; n * m];
-    for_each_row_with(
-        &mut out_t,
-        m,
-        n * k,
-        || (vec![0u8; k], vec![0f32; k]),
-        |(codes, w), row, o| {
-            dequantize_row(packed, scales, offsets, layout, row, codes, w);
-            for (i, v) in o.iter_mut().enumerate() {
-                *v = dot(w, &x[i * k..(i + 1) * k]);
+    let isa = if isa == Isa::Avx2 && Isa::detect() != Isa::Avx2 { Isa::Scalar } else { isa };
+    let route = match isa {
+        Isa::Avx2 if g % 16 == 0 && bits == 4 => Route::Nib,
+        Isa::Avx2 if g % 16 == 0 => Route::Bytes,
+        _ => Route::Scalar,
+    };
+    let groups = layout.groups();
+    // Once per call: the group sums of x (offset term) and, for Nib, x in nibble order.
+    let mut xsum = vec![0f32; m * groups];
+    for (i, xs) in xsum.chunks_exact_mut(groups).enumerate() {
+        for (l, v) in xs.iter_mut().enumerate() {
+            *v = group_sum(&x[i * k + l * g..i * k + (l + 1) * g]);
+        }
+    }
+    let x_nib;
+    let xk: &[f32] = if route == Route::Nib {
+        let mut p = vec![0f32; m * k];
+        for (o, r) in p.chunks_exact_mut(k).zip(x.chunks_exact(k)) {
+            #[cfg(target_arch = "x86_64")]
+            crate::x86::permute_x_nib(r, o);
+            #[cfg(not(target_arch = "x86_64"))]
+            o.copy_from_slice(r);
+        }
+        x_nib = p;
+        &x_nib
+    } else {
+        x
+    };
+    let rb = layout.row_bytes();
+    // One weight row against all M activation rows: outputs land transposed, (N, M).
+    // The whole row is one block of groups. Cutting K into L1-sized blocks of x (so M > 1
+    // does not re-read x from L2 for every weight row) was measured slower, with or without
+    // software prefetch of the strided weight blocks; the kernels still take a group range.
+    let block_groups = groups;
+    // Row `row`'s codes for groups [l0, l1) in the encoding the route reads, as a pointer
+    // indexed by absolute column (2/3-bit rows are unpacked block by block into `codes`).
+    let src_of = |row: usize, (l0, l1): (usize, usize), codes: &mut Vec<u8>| -> *const u8 {
+        let prow = &packed[row * rb..(row + 1) * rb];
+        if route == Route::Nib || bits == 8 {
+            prow.as_ptr()
+        } else {
+            let (k0, k1) = (l0 * g, l1 * g);
+            let b = bits as usize;
+            unpack_row(&prow[k0 * b / 8..k1 * b / 8], bits, &mut codes[k0..k1]);
+            codes.as_ptr()
+        }
+    };
+    // Weight rows against all M activation rows: outputs land transposed, (N, M).
+    let run_rows = |row0: usize, o: &mut [f32], scratch: &mut Scratch| {
+        let Scratch { s, m: mm, codes, s2, m2, codes2 } = scratch;
+        let nrows = o.len() / m;
+        o.fill(0.0);
+        let mut l0 = 0;
+        while l0 < groups {
+            let lr = (l0, (l0 + block_groups).min(groups));
+            let mut r = 0;
+            // M = 1 on AVX2: rows in pairs (see `x86::gemv2_group`).
+            #[cfg(target_arch = "x86_64")]
+            if m == 1 && route != Route::Scalar {
+                while r + 2 <= nrows {
+                    let row = row0 + r;
+                    params.row_into(row, lr, isa, s, mm);
+                    params.row_into(row + 1, lr, isa, s2, m2);
+                    let rows = [src_of(row, lr, codes), src_of(row + 1, lr, codes2)];
+                    let xp = xk.as_ptr();
+                    let (y0, y1) = unsafe {
+                        use crate::x86::{gemv2_group, Bytes, Nib};
+                        match (route == Route::Nib, g % 32 == 0) {
+                            (true, true) => gemv2_group::<Nib, 32>(rows, xp, s, s2, g, lr),
+                            (true, false) => gemv2_group::<Nib, 16>(rows, xp, s, s2, g, lr),
+                            (false, true) => gemv2_group::<Bytes, 32>(rows, xp, s, s2, g, lr),
+                            (false, false) => gemv2_group::<Bytes, 16>(rows, xp, s, s2, g, lr),
+                        }
+                    };
+                    let xs = &xsum[lr.0..lr.1];
+                    let (d0, d1) =
+                        unsafe { (crate::x86::dot(&mm[lr.0..lr.1], xs), crate::x86::dot(&m2[lr.0..lr.1], xs)) };
+                    o[r] += y0 + d0;
+                    o[r + 1] += y1 + d1;
+                    r += 2;
+                }
             }
-        },
-    );
-    for (row, col) in out_t.chunks_exact(m).enumerate() {
-        for (i, &v) in col.iter().enumerate() {
-            out[i * n + row] = v;
+            while r < nrows {
+                let row = row0 + r;
+                params.row_into(row, lr, isa, s, mm);
+                let src = src_of(row, lr, codes);
+                let orow = &mut o[r * m..(r + 1) * m];
+                match route {
+                    Route::Scalar => {
+                        let src = unsafe { std::slice::from_raw_parts(src, k) };
+                        row_scalar(src, xk, k, &xsum, s, mm, g, orow)
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    _ => unsafe { simd_row(route == Route::Nib, src, xk, k, &xsum, groups, s, mm, g, lr, orow) },
+                    #[cfg(not(target_arch = "x86_64"))]
+                    _ => unreachable!(),
+                }
+                r += 1;
+            }
+            l0 = lr.1;
+        }
+    };
+    let init = || Scratch {
+        s: vec![0f32; groups],
+        m: vec![0f32; groups],
+        codes: vec![0u8; k],
+        s2: vec![0f32; groups],
+        m2: vec![0f32; groups],
+        codes2: vec![0u8; k],
+    };
+    let mut out_t_buf = if m == 1 { Vec::new() } else { vec![0f32; n * m] };
+    let out_t: &mut [f32] = if m == 1 { &mut *out } else { &mut out_t_buf };
+    if n * k < PARALLEL_MIN_WEIGHTS {
+        run_rows(0, out_t, &mut init());
+    } else {
+        // A few chunks per thread balance the load; each keeps whole rows.
+        let chunks = rayon::current_num_threads() * 4;
+        let rows = (n.div_ceil(chunks).max(4) + 1) & !1; // even: rows pair up
+        out_t
+            .par_chunks_mut(rows * m)
+            .enumerate()
+            .for_each_init(init, |scratch, (c, o)| run_rows(c * rows, o, scratch));
+    }
+    if m > 1 {
+        for (row, col) in out_t_buf.chunks_exact(m).enumerate() {
+            for (i, &v) in col.iter().enumerate() {
+                out[i * n + row] = v;
+            }
         }
     }
     Ok(())
+}
+
+/// All M activation rows against one weight row, in blocks of <= 8 rows: the group route
+/// for blocks of 1-4, the dequantize route for 5-8 (registers run out for the former).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn simd_row(
+    nib: bool,
+    row: *const u8,
+    x: &[f32],
+    k: usize,
+    xsum: &[f32],
+    groups: usize,
+    s: &[f32],
+    mm: &[f32],
+    g: usize,
+    lr: (usize, usize),
+    out: &mut [f32],
+) {
+    use crate::x86::{row_deq, row_group, Bytes, Nib};
+    let m = out.len();
+    let step32 = g.is_multiple_of(32);
+    let mut i0 = 0;
+    while i0 < m {
+        let rem = m - i0;
+        let mb = if rem >= 5 { rem.min(8) } else { rem };
+        let (xp, xs, o) = (x.as_ptr().add(i0 * k), xsum.as_ptr().add(i0 * groups), &mut out[i0..i0 + mb]);
+        let p = row;
+        macro_rules! group {
+            ($src:ty, $mb:literal) => {
+                if step32 && $mb <= 2 {
+                    row_group::<$src, $mb, 32>(p, xp, k, xs, groups, s, mm, g, lr, o)
+                } else {
+                    row_group::<$src, $mb, 16>(p, xp, k, xs, groups, s, mm, g, lr, o)
+                }
+            };
+        }
+        macro_rules! dispatch {
+            ($src:ty) => {
+                match mb {
+                    1 => group!($src, 1),
+                    2 => group!($src, 2),
+                    3 => group!($src, 3),
+                    4 => group!($src, 4),
+                    5 => row_deq::<$src, 5>(p, xp, k, s, mm, g, lr, o),
+                    6 => row_deq::<$src, 6>(p, xp, k, s, mm, g, lr, o),
+                    7 => row_deq::<$src, 7>(p, xp, k, s, mm, g, lr, o),
+                    _ => row_deq::<$src, 8>(p, xp, k, s, mm, g, lr, o),
+                }
+            };
+        }
+        if nib {
+            dispatch!(Nib)
+        } else {
+            dispatch!(Bytes)
+        }
+        i0 += mb;
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::quant::{dequantize, quantize, ParamDtype};
-    use crate::testutil::random_f32;
+    use crate::testutil::{random_f32, SplitMix};
 
     #[test]
     fn matches_f64_reference() {
@@ -91,5 +412,91 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Every instruction set and both parameter dtypes against a float64 reference built from
+    /// unpacked codes, on odd shapes: M = 1..=16 (all block splits), N not a multiple of the
+    /// chunking, group sizes with and without a SIMD path, and a layer large enough to run
+    /// in parallel.
+    #[test]
+    fn simd_and_scalar_twins_match_f64_reference() {
+        let mut rng = SplitMix::new(99);
+        let cases: &[(usize, usize, usize)] = &[
+            (7, 64, 16),
+            (13, 96, 32),
+            (5, 48, 48),
+            (11, 40, 8),
+            (9, 24, 24),
+            (3, 256, 128),
+            (600, 512, 64), // parallel path (N*K above the threshold)
+        ];
+        for &bits in &[2u32, 3, 4, 8] {
+            for &(n, k, g) in cases {
+                if bits == 3 && g % 8 != 0 {
+                    continue;
+                }
+                let layout = QuantLayout::new(n, k, bits, g).unwrap();
+                let groups = k / g;
+                let codes = crate::testutil::random_codes(n * k, bits, rng.next_u64());
+                let mut p = vec![0u8; layout.packed_len()];
+                crate::pack::pack(&codes, n, k, bits, &mut p).unwrap();
+                // Scales and offsets exactly representable in f16, so both dtypes agree.
+                let s16: Vec<u16> = random_f32(n * groups, rng.next_u64())
+                    .iter()
+                    .map(|v| half::f16::from_f32(0.01 + 0.1 * v.abs()).to_bits())
+                    .collect();
+                let m16: Vec<u16> =
+                    random_f32(n * groups, rng.next_u64()).iter().map(|v| half::f16::from_f32(*v).to_bits()).collect();
+                let s32: Vec<f32> = s16.iter().map(|&h| half::f16::from_bits(h).to_f32()).collect();
+                let m32: Vec<f32> = m16.iter().map(|&h| half::f16::from_bits(h).to_f32()).collect();
+                let ms: Vec<usize> = if n * k > 100_000 { vec![1, 3, 8, 13] } else { (1..=16).collect() };
+                for m in ms {
+                    let x = random_f32(m * k, rng.next_u64());
+                    let mut want = vec![0f64; m * n];
+                    let mut scale = vec![0f64; m * n];
+                    for i in 0..m {
+                        for j in 0..n {
+                            let (mut acc, mut mag) = (0f64, 0f64);
+                            for t in 0..k {
+                                let l = j * groups + t / g;
+                                let w = s32[l] as f64 * codes[j * k + t] as f64 + m32[l] as f64;
+                                acc += w * x[i * k + t] as f64;
+                                mag += (w * x[i * k + t] as f64).abs();
+                            }
+                            want[i * n + j] = acc;
+                            scale[i * n + j] = mag;
+                        }
+                    }
+                    for isa in Isa::available() {
+                        for params in [
+                            GroupParams::F32 { scales: &s32, offsets: &m32 },
+                            GroupParams::F16 { scales: &s16, offsets: &m16 },
+                        ] {
+                            let mut y = vec![0f32; m * n];
+                            qmatmul_with(&x, m, &p, params, layout, &mut y, isa).unwrap();
+                            for t in 0..m * n {
+                                let err = (y[t] as f64 - want[t]).abs();
+                                // f32 accumulation: error bounded by ~K·eps times Σ|w·x|.
+                                assert!(
+                                    err <= 1e-5 * (scale[t] + 1.0),
+                                    "bits={bits} n={n} k={k} g={g} m={m} {isa:?} {params:?}: got {} want {}",
+                                    y[t],
+                                    want[t]
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_bad_lengths() {
+        let layout = QuantLayout::new(4, 32, 4, 16).unwrap();
+        let (p, s) = (vec![0u8; 64], vec![0f32; 8]);
+        let mut y = vec![0f32; 4];
+        assert!(qmatmul(&[0f32; 31], 1, &p, &s, &s, layout, &mut y).is_err());
+        assert!(qmatmul(&[0f32; 32], 1, &p[1..], &s, &s, layout, &mut y).is_err());
     }
 }

@@ -145,8 +145,44 @@ pub fn dequantize(
 }
 
 /// Dequantizes row `row` into `out` (K values), using `codes` (K bytes) as scratch.
+/// AVX2 when the CPU has it (4-bit rows straight from the packed bytes), else
+/// [`dequantize_row_scalar`].
 #[inline]
 pub fn dequantize_row(
+    packed: &[u8],
+    scales: &[f32],
+    offsets: &[f32],
+    layout: QuantLayout,
+    row: usize,
+    codes: &mut [u8],
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if layout.group_size.is_multiple_of(8) && crate::qmatmul::Isa::detect() == crate::qmatmul::Isa::Avx2 {
+        let (rb, groups, g) = (layout.row_bytes(), layout.groups(), layout.group_size);
+        let prow = &packed[row * rb..(row + 1) * rb];
+        let (s, m) = (&scales[row * groups..(row + 1) * groups], &offsets[row * groups..(row + 1) * groups]);
+        let out = &mut out[..layout.k];
+        unsafe {
+            if layout.bits == 4 {
+                crate::x86::dequant_row_nib(prow, s, m, g, out);
+            } else {
+                let codes: &[u8] = if layout.bits == 8 {
+                    prow
+                } else {
+                    unpack_row(prow, layout.bits, codes);
+                    codes
+                };
+                crate::x86::dequant_row_bytes(codes, s, m, g, out);
+            }
+        }
+        return;
+    }
+    dequantize_row_scalar(packed, scales, offsets, layout, row, codes, out)
+}
+
+/// Scalar twin of [`dequantize_row`].
+pub fn dequantize_row_scalar(
     packed: &[u8],
     scales: &[f32],
     offsets: &[f32],
@@ -186,6 +222,35 @@ mod tests {
                 for i in 0..n * k {
                     let step = s[(i / k) * (k / g) + (i % k) / g];
                     assert!((w[i] - wq[i]).abs() <= 0.5 * step * (1.0 + 1e-5) + 1e-7, "bits={bits}");
+                }
+            }
+        }
+    }
+
+    /// The dispatched (SIMD) row dequantizer equals its scalar twin bit for bit (one FMA
+    /// vs mul+add may differ by one rounding, so compare against an f64 bound too).
+    #[test]
+    fn dequantize_row_matches_scalar_twin() {
+        for bits in [2u32, 3, 4, 8] {
+            for (n, k, g) in [(5usize, 48usize, 8usize), (3, 96, 32), (4, 40, 40), (2, 256, 128), (3, 30, 6)] {
+                let Ok(layout) = QuantLayout::new(n, k, bits, g) else { continue };
+                let w = random_f32(n * k, 77 + k as u64);
+                let mut p = vec![0u8; layout.packed_len()];
+                let (mut s, mut m) = (vec![0f32; n * k / g], vec![0f32; n * k / g]);
+                quantize(&w, layout, ParamDtype::F16, &mut p, &mut s, &mut m).unwrap();
+                let mut codes = vec![0u8; k];
+                for row in 0..n {
+                    let (mut fast, mut slow) = (vec![0f32; k], vec![0f32; k]);
+                    dequantize_row(&p, &s, &m, layout, row, &mut codes, &mut fast);
+                    dequantize_row_scalar(&p, &s, &m, layout, row, &mut codes, &mut slow);
+                    let mut q = vec![0u8; k];
+                    unpack_row(&p[row * layout.row_bytes()..(row + 1) * layout.row_bytes()], bits, &mut q);
+                    for t in 0..k {
+                        let l = row * (k / g) + t / g;
+                        let want = s[l] as f64 * q[t] as f64 + m[l] as f64;
+                        assert!((fast[t] as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()), "bits={bits} k={k} g={g}");
+                        assert!((slow[t] as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()));
+                    }
                 }
             }
         }

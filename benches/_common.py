@@ -1,0 +1,61 @@
+"""Shared helpers of the benchmark scripts: timing with warm-up and medians, the machine's
+memory bandwidth measured in the same run, and a description of the machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable, List
+
+import torch
+
+
+def median_time(fn: Callable[[int], object], reps: int, warmup: int = 2) -> float:
+    """Median wall time of ``fn(i)`` over ``reps`` calls (i counts calls, for rotating
+    inputs), after ``warmup`` untimed calls."""
+    for i in range(warmup):
+        fn(i)
+    times: List[float] = []
+    for i in range(reps):
+        t0 = time.perf_counter()
+        fn(warmup + i)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def read_bandwidth(mib: int = 512, reps: int = 7) -> float:
+    """Read bandwidth in GB/s: a large float32 sum (bytes read / time)."""
+    x = torch.ones(mib << 18)  # mib MiB of float32
+    t = median_time(lambda i: x.sum(), reps)
+    return x.numel() * 4 / t / 1e9
+
+
+def copy_bandwidth(mib: int = 256, reps: int = 7) -> float:
+    """memcpy bandwidth in GB/s counting read + write bytes (a large tensor copy)."""
+    src = torch.ones(mib << 18)
+    dst = torch.empty_like(src)
+    t = median_time(lambda i: dst.copy_(src), reps)
+    return 2 * src.numel() * 4 / t / 1e9
+
+
+def machine() -> str:
+    model = platform.processor() or "?"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        model = fields.get("Model name", model).strip()
+        caches = ", ".join(f"{k.strip()} {fields[k].strip()}" for k in ("L2 cache", "L3 cache") if k in fields)
+        model = f"{model} ({caches})"
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    try:
+        load = "load average %.2f %.2f %.2f" % os.getloadavg()
+    except OSError:
+        load = "load average ?"
+    return (
+        f"{model}; {os.cpu_count()} logical CPUs; torch {torch.__version__} with "
+        f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}; {load}"
+    )

