@@ -1,5 +1,6 @@
-"""Quantized matmul on CPU: qalora.ops.qmatmul (4-bit, fp16 scale/offset) vs torch's own
-int4 kernel (_weight_int4pack_mm_for_cpu, bf16 activations) vs dense fp32 F.linear.
+"""Quantized matmul on CPU: qalora.ops.qmatmul (4-bit, fp16 scale/offset; exact, and for
+M <= 16 also with activations="int8") vs torch's own int4 kernel
+(_weight_int4pack_mm_for_cpu, bf16 activations) vs dense fp32 F.linear.
 
 One run measures the machine's read bandwidth, then times each op over rotating weight
 copies that together exceed the last-level cache (so weights come from DRAM, as in a real
@@ -59,8 +60,9 @@ def main() -> None:
 
     gen = torch.Generator().manual_seed(0)
     header = (
-        f"{'N x K':>12} {'g':>4} {'M':>4} | {'qalora ms':>9} {'int4 ms':>9} {'dense ms':>9} | "
-        f"{'qalora GB/s':>11} {'int4 GB/s':>9} {'%readBW':>7} | {'int4/qalora':>11} {'qalora/dense':>12}"
+        f"{'N x K':>12} {'g':>4} {'M':>4} | {'exact ms':>8} {'int8 ms':>8} {'int4 ms':>8} {'dense ms':>8} | "
+        f"{'exact GB/s':>10} {'int8 GB/s':>9} {'int4 GB/s':>9} {'%readBW':>7} | "
+        f"{'int4/exact':>10} {'int4/int8':>9} {'exact/dense':>11}"
     )
     print(header)
     print("-" * len(header))
@@ -86,6 +88,10 @@ def main() -> None:
                     p, s, o = q[i % copies]
                     return ops.qmatmul(x, p, s, o, 4, g)
 
+                def run_q8(i):
+                    p, s, o = q[i % copies]
+                    return ops.qmatmul(x, p, s, o, 4, g, activations="int8")
+
                 def run_t(i):
                     p, sz = t4[i % copies]
                     return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, p, g, sz)
@@ -95,18 +101,23 @@ def main() -> None:
 
                 # Interleave the three so that machine noise hits them alike.
                 tq = median_time(run_q, reps)
+                # int8 activations change only the fused small-M path.
+                t8 = median_time(run_q8, reps) if m <= 16 else None
                 tt = median_time(run_t, reps)
                 td = median_time(run_d, reps)
+                best = min(tq, t8 or tq)
+                i8 = (f"{t8 * 1e3:8.3f}", f"{wb / t8 / 1e9:9.2f}", f"{tt / t8:8.2f}x") if t8 else ("-" * 1, "-", "-")
                 print(
-                    f"{f'{n}x{k}':>12} {g:>4} {m:>4} | {tq * 1e3:9.3f} {tt * 1e3:9.3f} {td * 1e3:9.3f} | "
-                    f"{wb / tq / 1e9:11.2f} {wb / tt / 1e9:9.2f} {100 * wb / tq / 1e9 / bw:6.0f}% | "
-                    f"{tt / tq:10.2f}x {tq / td:11.2f}x",
+                    f"{f'{n}x{k}':>12} {g:>4} {m:>4} | {tq * 1e3:8.3f} {i8[0]:>8} {tt * 1e3:8.3f} {td * 1e3:8.3f} | "
+                    f"{wb / tq / 1e9:10.2f} {i8[1]:>9} {wb / tt / 1e9:9.2f} {100 * wb / best / 1e9 / bw:6.0f}% | "
+                    f"{tt / tq:9.2f}x {i8[2]:>9} {tq / td:10.2f}x",
                     flush=True,
                 )
             del q, t4
     print(
-        "\nint4/qalora > 1: qalora faster than torch's int4 kernel; qalora/dense < 1: faster than dense fp32."
-        "\n%readBW: qalora's weight bytes per second over the measured read bandwidth."
+        "\nexact / int8: qalora with exact f32 activations / with activations=\"int8\" (M <= 16 only)."
+        "\nint4/exact, int4/int8 > 1: qalora faster than torch's int4 kernel; exact/dense < 1: faster than dense fp32."
+        "\n%readBW: weight bytes per second of qalora's faster mode over the measured read bandwidth."
     )
 
 

@@ -37,6 +37,15 @@ pub fn backend(name: &str, device: Device, core_takes_it: bool) -> KResult<Backe
     }
 }
 
+/// How a small-M CPU qmatmul treats its activations (see `qalora_core::q8`).
+pub fn int8_activations(name: &str) -> KResult<bool> {
+    match name {
+        "exact" => Ok(false),
+        "int8" => Ok(true),
+        other => Err(KernelError::value(format!("activations: got '{other}', allowed: 'exact', 'int8'"))),
+    }
+}
+
 pub fn check_kind(t: &Tensor, name: &str, allowed: &[Kind]) -> KResult<()> {
     if allowed.contains(&t.kind()) {
         Ok(())

@@ -1,6 +1,6 @@
 //! Ops on CPU tensors through the tch-free Rust core (rayon inside).
 
-use qalora_core::{pack, pool, qmatmul, quant, GroupParams, Isa, ParamDtype, QuantLayout};
+use qalora_core::{pack, pool, q8, qmatmul, quant, GroupParams, Isa, ParamDtype, QuantLayout};
 use tch::{Device, Kind, Tensor};
 
 use crate::args::QuantWeight;
@@ -116,8 +116,10 @@ fn for_each_tile(w: &QuantWeight, kind: Kind, mut f: impl FnMut(usize, &Tensor))
     Ok(())
 }
 
-/// y = x W~^T for x of shape (M, K) (any float kind); returns (M, N) in x's kind.
-pub fn qmatmul(x2: &Tensor, w: &QuantWeight) -> KResult<Tensor> {
+/// y = x W~^T for x of shape (M, K) (any float kind); returns (M, N) in x's kind. With
+/// `int8`, small-M calls quantize the activations to int8 per block of 32 (`qalora_core::q8`);
+/// large-M calls are exact either way.
+pub fn qmatmul(x2: &Tensor, w: &QuantWeight, int8: bool) -> KResult<Tensor> {
     let (m, n) = (x2.size()[0] as usize, w.layout.n);
     let out_kind = x2.kind();
     if m == 0 {
@@ -127,16 +129,18 @@ pub fn qmatmul(x2: &Tensor, w: &QuantWeight) -> KResult<Tensor> {
         let xf = x2.to_kind(Kind::Float).contiguous();
         let out = Tensor::empty([m as i64, n as i64], cpu(Kind::Float));
         let (xs, pk, os) = (slice(&xf), slice(&w.packed), slice_mut(&out));
+        let fused = if int8 { q8::qmatmul_int8_with } else { qmatmul::qmatmul_with };
+        let fused = |x, m, p, params, l, o| fused(x, m, p, params, l, o, Isa::detect());
         if w.scales.kind() == Kind::Half && w.offsets.kind() == Kind::Half {
             // The default dtype goes to the kernel as raw f16 bits, converted per row in
             // registers: no extra pass over N*K/g parameters per call.
             let (s, o) = (w.scales.contiguous(), w.offsets.contiguous());
             let params = GroupParams::F16 { scales: slice(&s), offsets: slice(&o) };
-            qmatmul::qmatmul_with(xs, m, pk, params, w.layout, os, Isa::detect())?;
+            fused(xs, m, pk, params, w.layout, os)?;
         } else {
             let (s, o) = w.params_f32();
             let params = GroupParams::F32 { scales: slice(&s), offsets: slice(&o) };
-            qmatmul::qmatmul_with(xs, m, pk, params, w.layout, os, Isa::detect())?;
+            fused(xs, m, pk, params, w.layout, os)?;
         }
         return Ok(out.to_kind(out_kind));
     }

@@ -174,7 +174,7 @@ fn with_last(lead: &[i64], last: usize) -> Vec<i64> {
 
 /// y = x W~^T for x of shape (..., K).
 #[pyfunction]
-#[pyo3(signature = (x, packed, scales, offsets, bits, group_size, backend="auto"))]
+#[pyo3(signature = (x, packed, scales, offsets, bits, group_size, backend="auto", activations="exact"))]
 #[allow(clippy::too_many_arguments)]
 fn qmatmul(
     py: Python<'_>,
@@ -185,17 +185,19 @@ fn qmatmul(
     bits: i64,
     group_size: i64,
     backend: &str,
+    activations: &str,
 ) -> PyResult<PyObject> {
     let x = tensor_arg(x, "x")?;
     let (p, s, o) = (tensor_arg(packed, "packed")?, tensor_arg(scales, "scales")?, tensor_arg(offsets, "offsets")?);
     let be = backend;
     let out = run(py, move || {
+        let int8 = args::int8_activations(activations)?;
         // in_features comes from x, so a packed buffer of the wrong width is named as such.
         let k = x.size().last().map(|&k| k as usize);
         let w = QuantWeight::new(p, s, o, bits, group_size, k)?;
         let (lead, x2) = matmul_operands(&x, "x", &w, true)?;
         let y = match args::backend(be, w.device, true)? {
-            Backend::Core => core_path::qmatmul(&x2, &w)?,
+            Backend::Core => core_path::qmatmul(&x2, &w, int8)?,
             Backend::Torch => torch_path::qmatmul(&x2, &w),
         };
         Ok(y.reshape(with_last(&lead, w.layout.n).as_slice()))

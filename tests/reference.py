@@ -55,3 +55,14 @@ def group_pool(x: np.ndarray, g: int) -> np.ndarray:
 
 def merge(offsets, a, b, scaling, g):
     return offsets.astype(np.float64) + scaling * (b.astype(np.float64) @ a.astype(np.float64)) / g
+
+
+def int8_activations(x: np.ndarray, block: int = 32) -> np.ndarray:
+    """x (..., K) quantized per block of ``block`` values to int8 with scale max|x| / 127
+    (float32 arithmetic, round half to even), returned dequantized as float64."""
+    xf = x.astype(np.float32).reshape(-1, block)
+    d = (np.abs(xf).max(axis=1, keepdims=True) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    q = np.clip(np.rint(xf * inv), -127, 127)
+    return (q.astype(np.float64) * d.astype(np.float64)).reshape(x.shape)

@@ -210,6 +210,30 @@ def test_llama_wrap_train_merge_save_load_generate(tmp_path):
     assert out.shape == (1, 11)
 
 
+def test_set_activations_int8_for_generation():
+    model = tiny_llama()
+    qalora.wrap(model, QALoRAConfig(bits=4, group_size=32, rank=4, alpha=8))
+    train(model, lm_batches(), 5, lr=1e-2, loss_fn=lm_loss)
+    qalora.merge(model)
+    model.eval()
+    ids = lm_batches(seed=5)[0][:1, :12]  # 12 tokens: the small-batch path
+    with torch.no_grad():
+        exact = model(input_ids=ids).logits
+        assert qalora.set_activations(model, "int8") == 14
+        assert all(m.activations == "int8" for m in model.modules() if isinstance(m, qalora.QuantLinear))
+        approx = model(input_ids=ids).logits
+        out = model.generate(ids[:, :5], max_new_tokens=4, do_sample=False)
+    assert 0 < rel_err(approx, exact) < 3e-2
+    assert out.shape == (1, 9)
+    qalora.set_activations(model, "exact")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, exact)
+    with pytest.raises(qalora.InvalidValueError, match="'exact', 'int8'"):
+        qalora.set_activations(model, "int4")
+    with pytest.raises(qalora.ConfigError, match="no qalora layer"):
+        qalora.set_activations(mlp(), "int8")
+
+
 def test_llama_unmerged_save_load_round_trip(tmp_path):
     model = qalora.wrap(tiny_llama(tie=True), QALoRAConfig(bits=3, group_size=32, rank=2))
     train(model, lm_batches(), 3, loss_fn=lm_loss)

@@ -204,6 +204,68 @@ def test_qmatmul_accepts_non_contiguous_x():
     np.testing.assert_allclose(ops.qmatmul(x, *q, 4, 16).double().numpy(), x.double().numpy() @ dense64.T, rtol=1e-4, atol=1e-5)
 
 
+def _int8_case(n, k, g, shape, seed):
+    q, dense64 = _quantized(n, k, g, 4, seed=seed)
+    x = rng(seed).standard_normal(shape).astype(np.float32)
+    x.reshape(-1)[::53] *= 15.0  # outliers, as real activations have
+    return q, dense64, torch.from_numpy(x)
+
+
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("shape", [(1, 256), (5, 256), (2, 8, 256), (16, 256)])
+def test_qmatmul_int8_activations_match_float64(g, shape):
+    n, k = 45, 256
+    (p, s, m), dense64, x = _int8_case(n, k, g, shape, seed=g)
+    y = ops.qmatmul(x, p, s, m, 4, g, activations="int8").double().numpy().reshape(-1, n)
+    codes = ref.unpack(p.numpy(), 4, k).astype(np.float64)
+    sq = codes * np.repeat(s.double().numpy(), g, axis=1)  # scale term of W, (N, K)
+    offs = np.repeat(m.double().numpy(), g, axis=1)  # offset term of W
+    x2 = x.double().numpy().reshape(-1, k)
+    xh = ref.int8_activations(x2)
+    # The scale term sees the int8 activations, the offset term the exact ones.
+    want = xh @ sq.T + x2 @ offs.T
+    mag = np.abs(xh) @ np.abs(sq).T + np.abs(x2) @ np.abs(offs).T
+    assert np.all(np.abs(y - want) <= 1e-5 * (mag + 1)), np.abs(y - want).max()
+    # The documented bound against the exact product: sum_k |s q| * d_block / 2.
+    d = np.repeat(np.abs(x2).reshape(-1, k // 32, 32).max(-1) / 127, 32, axis=1)
+    bound = (d / 2) @ np.abs(sq).T
+    exact = x2 @ dense64.T
+    assert np.all(np.abs(y - exact) <= bound * (1 + 1e-5) + 1e-4)
+    assert np.abs(y - exact).max() > 0  # it really took the int8 route
+
+
+@pytest.mark.parametrize("bits,g,m", [(2, 32, 1), (3, 32, 4), (8, 32, 2), (4, 16, 3), (4, 32, 17), (4, 32, 40)])
+def test_qmatmul_int8_activations_exact_where_not_covered(bits, g, m):
+    # Other bit widths, group sizes that are not multiples of 32 and batches above 16 rows
+    # are computed exactly.
+    q, dense64 = _quantized(20, 64, g, bits, seed=m)
+    x = torch.randn(m, 64)
+    y8 = ops.qmatmul(x, *q, bits, g, activations="int8")
+    assert torch.equal(y8, ops.qmatmul(x, *q, bits, g))
+
+
+def test_qmatmul_int8_activations_backward_is_exact():
+    (p, s, m), dense64, x = _int8_case(24, 128, 32, (3, 128), seed=1)
+    x.requires_grad_(True)
+    y = ops.qmatmul(x, p, s, m, 4, 32, activations="int8")
+    up = torch.randn_like(y)
+    y.backward(up)
+    np.testing.assert_allclose(x.grad.double().numpy(), up.double().numpy() @ dense64, rtol=1e-4, atol=1e-5)
+
+
+def test_qmatmul_rejects_unknown_activation_mode():
+    q, _ = _quantized(8, 64, 32, 4)
+    with pytest.raises(qalora.InvalidValueError, match="activations: got 'fp8', allowed: 'exact', 'int8'"):
+        ops.qmatmul(torch.randn(2, 64), *q, 4, 32, activations="fp8")
+
+
+@cuda
+def test_qmatmul_int8_activations_on_cuda_are_exact():
+    q, _ = _quantized(16, 64, 32, 4, device="cuda")
+    x = torch.randn(2, 64, device="cuda")
+    assert torch.equal(ops.qmatmul(x, *q, 4, 32, activations="int8"), ops.qmatmul(x, *q, 4, 32))
+
+
 # ---------------------------------------------------------------- group_pool / merge
 
 

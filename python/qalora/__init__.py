@@ -26,6 +26,7 @@ from .model import (
     merge_requantize,
     save_adapter,
     save_pretrained,
+    set_activations,
     summary,
     wrap,
 )
@@ -50,4 +51,5 @@ __all__ = [
     "from_pretrained",
     "save_adapter",
     "load_adapter",
+    "set_activations",
 ] + list(errors.__all__)

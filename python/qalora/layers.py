@@ -71,6 +71,8 @@ class QuantLinear(nn.Module):
         offset_dtype = offset_dtype or scale_dtype
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
+        # "exact" or "int8" (see ops.qmatmul); a run-time choice, not saved with the model.
+        self.activations = "exact"
         groups = in_features // group_size
         self.register_buffer("packed", torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.zeros(out_features, groups, dtype=scale_dtype, device=device))
@@ -108,7 +110,9 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _autocast_input(x)
-        y = ops.qmatmul(x, self.packed, self.scales, self.offsets, self.bits, self.group_size)
+        y = ops.qmatmul(
+            x, self.packed, self.scales, self.offsets, self.bits, self.group_size, activations=self.activations
+        )
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

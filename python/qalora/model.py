@@ -19,6 +19,7 @@ from .errors import (
     ConfigError,
     DTypeError,
     GroupSizeError,
+    InvalidValueError,
     NoTargetModulesError,
     QALoRAWarning,
 )
@@ -294,6 +295,28 @@ def merge_requantize(model: nn.Module) -> nn.Module:
         _replace(model, name, layer.requantized())
     model.qalora_merged = True
     return model
+
+
+def set_activations(model: nn.Module, mode: str) -> int:
+    """Choose how every quantized layer of ``model`` multiplies small CPU batches:
+    ``"exact"`` (the default) or ``"int8"`` (activations quantized per block of 32; faster
+    generation, error bounded as described in :func:`qalora.ops.qmatmul`). Returns the number
+    of layers set. A run-time choice: it is not saved with the model.
+
+    Raises:
+        InvalidValueError: ``mode`` is neither ``"exact"`` nor ``"int8"``.
+        ConfigError: the model holds no qalora layer.
+    """
+    if mode not in ("exact", "int8"):
+        raise InvalidValueError(f"mode: got {mode!r}, allowed: 'exact', 'int8'")
+    count = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.activations = mode
+            count += 1
+    if count == 0:
+        raise ConfigError("this model holds no qalora layer; wrap it with qalora.wrap first")
+    return count
 
 
 # --------------------------------------------------------------------------- save / load

@@ -8,6 +8,7 @@ pub mod merge;
 pub mod pack;
 pub mod parallel;
 pub mod pool;
+pub mod q8;
 pub mod qmatmul;
 pub mod quant;
 #[doc(hidden)]

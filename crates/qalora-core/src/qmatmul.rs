@@ -56,6 +56,15 @@ impl Isa {
         })
     }
 
+    /// This instruction set if the CPU has it, else [`Isa::Scalar`].
+    pub fn usable(self) -> Isa {
+        if self == Isa::Avx2 && Isa::detect() != Isa::Avx2 {
+            Isa::Scalar
+        } else {
+            self
+        }
+    }
+
     /// Every instruction set usable here (Scalar first), for tests and benchmarks.
     pub fn available() -> Vec<Isa> {
         let mut v = vec![Isa::Scalar];
@@ -155,7 +164,59 @@ enum Route {
 
 /// Below this many weights a call runs on the calling thread: rayon's wake-up
 /// (~10-20 µs on two cores) would cost more than the work.
-const PARALLEL_MIN_WEIGHTS: usize = 1 << 18;
+pub(crate) const PARALLEL_MIN_WEIGHTS: usize = 1 << 18;
+
+/// Checks the buffers of a qmatmul call against the layout and M.
+pub(crate) fn check_call(
+    x: &[f32],
+    m: usize,
+    packed: &[u8],
+    params: &GroupParams<'_>,
+    layout: &QuantLayout,
+    out: &[f32],
+) -> Result<()> {
+    let (sl, ol) = params.lens();
+    layout.check_buffers(packed.len(), sl, ol)?;
+    let k = layout.k;
+    if x.len() != m * k {
+        return Err(KernelError::shape(format!("x: got {} values, expected M*K = {m}*{k}", x.len())));
+    }
+    if out.len() != m * layout.n {
+        return Err(KernelError::internal("qmatmul output has the wrong length"));
+    }
+    Ok(())
+}
+
+/// (M, L) group sums of the M rows of x (the offsets' term).
+pub(crate) fn group_sums(x: &[f32], m: usize, k: usize, g: usize) -> Vec<f32> {
+    let groups = k / g;
+    let mut xsum = vec![0f32; m * groups];
+    for (i, xs) in xsum.chunks_exact_mut(groups.max(1)).enumerate().take(m) {
+        for (l, v) in xs.iter_mut().enumerate() {
+            *v = group_sum(&x[i * k + l * g..i * k + (l + 1) * g]);
+        }
+    }
+    xsum
+}
+
+/// Writes the (N, M) matrix `t` into `out` as (M, N).
+pub(crate) fn transpose_into(t: &[f32], n: usize, m: usize, out: &mut [f32]) {
+    for (row, col) in t.chunks_exact(m).enumerate().take(n) {
+        for (i, &v) in col.iter().enumerate() {
+            out[i * n + row] = v;
+        }
+    }
+}
+
+/// Σ a·b with the given instruction set.
+#[inline]
+pub(crate) fn dot_isa(a: &[f32], b: &[f32], isa: Isa) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { crate::x86::dot(a, b) },
+        _ => dot(a, b),
+    }
+}
 
 /// x: (M, K) row-major; out: (M, N) row-major; scales/offsets as f32.
 pub fn qmatmul(
@@ -181,19 +242,12 @@ pub fn qmatmul_with(
     out: &mut [f32],
     isa: Isa,
 ) -> Result<()> {
-    let (sl, ol) = params.lens();
-    layout.check_buffers(packed.len(), sl, ol)?;
+    check_call(x, m, packed, &params, &layout, out)?;
     let QuantLayout { n, k, bits, group_size: g } = layout;
-    if x.len() != m * k {
-        return Err(KernelError::shape(format!("x: got {} values, expected M*K = {m}*{k}", x.len())));
-    }
-    if out.len() != m * n {
-        return Err(KernelError::internal("qmatmul output has the wrong length"));
-    }
     if m == 0 {
         return Ok(());
     }
-    let isa = if isa == Isa::Avx2 && Isa::detect() != Isa::Avx2 { Isa::Scalar } else { isa };
+    let isa = isa.usable();
     let route = match isa {
         Isa::Avx2 if g % 16 == 0 && bits == 4 => Route::Nib,
         Isa::Avx2 if g % 16 == 0 => Route::Bytes,
@@ -201,12 +255,7 @@ pub fn qmatmul_with(
     };
     let groups = layout.groups();
     // Once per call: the group sums of x (offset term) and, for Nib, x in nibble order.
-    let mut xsum = vec![0f32; m * groups];
-    for (i, xs) in xsum.chunks_exact_mut(groups).enumerate() {
-        for (l, v) in xs.iter_mut().enumerate() {
-            *v = group_sum(&x[i * k + l * g..i * k + (l + 1) * g]);
-        }
-    }
+    let xsum = group_sums(x, m, k, g);
     let x_nib;
     let xk: &[f32] = if route == Route::Nib {
         let mut p = vec![0f32; m * k];
@@ -317,11 +366,7 @@ pub fn qmatmul_with(
             .for_each_init(init, |scratch, (c, o)| run_rows(c * rows, o, scratch));
     }
     if m > 1 {
-        for (row, col) in out_t_buf.chunks_exact(m).enumerate() {
-            for (i, &v) in col.iter().enumerate() {
-                out[i * n + row] = v;
-            }
-        }
+        transpose_into(&out_t_buf, n, m, out);
     }
     Ok(())
 }

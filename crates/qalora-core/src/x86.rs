@@ -283,3 +283,96 @@ pub unsafe fn dequant_row_bytes(codes: &[u8], scales: &[f32], offsets: &[f32], g
         }
     }
 }
+
+// ---- int8-activation route (see `q8.rs`) -------------------------------------------------
+
+/// The 32 codes of 4-bit block `b` of a row as bytes: the 16 low nibbles (even codes) in
+/// the lower 128 bits, the 16 high nibbles (odd codes) in the upper, matching the order
+/// `q8::quantize_acts` stores activations in.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn nib_block(row: *const u8, b: usize) -> __m256i {
+    let t = _mm_loadu_si128(row.add(b * 16) as *const __m128i);
+    _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(t), t), _mm256_set1_epi8(0x0F))
+}
+
+/// Σ over a block of codes (u8, ≤ 15) × int8 activations, as 8 f32 partial sums. maddubs
+/// cannot saturate: a pair sums to at most 2 · 15 · 127.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_dot(w: __m256i, x: *const i8) -> __m256 {
+    let p = _mm256_maddubs_epi16(w, _mm256_loadu_si256(x as *const __m256i));
+    _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+}
+
+/// One 4-bit weight row against `out.len()` int8 activation rows (`q` rows of stride `k`,
+/// `d` rows of stride k/32): adds Σ_b sb[b] · d[i,b] · (block dot) to out[i]. The AVX2 twin
+/// of `q8::int8_rows_scalar`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn int8_rows(row: &[u8], q: &[i8], d: &[f32], k: usize, sb: &[f32], out: &mut [f32]) {
+    let blocks = k / 32;
+    debug_assert!(row.len() >= blocks * 16 && sb.len() >= blocks && q.len() >= out.len() * k);
+    let (rp, qp, dp) = (row.as_ptr(), q.as_ptr(), d.as_ptr());
+    let mut i0 = 0;
+    while i0 < out.len() {
+        let mb = (out.len() - i0).min(8);
+        let (q0, d0, o) = (qp.add(i0 * k), dp.add(i0 * blocks), &mut out[i0..i0 + mb]);
+        match mb {
+            1 => int8_gemv(rp, q0, d0, sb, blocks, o),
+            2 => int8_block_rows::<2>(rp, q0, d0, k, sb, blocks, o),
+            3 => int8_block_rows::<3>(rp, q0, d0, k, sb, blocks, o),
+            4 => int8_block_rows::<4>(rp, q0, d0, k, sb, blocks, o),
+            5 => int8_block_rows::<5>(rp, q0, d0, k, sb, blocks, o),
+            6 => int8_block_rows::<6>(rp, q0, d0, k, sb, blocks, o),
+            7 => int8_block_rows::<7>(rp, q0, d0, k, sb, blocks, o),
+            _ => int8_block_rows::<8>(rp, q0, d0, k, sb, blocks, o),
+        }
+        i0 += mb;
+    }
+}
+
+/// M = 1: two blocks per step on two accumulators, so the FMA latency is hidden.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn int8_gemv(row: *const u8, q: *const i8, d: *const f32, sb: &[f32], blocks: usize, out: &mut [f32]) {
+    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut b = 0;
+    while b + 2 <= blocks {
+        let f0 = block_dot(nib_block(row, b), q.add(b * 32));
+        let f1 = block_dot(nib_block(row, b + 1), q.add(b * 32 + 32));
+        a0 = _mm256_fmadd_ps(f0, _mm256_set1_ps(*sb.get_unchecked(b) * *d.add(b)), a0);
+        a1 = _mm256_fmadd_ps(f1, _mm256_set1_ps(*sb.get_unchecked(b + 1) * *d.add(b + 1)), a1);
+        b += 2;
+    }
+    if b < blocks {
+        let f0 = block_dot(nib_block(row, b), q.add(b * 32));
+        a0 = _mm256_fmadd_ps(f0, _mm256_set1_ps(*sb.get_unchecked(b) * *d.add(b)), a0);
+    }
+    out[0] += hsum(_mm256_add_ps(a0, a1));
+}
+
+/// 2..=8 activation rows: each block's codes are expanded once and feed MB dot products.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn int8_block_rows<const MB: usize>(
+    row: *const u8,
+    q: *const i8,
+    d: *const f32,
+    k: usize,
+    sb: &[f32],
+    blocks: usize,
+    out: &mut [f32],
+) {
+    let mut acc = [_mm256_setzero_ps(); MB];
+    for b in 0..blocks {
+        let w = nib_block(row, b);
+        let s = *sb.get_unchecked(b);
+        for i in 0..MB {
+            let f = block_dot(w, q.add(i * k + b * 32));
+            acc[i] = _mm256_fmadd_ps(f, _mm256_set1_ps(s * *d.add(i * blocks + b)), acc[i]);
+        }
+    }
+    for i in 0..MB {
+        out[i] += hsum(acc[i]);
+    }
+}

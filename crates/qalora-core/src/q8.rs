@@ -1,0 +1,301 @@
+//! Opt-in int8-activation route for small M (generation): the llama.cpp route.
+//!
+//! Each activation row is quantized per block of [`ACT_BLOCK`] values to int8 with one f32
+//! scale d = max|x| / 127, and the weight side stays the exact 4-bit codes, so every block's
+//! Σ q·x_q is an exact integer dot product (u8 × i8 → i32 on the SIMD units):
+//!
+//!   y[i,n] ≈ Σ_b s[n,l(b)] · d[i,b] · Σ_{k∈b} q[n,k] · x_q[i,k]  +  Σ_l m[n,l] · xsum[i,l]
+//!
+//! The offset term uses the exact f32 group sums of x, so the only approximation is the
+//! rounding of x: |x − d·x_q| ≤ d/2 per element, hence
+//! |y_int8 − y_exact| ≤ Σ_k |s[n,l(k)] · q[n,k]| · d[i,b(k)] / 2 (plus f32 rounding), which
+//! `error_is_within_the_documented_bound` checks. It covers 4-bit weights with group sizes
+//! that are multiples of 32; any other layout is computed by the exact route.
+
+use rayon::prelude::*;
+
+use crate::error::{KernelError, Result};
+use crate::layout::QuantLayout;
+use crate::qmatmul::{group_sums, qmatmul_with, GroupParams, Isa, PARALLEL_MIN_WEIGHTS};
+
+/// Activations per int8 block (one f32 scale each).
+pub const ACT_BLOCK: usize = 32;
+
+/// Whether the int8 route covers this layout (otherwise [`qmatmul_int8_with`] is exact).
+pub fn supported(layout: &QuantLayout) -> bool {
+    layout.bits == 4 && layout.group_size.is_multiple_of(ACT_BLOCK)
+}
+
+/// Activation rows quantized per block. Within each block of 32 the int8 values are stored
+/// in the order the 4-bit row yields its codes: the 16 even positions, then the 16 odd ones
+/// (a canonical 4-bit byte holds code 2t in its low nibble and 2t + 1 in its high nibble).
+pub struct Int8Acts {
+    /// (M, K) int8, block-permuted as above.
+    pub q: Vec<i8>,
+    /// (M, K / 32) scales.
+    pub d: Vec<f32>,
+}
+
+/// Quantizes M rows of K activations (K a multiple of 32) with round-half-to-even.
+pub fn quantize_acts(x: &[f32], m: usize, k: usize) -> Result<Int8Acts> {
+    if !k.is_multiple_of(ACT_BLOCK) || x.len() != m * k {
+        return Err(KernelError::shape(format!(
+            "x: got {} values for M = {m} rows of K = {k}; K must be a multiple of {ACT_BLOCK}",
+            x.len()
+        )));
+    }
+    let mut q = vec![0i8; m * k];
+    let mut d = vec![0f32; m * k / ACT_BLOCK];
+    for ((xb, qb), db) in x.chunks_exact(ACT_BLOCK).zip(q.chunks_exact_mut(ACT_BLOCK)).zip(d.iter_mut()) {
+        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let scale = amax / 127.0;
+        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        let quant = |v: f32| (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+        for t in 0..ACT_BLOCK / 2 {
+            qb[t] = quant(xb[2 * t]);
+            qb[ACT_BLOCK / 2 + t] = quant(xb[2 * t + 1]);
+        }
+        *db = scale;
+    }
+    Ok(Int8Acts { q, d })
+}
+
+/// Scalar twin of the SIMD int8 kernels: for each of the `out.len()` activation rows i,
+/// out[i] = Σ_b sb[b] · d[i,b] · Σ_{t<16} (lo_t · q[i,b,t] + hi_t · q[i,b,16+t]), where
+/// lo_t/hi_t are the low/high nibbles of byte t of block b. `q` rows have stride `k`,
+/// `d` rows stride k/32; `sb[b]` is the weight scale of block b's group.
+pub fn int8_rows_scalar(row: &[u8], q: &[i8], d: &[f32], k: usize, sb: &[f32], out: &mut [f32]) {
+    let blocks = k / ACT_BLOCK;
+    for (i, o) in out.iter_mut().enumerate() {
+        let mut y = 0f32;
+        for b in 0..blocks {
+            let bytes = &row[b * 16..b * 16 + 16];
+            let qb = &q[i * k + b * ACT_BLOCK..i * k + (b + 1) * ACT_BLOCK];
+            let mut acc = 0i32;
+            for t in 0..16 {
+                acc += (bytes[t] & 0xF) as i32 * qb[t] as i32 + (bytes[t] >> 4) as i32 * qb[16 + t] as i32;
+            }
+            y += sb[b] * d[i * blocks + b] * acc as f32;
+        }
+        *o = y;
+    }
+}
+
+/// y = x W~^T like [`crate::qmatmul::qmatmul_with`], with activations quantized to int8 per
+/// block of 32 (see the module docs for the error). Layouts outside [`supported`] are
+/// computed exactly.
+pub fn qmatmul_int8_with(
+    x: &[f32],
+    m: usize,
+    packed: &[u8],
+    params: GroupParams<'_>,
+    layout: QuantLayout,
+    out: &mut [f32],
+    isa: Isa,
+) -> Result<()> {
+    if !supported(&layout) {
+        return qmatmul_with(x, m, packed, params, layout, out, isa);
+    }
+    crate::qmatmul::check_call(x, m, packed, &params, &layout, out)?;
+    if m == 0 {
+        return Ok(());
+    }
+    let isa = isa.usable();
+    let QuantLayout { n, k, group_size: g, .. } = layout;
+    let (groups, blocks, rb) = (layout.groups(), k / ACT_BLOCK, layout.row_bytes());
+    let acts = quantize_acts(x, m, k)?;
+    let xsum = group_sums(x, m, k, g);
+    let per_group = g / ACT_BLOCK;
+    // Weight rows against all M activation rows; outputs land transposed, (N, M).
+    let run_rows = |row0: usize, o: &mut [f32], scratch: &mut (Vec<f32>, Vec<f32>, Vec<f32>)| {
+        let (s, mm, sb) = scratch;
+        for (r, orow) in o.chunks_exact_mut(m).enumerate() {
+            let row = row0 + r;
+            params.row_into(row, (0, groups), isa, s, mm);
+            // Block b's scale is its group's; with g = 32 that is the row of scales itself.
+            let sb: &[f32] = if per_group == 1 {
+                s
+            } else {
+                for (b, v) in sb.iter_mut().enumerate() {
+                    *v = s[b / per_group];
+                }
+                sb
+            };
+            let prow = &packed[row * rb..(row + 1) * rb];
+            orow.fill(0.0);
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => unsafe { crate::x86::int8_rows(prow, &acts.q, &acts.d, k, sb, orow) },
+                _ => int8_rows_scalar(prow, &acts.q, &acts.d, k, sb, orow),
+            }
+            for (i, y) in orow.iter_mut().enumerate() {
+                *y += crate::qmatmul::dot_isa(mm, &xsum[i * groups..(i + 1) * groups], isa);
+            }
+        }
+    };
+    let init = || (vec![0f32; groups], vec![0f32; groups], vec![0f32; blocks]);
+    let mut out_t_buf = if m == 1 { Vec::new() } else { vec![0f32; n * m] };
+    let out_t: &mut [f32] = if m == 1 { &mut *out } else { &mut out_t_buf };
+    if n * k < PARALLEL_MIN_WEIGHTS {
+        run_rows(0, out_t, &mut init());
+    } else {
+        // A few chunks per thread balance the load.
+        let rows = n.div_ceil(rayon::current_num_threads() * 4).max(4);
+        out_t
+            .par_chunks_mut(rows * m)
+            .enumerate()
+            .for_each_init(init, |scratch, (c, o)| run_rows(c * rows, o, scratch));
+    }
+    if m > 1 {
+        crate::qmatmul::transpose_into(&out_t_buf, n, m, out);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{random_codes, random_f32, SplitMix};
+
+    /// Natural-order dequantized activations d·x_q, undoing the block permutation.
+    fn dequantized_acts(a: &Int8Acts, m: usize, k: usize) -> Vec<f64> {
+        let mut v = vec![0f64; m * k];
+        for i in 0..m {
+            for b in 0..k / ACT_BLOCK {
+                let d = a.d[i * (k / ACT_BLOCK) + b] as f64;
+                for t in 0..16 {
+                    let base = i * k + b * ACT_BLOCK;
+                    v[base + 2 * t] = d * a.q[base + t] as f64;
+                    v[base + 2 * t + 1] = d * a.q[base + 16 + t] as f64;
+                }
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn activation_quantization_rounds_within_half_a_step() {
+        let (m, k) = (3, 96);
+        let mut x = random_f32(m * k, 5);
+        x[40] = 7.5; // one outlier block
+        let a = quantize_acts(&x, m, k).unwrap();
+        let xd = dequantized_acts(&a, m, k);
+        for i in 0..m * k {
+            let d = a.d[i / ACT_BLOCK] as f64;
+            let amax = x[i / ACT_BLOCK * ACT_BLOCK..][..ACT_BLOCK].iter().fold(0f64, |s, v| s.max(v.abs() as f64));
+            assert!((d - amax / 127.0).abs() <= 1e-6 * amax);
+            assert!((xd[i] - x[i] as f64).abs() <= 0.5 * d * (1.0 + 1e-5), "element {i}");
+        }
+        assert!(a.q.iter().all(|&v| v >= -127));
+        assert!(quantize_acts(&x[1..], m, k).is_err());
+        assert!(quantize_acts(&x[..3 * 48], 3, 48).is_err());
+        // An all-zero block quantizes to zeros with scale 0, not NaN.
+        let z = quantize_acts(&[0f32; 32], 1, 32).unwrap();
+        assert!(z.d[0] == 0.0 && z.q.iter().all(|&v| v == 0));
+    }
+
+    /// Scalar and SIMD twins against a float64 reference built from the unpacked codes and
+    /// the dequantized int8 activations, on odd shapes, both parameter dtypes, M = 1..=16,
+    /// and a layer large enough to run in parallel; other layouts must equal the exact route.
+    #[test]
+    fn int8_twins_match_f64_reference() {
+        let mut rng = SplitMix::new(7);
+        let cases: &[(usize, usize, usize)] = &[(7, 64, 32), (13, 96, 32), (5, 192, 64), (9, 256, 128), (600, 512, 32)];
+        for &(n, k, g) in cases {
+            let layout = QuantLayout::new(n, k, 4, g).unwrap();
+            let groups = k / g;
+            let codes = random_codes(n * k, 4, rng.next_u64());
+            let mut p = vec![0u8; layout.packed_len()];
+            crate::pack::pack(&codes, n, k, 4, &mut p).unwrap();
+            let s16: Vec<u16> = random_f32(n * groups, rng.next_u64())
+                .iter()
+                .map(|v| half::f16::from_f32(0.01 + 0.1 * v.abs()).to_bits())
+                .collect();
+            let m16: Vec<u16> =
+                random_f32(n * groups, rng.next_u64()).iter().map(|v| half::f16::from_f32(*v).to_bits()).collect();
+            let s32: Vec<f32> = s16.iter().map(|&h| half::f16::from_bits(h).to_f32()).collect();
+            let m32: Vec<f32> = m16.iter().map(|&h| half::f16::from_bits(h).to_f32()).collect();
+            let ms: Vec<usize> = if n > 100 { vec![1, 2, 8, 13] } else { (1..=16).collect() };
+            for m in ms {
+                let x = random_f32(m * k, rng.next_u64());
+                let xd = dequantized_acts(&quantize_acts(&x, m, k).unwrap(), m, k);
+                for isa in Isa::available() {
+                    for params in [
+                        GroupParams::F32 { scales: &s32, offsets: &m32 },
+                        GroupParams::F16 { scales: &s16, offsets: &m16 },
+                    ] {
+                        let mut y = vec![0f32; m * n];
+                        qmatmul_int8_with(&x, m, &p, params, layout, &mut y, isa).unwrap();
+                        for i in 0..m {
+                            for j in 0..n {
+                                let (mut want, mut mag) = (0f64, 0f64);
+                                for t in 0..k {
+                                    let l = j * groups + t / g;
+                                    let q = codes[j * k + t] as f64;
+                                    // Scale term on the int8 activations, offset term on exact x.
+                                    let v = s32[l] as f64 * q * xd[i * k + t] + m32[l] as f64 * x[i * k + t] as f64;
+                                    want += v;
+                                    mag += v.abs();
+                                }
+                                let got = y[i * n + j] as f64;
+                                assert!(
+                                    (got - want).abs() <= 1e-5 * (mag + 1.0),
+                                    "n={n} k={k} g={g} m={m} {isa:?} {params:?} [{i},{j}]: got {got} want {want}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Layouts the int8 route does not cover are computed exactly.
+        for (bits, g) in [(2u32, 32usize), (3, 32), (8, 32), (4, 16)] {
+            let (n, k, m) = (6usize, 64usize, 2usize);
+            let layout = QuantLayout::new(n, k, bits, g).unwrap();
+            let codes = random_codes(n * k, bits, 3);
+            let mut p = vec![0u8; layout.packed_len()];
+            crate::pack::pack(&codes, n, k, bits, &mut p).unwrap();
+            let (s, o) = (random_f32(n * k / g, 4), random_f32(n * k / g, 5));
+            let x = random_f32(m * k, 6);
+            let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+            let params = GroupParams::F32 { scales: &s, offsets: &o };
+            qmatmul_int8_with(&x, m, &p, params, layout, &mut a, Isa::detect()).unwrap();
+            qmatmul_with(&x, m, &p, params, layout, &mut b, Isa::detect()).unwrap();
+            assert_eq!(a, b, "bits={bits} g={g}");
+        }
+    }
+
+    /// The documented bound on the int8 route's error against the exact product.
+    #[test]
+    fn error_is_within_the_documented_bound() {
+        let (n, k, g, m) = (64usize, 512usize, 32usize, 4usize);
+        let layout = QuantLayout::new(n, k, 4, g).unwrap();
+        let w = random_f32(n * k, 21);
+        let mut x = random_f32(m * k, 22);
+        for v in x.iter_mut().step_by(97) {
+            *v *= 20.0; // outliers, as real activations have
+        }
+        let mut p = vec![0u8; layout.packed_len()];
+        let (mut s, mut o) = (vec![0f32; n * k / g], vec![0f32; n * k / g]);
+        crate::quant::quantize(&w, layout, crate::quant::ParamDtype::F32, &mut p, &mut s, &mut o).unwrap();
+        let mut codes = vec![0u8; n * k];
+        crate::pack::unpack(&p, n, k, 4, &mut codes).unwrap();
+        let a = quantize_acts(&x, m, k).unwrap();
+        let (mut exact, mut approx) = (vec![0f32; m * n], vec![0f32; m * n]);
+        let params = GroupParams::F32 { scales: &s, offsets: &o };
+        qmatmul_with(&x, m, &p, params, layout, &mut exact, Isa::detect()).unwrap();
+        qmatmul_int8_with(&x, m, &p, params, layout, &mut approx, Isa::detect()).unwrap();
+        for i in 0..m {
+            for j in 0..n {
+                let bound: f64 = (0..k)
+                    .map(|t| {
+                        let sq = s[j * (k / g) + t / g] as f64 * codes[j * k + t] as f64;
+                        sq.abs() * a.d[i * (k / ACT_BLOCK) + t / ACT_BLOCK] as f64 / 2.0
+                    })
+                    .sum();
+                let err = (approx[i * n + j] as f64 - exact[i * n + j] as f64).abs();
+                assert!(err <= bound + 1e-4, "[{i},{j}] err {err} bound {bound}");
+            }
+        }
+    }
+}
