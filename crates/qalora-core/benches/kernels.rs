@@ -1,10 +1,12 @@
 //! Criterion benchmarks of the core kernels, throughput in bytes of the packed weight
-//! (plus f16 scales/offsets) for qmatmul, scalar twin vs the dispatched SIMD kernel.
+//! (plus f16 scales/offsets) for qmatmul, scalar twin vs the dispatched SIMD kernel, exact and
+//! with int8 activations.
 //! Run: `cargo bench -p qalora-core --bench kernels` (QALORA_BENCH_QUICK=1 for a short run).
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use qalora_core::pack::{pack, unpack};
 use qalora_core::pool::group_pool;
+use qalora_core::q8;
 use qalora_core::qmatmul::{qmatmul_with, GroupParams, Isa};
 use qalora_core::quant::{dequantize, quantize, ParamDtype};
 use qalora_core::testutil::{random_codes, random_f32};
@@ -47,6 +49,15 @@ fn bench_qmatmul(c: &mut Criterion) {
                         qmatmul_with(black_box(&x), m, &p, params, layout, &mut y, isa).unwrap();
                     })
                 });
+                if q8::supported(&layout) {
+                    let id = BenchmarkId::new(format!("int8-{isa:?}/b{bits}g{g}"), format!("M{m}"));
+                    grp.bench_function(id, |b| {
+                        b.iter(|| {
+                            let params = GroupParams::F16 { scales: &s, offsets: &o };
+                            q8::qmatmul_int8_with(black_box(&x), m, &p, params, layout, &mut y, isa).unwrap();
+                        })
+                    });
+                }
             }
         }
     }

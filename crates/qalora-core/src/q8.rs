@@ -29,11 +29,26 @@ pub fn supported(layout: &QuantLayout) -> bool {
 /// Activation rows quantized per block. Within each block of 32 the int8 values are stored
 /// in the order the 4-bit row yields its codes: the 16 even positions, then the 16 odd ones
 /// (a canonical 4-bit byte holds code 2t in its low nibble and 2t + 1 in its high nibble).
+/// Blocks are stored pair-major for all rows together (see [`q_offset`]).
 pub struct Int8Acts {
-    /// (M, K) int8, block-permuted as above.
+    /// M·K int8 values, block-permuted and laid out as [`q_offset`] says.
     pub q: Vec<i8>,
-    /// (M, K / 32) scales.
+    /// (M, K / 32) scales, row-major.
     pub d: Vec<f32>,
+}
+
+/// Offset of row i's block b (of `blocks` per row, M rows) in [`Int8Acts::q`]: pairs of
+/// blocks of every row lie together, [pair][row][64 bytes], and an odd last block as
+/// [row][32 bytes]. A kernel walking M rows then reads one contiguous run, not M streams
+/// K bytes apart (which collide in the same L1 sets when K is a multiple of 4096).
+#[inline]
+pub fn q_offset(m: usize, blocks: usize, i: usize, b: usize) -> usize {
+    let (pair, pairs) = (b / 2, blocks / 2);
+    if pair < pairs {
+        pair * m * 64 + i * 64 + (b % 2) * 32
+    } else {
+        pairs * m * 64 + i * 32
+    }
 }
 
 /// Quantizes M rows of K activations (K a multiple of 32) with round-half-to-even.
@@ -44,38 +59,50 @@ pub fn quantize_acts(x: &[f32], m: usize, k: usize) -> Result<Int8Acts> {
             x.len()
         )));
     }
+    let blocks = k / ACT_BLOCK;
     let mut q = vec![0i8; m * k];
-    let mut d = vec![0f32; m * k / ACT_BLOCK];
-    for ((xb, qb), db) in x.chunks_exact(ACT_BLOCK).zip(q.chunks_exact_mut(ACT_BLOCK)).zip(d.iter_mut()) {
+    let mut d = vec![0f32; m * blocks];
+    for (j, xb) in x.chunks_exact(ACT_BLOCK).enumerate() {
+        let (i, b) = (j / blocks, j % blocks);
         let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
         let scale = amax / 127.0;
         let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-        let quant = |v: f32| (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+        let qb = &mut q[q_offset(m, blocks, i, b)..][..ACT_BLOCK];
         for t in 0..ACT_BLOCK / 2 {
-            qb[t] = quant(xb[2 * t]);
-            qb[ACT_BLOCK / 2 + t] = quant(xb[2 * t + 1]);
+            qb[t] = round_to_i8(xb[2 * t] * inv);
+            qb[ACT_BLOCK / 2 + t] = round_to_i8(xb[2 * t + 1] * inv);
         }
-        *db = scale;
+        d[i * blocks + b] = scale;
     }
     Ok(Int8Acts { q, d })
 }
 
-/// Scalar twin of the SIMD int8 kernels: for each of the `out.len()` activation rows i,
-/// out[i] = Σ_b sb[b] · d[i,b] · Σ_{t<16} (lo_t · q[i,b,t] + hi_t · q[i,b,16+t]), where
-/// lo_t/hi_t are the low/high nibbles of byte t of block b. `q` rows have stride `k`,
-/// `d` rows stride k/32; `sb[b]` is the weight scale of block b's group.
-pub fn int8_rows_scalar(row: &[u8], q: &[i8], d: &[f32], k: usize, sb: &[f32], out: &mut [f32]) {
-    let blocks = k / ACT_BLOCK;
+/// Round half to even of |v| <= ~127, clamped to ±127. Adding and subtracting 1.5·2^23
+/// rounds in the FPU's default mode without a call to libm's `rintf` (this crate builds for
+/// baseline x86-64, which has no rounding instruction).
+#[inline]
+fn round_to_i8(v: f32) -> i8 {
+    const MAGIC: f32 = 12_582_912.0;
+    let r = (v.clamp(-127.0, 127.0) + MAGIC) - MAGIC;
+    r as i8
+}
+
+/// Scalar twin of the SIMD int8 kernels: for each of the M = `out.len()` activation rows,
+/// out[i] = Σ_b coef[b,i] · Σ_{t<16} (lo_t · q[i,b,t] + hi_t · q[i,b,16+t]), where lo_t/hi_t
+/// are the low/high nibbles of byte t of block b, `q` is laid out as [`q_offset`] says and
+/// coef (M, K/32) = activation scale d[i,b] × weight scale of the block's group.
+pub fn int8_rows_scalar(row: &[u8], q: &[i8], coef: &[f32], k: usize, out: &mut [f32]) {
+    let (m, blocks) = (out.len(), k / ACT_BLOCK);
     for (i, o) in out.iter_mut().enumerate() {
         let mut y = 0f32;
         for b in 0..blocks {
             let bytes = &row[b * 16..b * 16 + 16];
-            let qb = &q[i * k + b * ACT_BLOCK..i * k + (b + 1) * ACT_BLOCK];
+            let qb = &q[q_offset(m, blocks, i, b)..][..ACT_BLOCK];
             let mut acc = 0i32;
             for t in 0..16 {
                 acc += (bytes[t] & 0xF) as i32 * qb[t] as i32 + (bytes[t] >> 4) as i32 * qb[16 + t] as i32;
             }
-            y += sb[b] * d[i * blocks + b] * acc as f32;
+            y += coef[i * blocks + b] * acc as f32;
         }
         *o = y;
     }
@@ -107,33 +134,44 @@ pub fn qmatmul_int8_with(
     let xsum = group_sums(x, m, k, g);
     let per_group = g / ACT_BLOCK;
     // Weight rows against all M activation rows; outputs land transposed, (N, M).
-    let run_rows = |row0: usize, o: &mut [f32], scratch: &mut (Vec<f32>, Vec<f32>, Vec<f32>)| {
-        let (s, mm, sb) = scratch;
+    let run_rows = |row0: usize, o: &mut [f32], scratch: &mut (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)| {
+        let (s, mm, sb, coef) = scratch;
         for (r, orow) in o.chunks_exact_mut(m).enumerate() {
             let row = row0 + r;
             params.row_into(row, (0, groups), isa, s, mm);
-            // Block b's scale is its group's; with g = 32 that is the row of scales itself.
+            // coef[i, b] = d[i, b] · s[group of b]: one multiply per row and block, made here
+            // in a vectorized loop rather than inside the kernels.
             let sb: &[f32] = if per_group == 1 {
                 s
             } else {
-                for (b, v) in sb.iter_mut().enumerate() {
-                    *v = s[b / per_group];
+                for (chunk, &v) in sb.chunks_exact_mut(per_group).zip(s.iter()) {
+                    chunk.fill(v);
                 }
                 sb
             };
+            for (c, d) in coef.chunks_exact_mut(blocks).zip(acts.d.chunks_exact(blocks)) {
+                for ((c, &dv), &sv) in c.iter_mut().zip(d).zip(sb) {
+                    *c = dv * sv;
+                }
+            }
             let prow = &packed[row * rb..(row + 1) * rb];
-            orow.fill(0.0);
+            #[cfg(target_arch = "x86_64")]
+            if let Some(next) = packed.get((row + 1) * rb..(row + 2) * rb) {
+                crate::x86::prefetch(next);
+            }
             match isa {
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => unsafe { crate::x86::int8_rows(prow, &acts.q, &acts.d, k, sb, orow) },
-                _ => int8_rows_scalar(prow, &acts.q, &acts.d, k, sb, orow),
+                Isa::Avx512Vnni => unsafe { crate::x86::int8_rows_vnni(prow, &acts.q, coef, k, orow) },
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => unsafe { crate::x86::int8_rows(prow, &acts.q, coef, k, orow) },
+                _ => int8_rows_scalar(prow, &acts.q, coef, k, orow),
             }
             for (i, y) in orow.iter_mut().enumerate() {
                 *y += crate::qmatmul::dot_isa(mm, &xsum[i * groups..(i + 1) * groups], isa);
             }
         }
     };
-    let init = || (vec![0f32; groups], vec![0f32; groups], vec![0f32; blocks]);
+    let init = || (vec![0f32; groups], vec![0f32; groups], vec![0f32; blocks], vec![0f32; blocks * m]);
     let mut out_t_buf = if m == 1 { Vec::new() } else { vec![0f32; n * m] };
     let out_t: &mut [f32] = if m == 1 { &mut *out } else { &mut out_t_buf };
     if n * k < PARALLEL_MIN_WEIGHTS {
@@ -160,13 +198,14 @@ mod tests {
     /// Natural-order dequantized activations d·x_q, undoing the block permutation.
     fn dequantized_acts(a: &Int8Acts, m: usize, k: usize) -> Vec<f64> {
         let mut v = vec![0f64; m * k];
+        let blocks = k / ACT_BLOCK;
         for i in 0..m {
-            for b in 0..k / ACT_BLOCK {
-                let d = a.d[i * (k / ACT_BLOCK) + b] as f64;
+            for b in 0..blocks {
+                let d = a.d[i * blocks + b] as f64;
+                let (base, qo) = (i * k + b * ACT_BLOCK, q_offset(m, blocks, i, b));
                 for t in 0..16 {
-                    let base = i * k + b * ACT_BLOCK;
-                    v[base + 2 * t] = d * a.q[base + t] as f64;
-                    v[base + 2 * t + 1] = d * a.q[base + 16 + t] as f64;
+                    v[base + 2 * t] = d * a.q[qo + t] as f64;
+                    v[base + 2 * t + 1] = d * a.q[qo + 16 + t] as f64;
                 }
             }
         }
@@ -181,7 +220,8 @@ mod tests {
         let a = quantize_acts(&x, m, k).unwrap();
         let xd = dequantized_acts(&a, m, k);
         for i in 0..m * k {
-            let d = a.d[i / ACT_BLOCK] as f64;
+            let (row, b) = (i / k, i % k / ACT_BLOCK);
+            let d = a.d[row * (k / ACT_BLOCK) + b] as f64;
             let amax = x[i / ACT_BLOCK * ACT_BLOCK..][..ACT_BLOCK].iter().fold(0f64, |s, v| s.max(v.abs() as f64));
             assert!((d - amax / 127.0).abs() <= 1e-6 * amax);
             assert!((xd[i] - x[i] as f64).abs() <= 0.5 * d * (1.0 + 1e-5), "element {i}");

@@ -36,10 +36,19 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
+    /// AVX2 plus AVX-512 F/VL/VNNI (integer dot products on 256-bit vectors). Only the
+    /// int8-activation route (`q8.rs`) has kernels for it; the exact kernels run their AVX2
+    /// code under it.
+    Avx512Vnni,
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512_vnni() -> bool {
+    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") && is_x86_feature_detected!("avx512vnni")
 }
 
 impl Isa {
-    /// The best instruction set this CPU has (detected once).
+    /// The best instruction set of the exact kernels on this CPU (detected once).
     pub fn detect() -> Isa {
         static BEST: OnceLock<Isa> = OnceLock::new();
         *BEST.get_or_init(|| {
@@ -56,12 +65,32 @@ impl Isa {
         })
     }
 
-    /// This instruction set if the CPU has it, else [`Isa::Scalar`].
+    /// The best instruction set of the int8-activation kernels on this CPU.
+    pub fn detect_int8() -> Isa {
+        static BEST: OnceLock<Isa> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            if Isa::detect() == Isa::Avx2 && has_avx512_vnni() {
+                return Isa::Avx512Vnni;
+            }
+            Isa::detect()
+        })
+    }
+
+    /// This instruction set if the CPU has it, else the best one below it that it has.
     pub fn usable(self) -> Isa {
-        if self == Isa::Avx2 && Isa::detect() != Isa::Avx2 {
-            Isa::Scalar
-        } else {
-            self
+        match self {
+            Isa::Avx512Vnni if Isa::detect_int8() == Isa::Avx512Vnni => self,
+            Isa::Avx512Vnni | Isa::Avx2 => Isa::detect(),
+            Isa::Scalar => Isa::Scalar,
+        }
+    }
+
+    /// The instruction set the exact kernels use under this one.
+    pub fn exact(self) -> Isa {
+        match self.usable() {
+            Isa::Avx512Vnni => Isa::Avx2,
+            other => other,
         }
     }
 
@@ -70,6 +99,9 @@ impl Isa {
         let mut v = vec![Isa::Scalar];
         if Isa::detect() == Isa::Avx2 {
             v.push(Isa::Avx2);
+        }
+        if Isa::detect_int8() == Isa::Avx512Vnni {
+            v.push(Isa::Avx512Vnni);
         }
         v
     }
@@ -103,9 +135,10 @@ impl GroupParams<'_> {
                 s.copy_from_slice(&scales[r.clone()]);
                 m.copy_from_slice(&offsets[r]);
             }
-            GroupParams::F16 { scales, offsets } => match isa {
+            // `usable()`: an instruction set the CPU lacks is never run, whoever asks.
+            GroupParams::F16 { scales, offsets } => match isa.usable() {
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => unsafe {
+                Isa::Avx2 | Isa::Avx512Vnni => unsafe {
                     crate::x86::f16_to_f32(&scales[r.clone()], s);
                     crate::x86::f16_to_f32(&offsets[r], m);
                 },
@@ -213,7 +246,7 @@ pub(crate) fn transpose_into(t: &[f32], n: usize, m: usize, out: &mut [f32]) {
 pub(crate) fn dot_isa(a: &[f32], b: &[f32], isa: Isa) -> f32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { crate::x86::dot(a, b) },
+        Isa::Avx2 | Isa::Avx512Vnni => unsafe { crate::x86::dot(a, b) },
         _ => dot(a, b),
     }
 }
@@ -247,7 +280,7 @@ pub fn qmatmul_with(
     if m == 0 {
         return Ok(());
     }
-    let isa = isa.usable();
+    let isa = isa.exact();
     let route = match isa {
         Isa::Avx2 if g % 16 == 0 && bits == 4 => Route::Nib,
         Isa::Avx2 if g % 16 == 0 => Route::Bytes,

@@ -305,74 +305,115 @@ unsafe fn block_dot(w: __m256i, x: *const i8) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)))
 }
 
-/// One 4-bit weight row against `out.len()` int8 activation rows (`q` rows of stride `k`,
-/// `d` rows of stride k/32): adds Σ_b sb[b] · d[i,b] · (block dot) to out[i]. The AVX2 twin
-/// of `q8::int8_rows_scalar`.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn int8_rows(row: &[u8], q: &[i8], d: &[f32], k: usize, sb: &[f32], out: &mut [f32]) {
-    let blocks = k / 32;
-    debug_assert!(row.len() >= blocks * 16 && sb.len() >= blocks && q.len() >= out.len() * k);
-    let (rp, qp, dp) = (row.as_ptr(), q.as_ptr(), d.as_ptr());
-    let mut i0 = 0;
-    while i0 < out.len() {
-        let mb = (out.len() - i0).min(8);
-        let (q0, d0, o) = (qp.add(i0 * k), dp.add(i0 * blocks), &mut out[i0..i0 + mb]);
-        match mb {
-            1 => int8_gemv(rp, q0, d0, sb, blocks, o),
-            2 => int8_block_rows::<2>(rp, q0, d0, k, sb, blocks, o),
-            3 => int8_block_rows::<3>(rp, q0, d0, k, sb, blocks, o),
-            4 => int8_block_rows::<4>(rp, q0, d0, k, sb, blocks, o),
-            5 => int8_block_rows::<5>(rp, q0, d0, k, sb, blocks, o),
-            6 => int8_block_rows::<6>(rp, q0, d0, k, sb, blocks, o),
-            7 => int8_block_rows::<7>(rp, q0, d0, k, sb, blocks, o),
-            _ => int8_block_rows::<8>(rp, q0, d0, k, sb, blocks, o),
-        }
-        i0 += mb;
-    }
+/// [`block_dot`] with AVX-512 VNNI on 256-bit vectors: one `vpdpbusd` for maddubs + madd.
+#[inline]
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+unsafe fn block_dot_vnni(w: __m256i, x: *const i8) -> __m256 {
+    let x = _mm256_loadu_si256(x as *const __m256i);
+    _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x))
 }
 
-/// M = 1: two blocks per step on two accumulators, so the FMA latency is hidden.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn int8_gemv(row: *const u8, q: *const i8, d: *const f32, sb: &[f32], blocks: usize, out: &mut [f32]) {
-    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut b = 0;
-    while b + 2 <= blocks {
-        let f0 = block_dot(nib_block(row, b), q.add(b * 32));
-        let f1 = block_dot(nib_block(row, b + 1), q.add(b * 32 + 32));
-        a0 = _mm256_fmadd_ps(f0, _mm256_set1_ps(*sb.get_unchecked(b) * *d.add(b)), a0);
-        a1 = _mm256_fmadd_ps(f1, _mm256_set1_ps(*sb.get_unchecked(b + 1) * *d.add(b + 1)), a1);
-        b += 2;
-    }
-    if b < blocks {
-        let f0 = block_dot(nib_block(row, b), q.add(b * 32));
-        a0 = _mm256_fmadd_ps(f0, _mm256_set1_ps(*sb.get_unchecked(b) * *d.add(b)), a0);
-    }
-    out[0] += hsum(_mm256_add_ps(a0, a1));
+/// Defines `$rows`, one 4-bit weight row against the M = `out.len()` int8 activation rows
+/// (`q` laid out as `q8::q_offset` says; `coef` (M, K/32) the per-block scale products):
+/// sets out[i] = Σ_b coef[b,i] · (block dot), the SIMD twin of `q8::int8_rows_scalar`, with
+/// `$dot` as the block dot product. Rows go in blocks of up to 8; each block of codes is
+/// expanded once and feeds every row, and up to 4 rows the blocks alternate between two
+/// accumulator sets so the FMA latency is hidden.
+macro_rules! int8_kernel {
+    ($rows:ident, $block_rows:ident, $features:literal, $dot:ident) => {
+        #[target_feature(enable = $features)]
+        pub unsafe fn $rows(row: &[u8], q: &[i8], coef: &[f32], k: usize, out: &mut [f32]) {
+            let (m, blocks) = (out.len(), k / 32);
+            debug_assert!(row.len() >= blocks * 16 && q.len() >= m * k && coef.len() >= m * blocks);
+            let (rp, qp, cp) = (row.as_ptr(), q.as_ptr(), coef.as_ptr());
+            let mut i0 = 0;
+            while i0 < m {
+                let mb = (m - i0).min(8);
+                let o = &mut out[i0..i0 + mb];
+                match mb {
+                    1 => $block_rows::<1>(rp, qp, cp, m, blocks, i0, o),
+                    2 => $block_rows::<2>(rp, qp, cp, m, blocks, i0, o),
+                    3 => $block_rows::<3>(rp, qp, cp, m, blocks, i0, o),
+                    4 => $block_rows::<4>(rp, qp, cp, m, blocks, i0, o),
+                    5 => $block_rows::<5>(rp, qp, cp, m, blocks, i0, o),
+                    6 => $block_rows::<6>(rp, qp, cp, m, blocks, i0, o),
+                    7 => $block_rows::<7>(rp, qp, cp, m, blocks, i0, o),
+                    _ => $block_rows::<8>(rp, qp, cp, m, blocks, i0, o),
+                }
+                i0 += mb;
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn $block_rows<const MB: usize>(
+            row: *const u8,
+            q: *const i8,
+            coef: *const f32,
+            m: usize,
+            blocks: usize,
+            i0: usize,
+            out: &mut [f32],
+        ) {
+            let pairs = blocks / 2;
+            let mut acc0 = [_mm256_setzero_ps(); MB];
+            let mut acc1 = [_mm256_setzero_ps(); MB];
+            let mut b = 0;
+            if MB <= 4 {
+                while b + 2 <= blocks {
+                    let base = (b / 2) * m * 64;
+                    let (w0, w1) = (nib_block(row, b), nib_block(row, b + 1));
+                    for i in 0..MB {
+                        let r = i0 + i;
+                        let x = q.add(base + r * 64);
+                        let c0 = _mm256_broadcast_ss(&*coef.add(r * blocks + b));
+                        let c1 = _mm256_broadcast_ss(&*coef.add(r * blocks + b + 1));
+                        acc0[i] = _mm256_fmadd_ps($dot(w0, x), c0, acc0[i]);
+                        acc1[i] = _mm256_fmadd_ps($dot(w1, x.add(32)), c1, acc1[i]);
+                    }
+                    b += 2;
+                }
+            }
+            // Blocks in pairs: row r's block b starts at (b/2)·m·64 + r·64 + (b%2)·32.
+            let xs = q.add(i0 * 64);
+            while b < 2 * pairs {
+                let w = nib_block(row, b);
+                let x = xs.add((b / 2) * m * 64 + (b % 2) * 32);
+                let c = coef.add(i0 * blocks + b);
+                for i in 0..MB {
+                    let ci = _mm256_broadcast_ss(&*c.add(i * blocks));
+                    acc0[i] = _mm256_fmadd_ps($dot(w, x.add(i * 64)), ci, acc0[i]);
+                }
+                b += 1;
+            }
+            if b < blocks {
+                // The odd last block: row r's at pairs·m·64 + r·32.
+                let w = nib_block(row, b);
+                let x = q.add(pairs * m * 64 + i0 * 32);
+                for i in 0..MB {
+                    let ci = _mm256_broadcast_ss(&*coef.add((i0 + i) * blocks + b));
+                    acc0[i] = _mm256_fmadd_ps($dot(w, x.add(i * 32)), ci, acc0[i]);
+                }
+            }
+            for i in 0..MB {
+                out[i] = hsum(_mm256_add_ps(acc0[i], acc1[i]));
+            }
+        }
+    };
 }
 
-/// 2..=8 activation rows: each block's codes are expanded once and feed MB dot products.
+int8_kernel!(int8_rows, int8_block_rows, "avx2,fma", block_dot);
+int8_kernel!(int8_rows_vnni, int8_block_rows_vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", block_dot_vnni);
+
+/// Asks for every cache line of `bytes` ahead of use (the next weight row, while this one
+/// is multiplied: the hardware prefetcher alone left the int8 kernels waiting on loads).
 #[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn int8_block_rows<const MB: usize>(
-    row: *const u8,
-    q: *const i8,
-    d: *const f32,
-    k: usize,
-    sb: &[f32],
-    blocks: usize,
-    out: &mut [f32],
-) {
-    let mut acc = [_mm256_setzero_ps(); MB];
-    for b in 0..blocks {
-        let w = nib_block(row, b);
-        let s = *sb.get_unchecked(b);
-        for i in 0..MB {
-            let f = block_dot(w, q.add(i * k + b * 32));
-            acc[i] = _mm256_fmadd_ps(f, _mm256_set1_ps(s * *d.add(i * blocks + b)), acc[i]);
-        }
-    }
-    for i in 0..MB {
-        out[i] += hsum(acc[i]);
+pub fn prefetch(bytes: &[u8]) {
+    let p = bytes.as_ptr();
+    let mut off = 0;
+    while off < bytes.len() {
+        // SAFETY: prefetch is a hint (SSE, baseline on x86-64); the address is in bounds.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(off) as *const i8) };
+        off += 64;
     }
 }
