@@ -155,10 +155,6 @@ pub fn qmatmul_int8_with(
                 }
             }
             let prow = &packed[row * rb..(row + 1) * rb];
-            #[cfg(target_arch = "x86_64")]
-            if let Some(next) = packed.get((row + 1) * rb..(row + 2) * rb) {
-                crate::x86::prefetch(next);
-            }
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx512Vnni => unsafe { crate::x86::int8_rows_vnni(prow, &acts.q, coef, k, orow) },

@@ -404,16 +404,3 @@ macro_rules! int8_kernel {
 
 int8_kernel!(int8_rows, int8_block_rows, "avx2,fma", block_dot);
 int8_kernel!(int8_rows_vnni, int8_block_rows_vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", block_dot_vnni);
-
-/// Asks for every cache line of `bytes` ahead of use (the next weight row, while this one
-/// is multiplied: the hardware prefetcher alone left the int8 kernels waiting on loads).
-#[inline]
-pub fn prefetch(bytes: &[u8]) {
-    let p = bytes.as_ptr();
-    let mut off = 0;
-    while off < bytes.len() {
-        // SAFETY: prefetch is a hint (SSE, baseline on x86-64); the address is in bounds.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(off) as *const i8) };
-        off += 64;
-    }
-}
