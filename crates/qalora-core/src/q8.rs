@@ -138,6 +138,9 @@ pub fn qmatmul_int8_with(
         let (s, mm, sb, coef) = scratch;
         for (r, orow) in o.chunks_exact_mut(m).enumerate() {
             let row = row0 + r;
+            // The scales' stream, a few rows ahead (see `x86::PREFETCH_AHEAD`).
+            #[cfg(target_arch = "x86_64")]
+            params.prefetch_row(row + 4, groups);
             params.row_into(row, (0, groups), isa, s, mm);
             // coef[i, b] = d[i, b] · s[group of b]: one multiply per row and block, made here
             // in a vectorized loop rather than inside the kernels.

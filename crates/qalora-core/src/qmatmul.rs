@@ -123,6 +123,33 @@ impl GroupParams<'_> {
         }
     }
 
+    /// Asks for row `n`'s scales and offsets (`l` groups per row) ahead of use (a hint; out-of-range rows are
+    /// ignored).
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    pub fn prefetch_row(&self, n: usize, l: usize) {
+        fn lines<T>(v: &[T], start: usize, len: usize) {
+            if let Some(r) = v.get(start..start + len) {
+                let bytes = std::mem::size_of_val(r);
+                let p = r.as_ptr() as *const i8;
+                for off in (0..bytes).step_by(64) {
+                    // SAFETY: a prefetch hint inside the slice (SSE, baseline on x86-64).
+                    unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.add(off)) };
+                }
+            }
+        }
+        match self {
+            GroupParams::F32 { scales, offsets } => {
+                lines(scales, n * l, l);
+                lines(offsets, n * l, l);
+            }
+            GroupParams::F16 { scales, offsets } => {
+                lines(scales, n * l, l);
+                lines(offsets, n * l, l);
+            }
+        }
+    }
+
     /// Row `n`'s scales and offsets of groups [l0, l1) as f32, into `s[l0..l1]` and
     /// `m[l0..l1]` (`s.len()` = L).
     #[inline]
