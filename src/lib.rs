@@ -64,10 +64,13 @@ fn pack(py: Python<'_>, codes: &Bound<'_, PyAny>, bits: i64, backend: &str) -> P
         check_dims(&codes, "codes", 2)?;
         non_empty(&codes, "codes")?;
         packed_row_bytes(codes.size()[1] as usize, bits)?;
-        check_code_range(&codes, bits)?;
         Ok(match args::backend(be, codes.device(), true)? {
-            Backend::Core => core_path::pack_codes(&codes.to_kind(Kind::Uint8).contiguous(), bits)?,
-            Backend::Torch => torch_path::pack(&codes, bits),
+            // The core checks the range itself, in the same pass as narrowing or packing.
+            Backend::Core => core_path::pack_codes(&codes, bits)?,
+            Backend::Torch => {
+                check_code_range(&codes, bits)?;
+                torch_path::pack(&codes, bits)
+            }
         })
     })?;
     wrap_tensor(py, out)

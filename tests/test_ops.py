@@ -308,6 +308,33 @@ def test_merge_offsets_matches_reference(offset_dtype, backend):
     np.testing.assert_allclose(out.double().numpy(), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dt", [torch.int8, torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize("bad", [-1, 256, 300])
+def test_pack_rejects_codes_a_uint8_cast_would_wrap(dt, bad):
+    codes = torch.randint(0, 16, (300, 256)).to(dt)  # above the parallel threshold
+    if torch.iinfo(dt).max < bad:
+        return
+    codes[123, 45] = bad
+    codes[200, 0] = bad
+    with pytest.raises(qalora.CodeRangeError, match=f"value {bad} at row 123, column 45"):
+        ops.pack(codes, 4)
+
+
+@pytest.mark.parametrize("offset_dtype", [torch.float16, torch.float32, torch.bfloat16, torch.float64])
+def test_merge_offsets_large_parallel_path(offset_dtype):
+    n, l, r, g, c = 1100, 45, 16, 32, 0.75  # above the parallel threshold, L not a multiple of 32
+    gen = rng(12)
+    m = torch.from_numpy(gen.standard_normal((n, l)).astype(np.float32)).to(offset_dtype)
+    a = torch.from_numpy(gen.standard_normal((r, l)).astype(np.float32))
+    b = torch.from_numpy(gen.standard_normal((n, r)).astype(np.float32))
+    out = ops.merge_offsets(m, a, b, c, g, backend="core")
+    assert out.dtype == offset_dtype and out.shape == (n, l)
+    want = ref.merge(m.double().numpy(), a.numpy(), b.numpy(), c, g)
+    tol = {torch.float16: 1e-3, torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float64: 1e-5}[offset_dtype]
+    np.testing.assert_allclose(out.double().numpy(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(out, ops.merge_offsets(m, a, b, c, g, backend="torch"), rtol=tol, atol=tol)
+
+
 def test_merged_offsets_reproduce_the_adapter_output():
     """The merge identity end to end: x W'^T == x W^T + c * B A pool(x)."""
     n, k, g, bits, r, c = 16, 128, 32, 4, 4, 2.0

@@ -17,6 +17,8 @@ pub mod testutil;
 pub mod x86;
 
 pub use error::{ErrorKind, KernelError, Result};
+/// Re-exported so the binding names the same f16/bf16 types the kernels take.
+pub use half;
 pub use layout::{check_bits, max_code, packed_row_bytes, QuantLayout, SUPPORTED_BITS};
 pub use qmatmul::{GroupParams, Isa};
 pub use quant::ParamDtype;

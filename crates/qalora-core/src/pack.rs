@@ -6,6 +6,7 @@
 use crate::error::{ErrorKind, KernelError, Result};
 use crate::layout::{check_bits, max_code, packed_row_bytes};
 use crate::parallel::for_each_row;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Bit-by-bit reference: code k occupies bits [k*b, (k+1)*b) of the row.
 pub fn pack_row_scalar(codes: &[u8], bits: u32, out: &mut [u8]) {
@@ -35,25 +36,34 @@ pub fn unpack_row_scalar(packed: &[u8], bits: u32, out: &mut [u8]) {
 }
 
 /// Packs one row; `codes.len() * bits / 8 == out.len()` and codes fit in `bits`.
+///
+/// The fast paths read each output byte's codes as one little-endian word and shift the
+/// codes into place inside it (plain integer ops on fixed-width lanes, which LLVM turns into
+/// SIMD shifts and a narrowing pack); they rely on the codes fitting in `bits`.
 pub fn pack_row(codes: &[u8], bits: u32, out: &mut [u8]) {
     match bits {
         8 => out.copy_from_slice(codes),
         4 => {
+            // w = q0 | q1 << 8; w | w >> 4 has q0 | q1 << 4 in its low byte.
             for (o, c) in out.iter_mut().zip(codes.chunks_exact(2)) {
-                *o = c[0] | (c[1] << 4);
+                let w = u16::from_le_bytes([c[0], c[1]]);
+                *o = (w | (w >> 4)) as u8;
             }
         }
         2 => {
+            // w = q0 | q1 << 8 | q2 << 16 | q3 << 24; shifts by 6, 12, 18 bring q1..q3 to bits 2, 4, 6.
             for (o, c) in out.iter_mut().zip(codes.chunks_exact(4)) {
-                *o = c[0] | (c[1] << 2) | (c[2] << 4) | (c[3] << 6);
+                let w = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                *o = (w | (w >> 6) | (w >> 12) | (w >> 18)) as u8;
             }
         }
         3 => {
             for (o, c) in out.chunks_exact_mut(3).zip(codes.chunks_exact(8)) {
-                let mut v = 0u32;
-                for (i, &q) in c.iter().enumerate() {
-                    v |= (q as u32) << (3 * i);
-                }
+                let v = u64::from_le_bytes(c.try_into().unwrap());
+                // Halve the gaps three times: 8-bit lanes -> 6 bits in 16, 12 in 32, 24 in 64.
+                let v = (v & 0x00FF_00FF_00FF_00FF) | ((v & 0xFF00_FF00_FF00_FF00) >> 5);
+                let v = (v & 0x0000_FFFF_0000_FFFF) | ((v & 0xFFFF_0000_FFFF_0000) >> 10);
+                let v = (v & 0x0000_0000_FFFF_FFFF) | ((v >> 32) << 12);
                 o.copy_from_slice(&v.to_le_bytes()[..3]);
             }
             // K % 8 != 0 cannot happen at 3 bits: the layout check requires whole bytes.
@@ -92,10 +102,22 @@ pub fn unpack_row(packed: &[u8], bits: u32, out: &mut [u8]) {
     }
 }
 
-/// Returns (index, value) of the first code above 2^bits - 1, if any.
-fn first_out_of_range(codes: &[u8], bits: u32) -> Option<(usize, u8)> {
-    let max = max_code(bits) as u8;
-    codes.iter().position(|&q| q > max).map(|i| (i, codes[i]))
+/// True when every code fits in `bits`. An OR over the row (no early exit) vectorizes;
+/// a code fits iff it has no bit above the top code bit.
+#[inline]
+fn row_in_range(codes: &[u8], bits: u32) -> bool {
+    let high = !(max_code(bits) as u8);
+    codes.iter().fold(0u8, |acc, &q| acc | q) & high == 0
+}
+
+fn code_range_error(v: i64, row: usize, col: usize, bits: u32) -> KernelError {
+    KernelError::new(
+        ErrorKind::CodeRange,
+        format!(
+            "codes: value {v} at row {row}, column {col} is outside [0, {}] allowed at {bits} bits",
+            max_code(bits)
+        ),
+    )
 }
 
 /// Packs an (n, k) row-major matrix of codes into (n, k*bits/8) bytes.
@@ -115,23 +137,71 @@ pub fn pack(codes: &[u8], n: usize, k: usize, bits: u32, out: &mut [u8]) -> Resu
             n * row_bytes
         )));
     }
-    if let Some((i, v)) = first_out_of_range(codes, bits) {
-        return Err(KernelError::new(
-            ErrorKind::CodeRange,
-            format!(
-                "codes: value {v} at row {}, column {} is outside [0, {}] allowed at {bits} bits",
-                i / k.max(1),
-                i % k.max(1),
-                max_code(bits)
-            ),
-        ));
-    }
     if n * k == 0 {
         return Ok(());
     }
+    // Range check and packing in one pass over the codes: a row with a bad code is noted
+    // (the lowest such row wins) and only that row is searched again for the message.
+    let first_bad = AtomicUsize::new(usize::MAX);
     for_each_row(out, row_bytes, n * k, |row, o| {
-        pack_row(&codes[row * k..(row + 1) * k], bits, o)
+        let c = &codes[row * k..(row + 1) * k];
+        if row_in_range(c, bits) {
+            pack_row(c, bits, o)
+        } else {
+            first_bad.fetch_min(row, Ordering::Relaxed);
+        }
     });
+    let row = first_bad.into_inner();
+    if row != usize::MAX {
+        let max = max_code(bits) as u8;
+        let c = &codes[row * k..(row + 1) * k];
+        let col = c.iter().position(|&q| q > max).unwrap_or(0);
+        return Err(code_range_error(c[col] as i64, row, col, bits));
+    }
+    Ok(())
+}
+
+/// Narrows (n, k) integer codes of a wider type to bytes, failing at the first value outside
+/// [0, 2^bits - 1]. The check must come before narrowing: a cast would wrap -1 or 300 into
+/// range. Work per element is a compare and a truncation, so it vectorizes.
+pub fn narrow_codes<T>(codes: &[T], k: usize, bits: u32, out: &mut [u8]) -> Result<()>
+where
+    T: Copy + Into<i64> + Send + Sync,
+{
+    check_bits(bits)?;
+    if k == 0 || !codes.len().is_multiple_of(k) || out.len() != codes.len() {
+        return Err(KernelError::internal(format!(
+            "narrow_codes: {} values, {} outputs, rows of {k}",
+            codes.len(),
+            out.len()
+        )));
+    }
+    let max = max_code(bits) as u64;
+    let first_bad = AtomicUsize::new(usize::MAX);
+    for_each_row(out, k, codes.len(), |row, o| {
+        let c = &codes[row * k..(row + 1) * k];
+        let mut bad = false;
+        for (d, &v) in o.iter_mut().zip(c) {
+            let v: i64 = v.into();
+            // Negative values become huge as u64, so one unsigned compare checks both ends.
+            bad |= v as u64 > max;
+            *d = v as u8;
+        }
+        if bad {
+            first_bad.fetch_min(row, Ordering::Relaxed);
+        }
+    });
+    let row = first_bad.into_inner();
+    if row != usize::MAX {
+        let c = &codes[row * k..(row + 1) * k];
+        let (col, v) = c
+            .iter()
+            .map(|&v| v.into())
+            .enumerate()
+            .find(|&(_, v): &(usize, i64)| v < 0 || v as u64 > max)
+            .unwrap_or((0, 0));
+        return Err(code_range_error(v, row, col, bits));
+    }
     Ok(())
 }
 
@@ -166,7 +236,7 @@ mod tests {
     #[test]
     fn fast_paths_match_scalar_twin() {
         for bits in [2u32, 3, 4, 8] {
-            for k in [8usize, 24, 40, 136] {
+            for k in [8usize, 16, 24, 40, 136, 1000] {
                 let codes = random_codes(k, bits, 7 + k as u64);
                 let mut fast = vec![0u8; k * bits as usize / 8];
                 let mut slow = fast.clone();
@@ -219,5 +289,49 @@ mod tests {
         assert!(err.message.contains("row 1, column 3"), "{}", err.message);
         let err = unpack(&out[..7], 2, 8, 4, &mut vec![0u8; 16]).unwrap_err();
         assert_eq!(err.kind, ErrorKind::Shape);
+    }
+
+    #[test]
+    fn range_errors_name_the_first_bad_code_on_the_parallel_path() {
+        // Above the parallel threshold, with bad codes in two rows: the earlier one is named.
+        let (n, k) = (257, 256);
+        for bits in [2u32, 3, 4] {
+            let mut codes = random_codes(n * k, bits, 5);
+            codes[200 * k + 17] = 1 << bits;
+            codes[40 * k + 9] = 255;
+            codes[40 * k + 100] = 1 << bits;
+            let mut out = vec![0u8; n * k * bits as usize / 8];
+            let err = pack(&codes, n, k, bits, &mut out).unwrap_err();
+            assert_eq!(err.kind, ErrorKind::CodeRange);
+            assert!(err.message.contains("value 255 at row 40, column 9"), "{}", err.message);
+        }
+    }
+
+    #[test]
+    fn narrow_codes_checks_before_casting() {
+        let (n, k) = (130, 264); // above the parallel threshold
+        for bits in [2u32, 3, 4, 8] {
+            let codes = random_codes(n * k, bits, 9 + bits as u64);
+            let wide: Vec<i64> = codes.iter().map(|&q| q as i64).collect();
+            let mut out = vec![0u8; n * k];
+            narrow_codes(&wide, k, bits, &mut out).unwrap();
+            assert_eq!(out, codes);
+            let small: Vec<i16> = codes.iter().map(|&q| q as i16).collect();
+            narrow_codes(&small, k, bits, &mut out).unwrap();
+            assert_eq!(out, codes);
+            // Values that a cast to u8 would wrap into range: -1 -> 255, 256 -> 0, 2^32 -> 0.
+            for bad in [-1i64, 1 << bits, 256, 300, 1 << 32, i64::MIN] {
+                let mut w = wide.clone();
+                w[77 * k + 5] = bad;
+                w[100 * k] = bad;
+                let err = narrow_codes(&w, k, bits, &mut out).unwrap_err();
+                assert_eq!(err.kind, ErrorKind::CodeRange);
+                let want = format!("value {bad} at row 77, column 5");
+                assert!(err.message.contains(&want), "{}", err.message);
+            }
+        }
+        let mut out = vec![0u8; 4];
+        let err = narrow_codes(&[0i8, 1, -3, 2], 2, 2, &mut out).unwrap_err();
+        assert!(err.message.contains("value -3 at row 1, column 0"), "{}", err.message);
     }
 }

@@ -9,7 +9,9 @@ use half::{bf16, f16};
 use crate::error::{KernelError, Result};
 use crate::layout::{max_code, QuantLayout};
 use crate::pack::{pack_row, unpack_row};
-use crate::parallel::for_each_row_with;
+use crate::parallel::{for_each_row_with, PARALLEL_THRESHOLD};
+use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Storage dtype of scales and offsets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +78,40 @@ pub fn code_of(v: f32, scale: f32, offset: f32, qmax: f32) -> u8 {
     }
 }
 
+/// Codes of one row, group by group: the same arithmetic as [`code_of`], with the scale
+/// test hoisted out of the group so the inner loop is straight-line (vectorizes).
+#[inline(always)]
+fn codes_row(wr: &[f32], scales: &[f32], offsets: &[f32], g: usize, qmax: f32, codes: &mut [u8]) {
+    for ((cg, wg), (&s, &m)) in codes.chunks_exact_mut(g).zip(wr.chunks_exact(g)).zip(scales.iter().zip(offsets)) {
+        if s > 0.0 {
+            for (c, &v) in cg.iter_mut().zip(wg) {
+                *c = ((v - m) / s).round_ties_even().clamp(0.0, qmax) as u8;
+            }
+        } else {
+            cg.fill(0);
+        }
+    }
+}
+
+/// [`codes_row`] compiled for AVX2, where rounding is one instruction (SSE2 has none, so
+/// the portable build calls a library function per element).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn codes_row_avx2(wr: &[f32], scales: &[f32], offsets: &[f32], g: usize, qmax: f32, codes: &mut [u8]) {
+    codes_row(wr, scales, offsets, g, qmax, codes)
+}
+
+fn codes_row_with(isa: crate::qmatmul::Isa, wr: &[f32], s: &[f32], m: &[f32], g: usize, qmax: f32, codes: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == crate::qmatmul::Isa::Avx2 {
+        // SAFETY: Isa::Avx2 is only handed out when the CPU has AVX2.
+        unsafe { codes_row_avx2(wr, s, m, g, qmax, codes) };
+        return;
+    }
+    let _ = isa;
+    codes_row(wr, s, m, g, qmax, codes)
+}
+
 /// Quantizes a row-major (N, K) weight. Writes packed codes (N, K*b/8) and scales/offsets
 /// (N, K/g) as f32 values already rounded to `dtype`.
 pub fn quantize(
@@ -92,32 +128,42 @@ pub fn quantize(
     }
     layout.check_buffers(packed.len(), scales.len(), offsets.len())?;
     check_finite(w, k, "weight")?;
-    // Parameters first (cheap, sequential over a small output), checked for overflow.
+    // Parameters first: a min/max pass over all of W, so rows run in parallel (the lowest
+    // overflowing group is reported, as a sequential scan would).
     let groups = layout.groups();
-    for (i, (s, m)) in scales.iter_mut().zip(offsets.iter_mut()).enumerate() {
-        let (row, l) = (i / groups, i % groups);
-        let start = row * k + l * g;
-        let (sc, off) = group_params(&w[start..start + g], bits, dtype);
-        if !sc.is_finite() || !off.is_finite() {
-            return Err(KernelError::value(format!(
-                "weight: group {l} of row {row} spans a range that overflows {} scales/offsets; use scale_dtype=torch.float32",
-                dtype.name()
-            )));
+    let first_bad = AtomicUsize::new(usize::MAX);
+    let per_row = |(row, (sr, mr)): (usize, (&mut [f32], &mut [f32]))| {
+        let wr = &w[row * k..(row + 1) * k];
+        for (l, ((s, m), wg)) in sr.iter_mut().zip(mr.iter_mut()).zip(wr.chunks_exact(g)).enumerate() {
+            let (sc, off) = group_params(wg, bits, dtype);
+            if !sc.is_finite() || !off.is_finite() {
+                first_bad.fetch_min(row * groups + l, Ordering::Relaxed);
+            }
+            *s = sc;
+            *m = off;
         }
-        *s = sc;
-        *m = off;
+    };
+    if n * k < PARALLEL_THRESHOLD {
+        scales.chunks_mut(groups).zip(offsets.chunks_mut(groups)).enumerate().for_each(per_row);
+    } else {
+        scales.par_chunks_mut(groups).zip(offsets.par_chunks_mut(groups)).enumerate().for_each(per_row);
+    }
+    let bad = first_bad.into_inner();
+    if bad != usize::MAX {
+        let (row, l) = (bad / groups, bad % groups);
+        return Err(KernelError::value(format!(
+            "weight: group {l} of row {row} spans a range that overflows {} scales/offsets; use scale_dtype=torch.float32",
+            dtype.name()
+        )));
     }
     let qmax = max_code(bits) as f32;
     let row_bytes = layout.row_bytes();
     let (scales, offsets) = (&*scales, &*offsets);
+    let isa = crate::qmatmul::Isa::detect();
     for_each_row_with(packed, row_bytes, n * k, || vec![0u8; k], |codes, row, out| {
         let wr = &w[row * k..(row + 1) * k];
-        for l in 0..groups {
-            let (s, m) = (scales[row * groups + l], offsets[row * groups + l]);
-            for j in l * g..(l + 1) * g {
-                codes[j] = code_of(wr[j], s, m, qmax);
-            }
-        }
+        let (s, m) = (&scales[row * groups..(row + 1) * groups], &offsets[row * groups..(row + 1) * groups]);
+        codes_row_with(isa, wr, s, m, g, qmax, codes);
         pack_row(codes, bits, out);
     });
     Ok(())
@@ -280,5 +326,29 @@ mod tests {
         let err = quantize(&[1e6, -1e6, 0.0, 1.0], layout, ParamDtype::F16, &mut p, &mut s, &mut m);
         assert!(err.unwrap_err().message.contains("float32"));
         quantize(&[1e6, -1e6, 0.0, 1.0], layout, ParamDtype::F32, &mut p, &mut s, &mut m).unwrap();
+    }
+
+    /// The vectorized code loop picks exactly the codes of [`code_of`] on every ISA,
+    /// including ties, values outside the range and zero-scale groups.
+    #[test]
+    fn codes_row_matches_code_of() {
+        let (k, g) = (96usize, 16usize);
+        let mut w = random_f32(k, 5);
+        w[3] = 0.5; // with offset 0 and scale 1/4 below: exactly 2, a tie-free point
+        let s: Vec<f32> = (0..k / g).map(|l| if l == 2 { 0.0 } else { 0.25 / (1 + l) as f32 }).collect();
+        let m: Vec<f32> = (0..k / g).map(|l| -0.5 + 0.1 * l as f32).collect();
+        // Exact ties: v - m = (j + 0.5) * s.
+        for j in 0..g {
+            w[g + j] = m[1] + (j as f32 + 0.5) * s[1];
+        }
+        for isa in crate::qmatmul::Isa::available() {
+            for qmax in [3.0f32, 7.0, 15.0, 255.0] {
+                let mut codes = vec![0u8; k];
+                codes_row_with(isa, &w, &s, &m, g, qmax, &mut codes);
+                for j in 0..k {
+                    assert_eq!(codes[j], code_of(w[j], s[j / g], m[j / g], qmax), "{isa:?} j={j}");
+                }
+            }
+        }
     }
 }
