@@ -31,9 +31,7 @@ pub fn backend(name: &str, device: Device, core_takes_it: bool) -> KResult<Backe
             "backend='core' takes float32 inputs for this op; use backend='auto' or 'torch' for other dtypes",
         )),
         "core" => Ok(Backend::Core),
-        other => Err(KernelError::value(format!(
-            "backend: got {other:?}, allowed: 'auto', 'core', 'torch'"
-        ))),
+        other => Err(KernelError::value(format!("backend: got {other:?}, allowed: 'auto', 'core', 'torch'"))),
     }
 }
 
@@ -159,10 +157,7 @@ impl QuantWeight {
 
     /// Scales and offsets as contiguous f32 tensors (small: N*K/g values).
     pub fn params_f32(&self) -> (Tensor, Tensor) {
-        (
-            self.scales.to_kind(Kind::Float).contiguous(),
-            self.offsets.to_kind(Kind::Float).contiguous(),
-        )
+        (self.scales.to_kind(Kind::Float).contiguous(), self.offsets.to_kind(Kind::Float).contiguous())
     }
 }
 

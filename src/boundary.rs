@@ -77,15 +77,8 @@ pub fn tensor_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Tensor> {
     match unsafe { Tensor::pyobject_unpack(ptr) } {
         Ok(Some(t)) => Ok(t),
         _ => {
-            let type_name = obj
-                .get_type()
-                .name()
-                .map(|n| n.to_string())
-                .unwrap_or_else(|_| "?".to_string());
-            Err(to_py_err(
-                obj.py(),
-                KernelError::dtype(format!("{name}: expected a torch.Tensor, got {type_name}")),
-            ))
+            let type_name = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".to_string());
+            Err(to_py_err(obj.py(), KernelError::dtype(format!("{name}: expected a torch.Tensor, got {type_name}"))))
         }
     }
 }

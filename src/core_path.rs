@@ -259,8 +259,12 @@ pub fn merge_offsets(
     let out = empty_out(&[n as i64, groups as i64], kind);
     let (sa, sb) = (slice::<f32>(&a), slice::<f32>(&b));
     match kind {
-        Kind::Half => merge::merge_offsets::<f16>(slice(&m), n, groups, sa, sb, rank, scaling, group_size, slice_mut(&out))?,
-        Kind::BFloat16 => merge::merge_offsets::<bf16>(slice(&m), n, groups, sa, sb, rank, scaling, group_size, slice_mut(&out))?,
+        Kind::Half => {
+            merge::merge_offsets::<f16>(slice(&m), n, groups, sa, sb, rank, scaling, group_size, slice_mut(&out))?
+        }
+        Kind::BFloat16 => {
+            merge::merge_offsets::<bf16>(slice(&m), n, groups, sa, sb, rank, scaling, group_size, slice_mut(&out))?
+        }
         _ => merge::merge_offsets::<f32>(slice(&m), n, groups, sa, sb, rank, scaling, group_size, slice_mut(&out))?,
     }
     Ok(if offsets.kind() == kind { out } else { out.to_kind(offsets.kind()) })

@@ -12,7 +12,9 @@ use pyo3::prelude::*;
 use qalora_core::{check_bits, max_code, packed_row_bytes, KernelError, QuantLayout};
 use tch::{Kind, Tensor};
 
-use args::{activation, check_dims, check_kind, check_shape, same_device, usize_arg, Backend, QuantWeight, FLOAT_KINDS};
+use args::{
+    activation, check_dims, check_kind, check_shape, same_device, usize_arg, Backend, QuantWeight, FLOAT_KINDS,
+};
 use boundary::{parse_float_kind, run, tensor_arg, wrap_tensor, KResult};
 
 const INT_KINDS: [Kind; 5] = [Kind::Uint8, Kind::Int8, Kind::Int16, Kind::Int, Kind::Int64];
@@ -258,7 +260,10 @@ fn group_pool(py: Python<'_>, x: &Bound<'_, PyAny>, group_size: i64, backend: &s
         check_kind(&x, "x", &FLOAT_KINDS)?;
         let k = x.size().last().copied().unwrap_or(0) as usize;
         if k == 0 {
-            return Err(KernelError::shape(format!("x: got shape {:?}, the last dimension must be at least 1", x.size())));
+            return Err(KernelError::shape(format!(
+                "x: got shape {:?}, the last dimension must be at least 1",
+                x.size()
+            )));
         }
         let g = group_size_for(k, group_size, "x")?;
         let lead = x.size()[..x.dim() - 1].to_vec();
@@ -273,7 +278,12 @@ fn group_pool(py: Python<'_>, x: &Bound<'_, PyAny>, group_size: i64, backend: &s
 /// Backward of group_pool: spreads grad[..., l] / g over the g inputs of group l.
 #[pyfunction]
 #[pyo3(signature = (grad_output, group_size, backend="auto"))]
-fn group_pool_backward(py: Python<'_>, grad_output: &Bound<'_, PyAny>, group_size: i64, backend: &str) -> PyResult<PyObject> {
+fn group_pool_backward(
+    py: Python<'_>,
+    grad_output: &Bound<'_, PyAny>,
+    group_size: i64,
+    backend: &str,
+) -> PyResult<PyObject> {
     let g = tensor_arg(grad_output, "grad_output")?;
     let be = backend;
     let out = run(py, move || {
@@ -281,7 +291,10 @@ fn group_pool_backward(py: Python<'_>, grad_output: &Bound<'_, PyAny>, group_siz
         let groups = g.size().last().copied().unwrap_or(0) as usize;
         let gs = usize_arg(group_size, "group_size")?;
         if gs == 0 || groups == 0 {
-            return Err(KernelError::new(qalora_core::ErrorKind::GroupSize, "group_size and the number of groups must be positive"));
+            return Err(KernelError::new(
+                qalora_core::ErrorKind::GroupSize,
+                "group_size and the number of groups must be positive",
+            ));
         }
         let lead = g.size()[..g.dim() - 1].to_vec();
         let k = groups * gs;
@@ -353,7 +366,12 @@ fn pack_array<'py>(py: Python<'py>, codes: PyReadonlyArray2<'py, u8>, bits: i64)
 
 /// numpy twin of `unpack` for plain uint8 arrays.
 #[pyfunction]
-fn unpack_array<'py>(py: Python<'py>, packed: PyReadonlyArray2<'py, u8>, bits: i64, k: i64) -> PyResult<Bound<'py, PyArray2<u8>>> {
+fn unpack_array<'py>(
+    py: Python<'py>,
+    packed: PyReadonlyArray2<'py, u8>,
+    bits: i64,
+    k: i64,
+) -> PyResult<Bound<'py, PyArray2<u8>>> {
     let view = packed.as_array();
     let (n, rb) = view.dim();
     let data: Vec<u8> = view.iter().copied().collect();

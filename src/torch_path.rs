@@ -44,12 +44,17 @@ pub fn pack(codes: &Tensor, bits: u32) -> Tensor {
     match bits {
         8 => c.to_kind(Kind::Uint8),
         3 => {
-            let word = c
-                .view([n, k / 8, 8])
-                .bitwise_left_shift(&shifts(3, 8, codes.device()))
-                .sum_dim_intlist(-1, false, Kind::Int);
+            let word = c.view([n, k / 8, 8]).bitwise_left_shift(&shifts(3, 8, codes.device())).sum_dim_intlist(
+                -1,
+                false,
+                Kind::Int,
+            );
             let bytes = Tensor::stack(
-                &[word.bitwise_and(255), word.bitwise_right_shift_tensor_scalar(8).bitwise_and(255), word.bitwise_right_shift_tensor_scalar(16)],
+                &[
+                    word.bitwise_and(255),
+                    word.bitwise_right_shift_tensor_scalar(8).bitwise_and(255),
+                    word.bitwise_right_shift_tensor_scalar(16),
+                ],
                 -1,
             );
             bytes.reshape([n, k * 3 / 8]).to_kind(Kind::Uint8)

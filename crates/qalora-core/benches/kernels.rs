@@ -17,7 +17,6 @@ fn quick() -> bool {
     std::env::var("QALORA_BENCH_QUICK").is_ok()
 }
 
-
 fn bench_qmatmul(c: &mut Criterion) {
     let mut grp = c.benchmark_group("qmatmul");
     grp.sample_size(10);
@@ -31,7 +30,8 @@ fn bench_qmatmul(c: &mut Criterion) {
         let codes = random_codes(n * k, bits, 1);
         let mut p = vec![0u8; layout.packed_len()];
         pack(&codes, n, k, bits, &mut p).unwrap();
-        let s: Vec<u16> = random_f32(n * groups, 2).iter().map(|v| half::f16::from_f32(v.abs() * 0.01).to_bits()).collect();
+        let s: Vec<u16> =
+            random_f32(n * groups, 2).iter().map(|v| half::f16::from_f32(v.abs() * 0.01).to_bits()).collect();
         let o: Vec<u16> = random_f32(n * groups, 3).iter().map(|v| half::f16::from_f32(*v * 0.1).to_bits()).collect();
         let bytes = layout.packed_len() + 4 * n * groups;
         grp.throughput(Throughput::Bytes(bytes as u64));

@@ -15,10 +15,7 @@ pub fn check_bits(bits: u32) -> Result<()> {
     if SUPPORTED_BITS.contains(&bits) {
         Ok(())
     } else {
-        Err(KernelError::new(
-            ErrorKind::Bits,
-            format!("bits: got {bits}, allowed values are 2, 3, 4 and 8"),
-        ))
+        Err(KernelError::new(ErrorKind::Bits, format!("bits: got {bits}, allowed values are 2, 3, 4 and 8")))
     }
 }
 

@@ -140,9 +140,8 @@ pub fn merge_offsets_with<T: OffsetElem>(
     if group_size == 0 {
         return Err(KernelError::new(crate::ErrorKind::GroupSize, "group_size: got 0, it must be positive"));
     }
-    let shape_err = |what: &str, got: usize, want: usize| {
-        KernelError::shape(format!("{what}: got {got} values, expected {want}"))
-    };
+    let shape_err =
+        |what: &str, got: usize, want: usize| KernelError::shape(format!("{what}: got {got} values, expected {want}"));
     if offsets.len() != n * groups || out.len() != n * groups {
         return Err(shape_err("offsets", offsets.len(), n * groups));
     }
@@ -158,16 +157,22 @@ pub fn merge_offsets_with<T: OffsetElem>(
     let factor = scaling / group_size as f32;
     let block = BLOCK_ROWS * groups;
     let work = n * groups * (rank + 1);
-    for_each_row_with(out, block, work, || vec![0f32; block], |scratch, blk, o| {
-        let rows = o.len() / groups;
-        let row0 = blk * BLOCK_ROWS;
-        let s = &mut scratch[..o.len()];
-        T::load(&offsets[row0 * groups..(row0 + rows) * groups], s);
-        if rank > 0 {
-            merge_rows_with(isa, s, &lora_b[row0 * rank..(row0 + rows) * rank], lora_a, rank, groups, factor);
-        }
-        T::store(s, o);
-    });
+    for_each_row_with(
+        out,
+        block,
+        work,
+        || vec![0f32; block],
+        |scratch, blk, o| {
+            let rows = o.len() / groups;
+            let row0 = blk * BLOCK_ROWS;
+            let s = &mut scratch[..o.len()];
+            T::load(&offsets[row0 * groups..(row0 + rows) * groups], s);
+            if rank > 0 {
+                merge_rows_with(isa, s, &lora_b[row0 * rank..(row0 + rows) * rank], lora_a, rank, groups, factor);
+            }
+            T::store(s, o);
+        },
+    );
     Ok(())
 }
 
@@ -207,7 +212,15 @@ mod tests {
     /// SIMD bit-identical to scalar.
     #[test]
     fn every_path_matches_reference_and_scalar_twin() {
-        for &(n, l, r) in &[(1usize, 1usize, 1usize), (5, 7, 4), (33, 32, 16), (70, 45, 3), (1031, 128, 16), (300, 97, 8), (40, 64, 0)] {
+        for &(n, l, r) in &[
+            (1usize, 1usize, 1usize),
+            (5, 7, 4),
+            (33, 32, 16),
+            (70, 45, 3),
+            (1031, 128, 16),
+            (300, 97, 8),
+            (40, 64, 0),
+        ] {
             let (g, c) = (32usize, 1.75f32);
             let seed = (n * 1000 + l * 10 + r) as u64;
             let (m, a, b) = (random_f32(n * l, seed), random_f32(r * l, seed + 1), random_f32(n * r, seed + 2));

@@ -125,17 +125,10 @@ pub fn pack(codes: &[u8], n: usize, k: usize, bits: u32, out: &mut [u8]) -> Resu
     check_bits(bits)?;
     let row_bytes = packed_row_bytes(k, bits)?;
     if codes.len() != n * k {
-        return Err(KernelError::shape(format!(
-            "codes: got {} values, expected n*k = {n}*{k}",
-            codes.len()
-        )));
+        return Err(KernelError::shape(format!("codes: got {} values, expected n*k = {n}*{k}", codes.len())));
     }
     if out.len() != n * row_bytes {
-        return Err(KernelError::internal(format!(
-            "pack output has {} bytes, expected {}",
-            out.len(),
-            n * row_bytes
-        )));
+        return Err(KernelError::internal(format!("pack output has {} bytes, expected {}", out.len(), n * row_bytes)));
     }
     if n * k == 0 {
         return Ok(());
@@ -222,9 +215,7 @@ pub fn unpack(packed: &[u8], n: usize, k: usize, bits: u32, out: &mut [u8]) -> R
     if n * k == 0 {
         return Ok(());
     }
-    for_each_row(out, k, n * k, |row, o| {
-        unpack_row(&packed[row * row_bytes..(row + 1) * row_bytes], bits, o)
-    });
+    for_each_row(out, k, n * k, |row, o| unpack_row(&packed[row * row_bytes..(row + 1) * row_bytes], bits, o));
     Ok(())
 }
 

@@ -37,8 +37,6 @@ where
         let mut scratch = init();
         out.chunks_mut(row_len).enumerate().for_each(|(i, r)| f(&mut scratch, i, r));
     } else {
-        out.par_chunks_mut(row_len)
-            .enumerate()
-            .for_each_init(&init, |s, (i, r)| f(s, i, r));
+        out.par_chunks_mut(row_len).enumerate().for_each_init(&init, |s, (i, r)| f(s, i, r));
     }
 }

@@ -44,7 +44,9 @@ pub enum Isa {
 
 #[cfg(target_arch = "x86_64")]
 fn has_avx512_vnni() -> bool {
-    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") && is_x86_feature_detected!("avx512vnni")
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
 }
 
 impl Isa {

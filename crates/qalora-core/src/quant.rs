@@ -160,33 +160,37 @@ pub fn quantize(
     let row_bytes = layout.row_bytes();
     let (scales, offsets) = (&*scales, &*offsets);
     let isa = crate::qmatmul::Isa::detect();
-    for_each_row_with(packed, row_bytes, n * k, || vec![0u8; k], |codes, row, out| {
-        let wr = &w[row * k..(row + 1) * k];
-        let (s, m) = (&scales[row * groups..(row + 1) * groups], &offsets[row * groups..(row + 1) * groups]);
-        codes_row_with(isa, wr, s, m, g, qmax, codes);
-        pack_row(codes, bits, out);
-    });
+    for_each_row_with(
+        packed,
+        row_bytes,
+        n * k,
+        || vec![0u8; k],
+        |codes, row, out| {
+            let wr = &w[row * k..(row + 1) * k];
+            let (s, m) = (&scales[row * groups..(row + 1) * groups], &offsets[row * groups..(row + 1) * groups]);
+            codes_row_with(isa, wr, s, m, g, qmax, codes);
+            pack_row(codes, bits, out);
+        },
+    );
     Ok(())
 }
 
 /// Dequantizes rows of packed codes into a row-major f32 matrix: out = s * q + m.
 /// `packed`, `scales`, `offsets` and `out` may cover any whole-row slice of a layer
 /// (`layout.n` is the number of rows given).
-pub fn dequantize(
-    packed: &[u8],
-    scales: &[f32],
-    offsets: &[f32],
-    layout: QuantLayout,
-    out: &mut [f32],
-) -> Result<()> {
+pub fn dequantize(packed: &[u8], scales: &[f32], offsets: &[f32], layout: QuantLayout, out: &mut [f32]) -> Result<()> {
     layout.check_buffers(packed.len(), scales.len(), offsets.len())?;
     let QuantLayout { n, k, .. } = layout;
     if out.len() != n * k {
         return Err(KernelError::internal("dequantize output has the wrong length"));
     }
-    for_each_row_with(out, k, n * k, || vec![0u8; k], |codes, row, o| {
-        dequantize_row(packed, scales, offsets, layout, row, codes, o)
-    });
+    for_each_row_with(
+        out,
+        k,
+        n * k,
+        || vec![0u8; k],
+        |codes, row, o| dequantize_row(packed, scales, offsets, layout, row, codes, o),
+    );
     Ok(())
 }
 
