@@ -94,8 +94,8 @@ unsafe fn merge_rows_avx2(m: &mut [f32], b: &[f32], a: &[f32], rank: usize, grou
 
 fn merge_rows_with(isa: Isa, m: &mut [f32], b: &[f32], a: &[f32], rank: usize, groups: usize, factor: f32) {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
-        // SAFETY: Isa::Avx2 is only handed out when the CPU has AVX2.
+    if isa.exact() == Isa::Avx2 {
+        // SAFETY: `exact()` is Avx2 only when the CPU has AVX2 (whatever the caller asked).
         unsafe { merge_rows_avx2(m, b, a, rank, groups, factor) };
         return;
     }

@@ -103,8 +103,8 @@ unsafe fn codes_row_avx2(wr: &[f32], scales: &[f32], offsets: &[f32], g: usize, 
 
 fn codes_row_with(isa: crate::qmatmul::Isa, wr: &[f32], s: &[f32], m: &[f32], g: usize, qmax: f32, codes: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
-    if isa == crate::qmatmul::Isa::Avx2 {
-        // SAFETY: Isa::Avx2 is only handed out when the CPU has AVX2.
+    if isa.exact() == crate::qmatmul::Isa::Avx2 {
+        // SAFETY: `exact()` is Avx2 only when the CPU has AVX2 (whatever the caller asked).
         unsafe { codes_row_avx2(wr, s, m, g, qmax, codes) };
         return;
     }
