@@ -211,23 +211,24 @@ def _int8_case(n, k, g, shape, seed):
     return q, dense64, torch.from_numpy(x)
 
 
-@pytest.mark.parametrize("g", [32, 64, 128])
-@pytest.mark.parametrize("shape", [(1, 256), (5, 256), (2, 8, 256), (16, 256)])
+@pytest.mark.parametrize("g", [32, 64, 96, 128, 256])
+@pytest.mark.parametrize("shape", [(1, 768), (5, 768), (2, 8, 768), (16, 768)])
 def test_qmatmul_int8_activations_match_float64(g, shape):
-    n, k = 45, 256
+    n, k = 45, 768
     (p, s, m), dense64, x = _int8_case(n, k, g, shape, seed=g)
     y = ops.qmatmul(x, p, s, m, 4, g, activations="int8").double().numpy().reshape(-1, n)
     codes = ref.unpack(p.numpy(), 4, k).astype(np.float64)
     sq = codes * np.repeat(s.double().numpy(), g, axis=1)  # scale term of W, (N, K)
     offs = np.repeat(m.double().numpy(), g, axis=1)  # offset term of W
     x2 = x.double().numpy().reshape(-1, k)
-    xh = ref.int8_activations(x2)
+    block = next(b for b in (128, 64, 32) if g % b == 0)  # one scale per group, up to 128
+    xh = ref.int8_activations(x2, block)
     # The scale term sees the int8 activations, the offset term the exact ones.
     want = xh @ sq.T + x2 @ offs.T
     mag = np.abs(xh) @ np.abs(sq).T + np.abs(x2) @ np.abs(offs).T
     assert np.all(np.abs(y - want) <= 1e-5 * (mag + 1)), np.abs(y - want).max()
     # The documented bound against the exact product: sum_k |s q| * d_block / 2.
-    d = np.repeat(np.abs(x2).reshape(-1, k // 32, 32).max(-1) / 127, 32, axis=1)
+    d = np.repeat(np.abs(x2).reshape(-1, k // block, block).max(-1) / 127, block, axis=1)
     bound = (d / 2) @ np.abs(sq).T
     exact = x2 @ dense64.T
     assert np.all(np.abs(y - exact) <= bound * (1 + 1e-5) + 1e-4)

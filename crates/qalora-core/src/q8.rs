@@ -1,16 +1,19 @@
 //! Opt-in int8-activation route for small M (generation): the llama.cpp route.
 //!
-//! Each activation row is quantized per block of [`ACT_BLOCK`] values to int8 with one f32
-//! scale d = max|x| / 127, and the weight side stays the exact 4-bit codes, so every block's
-//! Σ q·x_q is an exact integer dot product (u8 × i8 → i32 on the SIMD units):
+//! Each activation row is quantized per block of B values to int8 with one f32 scale
+//! d = max|x| / 127 (B = [`act_block`] of the group size: 128, 64 or 32), and the weight side
+//! stays the exact 4-bit codes, so every block's Σ q·x_q is an exact integer dot product
+//! (u8 × i8 → i32 on the SIMD units) that one group scale multiplies:
 //!
-//!   y[i,n] ≈ Σ_b s[n,l(b)] · d[i,b] · Σ_{k∈b} q[n,k] · x_q[i,k]  +  Σ_l m[n,l] · xsum[i,l]
+//!   y[i,n] ≈ Σ_a s[n,l(a)] · d[i,a] · Σ_{k∈a} q[n,k] · x_q[i,k]  +  Σ_l m[n,l] · xsum[i,l]
 //!
 //! The offset term uses the exact f32 group sums of x, so the only approximation is the
 //! rounding of x: |x − d·x_q| ≤ d/2 per element, hence
-//! |y_int8 − y_exact| ≤ Σ_k |s[n,l(k)] · q[n,k]| · d[i,b(k)] / 2 (plus f32 rounding), which
-//! `error_is_within_the_documented_bound` checks. It covers 4-bit weights with group sizes
-//! that are multiples of 32; any other layout is computed by the exact route.
+//! |y_int8 − y_exact| ≤ Σ_k |s[n,l(k)] · q[n,k]| · d[i,a(k)] / 2 (plus f32 rounding), which
+//! `error_is_within_the_documented_bound` checks. Blocks as large as the group (up to 128)
+//! let the integer sums run across a whole group before one conversion to float. It covers
+//! 4-bit weights with group sizes that are multiples of 32; any other layout is computed
+//! by the exact route.
 
 use rayon::prelude::*;
 
@@ -18,28 +21,36 @@ use crate::error::{KernelError, Result};
 use crate::layout::QuantLayout;
 use crate::qmatmul::{group_sums, qmatmul_with, GroupParams, Isa, PARALLEL_MIN_WEIGHTS};
 
-/// Activations per int8 block (one f32 scale each).
-pub const ACT_BLOCK: usize = 32;
+/// Codes per SIMD block: 16 bytes of a 4-bit row. Activation blocks are 1, 2 or 4 of these.
+pub const CODE_BLOCK: usize = 32;
 
 /// Whether the int8 route covers this layout (otherwise [`qmatmul_int8_with`] is exact).
 pub fn supported(layout: &QuantLayout) -> bool {
-    layout.bits == 4 && layout.group_size.is_multiple_of(ACT_BLOCK)
+    layout.bits == 4 && layout.group_size.is_multiple_of(CODE_BLOCK)
 }
 
-/// Activation rows quantized per block. Within each block of 32 the int8 values are stored
-/// in the order the 4-bit row yields its codes: the 16 even positions, then the 16 odd ones
-/// (a canonical 4-bit byte holds code 2t in its low nibble and 2t + 1 in its high nibble).
-/// Blocks are stored pair-major for all rows together (see [`q_offset`]).
+/// Activations per int8 scale for group size `g` (a multiple of 32): the largest of 128, 64
+/// and 32 that divides g, so a block never straddles two groups.
+pub fn act_block(g: usize) -> usize {
+    [128, 64, 32].into_iter().find(|b| g.is_multiple_of(*b)).unwrap_or(CODE_BLOCK)
+}
+
+/// Activation rows quantized per block. Within each 32-code block the int8 values are
+/// stored in the order the 4-bit row yields its codes: the 16 even positions, then the 16
+/// odd ones (a canonical 4-bit byte holds code 2t in its low nibble and 2t + 1 in its high
+/// nibble). 32-code blocks are stored pair-major for all rows together (see [`q_offset`]).
 pub struct Int8Acts {
     /// M·K int8 values, block-permuted and laid out as [`q_offset`] says.
     pub q: Vec<i8>,
-    /// (M, K / 32) scales, row-major.
+    /// (M, K / block) scales, row-major.
     pub d: Vec<f32>,
+    /// Activations per scale (32, 64 or 128).
+    pub block: usize,
 }
 
-/// Offset of row i's block b (of `blocks` per row, M rows) in [`Int8Acts::q`]: pairs of
-/// blocks of every row lie together, [pair][row][64 bytes], and an odd last block as
-/// [row][32 bytes]. A kernel walking M rows then reads one contiguous run, not M streams
+/// Offset of row i's 32-code block b (of `blocks` per row, M rows) in [`Int8Acts::q`]:
+/// pairs of blocks of every row lie together, [pair][row][64 bytes], and an odd last block
+/// as [row][32 bytes]. A kernel walking M rows then reads one contiguous run, not M streams
 /// K bytes apart (which collide in the same L1 sets when K is a multiple of 4096).
 #[inline]
 pub fn q_offset(m: usize, blocks: usize, i: usize, b: usize) -> usize {
@@ -51,30 +62,37 @@ pub fn q_offset(m: usize, blocks: usize, i: usize, b: usize) -> usize {
     }
 }
 
-/// Quantizes M rows of K activations (K a multiple of 32) with round-half-to-even.
-pub fn quantize_acts(x: &[f32], m: usize, k: usize) -> Result<Int8Acts> {
-    if !k.is_multiple_of(ACT_BLOCK) || x.len() != m * k {
+/// Quantizes M rows of K activations with one scale per `block` values (32, 64 or 128,
+/// dividing K), rounding half to even.
+pub fn quantize_acts(x: &[f32], m: usize, k: usize, block: usize) -> Result<Int8Acts> {
+    if ![32, 64, 128].contains(&block) {
+        return Err(KernelError::value(format!("block: got {block}, allowed: 32, 64, 128")));
+    }
+    if !k.is_multiple_of(block) || x.len() != m * k {
         return Err(KernelError::shape(format!(
-            "x: got {} values for M = {m} rows of K = {k}; K must be a multiple of {ACT_BLOCK}",
+            "x: got {} values for M = {m} rows of K = {k}; K must be a multiple of {block}",
             x.len()
         )));
     }
-    let blocks = k / ACT_BLOCK;
+    let blocks = k / CODE_BLOCK;
     let mut q = vec![0i8; m * k];
-    let mut d = vec![0f32; m * blocks];
-    for (j, xb) in x.chunks_exact(ACT_BLOCK).enumerate() {
-        let (i, b) = (j / blocks, j % blocks);
-        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let mut d = vec![0f32; m * k / block];
+    for (j, (xa, da)) in x.chunks_exact(block).zip(d.iter_mut()).enumerate() {
+        let amax = xa.iter().fold(0f32, |a, v| a.max(v.abs()));
         let scale = amax / 127.0;
         let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-        let qb = &mut q[q_offset(m, blocks, i, b)..][..ACT_BLOCK];
-        for t in 0..ACT_BLOCK / 2 {
-            qb[t] = round_to_i8(xb[2 * t] * inv);
-            qb[ACT_BLOCK / 2 + t] = round_to_i8(xb[2 * t + 1] * inv);
+        let (i, a) = (j / (k / block), j % (k / block));
+        for (sub, xb) in xa.chunks_exact(CODE_BLOCK).enumerate() {
+            let b = a * (block / CODE_BLOCK) + sub;
+            let qb = &mut q[q_offset(m, blocks, i, b)..][..CODE_BLOCK];
+            for t in 0..CODE_BLOCK / 2 {
+                qb[t] = round_to_i8(xb[2 * t] * inv);
+                qb[CODE_BLOCK / 2 + t] = round_to_i8(xb[2 * t + 1] * inv);
+            }
         }
-        d[i * blocks + b] = scale;
+        *da = scale;
     }
-    Ok(Int8Acts { q, d })
+    Ok(Int8Acts { q, d, block })
 }
 
 /// Round half to even of |v| <= ~127, clamped to ±127. Adding and subtracting 1.5·2^23
@@ -88,21 +106,24 @@ fn round_to_i8(v: f32) -> i8 {
 }
 
 /// Scalar twin of the SIMD int8 kernels: for each of the M = `out.len()` activation rows,
-/// out[i] = Σ_b coef[b,i] · Σ_{t<16} (lo_t · q[i,b,t] + hi_t · q[i,b,16+t]), where lo_t/hi_t
+/// out[i] = Σ_a coef[i,a] · Σ_{b∈a} Σ_{t<16} (lo_t · q[i,b,t] + hi_t · q[i,b,16+t]), where
+/// a runs over activation blocks of `block` values, b over their 32-code blocks, lo_t/hi_t
 /// are the low/high nibbles of byte t of block b, `q` is laid out as [`q_offset`] says and
-/// coef (M, K/32) = activation scale d[i,b] × weight scale of the block's group.
-pub fn int8_rows_scalar(row: &[u8], q: &[i8], coef: &[f32], k: usize, out: &mut [f32]) {
-    let (m, blocks) = (out.len(), k / ACT_BLOCK);
+/// coef (M, K/block) = activation scale × weight scale of the block's group.
+pub fn int8_rows_scalar(row: &[u8], q: &[i8], coef: &[f32], k: usize, block: usize, out: &mut [f32]) {
+    let (m, blocks, na, sub) = (out.len(), k / CODE_BLOCK, k / block, block / CODE_BLOCK);
     for (i, o) in out.iter_mut().enumerate() {
         let mut y = 0f32;
-        for b in 0..blocks {
-            let bytes = &row[b * 16..b * 16 + 16];
-            let qb = &q[q_offset(m, blocks, i, b)..][..ACT_BLOCK];
+        for a in 0..na {
             let mut acc = 0i32;
-            for t in 0..16 {
-                acc += (bytes[t] & 0xF) as i32 * qb[t] as i32 + (bytes[t] >> 4) as i32 * qb[16 + t] as i32;
+            for b in a * sub..(a + 1) * sub {
+                let bytes = &row[b * 16..b * 16 + 16];
+                let qb = &q[q_offset(m, blocks, i, b)..][..CODE_BLOCK];
+                for t in 0..16 {
+                    acc += (bytes[t] & 0xF) as i32 * qb[t] as i32 + (bytes[t] >> 4) as i32 * qb[16 + t] as i32;
+                }
             }
-            y += coef[i * blocks + b] * acc as f32;
+            y += coef[i * na + a] * acc as f32;
         }
         *o = y;
     }
@@ -118,8 +139,8 @@ fn repeat_each<'a, const P: usize>(s: &[f32], out: &'a mut [f32]) -> &'a [f32] {
 }
 
 /// y = x W~^T like [`crate::qmatmul::qmatmul_with`], with activations quantized to int8 per
-/// block of 32 (see the module docs for the error). Layouts outside [`supported`] are
-/// computed exactly.
+/// block of [`act_block`] values (see the module docs for the error). Layouts outside
+/// [`supported`] are computed exactly.
 pub fn qmatmul_int8_with(
     x: &[f32],
     m: usize,
@@ -138,51 +159,52 @@ pub fn qmatmul_int8_with(
     }
     let isa = isa.usable();
     let QuantLayout { n, k, group_size: g, .. } = layout;
-    let (groups, blocks, rb) = (layout.groups(), k / ACT_BLOCK, layout.row_bytes());
-    let acts = quantize_acts(x, m, k)?;
+    let block = act_block(g);
+    let (groups, na, rb) = (layout.groups(), k / block, layout.row_bytes());
+    let acts = quantize_acts(x, m, k, block)?;
     let xsum = group_sums(x, m, k, g);
-    let per_group = g / ACT_BLOCK;
+    let per_group = g / block;
     // Weight rows against all M activation rows; outputs land transposed, (N, M).
     let run_rows = |row0: usize, o: &mut [f32], scratch: &mut (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)| {
-        let (s, mm, sb, coef) = scratch;
+        let (s, mm, sa, coef) = scratch;
         for (r, orow) in o.chunks_exact_mut(m).enumerate() {
             let row = row0 + r;
             // The scales' stream, a few rows ahead (see `x86::PREFETCH_AHEAD`).
             #[cfg(target_arch = "x86_64")]
             params.prefetch_row(row + 4, groups);
             params.row_into(row, (0, groups), isa, s, mm);
-            // coef[i, b] = d[i, b] · s[group of b]: one multiply per row and block, made here
-            // in a vectorized loop rather than inside the kernels.
-            let sb: &[f32] = match per_group {
+            // coef[i, a] = d[i, a] · s[group of a]: one multiply per row and activation
+            // block, made here in a vectorized loop rather than inside the kernels.
+            let sa: &[f32] = match per_group {
                 1 => s,
-                2 => repeat_each::<2>(s, sb),
-                4 => repeat_each::<4>(s, sb),
+                2 => repeat_each::<2>(s, sa),
+                4 => repeat_each::<4>(s, sa),
                 _ => {
-                    for (chunk, &v) in sb.chunks_exact_mut(per_group).zip(s.iter()) {
+                    for (chunk, &v) in sa.chunks_exact_mut(per_group).zip(s.iter()) {
                         chunk.fill(v);
                     }
-                    sb
+                    sa
                 }
             };
-            for (c, d) in coef.chunks_exact_mut(blocks).zip(acts.d.chunks_exact(blocks)) {
-                for ((c, &dv), &sv) in c.iter_mut().zip(d).zip(sb) {
+            for (c, d) in coef.chunks_exact_mut(na).zip(acts.d.chunks_exact(na)) {
+                for ((c, &dv), &sv) in c.iter_mut().zip(d).zip(sa) {
                     *c = dv * sv;
                 }
             }
             let prow = &packed[row * rb..(row + 1) * rb];
             match isa {
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512Vnni => unsafe { crate::x86::int8_rows_vnni(prow, &acts.q, coef, k, orow) },
+                Isa::Avx512Vnni => unsafe { crate::x86::int8_rows_vnni(prow, &acts.q, coef, k, block, orow) },
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => unsafe { crate::x86::int8_rows(prow, &acts.q, coef, k, orow) },
-                _ => int8_rows_scalar(prow, &acts.q, coef, k, orow),
+                Isa::Avx2 => unsafe { crate::x86::int8_rows(prow, &acts.q, coef, k, block, orow) },
+                _ => int8_rows_scalar(prow, &acts.q, coef, k, block, orow),
             }
             for (i, y) in orow.iter_mut().enumerate() {
                 *y += crate::qmatmul::dot_isa(mm, &xsum[i * groups..(i + 1) * groups], isa);
             }
         }
     };
-    let init = || (vec![0f32; groups], vec![0f32; groups], vec![0f32; blocks], vec![0f32; blocks * m]);
+    let init = || (vec![0f32; groups], vec![0f32; groups], vec![0f32; na], vec![0f32; na * m]);
     let mut out_t_buf = if m == 1 { Vec::new() } else { vec![0f32; n * m] };
     let out_t: &mut [f32] = if m == 1 { &mut *out } else { &mut out_t_buf };
     if n * k < PARALLEL_MIN_WEIGHTS {
@@ -209,11 +231,11 @@ mod tests {
     /// Natural-order dequantized activations d·x_q, undoing the block permutation.
     fn dequantized_acts(a: &Int8Acts, m: usize, k: usize) -> Vec<f64> {
         let mut v = vec![0f64; m * k];
-        let blocks = k / ACT_BLOCK;
+        let blocks = k / CODE_BLOCK;
         for i in 0..m {
             for b in 0..blocks {
-                let d = a.d[i * blocks + b] as f64;
-                let (base, qo) = (i * k + b * ACT_BLOCK, q_offset(m, blocks, i, b));
+                let d = a.d[i * (k / a.block) + b * CODE_BLOCK / a.block] as f64;
+                let (base, qo) = (i * k + b * CODE_BLOCK, q_offset(m, blocks, i, b));
                 for t in 0..16 {
                     v[base + 2 * t] = d * a.q[qo + t] as f64;
                     v[base + 2 * t + 1] = d * a.q[qo + 16 + t] as f64;
@@ -225,24 +247,31 @@ mod tests {
 
     #[test]
     fn activation_quantization_rounds_within_half_a_step() {
-        let (m, k) = (3, 96);
+        let (m, k) = (3, 384);
         let mut x = random_f32(m * k, 5);
         x[40] = 7.5; // one outlier block
-        let a = quantize_acts(&x, m, k).unwrap();
-        let xd = dequantized_acts(&a, m, k);
-        for i in 0..m * k {
-            let (row, b) = (i / k, i % k / ACT_BLOCK);
-            let d = a.d[row * (k / ACT_BLOCK) + b] as f64;
-            let amax = x[i / ACT_BLOCK * ACT_BLOCK..][..ACT_BLOCK].iter().fold(0f64, |s, v| s.max(v.abs() as f64));
-            assert!((d - amax / 127.0).abs() <= 1e-6 * amax);
-            assert!((xd[i] - x[i] as f64).abs() <= 0.5 * d * (1.0 + 1e-5), "element {i}");
+        for block in [32, 64, 128] {
+            let a = quantize_acts(&x, m, k, block).unwrap();
+            assert_eq!(a.d.len(), m * k / block);
+            let xd = dequantized_acts(&a, m, k);
+            for i in 0..m * k {
+                let d = a.d[i / block] as f64;
+                let amax = x[i / block * block..][..block].iter().fold(0f64, |s, v| s.max(v.abs() as f64));
+                assert!((d - amax / 127.0).abs() <= 1e-6 * amax);
+                assert!((xd[i] - x[i] as f64).abs() <= 0.5 * d * (1.0 + 1e-5), "block {block} element {i}");
+            }
+            assert!(a.q.iter().all(|&v| v >= -127));
         }
-        assert!(a.q.iter().all(|&v| v >= -127));
-        assert!(quantize_acts(&x[1..], m, k).is_err());
-        assert!(quantize_acts(&x[..3 * 48], 3, 48).is_err());
+        assert!(quantize_acts(&x[1..], m, k, 32).is_err());
+        assert!(quantize_acts(&x[..3 * 96], 3, 96, 64).is_err());
+        assert!(quantize_acts(&x, m, k, 48).is_err());
         // An all-zero block quantizes to zeros with scale 0, not NaN.
-        let z = quantize_acts(&[0f32; 32], 1, 32).unwrap();
+        let z = quantize_acts(&[0f32; 32], 1, 32, 32).unwrap();
         assert!(z.d[0] == 0.0 && z.q.iter().all(|&v| v == 0));
+        assert_eq!(
+            (act_block(32), act_block(64), act_block(96), act_block(128), act_block(384)),
+            (32, 64, 32, 128, 128)
+        );
     }
 
     /// Scalar and SIMD twins against a float64 reference built from the unpacked codes and
@@ -251,8 +280,16 @@ mod tests {
     #[test]
     fn int8_twins_match_f64_reference() {
         let mut rng = SplitMix::new(7);
-        let cases: &[(usize, usize, usize)] =
-            &[(7, 64, 32), (13, 96, 32), (5, 192, 64), (4, 192, 96), (9, 256, 128), (600, 512, 32), (300, 1024, 128)];
+        let cases: &[(usize, usize, usize)] = &[
+            (7, 64, 32),
+            (13, 96, 32),
+            (5, 192, 64),
+            (4, 192, 96),
+            (9, 256, 128),
+            (3, 768, 256),
+            (600, 512, 32),
+            (300, 1024, 128),
+        ];
         for &(n, k, g) in cases {
             let layout = QuantLayout::new(n, k, 4, g).unwrap();
             let groups = k / g;
@@ -270,7 +307,7 @@ mod tests {
             let ms: Vec<usize> = if n > 100 { vec![1, 2, 8, 13] } else { (1..=16).collect() };
             for m in ms {
                 let x = random_f32(m * k, rng.next_u64());
-                let xd = dequantized_acts(&quantize_acts(&x, m, k).unwrap(), m, k);
+                let xd = dequantized_acts(&quantize_acts(&x, m, k, act_block(g)).unwrap(), m, k);
                 for isa in Isa::available() {
                     for params in [
                         GroupParams::F32 { scales: &s32, offsets: &m32 },
@@ -317,36 +354,40 @@ mod tests {
         }
     }
 
-    /// The documented bound on the int8 route's error against the exact product.
+    /// The documented bound on the int8 route's error against the exact product, for each
+    /// activation block size.
     #[test]
     fn error_is_within_the_documented_bound() {
-        let (n, k, g, m) = (64usize, 512usize, 32usize, 4usize);
-        let layout = QuantLayout::new(n, k, 4, g).unwrap();
-        let w = random_f32(n * k, 21);
-        let mut x = random_f32(m * k, 22);
-        for v in x.iter_mut().step_by(97) {
-            *v *= 20.0; // outliers, as real activations have
-        }
-        let mut p = vec![0u8; layout.packed_len()];
-        let (mut s, mut o) = (vec![0f32; n * k / g], vec![0f32; n * k / g]);
-        crate::quant::quantize(&w, layout, crate::quant::ParamDtype::F32, &mut p, &mut s, &mut o).unwrap();
-        let mut codes = vec![0u8; n * k];
-        crate::pack::unpack(&p, n, k, 4, &mut codes).unwrap();
-        let a = quantize_acts(&x, m, k).unwrap();
-        let (mut exact, mut approx) = (vec![0f32; m * n], vec![0f32; m * n]);
-        let params = GroupParams::F32 { scales: &s, offsets: &o };
-        qmatmul_with(&x, m, &p, params, layout, &mut exact, Isa::detect()).unwrap();
-        qmatmul_int8_with(&x, m, &p, params, layout, &mut approx, Isa::detect()).unwrap();
-        for i in 0..m {
-            for j in 0..n {
-                let bound: f64 = (0..k)
-                    .map(|t| {
-                        let sq = s[j * (k / g) + t / g] as f64 * codes[j * k + t] as f64;
-                        sq.abs() * a.d[i * (k / ACT_BLOCK) + t / ACT_BLOCK] as f64 / 2.0
-                    })
-                    .sum();
-                let err = (approx[i * n + j] as f64 - exact[i * n + j] as f64).abs();
-                assert!(err <= bound + 1e-4, "[{i},{j}] err {err} bound {bound}");
+        let (n, k, m) = (64usize, 512usize, 4usize);
+        for g in [32usize, 64, 128] {
+            let layout = QuantLayout::new(n, k, 4, g).unwrap();
+            let w = random_f32(n * k, 21);
+            let mut x = random_f32(m * k, 22);
+            for v in x.iter_mut().step_by(97) {
+                *v *= 20.0; // outliers, as real activations have
+            }
+            let mut p = vec![0u8; layout.packed_len()];
+            let (mut s, mut o) = (vec![0f32; n * k / g], vec![0f32; n * k / g]);
+            crate::quant::quantize(&w, layout, crate::quant::ParamDtype::F32, &mut p, &mut s, &mut o).unwrap();
+            let mut codes = vec![0u8; n * k];
+            crate::pack::unpack(&p, n, k, 4, &mut codes).unwrap();
+            let block = act_block(g);
+            let a = quantize_acts(&x, m, k, block).unwrap();
+            let (mut exact, mut approx) = (vec![0f32; m * n], vec![0f32; m * n]);
+            let params = GroupParams::F32 { scales: &s, offsets: &o };
+            qmatmul_with(&x, m, &p, params, layout, &mut exact, Isa::detect()).unwrap();
+            qmatmul_int8_with(&x, m, &p, params, layout, &mut approx, Isa::detect()).unwrap();
+            for i in 0..m {
+                for j in 0..n {
+                    let bound: f64 = (0..k)
+                        .map(|t| {
+                            let sq = s[j * (k / g) + t / g] as f64 * codes[j * k + t] as f64;
+                            sq.abs() * a.d[i * (k / block) + t / block] as f64 / 2.0
+                        })
+                        .sum();
+                    let err = (approx[i * n + j] as f64 - exact[i * n + j] as f64).abs();
+                    assert!(err <= bound + 1e-4, "g={g} [{i},{j}] err {err} bound {bound}");
+                }
             }
         }
     }
