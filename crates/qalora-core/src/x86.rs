@@ -397,22 +397,21 @@ macro_rules! int8_kernel {
                     a += 2;
                 }
             }
-            while a < na {
+            // Blocks in full pairs: row r's block b at (b/2)·m·64 + r·64 + (b%2)·32. Only
+            // SUB = 1 can leave an odd last block (blocks of 64 or 128 come in pairs).
+            let paired = if SUB == 1 { 2 * pairs } else { na };
+            let xs = q.add(i0 * 64);
+            while a < paired {
                 let mut isum = [_mm256_setzero_si256(); MB];
                 for j in 0..SUB {
                     let b = a * SUB + j;
                     if b % 4 == 0 {
                         _mm_prefetch::<_MM_HINT_T0>(row.add(b * 16 + PREFETCH_AHEAD) as *const i8);
                     }
-                    // Row r's block b: [pair][row][64 bytes], an odd last block [row][32 bytes].
-                    let (x, stride) = if b / 2 < pairs {
-                        (q.add((b / 2) * m * 64 + (b % 2) * 32 + i0 * 64), 64)
-                    } else {
-                        (q.add(pairs * m * 64 + i0 * 32), 32)
-                    };
+                    let x = xs.add((b / 2) * m * 64 + (b % 2) * 32);
                     let w = nib_block(row, b);
                     for i in 0..MB {
-                        isum[i] = $idot(isum[i], w, x.add(i * stride));
+                        isum[i] = $idot(isum[i], w, x.add(i * 64));
                     }
                 }
                 let c = coef.add(i0 * na + a);
@@ -428,6 +427,15 @@ macro_rules! int8_kernel {
                     }
                 }
                 a += 1;
+            }
+            if a < na {
+                // The odd last 32-code block (SUB = 1): row r's at pairs·m·64 + r·32.
+                let (w, x, c) = (nib_block(row, a), q.add(pairs * m * 64 + i0 * 32), coef.add(i0 * na + a));
+                for i in 0..MB {
+                    let isum = $idot(_mm256_setzero_si256(), w, x.add(i * 32));
+                    let ci = _mm256_broadcast_ss(&*c.add(i * na));
+                    acc0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), ci, acc0[i]);
+                }
             }
             for i in 0..MB {
                 out[i] = hsum(_mm256_add_ps(acc0[i], acc1[i]));
