@@ -106,7 +106,7 @@ def main() -> None:
                 tt = median_time(run_t, reps)
                 td = median_time(run_d, reps)
                 best = min(tq, t8 or tq)
-                i8 = (f"{t8 * 1e3:8.3f}", f"{wb / t8 / 1e9:9.2f}", f"{tt / t8:8.2f}x") if t8 else ("-" * 1, "-", "-")
+                i8 = (f"{t8 * 1e3:8.3f}", f"{wb / t8 / 1e9:9.2f}", f"{tt / t8:8.2f}x") if t8 else ("-", "-", "-")
                 print(
                     f"{f'{n}x{k}':>12} {g:>4} {m:>4} | {tq * 1e3:8.3f} {i8[0]:>8} {tt * 1e3:8.3f} {td * 1e3:8.3f} | "
                     f"{wb / tq / 1e9:10.2f} {i8[1]:>9} {wb / tt / 1e9:9.2f} {100 * wb / best / 1e9 / bw:6.0f}% | "

@@ -258,6 +258,8 @@ def test_qmatmul_rejects_unknown_activation_mode():
     q, _ = _quantized(8, 64, 32, 4)
     with pytest.raises(qalora.InvalidValueError, match="activations: got 'fp8', allowed: 'exact', 'int8'"):
         ops.qmatmul(torch.randn(2, 64), *q, 4, 32, activations="fp8")
+    with pytest.raises(qalora.DTypeError, match="activations: expected a str, got NoneType"):
+        ops.qmatmul(torch.randn(2, 64), *q, 4, 32, activations=None)
 
 
 @cuda

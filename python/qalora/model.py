@@ -301,7 +301,8 @@ def set_activations(model: nn.Module, mode: str) -> int:
     """Choose how every quantized layer of ``model`` multiplies small CPU batches:
     ``"exact"`` (the default) or ``"int8"`` (activations quantized to int8 per block of up
     to 128 values; faster generation, error bounded as described in
-    :func:`qalora.ops.qmatmul`). Returns the number of layers set. A run-time choice: it is not saved with the model.
+    :func:`qalora.ops.qmatmul`). Returns the number of layers set. A run-time choice: it is
+    not saved with the model.
 
     Raises:
         InvalidValueError: ``mode`` is neither ``"exact"`` nor ``"int8"``.

@@ -49,6 +49,14 @@ def _dtype_name(dtype: torch.dtype, arg: str) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def _str_arg(value: str, arg: str) -> str:
+    # The values allowed are checked by the kernels; the type is checked here so that a
+    # non-string fails with a qalora error rather than a binding TypeError.
+    if not isinstance(value, str):
+        raise DTypeError(f"{arg}: expected a str, got {type(value).__name__} {value!r}")
+    return value
+
+
 def _int_arg(value: int, arg: str) -> int:
     # bool is an int subclass; reject it and floats so that bits=4.0 or True fail loudly.
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -179,8 +187,8 @@ def qmatmul(
             largest of 128, 64 and 32 that divides the group size) and use integer dot
             products, up to ~3x faster for generation. Each output then differs from the
             exact one by at most sum_k |s*q| * d_block / 2 (d = block max|x| / 127); the
-            offsets' term stays exact. Other layouts, larger batches,
-            float64 and CUDA tensors are always computed exactly. The backward pass is exact.
+            offsets' term stays exact. Other layouts, larger batches, float64 and CUDA
+            tensors are always computed exactly. The backward pass is exact.
 
     Returns:
         (..., N) in x's dtype. Differentiable with respect to ``x`` (backward = grad @ W);
@@ -190,7 +198,14 @@ def qmatmul(
         once per call.
     """
     return _QMatmul.apply(
-        x, packed, scales, offsets, _int_arg(bits, "bits"), _int_arg(group_size, "group_size"), backend, activations
+        x,
+        packed,
+        scales,
+        offsets,
+        _int_arg(bits, "bits"),
+        _int_arg(group_size, "group_size"),
+        _str_arg(backend, "backend"),
+        _str_arg(activations, "activations"),
     )
 
 

@@ -181,6 +181,7 @@ mod tests {
     use super::*;
     use crate::testutil::random_f32;
 
+    #[allow(clippy::too_many_arguments)]
     fn reference(m: &[f32], a: &[f32], b: &[f32], n: usize, l: usize, r: usize, c: f32, g: usize) -> Vec<f64> {
         let mut want = vec![0f64; n * l];
         for i in 0..n {

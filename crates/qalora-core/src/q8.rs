@@ -15,11 +15,9 @@
 //! 4-bit weights with group sizes that are multiples of 32; any other layout is computed
 //! by the exact route.
 
-use rayon::prelude::*;
-
 use crate::error::{KernelError, Result};
 use crate::layout::QuantLayout;
-use crate::qmatmul::{group_sums, qmatmul_with, GroupParams, Isa, PARALLEL_MIN_WEIGHTS};
+use crate::qmatmul::{group_sums, qmatmul_with, GroupParams, Isa};
 
 /// Codes per SIMD block: 16 bytes of a 4-bit row. Activation blocks are 1, 2 or 4 of these.
 pub const CODE_BLOCK: usize = 32;
@@ -164,7 +162,7 @@ pub fn qmatmul_int8_with(
     let acts = quantize_acts(x, m, k, block)?;
     let xsum = group_sums(x, m, k, g);
     let per_group = g / block;
-    // Weight rows against all M activation rows; outputs land transposed, (N, M).
+    // Weight rows from row0 against all M activation rows; `o` is (rows, M).
     let run_rows = |row0: usize, o: &mut [f32], scratch: &mut (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)| {
         let (s, mm, sa, coef) = scratch;
         for (r, orow) in o.chunks_exact_mut(m).enumerate() {
@@ -205,21 +203,7 @@ pub fn qmatmul_int8_with(
         }
     };
     let init = || (vec![0f32; groups], vec![0f32; groups], vec![0f32; na], vec![0f32; na * m]);
-    let mut out_t_buf = if m == 1 { Vec::new() } else { vec![0f32; n * m] };
-    let out_t: &mut [f32] = if m == 1 { &mut *out } else { &mut out_t_buf };
-    if n * k < PARALLEL_MIN_WEIGHTS {
-        run_rows(0, out_t, &mut init());
-    } else {
-        // A few chunks per thread balance the load.
-        let rows = n.div_ceil(rayon::current_num_threads() * 4).max(4);
-        out_t
-            .par_chunks_mut(rows * m)
-            .enumerate()
-            .for_each_init(init, |scratch, (c, o)| run_rows(c * rows, o, scratch));
-    }
-    if m > 1 {
-        crate::qmatmul::transpose_into(&out_t_buf, n, m, out);
-    }
+    crate::qmatmul::for_weight_rows(n, m, k, out, init, run_rows);
     Ok(())
 }
 

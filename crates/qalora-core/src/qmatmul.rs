@@ -125,8 +125,8 @@ impl GroupParams<'_> {
         }
     }
 
-    /// Asks for row `n`'s scales and offsets (`l` groups per row) ahead of use (a hint; out-of-range rows are
-    /// ignored).
+    /// Asks for row `n`'s scales and offsets (`l` groups per row) ahead of use (a hint;
+    /// out-of-range rows are ignored).
     #[cfg(target_arch = "x86_64")]
     #[inline]
     pub fn prefetch_row(&self, n: usize, l: usize) {
@@ -226,7 +226,7 @@ enum Route {
 
 /// Below this many weights a call runs on the calling thread: rayon's wake-up
 /// (~10-20 µs on two cores) would cost more than the work.
-pub(crate) const PARALLEL_MIN_WEIGHTS: usize = 1 << 18;
+const PARALLEL_MIN_WEIGHTS: usize = 1 << 18;
 
 /// Checks the buffers of a qmatmul call against the layout and M.
 pub(crate) fn check_call(
@@ -262,7 +262,7 @@ pub(crate) fn group_sums(x: &[f32], m: usize, k: usize, g: usize) -> Vec<f32> {
 }
 
 /// Writes the (N, M) matrix `t` into `out` as (M, N).
-pub(crate) fn transpose_into(t: &[f32], n: usize, m: usize, out: &mut [f32]) {
+fn transpose_into(t: &[f32], n: usize, m: usize, out: &mut [f32]) {
     for (row, col) in t.chunks_exact(m).enumerate().take(n) {
         for (i, &v) in col.iter().enumerate() {
             out[i * n + row] = v;
@@ -414,14 +414,33 @@ pub fn qmatmul_with(
         m2: vec![0f32; groups],
         codes2: vec![0u8; k],
     };
+    for_weight_rows(n, m, k, out, init, run_rows);
+    Ok(())
+}
+
+/// Runs `run_rows(row0, outputs, scratch)` over chunks of the N weight rows, each chunk's
+/// outputs laid out (rows, M), on rayon when the layer has at least
+/// [`PARALLEL_MIN_WEIGHTS`] weights, and leaves `out` as (M, N). `init` makes one scratch
+/// per worker.
+pub(crate) fn for_weight_rows<S: Send>(
+    n: usize,
+    m: usize,
+    k: usize,
+    out: &mut [f32],
+    init: impl Fn() -> S + Send + Sync,
+    run_rows: impl Fn(usize, &mut [f32], &mut S) + Send + Sync,
+) {
+    // Outputs land transposed, one weight row against all M activation rows; with M = 1
+    // that is already `out`.
     let mut out_t_buf = if m == 1 { Vec::new() } else { vec![0f32; n * m] };
     let out_t: &mut [f32] = if m == 1 { &mut *out } else { &mut out_t_buf };
     if n * k < PARALLEL_MIN_WEIGHTS {
         run_rows(0, out_t, &mut init());
     } else {
-        // A few chunks per thread balance the load; each keeps whole rows.
+        // A few chunks per thread balance the load; each keeps whole rows, an even number
+        // of them (the exact M = 1 kernel takes rows in pairs).
         let chunks = rayon::current_num_threads() * 4;
-        let rows = (n.div_ceil(chunks).max(4) + 1) & !1; // even: rows pair up
+        let rows = (n.div_ceil(chunks).max(4) + 1) & !1;
         out_t
             .par_chunks_mut(rows * m)
             .enumerate()
@@ -430,7 +449,6 @@ pub fn qmatmul_with(
     if m > 1 {
         transpose_into(&out_t_buf, n, m, out);
     }
-    Ok(())
 }
 
 /// All M activation rows against one weight row, in blocks of <= 8 rows: the group route
