@@ -185,7 +185,7 @@ def qmatmul(
             rows) of a 4-bit weight with a group size that is a multiple of 32 quantize x to
             int8 per block (one float scale each, round half to even; the block is the
             largest of 128, 64 and 32 that divides the group size) and use integer dot
-            products, up to ~3x faster for generation. Each output then differs from the
+            products, about 2x faster for generation. Each output then differs from the
             exact one by at most sum_k |s*q| * d_block / 2 (d = block max|x| / 127); the
             offsets' term stays exact. Other layouts, larger batches, float64 and CUDA
             tensors are always computed exactly. The backward pass is exact.
