@@ -8,7 +8,7 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Callable, List
+from collections.abc import Callable
 
 import torch
 
@@ -18,7 +18,7 @@ def median_time(fn: Callable[[int], object], reps: int, warmup: int = 2) -> floa
     inputs), after ``warmup`` untimed calls."""
     for i in range(warmup):
         fn(i)
-    times: List[float] = []
+    times: list[float] = []
     for i in range(reps):
         t0 = time.perf_counter()
         fn(warmup + i)
@@ -52,7 +52,7 @@ def machine() -> str:
     except (OSError, subprocess.CalledProcessError):
         pass
     try:
-        load = "load average %.2f %.2f %.2f" % os.getloadavg()
+        load = "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     except OSError:
         load = "load average ?"
     return (

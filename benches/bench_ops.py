@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 import qalora.ops as ops
+import torch
 from _common import copy_bandwidth, machine, median_time
 
 
@@ -34,8 +33,10 @@ def main() -> None:
     print(f"machine: {machine()}")
     copy_bw = copy_bandwidth()
     clone_bw = clone_bandwidth()
-    print(f"measured memcpy bandwidth (read + write bytes): {copy_bw:.1f} GB/s into an existing tensor, "
-          f"{clone_bw:.1f} GB/s allocating (clone)")
+    print(
+        f"measured memcpy bandwidth (read + write bytes): {copy_bw:.1f} GB/s into an existing tensor, "
+        f"{clone_bw:.1f} GB/s allocating (clone)"
+    )
     print(f"shapes: weight ({n}, {k}), bits {bits}, group {g}; activations ({n}, {k}) fp32; rank {rank}\n")
 
     gen = torch.Generator().manual_seed(0)
@@ -46,7 +47,7 @@ def main() -> None:
     scales = torch.rand(n, k // g, generator=gen).half()
     offsets = torch.randn(n, k // g, generator=gen).half()
     lora_a = torch.randn(rank, k // g, generator=gen)
-    lora_b = torch.randn(n, rank, generator=gen)
+    torch.randn(n, rank, generator=gen)
     # Large M-row groups of offsets make merge a measurable, memory-bound op: one (N, L)
     # offsets tensor per 32 columns of the weight would be tiny, so merge 64 layers' worth.
     big_offsets = torch.randn(n * 64, k // g, generator=gen).half()
@@ -76,7 +77,9 @@ def main() -> None:
     for name, fn, nbytes in cases:
         t = median_time(fn, reps)
         gbs = nbytes / t / 1e9
-        print(f"{name:<30} {t * 1e3:9.2f} {gbs:8.2f} {100 * gbs / copy_bw:9.0f}% {100 * gbs / clone_bw:8.0f}%", flush=True)
+        print(
+            f"{name:<30} {t * 1e3:9.2f} {gbs:8.2f} {100 * gbs / copy_bw:9.0f}% {100 * gbs / clone_bw:8.0f}%", flush=True
+        )
 
 
 if __name__ == "__main__":

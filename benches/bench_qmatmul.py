@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 import math
 
+import qalora.ops as ops
 import torch
 import torch.nn.functional as F
-
-import qalora.ops as ops
 from _common import machine, median_time, read_bandwidth
 
 # Rotating copies must exceed this many bytes (well above a 32 MiB L3).
@@ -42,7 +41,9 @@ def make_torch_int4(n: int, k: int, g: int, gen: torch.Generator):
     codes = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     # w = (q - 8) * scale + zero, scale_and_zero (K/g, N, 2) bf16.
-    sz = torch.stack([torch.rand(k // g, n, generator=gen) * 0.02 + 0.001, torch.randn(k // g, n, generator=gen) * 0.1], -1)
+    sz = torch.stack(
+        [torch.rand(k // g, n, generator=gen) * 0.02 + 0.001, torch.randn(k // g, n, generator=gen) * 0.1], -1
+    )
     return packed, sz.bfloat16()
 
 
@@ -113,9 +114,9 @@ def main() -> None:
                     f"{tt / tq:9.2f}x {i8[2]:>9} {tq / td:10.2f}x",
                     flush=True,
                 )
-            del q, t4
+            q = t4 = None  # free the copies before the next shape
     print(
-        "\nexact / int8: qalora with exact f32 activations / with activations=\"int8\" (M <= 16 only)."
+        '\nexact / int8: qalora with exact f32 activations / with activations="int8" (M <= 16 only).'
         "\nint4/exact, int4/int8 > 1: qalora faster than torch's int4 kernel; exact/dense < 1: faster than dense fp32."
         "\n%readBW: weight bytes per second of qalora's faster mode over the measured read bandwidth."
     )

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 import qalora.ops as ops
+import torch
 from _common import machine, median_time, read_bandwidth
 from bench_qmatmul import ROTATE_BYTES, make_qalora, make_torch_int4, weight_bytes
 
@@ -44,9 +43,12 @@ def main() -> None:
             report(f"torch int4, {th} thread(s), rotating copies", median_time(lambda i: int4(i, True), reps))
         torch.set_num_threads(threads)
         report(f"torch int4, {threads} thread(s), one copy", median_time(lambda i: int4(i, False), reps))
-        report("qalora int8, rotating copies", median_time(lambda i: ops.qmatmul(x, *q[i % copies], 4, g, activations="int8"), reps))
+        report(
+            "qalora int8, rotating copies",
+            median_time(lambda i: ops.qmatmul(x, *q[i % copies], 4, g, activations="int8"), reps),
+        )
         report("qalora int8, one copy", median_time(lambda i: ops.qmatmul(x, *q[0], 4, g, activations="int8"), reps))
-        del q, t4
+        q = t4 = None  # free the copies before the next shape
 
 
 if __name__ == "__main__":

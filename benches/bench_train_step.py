@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 
+import qalora.ops as ops
 import torch
 import torch.nn.functional as F
-
-import qalora.ops as ops
 from _common import machine, median_time
 
 D, H, TOKENS, RANK, ALPHA, G, BITS = 576, 1536, 4 * 256, 16, 32, 32, 4
@@ -67,7 +66,10 @@ def main() -> None:
         tq = median_time(qalora_step, reps)
         td = median_time(dense_step, reps)
         ratios.append(tq / td)
-        print(f"qalora 4-bit + QA-LoRA: {tq * 1e3:7.2f} ms   dense fp32 + LoRA: {td * 1e3:7.2f} ms   ratio {tq / td:.2f}x", flush=True)
+        print(
+            f"qalora 4-bit + QA-LoRA: {tq * 1e3:7.2f} ms   dense fp32 + LoRA: {td * 1e3:7.2f} ms   ratio {tq / td:.2f}x",
+            flush=True,
+        )
     print(f"median ratio (qalora / dense): {sorted(ratios)[1]:.2f}x")
 
 

@@ -34,7 +34,7 @@ def params(w: np.ndarray, bits: int, g: int, store=np.float16):
 
 def codes_for(w: np.ndarray, scales: np.ndarray, offsets: np.ndarray, bits: int, g: int):
     """Nearest codes under given parameters (float64), plus the distance of each to a tie."""
-    n, k = w.shape
+    _n, _k = w.shape
     s = np.repeat(scales, g, axis=1)
     m = np.repeat(offsets, g, axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -7,15 +7,14 @@ import subprocess
 import sys
 
 import pytest
-import torch
-
 import qalora
-from qalora import data
+import torch
+from qalora import datasets
 from qalora.cli import build_parser, main
 
 
 def test_bundled_dataset_has_train_and_heldout():
-    ds = data.bundled_dataset()
+    ds = datasets.bundled_dataset()
     assert len(ds.train) == len(ds.heldout) == 5
     assert sum(map(len, ds.train)) > 8 * sum(map(len, ds.heldout)) > 0
     assert "Macbeth" not in ds.heldout[0][:0]  # texts are plain strings
@@ -26,7 +25,7 @@ def test_jsonl_records_and_split(tmp_path):
     path = tmp_path / "d.jsonl"
     rows = [{"instruction": f"Say {i}", "response": f"{i}!"} for i in range(9)] + [{"text": "plain record"}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    ds = data.load_dataset(str(path))
+    ds = datasets.load_dataset(str(path))
     assert len(ds.train) == 9 and ds.heldout == ["plain record"]
     assert ds.train[0] == "### Instruction:\nSay 0\n\n### Response:\n0!"
 
@@ -34,9 +33,9 @@ def test_jsonl_records_and_split(tmp_path):
 def test_text_file_and_explicit_heldout(tmp_path):
     (tmp_path / "a.txt").write_text("one paragraph\n\nanother paragraph\n")
     (tmp_path / "b.txt").write_text("held out")
-    ds = data.load_dataset(str(tmp_path / "a.txt"), str(tmp_path / "b.txt"))
+    ds = datasets.load_dataset(str(tmp_path / "a.txt"), str(tmp_path / "b.txt"))
     assert ds.train == ["one paragraph", "another paragraph\n"] and ds.heldout == ["held out"]
-    single = data.load_dataset(str(tmp_path / "b.txt"))
+    single = datasets.load_dataset(str(tmp_path / "b.txt"))
     assert single.train[0] + single.heldout[0] == "held out"
 
 
@@ -53,12 +52,12 @@ def test_text_file_and_explicit_heldout(tmp_path):
 def test_bad_data_files(tmp_path, name, content, fragment):
     (tmp_path / name).write_text(content)
     with pytest.raises(qalora.DataError, match=fragment.replace("(", r"\(")):
-        data.load_dataset(str(tmp_path / name))
+        datasets.load_dataset(str(tmp_path / name))
 
 
 def test_missing_data_file():
     with pytest.raises(qalora.DataError, match="does not exist"):
-        data.load_dataset("no/such/file.jsonl")
+        datasets.load_dataset("no/such/file.jsonl")
 
 
 class CharTokenizer:
@@ -69,17 +68,23 @@ class CharTokenizer:
 
 
 def test_token_blocks():
-    blocks = data.token_blocks(CharTokenizer(), ["abcdef", "ghij"], 4)
+    blocks = datasets.token_blocks(CharTokenizer(), ["abcdef", "ghij"], 4)
     assert blocks.shape == (3, 4) and blocks.dtype == torch.long  # 6 + EOS + 4 + EOS tokens
     assert blocks[1, 2].item() == 0  # EOS between the two texts
-    assert data.token_blocks(CharTokenizer(), ["a" * 100], 8, max_blocks=3).shape == (3, 8)
+    assert datasets.token_blocks(CharTokenizer(), ["a" * 100], 8, max_blocks=3).shape == (3, 8)
     with pytest.raises(qalora.DataError, match="fewer than one block"):
-        data.token_blocks(CharTokenizer(), ["ab"], 8)
+        datasets.token_blocks(CharTokenizer(), ["ab"], 8)
 
 
 def test_cli_rejects_bad_arguments(capsys):
     parser = build_parser()
-    for argv in (["finetune"], ["finetune", "--out", "x", "--bits", "5"], ["demo", "--steps", "0"], ["demo", "--lr", "-1"], ["frobnicate"]):
+    for argv in (
+        ["finetune"],
+        ["finetune", "--out", "x", "--bits", "5"],
+        ["demo", "--steps", "0"],
+        ["demo", "--lr", "-1"],
+        ["frobnicate"],
+    ):
         with pytest.raises(SystemExit) as info:
             parser.parse_args(argv)
         assert info.value.code == 2

@@ -9,11 +9,10 @@ import sys
 import textwrap
 
 import pytest
-import torch
-from torch import nn
-
 import qalora
+import torch
 from qalora import QALoRAConfig
+from torch import nn
 
 transformers = pytest.importorskip("transformers")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -22,15 +21,23 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def tiny_llama(seed=0, tie=False):
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
     )
     return transformers.LlamaForCausalLM(cfg)
 
 
 def tiny_gpt2(seed=0):
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
     return transformers.GPT2LMHeadModel(cfg)
 
 
@@ -150,7 +157,11 @@ def test_qalora_requantize_reproduces_codes():
         [m for m in merged.modules() if isinstance(m, qalora.QuantLinear)],
         [m for m in requant.modules() if isinstance(m, qalora.QuantLinear)],
     ):
-        agree = (qalora.ops.unpack(a.packed, 4, a.in_features) == qalora.ops.unpack(b.packed, 4, b.in_features)).float().mean()
+        agree = (
+            (qalora.ops.unpack(a.packed, 4, a.in_features) == qalora.ops.unpack(b.packed, 4, b.in_features))
+            .float()
+            .mean()
+        )
         assert agree > 0.999  # float32 rounding of min/max can flip a rare tie
         torch.testing.assert_close(a.dequantize(), b.dequantize(), rtol=1e-4, atol=1e-5)
 
@@ -246,7 +257,9 @@ def test_llama_unmerged_save_load_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids).logits, want)
     # The reloaded adapters train.
-    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def test_gpt2_conv1d_wrap_train_merge(tmp_path):
@@ -287,11 +300,17 @@ def test_adapter_save_load_and_mismatches(tmp_path):
     qalora.load_adapter(other, tmp_path / "adapter")
     with torch.no_grad():
         assert torch.equal(other(input_ids=ids).logits, model(input_ids=ids).logits)
-    for bad in (QALoRAConfig(bits=4, group_size=32, rank=8), QALoRAConfig(bits=4, group_size=16, rank=4), QALoRAConfig(bits=8, group_size=32, rank=4)):
+    for bad in (
+        QALoRAConfig(bits=4, group_size=32, rank=8),
+        QALoRAConfig(bits=4, group_size=16, rank=4),
+        QALoRAConfig(bits=8, group_size=32, rank=4),
+    ):
         with pytest.raises(qalora.AdapterMismatchError, match="the adapter file has"):
             qalora.load_adapter(qalora.wrap(tiny_llama(), bad), tmp_path / "adapter")
     with pytest.raises(qalora.AdapterMismatchError, match="in the file but not the model"):
-        qalora.load_adapter(qalora.wrap(tiny_llama(), QALoRAConfig(target_modules=["q_proj"], rank=4)), tmp_path / "adapter")
+        qalora.load_adapter(
+            qalora.wrap(tiny_llama(), QALoRAConfig(target_modules=["q_proj"], rank=4)), tmp_path / "adapter"
+        )
     with pytest.raises(qalora.CheckpointError, match="does not exist"):
         qalora.load_adapter(other, tmp_path / "nowhere")
     with pytest.raises(qalora.ConfigError, match="not been wrapped"):
@@ -339,8 +358,15 @@ def test_gradient_checkpointing_and_trainer(tmp_path):
 
     before = model.model.layers[0].self_attn.q_proj.lora_B.weight.detach().clone()
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2,
-        save_strategy="no", report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        disable_tqdm=True,
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens())
     trainer.train()
@@ -368,15 +394,26 @@ def test_autocast_bf16_on_cpu():
 
 
 def test_config_validation_and_json_round_trip(tmp_path):
-    c = QALoRAConfig(bits=3, group_size=64, rank=8, alpha=32, target_modules=["q_proj", "v_proj"], scale_dtype="float32")
+    c = QALoRAConfig(
+        bits=3, group_size=64, rank=8, alpha=32, target_modules=["q_proj", "v_proj"], scale_dtype="float32"
+    )
     assert QALoRAConfig.from_json(c.to_json()) == c
     c.save(tmp_path / "c.json")
     assert QALoRAConfig.load(tmp_path / "c.json") == c
     assert c.scaling == 4.0
     bad = [
-        dict(bits=5), dict(bits=True), dict(group_size=0), dict(bits=3, group_size=12), dict(rank=0),
-        dict(dropout=1.0), dict(target_modules="("), dict(target_modules=[1]), dict(scale_dtype="int8"),
-        dict(on_indivisible="ignore"), dict(adapter="dora"), dict(version=99),
+        dict(bits=5),
+        dict(bits=True),
+        dict(group_size=0),
+        dict(bits=3, group_size=12),
+        dict(rank=0),
+        dict(dropout=1.0),
+        dict(target_modules="("),
+        dict(target_modules=[1]),
+        dict(scale_dtype="int8"),
+        dict(on_indivisible="ignore"),
+        dict(adapter="dora"),
+        dict(version=99),
     ]
     for kwargs in bad:
         with pytest.raises(qalora.ConfigError) as info:
@@ -468,6 +505,8 @@ def test_train_merge_save_reload_in_new_process(tmp_path):
     out = str(tmp_path)
     env = dict(os.environ, QALORA_NO_PROGRESS="1")
     for script in (SCRIPT_TRAIN, SCRIPT_LOAD):
-        r = subprocess.run([sys.executable, "-c", textwrap.dedent(script.format(out=out))], capture_output=True, text=True, env=env)
+        r = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(script.format(out=out))], capture_output=True, text=True, env=env
+        )
         assert r.returncode == 0, r.stderr[-3000:]
     assert len(json.loads(r.stdout.strip().splitlines()[-1])[0]) == 12

@@ -6,12 +6,10 @@ import threading
 
 import numpy as np
 import pytest
-import torch
-
 import qalora
-from qalora import ops
-
 import reference as ref
+import torch
+from qalora import ops
 
 BITS = [2, 3, 4, 8]
 BACKENDS = ["core", "torch"]
@@ -36,7 +34,14 @@ def random_weight(n, k, seed, device="cpu"):
 @pytest.mark.parametrize("n,k", [(1, 8), (7, 24), (33, 136), (5, 256)])
 def test_pack_is_byte_exact(bits, backend, n, k):
     codes = rng(n * k + bits).integers(0, 2**bits, size=(n, k), dtype=np.int64)
-    packed = ops.pack(torch.from_numpy(codes), bits, ) if backend == "core" else qalora._core.pack(torch.from_numpy(codes), bits, "torch")
+    packed = (
+        ops.pack(
+            torch.from_numpy(codes),
+            bits,
+        )
+        if backend == "core"
+        else qalora._core.pack(torch.from_numpy(codes), bits, "torch")
+    )
     assert packed.dtype == torch.uint8 and packed.shape == (n, k * bits // 8)
     np.testing.assert_array_equal(packed.numpy(), ref.pack(codes, bits))
     back = qalora._core.unpack(packed, bits, k, backend)
@@ -201,7 +206,9 @@ def test_qmatmul_backward_float32_matches_dense(m):
 def test_qmatmul_accepts_non_contiguous_x():
     q, dense64 = _quantized(8, 32, 16, 4)
     x = torch.randn(32, 3).t()
-    np.testing.assert_allclose(ops.qmatmul(x, *q, 4, 16).double().numpy(), x.double().numpy() @ dense64.T, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        ops.qmatmul(x, *q, 4, 16).double().numpy(), x.double().numpy() @ dense64.T, rtol=1e-4, atol=1e-5
+    )
 
 
 def _int8_case(n, k, g, shape, seed):
@@ -239,7 +246,7 @@ def test_qmatmul_int8_activations_match_float64(g, shape):
 def test_qmatmul_int8_activations_exact_where_not_covered(bits, g, m):
     # Other bit widths, group sizes that are not multiples of 32 and batches above 16 rows
     # are computed exactly.
-    q, dense64 = _quantized(20, 64, g, bits, seed=m)
+    q, _ = _quantized(20, 64, g, bits, seed=m)
     x = torch.randn(m, 64)
     y8 = ops.qmatmul(x, *q, bits, g, activations="int8")
     assert torch.equal(y8, ops.qmatmul(x, *q, bits, g))
@@ -374,7 +381,11 @@ def _q():
         (lambda: ops.quantize(random_weight(4, 64, 0), 4, 0), qalora.GroupSizeError, "got 0"),
         (lambda: ops.quantize(random_weight(4, 64, 0), 3, 4), qalora.GroupSizeError, "multiple of 8"),
         (lambda: ops.quantize(random_weight(4, 64, 0), 1, 32), qalora.UnsupportedBitsError, "got 1"),
-        (lambda: ops.quantize(random_weight(4, 64, 0).int(), 4, 32), qalora.DTypeError, "weight: got dtype torch.int32"),
+        (
+            lambda: ops.quantize(random_weight(4, 64, 0).int(), 4, 32),
+            qalora.DTypeError,
+            "weight: got dtype torch.int32",
+        ),
         (lambda: ops.quantize(torch.randn(64), 4, 32), qalora.ShapeError, "2-D"),
         (lambda: ops.quantize(torch.tensor([[1.0, float("nan")] * 16]), 4, 32), qalora.InvalidValueError, "column 1"),
         (lambda: ops.quantize(random_weight(4, 64, 0), 4, 32, torch.int8), qalora.DTypeError, "scale_dtype"),
@@ -383,18 +394,42 @@ def _q():
         (lambda: ops.qmatmul(torch.randn(3, 63), *_q(), 4, 32), qalora.ShapeError, "K = 63 does not match"),
         (lambda: ops.qmatmul(torch.randn(3, 64).int(), *_q(), 4, 32), qalora.DTypeError, "x: got dtype torch.int32"),
         (lambda: ops.qmatmul(torch.randn(3, 64), *_q(), 4, 16), qalora.ShapeError, "scales: got shape [4, 2]"),
-        (lambda: ops.qmatmul(torch.randn(3, 64), _q()[0][:, :31], *_q()[1:], 4, 32), qalora.ShapeError, "not contiguous"),
+        (
+            lambda: ops.qmatmul(torch.randn(3, 64), _q()[0][:, :31], *_q()[1:], 4, 32),
+            qalora.ShapeError,
+            "not contiguous",
+        ),
         (lambda: ops.qmatmul(torch.randn(3, 64), _q()[0].float(), *_q()[1:], 4, 32), qalora.DTypeError, "torch.uint8"),
         (lambda: ops.qmatmul(torch.randn(3, 64), *_q(), 8, 32), qalora.ShapeError, "hold 32 codes of 8 bits"),
-        (lambda: ops.qmatmul(torch.randn(3, 64), *_q(), 4, 32, backend="gpu"), qalora.InvalidValueError, "'auto', 'core', 'torch'"),
+        (
+            lambda: ops.qmatmul(torch.randn(3, 64), *_q(), 4, 32, backend="gpu"),
+            qalora.InvalidValueError,
+            "'auto', 'core', 'torch'",
+        ),
         (lambda: ops.dequantize(*_q()[:2], _q()[2][:3], 4, 32), qalora.ShapeError, "offsets: got shape [3, 2]"),
         (lambda: ops.dequantize(*_q(), 4, 32, torch.int32), qalora.DTypeError, "dtype"),
         (lambda: ops.group_pool(torch.randn(2, 30), 8), qalora.GroupSizeError, "positive divisor"),
         (lambda: ops.group_pool(torch.randn(2, 30), 0), qalora.GroupSizeError, "got 0"),
-        (lambda: ops.merge_offsets(torch.randn(4, 2), torch.randn(3, 2), torch.randn(4, 2), 1.0, 32), qalora.ShapeError, "lora_B"),
-        (lambda: ops.merge_offsets(torch.randn(4, 2), torch.randn(3, 3), torch.randn(4, 3), 1.0, 32), qalora.ShapeError, "lora_A"),
-        (lambda: ops.merge_offsets(torch.randn(4, 2), torch.randn(3, 2), torch.randn(4, 3), float("nan"), 32), qalora.InvalidValueError, "finite"),
-        (lambda: ops.merge_offsets(torch.randn(4, 2), torch.randn(3, 2), torch.randn(4, 3), 1.0, 0), qalora.GroupSizeError, "positive"),
+        (
+            lambda: ops.merge_offsets(torch.randn(4, 2), torch.randn(3, 2), torch.randn(4, 2), 1.0, 32),
+            qalora.ShapeError,
+            "lora_B",
+        ),
+        (
+            lambda: ops.merge_offsets(torch.randn(4, 2), torch.randn(3, 3), torch.randn(4, 3), 1.0, 32),
+            qalora.ShapeError,
+            "lora_A",
+        ),
+        (
+            lambda: ops.merge_offsets(torch.randn(4, 2), torch.randn(3, 2), torch.randn(4, 3), float("nan"), 32),
+            qalora.InvalidValueError,
+            "finite",
+        ),
+        (
+            lambda: ops.merge_offsets(torch.randn(4, 2), torch.randn(3, 2), torch.randn(4, 3), 1.0, 0),
+            qalora.GroupSizeError,
+            "positive",
+        ),
     ],
 )
 def test_bad_inputs_raise_typed_errors(call, error, fragment):
@@ -479,7 +514,9 @@ def test_cuda_ops_match_cpu(bits):
         y.sum().backward()
         assert x.grad.shape == x.shape and x.grad.is_cuda
     xg = torch.randn(2, 7, k, device="cuda")
-    np.testing.assert_allclose(ops.group_pool(xg, g).cpu().numpy(), ref.group_pool(xg.cpu().numpy(), g), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        ops.group_pool(xg, g).cpu().numpy(), ref.group_pool(xg.cpu().numpy(), g), rtol=1e-5, atol=1e-6
+    )
     a, b = torch.randn(4, k // g, device="cuda"), torch.randn(n, 4, device="cuda")
     merged = ops.merge_offsets(gpu_q[2], a, b, 2.0, g)
     want = ref.merge(gpu_q[2].double().cpu().numpy(), a.cpu().numpy(), b.cpu().numpy(), 2.0, g)

@@ -24,13 +24,15 @@ def quick_start_code() -> str:
 def test_readme_quick_start_runs(tmp_path):
     pytest.importorskip("transformers")
     try:
-        from qalora.models import bundled_gguf_path
+        from qalora.loaders import bundled_gguf_path
 
         bundled_gguf_path()
     except Exception as e:  # pragma: no cover - depends on the machine
         pytest.skip(str(e))
     env = dict(os.environ, QALORA_NO_PROGRESS="1")
-    r = subprocess.run([sys.executable, "-c", quick_start_code()], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=1200)
+    r = subprocess.run(
+        [sys.executable, "-c", quick_start_code()], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=1200
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     assert "trainable params" in r.stdout
     assert (tmp_path / "smollm2-qalora-4bit" / "model.safetensors").exists()

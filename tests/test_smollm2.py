@@ -13,16 +13,15 @@ import subprocess
 import sys
 
 import pytest
-import torch
-
 import qalora
-from qalora import data, train
-from qalora.models import load_model, save_for_reload
+import torch
+from qalora import datasets, train
+from qalora.loaders import load_model, save_for_reload
 
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 try:
-    from qalora.models import bundled_gguf_path
+    from qalora.loaders import bundled_gguf_path
 
     bundled_gguf_path()
 except qalora.ModelLoadError as e:  # pragma: no cover - depends on the machine
@@ -32,9 +31,9 @@ except qalora.ModelLoadError as e:  # pragma: no cover - depends on the machine
 @pytest.fixture(scope="module")
 def smollm2():
     lm = load_model()
-    ds = data.bundled_dataset()
-    train_blocks = data.token_blocks(lm.tokenizer, ds.train, 64, max_blocks=8)
-    heldout = data.token_blocks(lm.tokenizer, ds.heldout, 64, max_blocks=4)
+    ds = datasets.bundled_dataset()
+    train_blocks = datasets.token_blocks(lm.tokenizer, ds.train, 64, max_blocks=8)
+    heldout = datasets.token_blocks(lm.tokenizer, ds.heldout, 64, max_blocks=4)
     return lm, train_blocks, heldout
 
 
@@ -92,7 +91,9 @@ def test_real_model_fp16_offsets_merge(smollm2):
         y_merged = model.model.layers[5].self_attn.q_proj(x)
     assert rel_err(y_merged, y_unmerged) < 2e-3  # per layer: float16 rounding of the offsets
     ppl_merged = train.perplexity(model, heldout, show_progress=False)
-    print(f"fp16 offsets after 2 steps: logits rel err {rel_err(merged, unmerged):.3e}, ppl {ppl_unmerged:.3f} -> {ppl_merged:.3f}")
+    print(
+        f"fp16 offsets after 2 steps: logits rel err {rel_err(merged, unmerged):.3e}, ppl {ppl_unmerged:.3f} -> {ppl_merged:.3f}"
+    )
     assert rel_err(merged, unmerged) < 5e-2
     assert abs(ppl_merged / ppl_unmerged - 1) < 5e-2
 
@@ -100,7 +101,9 @@ def test_real_model_fp16_offsets_merge(smollm2):
 def test_demo_command_smoke_and_eval(tmp_path):
     env = dict(os.environ, QALORA_SMOKE="1", QALORA_NO_PROGRESS="1")
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "qalora", "demo", "--out", str(out)], capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "qalora", "demo", "--out", str(out)], capture_output=True, text=True, env=env
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "outputs in" in r.stdout
     report = json.loads((out / "report.json").read_text())
@@ -111,9 +114,21 @@ def test_demo_command_smoke_and_eval(tmp_path):
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert "| QA-LoRA, merged into the low-bit weights |" in (out / "report.md").read_text()
     r = subprocess.run(
-        [sys.executable, "-m", "qalora", "eval", "--model", str(out / "model"), "--eval-blocks", str(report["heldout_blocks"]),
-         "--block-size", str(report["block_size"])],
-        capture_output=True, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "qalora",
+            "eval",
+            "--model",
+            str(out / "model"),
+            "--eval-blocks",
+            str(report["heldout_blocks"]),
+            "--block-size",
+            str(report["block_size"]),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     reloaded = json.loads(r.stdout.strip().splitlines()[-1])["heldout_perplexity"]

@@ -14,22 +14,13 @@ the quantized weights and ship a pure low-bit model::
 import torch  # noqa: F401
 
 from . import _core, errors, ops
+from .checkpoint import from_pretrained, load_adapter, save_adapter, save_pretrained
 from .config import CONFIG_VERSION, QALoRAConfig
-from .errors import *  # noqa: F401,F403
+from .errors import *  # noqa: F403
 from .layers import QALoRALinear, QuantLinear
-from .model import (
-    ModelSummary,
-    from_pretrained,
-    load_adapter,
-    memory_bytes,
-    merge,
-    merge_requantize,
-    save_adapter,
-    save_pretrained,
-    set_activations,
-    summary,
-    wrap,
-)
+from .loaders import LoadedModel, load_model
+from .state import QALoRAState, state_of
+from .wrapping import ModelSummary, memory_bytes, merge, merge_requantize, set_activations, summary, wrap
 
 __version__ = _core.__version__
 
@@ -41,6 +32,8 @@ __all__ = [
     "CONFIG_VERSION",
     "QALoRALinear",
     "QuantLinear",
+    "QALoRAState",
+    "state_of",
     "ModelSummary",
     "wrap",
     "merge",
@@ -52,4 +45,7 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "set_activations",
-] + list(errors.__all__)
+    "load_model",
+    "LoadedModel",
+    *list(errors.__all__),
+]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from dataclasses import dataclass
+from typing import Any
 
 from .errors import ConfigError
 from .io import atomic_write_text
@@ -51,8 +51,8 @@ class QALoRAConfig:
     rank: int = 16
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: Optional[Union[List[str], str]] = None
-    exclude_modules: Optional[Union[List[str], str]] = None
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
     scale_dtype: str = "float16"
     on_indivisible: str = "raise"
     adapter: str = "qalora"
@@ -85,7 +85,11 @@ class QALoRAConfig:
             raise ConfigError(f"rank: got {self.rank!r}, it must be a positive int")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not (self.alpha == self.alpha):
             raise ConfigError(f"alpha: got {self.alpha!r}, it must be a number")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0.0 <= self.dropout < 1.0
+        ):
             raise ConfigError(f"dropout: got {self.dropout!r}, it must be in [0, 1)")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
@@ -111,11 +115,11 @@ class QALoRAConfig:
 
     # ------------------------------------------------------------------ JSON
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "QALoRAConfig":
+    def from_dict(cls, data: dict[str, Any]) -> QALoRAConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"expected a JSON object for QALoRAConfig, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -128,7 +132,7 @@ class QALoRAConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "QALoRAConfig":
+    def from_json(cls, text: str) -> QALoRAConfig:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -140,7 +144,7 @@ class QALoRAConfig:
         atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
-    def load(cls, path) -> "QALoRAConfig":
+    def load(cls, path) -> QALoRAConfig:
         try:
             with open(path, encoding="utf-8") as f:
                 return cls.from_json(f.read())

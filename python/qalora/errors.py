@@ -8,23 +8,23 @@ user code keeps working. The Rust kernels raise these same classes.
 from __future__ import annotations
 
 __all__ = [
-    "QALoRAError",
-    "ShapeError",
-    "DTypeError",
-    "DeviceError",
-    "UnsupportedBitsError",
-    "GroupSizeError",
-    "CodeRangeError",
-    "InvalidValueError",
-    "ConfigError",
-    "NoTargetModulesError",
     "AdapterMismatchError",
-    "MergeError",
     "CheckpointError",
+    "CodeRangeError",
+    "ConfigError",
+    "DTypeError",
     "DataError",
-    "ModelLoadError",
+    "DeviceError",
+    "GroupSizeError",
     "InternalError",
+    "InvalidValueError",
+    "MergeError",
+    "ModelLoadError",
+    "NoTargetModulesError",
+    "QALoRAError",
     "QALoRAWarning",
+    "ShapeError",
+    "UnsupportedBitsError",
 ]
 
 

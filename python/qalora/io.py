@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator
+from typing import Any
 
 import torch
 
@@ -38,11 +39,11 @@ def atomic_write_text(path, text: str) -> None:
             f.write(text)
 
 
-def atomic_write_json(path, data: Dict[str, Any]) -> None:
+def atomic_write_json(path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def atomic_save_safetensors(path, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str] | None = None) -> None:
+def atomic_save_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
     # safetensors wants contiguous CPU tensors that share no storage.

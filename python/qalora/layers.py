@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -33,7 +32,9 @@ def check_group_size(in_features: int, bits: int, group_size: int, layer: str) -
             f"or set on_indivisible='skip' to leave it unquantized"
         )
     if (in_features * bits) % 8:
-        raise GroupSizeError(f"layer {layer!r}: in_features = {in_features} does not pack into whole bytes at {bits} bits")
+        raise GroupSizeError(
+            f"layer {layer!r}: in_features = {in_features} does not pack into whole bytes at {bits} bits"
+        )
 
 
 def _autocast_input(x: torch.Tensor) -> torch.Tensor:
@@ -64,7 +65,7 @@ class QuantLinear(nn.Module):
         scale_dtype: torch.dtype = torch.float16,
         device=None,
         layer_name: str = "",
-        offset_dtype: Optional[torch.dtype] = None,
+        offset_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         check_group_size(in_features, bits, group_size, layer_name or "QuantLinear")
@@ -74,7 +75,9 @@ class QuantLinear(nn.Module):
         # "exact" or "int8" (see ops.qmatmul); a run-time choice, not saved with the model.
         self.activations = "exact"
         groups = in_features // group_size
-        self.register_buffer("packed", torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8, device=device))
+        self.register_buffer(
+            "packed", torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8, device=device)
+        )
         self.register_buffer("scales", torch.zeros(out_features, groups, dtype=scale_dtype, device=device))
         self.register_buffer("offsets", torch.zeros(out_features, groups, dtype=offset_dtype, device=device))
         if bias:
@@ -86,15 +89,17 @@ class QuantLinear(nn.Module):
     def from_weight(
         cls,
         weight: torch.Tensor,
-        bias: Optional[torch.Tensor],
+        bias: torch.Tensor | None,
         bits: int,
         group_size: int,
         scale_dtype: torch.dtype = torch.float16,
         layer_name: str = "",
-    ) -> "QuantLinear":
+    ) -> QuantLinear:
         """Quantizes a dense (out, in) weight with min-max RTN."""
         out_features, in_features = weight.shape
-        layer = cls(in_features, out_features, bits, group_size, bias is not None, scale_dtype, weight.device, layer_name)
+        layer = cls(
+            in_features, out_features, bits, group_size, bias is not None, scale_dtype, weight.device, layer_name
+        )
         with torch.no_grad():
             packed, scales, offsets = ops.quantize(weight.detach(), bits, group_size, scale_dtype)
             layer.packed.copy_(packed)
@@ -186,7 +191,7 @@ class QALoRALinear(nn.Module):
         return self.scaling * ba
 
     @torch.no_grad()
-    def merged(self, offset_dtype: Optional[torch.dtype] = None) -> QuantLinear:
+    def merged(self, offset_dtype: torch.dtype | None = None) -> QuantLinear:
         """A QuantLinear with the adapter folded into its offsets (exact; codes unchanged).
 
         ``offset_dtype`` (default: the current offsets' dtype) stores the merged offsets in
@@ -199,14 +204,24 @@ class QALoRALinear(nn.Module):
         base = self.base_layer
         offset_dtype = offset_dtype or base.offsets.dtype
         out = QuantLinear(
-            base.in_features, base.out_features, base.bits, base.group_size, base.bias is not None,
-            base.scales.dtype, base.packed.device, offset_dtype=offset_dtype,
+            base.in_features,
+            base.out_features,
+            base.bits,
+            base.group_size,
+            base.bias is not None,
+            base.scales.dtype,
+            base.packed.device,
+            offset_dtype=offset_dtype,
         )
         out.packed.copy_(base.packed)
         out.scales.copy_(base.scales)
         out.offsets.copy_(
             ops.merge_offsets(
-                base.offsets.to(offset_dtype), self.lora_A.weight.detach(), self.lora_B.weight.detach(), self.scaling, base.group_size
+                base.offsets.to(offset_dtype),
+                self.lora_A.weight.detach(),
+                self.lora_B.weight.detach(),
+                self.scaling,
+                base.group_size,
             )
         )
         if base.bias is not None:

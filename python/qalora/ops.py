@@ -18,8 +18,6 @@ the tests hold them to it.
 
 from __future__ import annotations
 
-from typing import Tuple, Union
-
 import numpy as np
 import torch
 
@@ -28,19 +26,19 @@ from .errors import CodeRangeError, DTypeError, ShapeError
 
 __all__ = [
     "SUPPORTED_BITS",
-    "pack",
-    "unpack",
-    "quantize",
     "dequantize",
-    "qmatmul",
     "group_pool",
     "merge_offsets",
+    "pack",
+    "qmatmul",
+    "quantize",
+    "unpack",
 ]
 
 #: Bit widths the kernels store.
-SUPPORTED_BITS: Tuple[int, ...] = tuple(_core.SUPPORTED_BITS)
+SUPPORTED_BITS: tuple[int, ...] = tuple(_core.SUPPORTED_BITS)
 
-ArrayOrTensor = Union[torch.Tensor, np.ndarray]
+ArrayOrTensor = torch.Tensor | np.ndarray
 
 
 def _dtype_name(dtype: torch.dtype, arg: str) -> str:
@@ -110,7 +108,7 @@ def quantize(
     scale_dtype: torch.dtype = torch.float16,
     *,
     backend: str = "auto",
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric min-max round-to-nearest quantization per (row, group).
 
     For each row n and group l of ``group_size`` consecutive columns: offset = min,
@@ -129,7 +127,11 @@ def quantize(
         of ``scale_dtype``, on the weight's device.
     """
     return _core.quantize(
-        weight, _int_arg(bits, "bits"), _int_arg(group_size, "group_size"), _dtype_name(scale_dtype, "scale_dtype"), backend
+        weight,
+        _int_arg(bits, "bits"),
+        _int_arg(group_size, "group_size"),
+        _dtype_name(scale_dtype, "scale_dtype"),
+        backend,
     )
 
 
@@ -145,7 +147,13 @@ def dequantize(
 ) -> torch.Tensor:
     """Dense (N, K) weight ``scales * q + offsets`` (computed in float32), in ``dtype``."""
     return _core.dequantize(
-        packed, scales, offsets, _int_arg(bits, "bits"), _int_arg(group_size, "group_size"), _dtype_name(dtype, "dtype"), backend
+        packed,
+        scales,
+        offsets,
+        _int_arg(bits, "bits"),
+        _int_arg(group_size, "group_size"),
+        _dtype_name(dtype, "dtype"),
+        backend,
     )
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
-from typing import Iterable, Optional, TypeVar
+from collections.abc import Iterable
+from typing import TypeVar
 
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], desc: str, enabled: Optional[bool] = None, min_items: int = 1, total: Optional[int] = None) -> Iterable[T]:
+def progress(
+    items: Iterable[T], desc: str, enabled: bool | None = None, min_items: int = 1, total: int | None = None
+) -> Iterable[T]:
     """Wraps ``items`` in a tqdm bar when ``enabled`` (default: when there are at least
     ``min_items`` items and QALORA_NO_PROGRESS is unset)."""
     from tqdm.auto import tqdm

@@ -6,16 +6,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 import torch
 
+from .errors import ConfigError
 from .progress import progress
 
 
 @dataclass
 class TrainResult:
-    losses: List[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
     seconds_per_step: float = 0.0
     steps: int = 0
 
@@ -33,14 +33,14 @@ def finetune(
     lr: float = 2e-4,
     warmup: int = 5,
     seed: int = 0,
-    show_progress: Optional[bool] = None,
+    show_progress: bool | None = None,
     desc: str = "qalora: training",
 ) -> TrainResult:
     """AdamW on the trainable parameters, linear warm-up then cosine decay, batches drawn
     from ``blocks`` (num_blocks, block_size) in a seeded shuffled order."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no trainable parameters; wrap it with qalora.wrap first")
+        raise ConfigError("the model has no trainable parameters; wrap it with qalora.wrap first")
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
@@ -80,7 +80,7 @@ def perplexity(
     blocks: torch.Tensor,
     *,
     batch_size: int = 4,
-    show_progress: Optional[bool] = None,
+    show_progress: bool | None = None,
     desc: str = "qalora: perplexity",
 ) -> float:
     """exp(mean next-token cross-entropy) over every predicted token of ``blocks``."""

