@@ -1,40 +1,113 @@
-//! The one crossing between Python and the kernels: tensor conversion, the mapping of
-//! kernel errors onto `qalora.errors`, and the helper that releases the GIL and turns a
-//! panic into an exception.
+//! The one crossing between Python and the kernels: the exception classes (handed over once
+//! by `qalora.errors`) and the mapping of kernel errors onto them, the helper that releases
+//! the GIL and turns a panic into an exception, and tensor conversion.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyException, PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
+use pyo3::sync::GILOnceCell;
 use pyo3::types::PyType;
+use qalora_core::half::{bf16, f16};
 use qalora_core::{ErrorKind, KernelError};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 pub type KResult<T> = Result<T, KernelError>;
 
-/// Python class (in `qalora.errors`) raised for each kernel error kind.
-fn exception_name(kind: ErrorKind) -> &'static str {
-    match kind {
-        ErrorKind::Shape => "ShapeError",
-        ErrorKind::DType => "DTypeError",
-        ErrorKind::Device => "DeviceError",
-        ErrorKind::Bits => "UnsupportedBitsError",
-        ErrorKind::GroupSize => "GroupSizeError",
-        ErrorKind::CodeRange => "CodeRangeError",
-        ErrorKind::Value => "InvalidValueError",
-        ErrorKind::Internal => "InternalError",
+/// The Python class raised for each kernel error kind.
+struct ErrorClasses {
+    shape: Py<PyType>,
+    dtype: Py<PyType>,
+    device: Py<PyType>,
+    bits: Py<PyType>,
+    group_size: Py<PyType>,
+    code_range: Py<PyType>,
+    value: Py<PyType>,
+    internal: Py<PyType>,
+}
+
+impl ErrorClasses {
+    fn of(&self, kind: ErrorKind) -> &Py<PyType> {
+        match kind {
+            ErrorKind::Shape => &self.shape,
+            ErrorKind::DType => &self.dtype,
+            ErrorKind::Device => &self.device,
+            ErrorKind::Bits => &self.bits,
+            ErrorKind::GroupSize => &self.group_size,
+            ErrorKind::CodeRange => &self.code_range,
+            ErrorKind::Value => &self.value,
+            ErrorKind::Internal => &self.internal,
+        }
+    }
+
+    fn all(&self) -> [&Py<PyType>; 8] {
+        [
+            &self.shape,
+            &self.dtype,
+            &self.device,
+            &self.bits,
+            &self.group_size,
+            &self.code_range,
+            &self.value,
+            &self.internal,
+        ]
     }
 }
 
+static CLASSES: GILOnceCell<ErrorClasses> = GILOnceCell::new();
+
+/// Hands the exception classes to the extension, once (`qalora.errors` does it at import).
+/// Each kernel error kind is raised as its class from then on. Registering the same classes
+/// again is a no-op; different ones are refused.
+#[pyfunction]
+#[pyo3(signature = (*, shape, dtype, device, bits, group_size, code_range, value, internal))]
+#[allow(clippy::too_many_arguments)]
+pub fn register_errors(
+    py: Python<'_>,
+    shape: Bound<'_, PyType>,
+    dtype: Bound<'_, PyType>,
+    device: Bound<'_, PyType>,
+    bits: Bound<'_, PyType>,
+    group_size: Bound<'_, PyType>,
+    code_range: Bound<'_, PyType>,
+    value: Bound<'_, PyType>,
+    internal: Bound<'_, PyType>,
+) -> PyResult<()> {
+    let given = [&shape, &dtype, &device, &bits, &group_size, &code_range, &value, &internal];
+    for cls in given {
+        if !cls.is_subclass_of::<PyException>()? {
+            return Err(PyTypeError::new_err(format!("register_errors: {} is not an Exception class", cls.name()?)));
+        }
+    }
+    let classes = ErrorClasses {
+        shape: shape.clone().unbind(),
+        dtype: dtype.clone().unbind(),
+        device: device.clone().unbind(),
+        bits: bits.clone().unbind(),
+        group_size: group_size.clone().unbind(),
+        code_range: code_range.clone().unbind(),
+        value: value.clone().unbind(),
+        internal: internal.clone().unbind(),
+    };
+    let stored = CLASSES.get_or_init(py, || classes);
+    if stored.all().iter().zip(given).all(|(s, g)| s.bind(py).is(g)) {
+        Ok(())
+    } else {
+        Err(PyRuntimeError::new_err("register_errors: other exception classes are already registered"))
+    }
+}
+
+/// The registered Python exception for a kernel error. Without registered classes (the
+/// extension used without `qalora.errors`) it is a RuntimeError saying so, never a plain
+/// ValueError that `except ValueError` would swallow.
 pub fn to_py_err(py: Python<'_>, err: KernelError) -> PyErr {
-    let class = py
-        .import("qalora.errors")
-        .and_then(|m| m.getattr(exception_name(err.kind)))
-        .and_then(|c| c.downcast_into::<PyType>().map_err(PyErr::from));
-    match class {
-        Ok(cls) => PyErr::from_type(cls, err.message),
-        // Only reachable if the extension is used without its Python package.
-        Err(_) => PyValueError::new_err(err.message),
+    match CLASSES.get(py) {
+        Some(classes) => PyErr::from_type(classes.of(err.kind).bind(py).clone(), err.message),
+        None => PyRuntimeError::new_err(format!(
+            "qalora._core: no exception classes are registered (qalora.errors registers them when it is \
+             imported), so this {:?} error cannot be raised as its own type: {}",
+            err.kind, err.message
+        )),
     }
 }
 
@@ -74,6 +147,8 @@ where
 /// Borrows a Python `torch.Tensor` as a `tch::Tensor` sharing its storage.
 pub fn tensor_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Tensor> {
     let ptr = obj.as_ptr() as *mut tch::python::CPyObject;
+    // SAFETY: `ptr` is a live Python object (borrowed through `obj`, with the GIL held) for
+    // the whole call; the tensor returned holds its own reference to the storage.
     match unsafe { Tensor::pyobject_unpack(ptr) } {
         Ok(Some(t)) => Ok(t),
         _ => {
@@ -87,7 +162,55 @@ pub fn wrap_tensor(py: Python<'_>, t: Tensor) -> PyResult<PyObject> {
     let ptr = t
         .pyobject_wrap()
         .map_err(|e| to_py_err(py, KernelError::internal(format!("could not return a tensor: {e}"))))?;
-    Ok(unsafe { PyObject::from_owned_ptr(py, ptr as *mut pyo3::ffi::PyObject) })
+    // SAFETY: `pyobject_wrap` returns a new reference to a Python tensor (or null with a
+    // Python error set, which `from_owned_ptr_or_err` turns into that error).
+    unsafe { PyObject::from_owned_ptr_or_err(py, ptr as *mut pyo3::ffi::PyObject) }
+}
+
+/// A tensor's element type: one tch knows, or one of torch's unsigned types that tch 0.24
+/// has no `Kind` for, or another scalar-type number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    Known(Kind),
+    UInt16,
+    UInt32,
+    UInt64,
+    Other(i32),
+}
+
+/// The dtype of `t`, without panicking on types tch does not know (`Tensor::kind` would).
+pub fn dtype_of(t: &Tensor) -> DType {
+    // c10::ScalarType numbers of the unsigned types (c10/core/ScalarType.h).
+    match t.f_kind() {
+        Ok(kind) => DType::Known(kind),
+        Err(TchError::UnknownKind(27)) => DType::UInt16,
+        Err(TchError::UnknownKind(28)) => DType::UInt32,
+        Err(TchError::UnknownKind(29)) => DType::UInt64,
+        Err(TchError::UnknownKind(v)) => DType::Other(v),
+        Err(_) => DType::Other(-1),
+    }
+}
+
+impl DType {
+    pub fn name(self) -> String {
+        match self {
+            DType::Known(kind) => kind_name(kind).to_string(),
+            DType::UInt16 => "torch.uint16".into(),
+            DType::UInt32 => "torch.uint32".into(),
+            DType::UInt64 => "torch.uint64".into(),
+            DType::Other(v) => format!("an unsupported dtype (torch scalar type {v})"),
+        }
+    }
+
+    fn size(self) -> Option<usize> {
+        match self {
+            DType::Known(kind) => Some(kind.elt_size_in_bytes()),
+            DType::UInt16 => Some(2),
+            DType::UInt32 => Some(4),
+            DType::UInt64 => Some(8),
+            DType::Other(_) => None,
+        }
+    }
 }
 
 pub fn kind_name(kind: Kind) -> &'static str {
@@ -110,47 +233,123 @@ pub fn device_name(d: Device) -> String {
     match d {
         Device::Cpu => "cpu".into(),
         Device::Cuda(i) => format!("cuda:{i}"),
+        // tch 0.24 reports every device but cpu, cuda and vulkan (meta, xpu, ...) as MPS.
+        Device::Mps => "a device other than cpu and cuda (mps, meta, ...)".into(),
         other => format!("{other:?}").to_lowercase(),
     }
 }
 
-/// Parses a dtype name sent by the Python shell ("float16", "bfloat16", "float32", "float64").
-pub fn parse_float_kind(name: &str, arg: &str, allowed: &[Kind]) -> KResult<Kind> {
-    let kind = match name.trim_start_matches("torch.") {
-        "float16" | "half" => Kind::Half,
-        "bfloat16" => Kind::BFloat16,
-        "float32" | "float" => Kind::Float,
-        "float64" | "double" => Kind::Double,
-        _ => Kind::Uint8, // rejected below
-    };
-    if allowed.contains(&kind) {
-        Ok(kind)
-    } else {
-        Err(KernelError::dtype(format!(
-            "{arg}: got {name}, allowed: {}",
-            allowed.iter().map(|k| kind_name(*k)).collect::<Vec<_>>().join(", ")
-        )))
-    }
+/// Plain numeric element types: every bit pattern is a valid value, so a tensor's bytes can
+/// be viewed as them when sizes match.
+pub trait Plain: Copy + Send + Sync + 'static {}
+impl Plain for u8 {}
+impl Plain for i8 {}
+impl Plain for u16 {}
+impl Plain for i16 {}
+impl Plain for u32 {}
+impl Plain for i32 {}
+impl Plain for u64 {}
+impl Plain for i64 {}
+impl Plain for f32 {}
+impl Plain for f64 {}
+impl Plain for f16 {}
+impl Plain for bf16 {}
+
+/// Asserts what viewing `t`'s elements as `T` needs; returns the element count.
+fn check_view<T: Plain>(t: &Tensor) -> usize {
+    let dtype = dtype_of(t);
+    assert!(
+        dtype.size() == Some(std::mem::size_of::<T>()) && t.is_contiguous() && t.device() == Device::Cpu,
+        "viewing a {} tensor as {} elements",
+        dtype.name(),
+        std::any::type_name::<T>()
+    );
+    t.numel()
 }
 
-/// Read-only view of a contiguous CPU tensor's elements. Callers have checked kind,
-/// device and contiguity.
-pub fn slice<T>(t: &Tensor) -> &[T] {
-    debug_assert!(t.is_contiguous() && t.device() == Device::Cpu);
-    let n = t.numel();
+/// Read-only view of a contiguous CPU tensor's elements (element size checked). The caller
+/// holds the tensor for the view's lifetime; a Python thread writing to the same tensor
+/// meanwhile is a race the caller's Python code owns, as with any zero-copy extension.
+pub fn slice<T: Plain>(t: &Tensor) -> &[T] {
+    let n = check_view::<T>(t);
     if n == 0 {
         return &[];
     }
+    // SAFETY: `check_view` asserted a contiguous CPU tensor of `n` elements of T's size;
+    // torch aligns element storage to the element size, and every bit pattern is a valid
+    // `T: Plain`. The storage lives as long as `t` is borrowed.
     unsafe { std::slice::from_raw_parts(t.data_ptr() as *const T, n) }
 }
 
-/// Mutable view of a contiguous CPU tensor the caller just allocated.
-#[allow(clippy::mut_from_ref)]
-pub fn slice_mut<T>(t: &Tensor) -> &mut [T] {
-    debug_assert!(t.is_contiguous() && t.device() == Device::Cpu);
-    let n = t.numel();
-    if n == 0 {
-        return &mut [];
+/// The error for a tensor libtorch could not allocate: the shape asked for is too large for
+/// this machine (a caller's size, such as a huge group size or an expanded view, not a bug).
+pub fn allocation_error(shape: &[i64], dtype: &str, err: TchError) -> KernelError {
+    let text = err.to_string();
+    let first = text.lines().next().unwrap_or_default();
+    KernelError::shape(format!("could not allocate a {dtype} tensor of shape {shape:?}: {first}"))
+}
+
+/// `t` in contiguous memory (itself when it already is). An input can be a view, such as an
+/// `expand`, whose dense copy is too large to allocate: that is a typed error.
+pub fn contiguous(t: &Tensor) -> KResult<Tensor> {
+    t.f_contiguous().map_err(|e| allocation_error(&t.size(), &dtype_of(t).name(), e))
+}
+
+/// `t` as a contiguous tensor of `kind` (itself when it already is one), as [`contiguous`].
+pub fn dense(t: &Tensor, kind: Kind) -> KResult<Tensor> {
+    contiguous(&t.f_to_kind(kind).map_err(|e| allocation_error(&t.size(), kind_name(kind), e))?)
+}
+
+/// A CPU tensor just allocated here. It is the only handle to its storage until
+/// [`Fresh::into_tensor`], so it can lend its elements mutably.
+pub struct Fresh(Tensor);
+
+impl Fresh {
+    /// Allocates an uninitialised CPU tensor for a kernel to fill. Large outputs are freshly
+    /// mmapped by the allocator, and faulting them in 4 KiB at a time cost more than the
+    /// kernels themselves (measured: ~3 ms for an 8 MiB pack output that takes 0.4 ms to
+    /// fill), so they are advised onto transparent huge pages first: a hint, errors ignored.
+    pub fn empty(shape: &[i64], kind: Kind) -> KResult<Fresh> {
+        let t = Tensor::f_empty(shape, (kind, Device::Cpu)).map_err(|e| allocation_error(shape, kind_name(kind), e))?;
+        #[cfg(target_os = "linux")]
+        {
+            const HUGE: usize = 2 << 20;
+            const MADV_HUGEPAGE: i32 = 14;
+            extern "C" {
+                fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: i32) -> i32;
+            }
+            let bytes = t.numel() * kind.elt_size_in_bytes();
+            if bytes >= 2 * HUGE {
+                let start = t.data_ptr() as usize;
+                let (lo, hi) = ((start + HUGE - 1) & !(HUGE - 1), (start + bytes) & !(HUGE - 1));
+                if hi > lo {
+                    // SAFETY: [lo, hi) lies inside the tensor's allocation; MADV_HUGEPAGE only
+                    // changes how untouched pages are backed, never their contents.
+                    unsafe { madvise(lo as *mut std::ffi::c_void, hi - lo, MADV_HUGEPAGE) };
+                }
+            }
+        }
+        Ok(Fresh(t))
     }
-    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, n) }
+
+    /// The elements, to fill.
+    pub fn data_mut<T: Plain>(&mut self) -> &mut [T] {
+        let n = check_view::<T>(&self.0);
+        if n == 0 {
+            return &mut [];
+        }
+        // SAFETY: as in `slice`; and nothing else touches this storage while `self` is
+        // mutably borrowed: `Fresh` never shares its tensor, and the view `with_rows` lends
+        // lives only inside that call.
+        unsafe { std::slice::from_raw_parts_mut(self.0.data_ptr() as *mut T, n) }
+    }
+
+    /// Calls `f` with a tensor of the first `rows` rows (sharing storage), for torch to read.
+    pub fn with_rows<R>(&self, rows: usize, f: impl FnOnce(&Tensor) -> R) -> R {
+        f(&self.0.narrow(0, 0, rows as i64))
+    }
+
+    pub fn into_tensor(self) -> Tensor {
+        self.0
+    }
 }

@@ -3,12 +3,12 @@
 use qalora_core::{merge, pack, pool, q8, qmatmul, quant, GroupParams, Isa, ParamDtype, QuantLayout};
 use tch::{Device, Kind, Tensor};
 
-use crate::args::QuantWeight;
-use crate::boundary::{slice, slice_mut, KResult};
+use crate::args::{CodeDType, QuantWeight};
+use crate::boundary::{allocation_error, contiguous, dense, kind_name, slice, Fresh, KResult, Plain};
 
 /// Below or at this many activation rows the fused kernel wins; above it, dequantizing a
 /// tile and calling torch's GEMM does.
-pub const FUSED_MAX_ROWS: usize = 16;
+const FUSED_MAX_ROWS: usize = 16;
 /// Elements of one dequantized tile (16 MiB of f32; fewer, larger GEMM calls measured
 /// better than 8 MiB tiles, larger did not help): bounds the transient memory of the
 /// large-M path to a small fraction of one dense copy of a large layer.
@@ -18,66 +18,47 @@ fn cpu(kind: Kind) -> (Kind, Device) {
     (kind, Device::Cpu)
 }
 
-/// Allocates an uninitialised CPU tensor for a kernel to fill. Large outputs are freshly
-/// mmapped by the allocator, and faulting them in 4 KiB at a time cost more than the
-/// kernels themselves (measured: ~3 ms for an 8 MiB pack output that takes 0.4 ms to
-/// fill), so they are advised onto transparent huge pages first: a hint, errors ignored.
-fn empty_out(shape: &[i64], kind: Kind) -> Tensor {
-    let t = Tensor::empty(shape, cpu(kind));
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        const MADV_HUGEPAGE: i32 = 14;
-        extern "C" {
-            fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: i32) -> i32;
-        }
-        let bytes = t.numel() * kind.elt_size_in_bytes();
-        if bytes >= 2 * HUGE {
-            let start = t.data_ptr() as usize;
-            let (lo, hi) = ((start + HUGE - 1) & !(HUGE - 1), (start + bytes) & !(HUGE - 1));
-            if hi > lo {
-                // SAFETY: [lo, hi) lies inside the tensor's allocation; MADV_HUGEPAGE only
-                // changes how untouched pages are backed, never their contents.
-                unsafe { madvise(lo as *mut std::ffi::c_void, hi - lo, MADV_HUGEPAGE) };
-            }
-        }
-    }
-    t
+/// Narrows integer codes to bytes, checking the range in the same pass.
+fn narrow<T: pack::WideCode + Plain>(codes: &Tensor, k: usize, bits: u32, dst: &mut [u8]) -> KResult<()> {
+    pack::narrow_codes(slice::<T>(codes), k, bits, dst)
 }
 
-/// Packs (N, K) codes of any integer kind. Uint8 goes straight to the kernel (which checks
-/// the range as it packs); wider kinds are narrowed with a range check first, in one pass,
+/// Packs (N, K) codes of any integer dtype. Uint8 goes straight to the kernel (which checks
+/// the range as it packs); wider dtypes are narrowed with a range check first, in one pass,
 /// instead of torch's cast-to-int64-and-compare (several full-size temporaries).
-pub fn pack_codes(codes: &Tensor, bits: u32) -> KResult<Tensor> {
+pub fn pack_codes(codes: &Tensor, dtype: CodeDType, bits: u32) -> KResult<Tensor> {
     let (n, k) = (codes.size()[0] as usize, codes.size()[1] as usize);
     let row_bytes = qalora_core::packed_row_bytes(k, bits)?;
-    let c = codes.contiguous();
+    let c = contiguous(codes)?;
     let narrowed;
-    let bytes: &[u8] = match c.kind() {
-        Kind::Uint8 => slice(&c),
-        kind => {
-            narrowed = empty_out(&[n as i64, k as i64], Kind::Uint8);
-            let dst = slice_mut::<u8>(&narrowed);
-            match kind {
-                Kind::Int8 => pack::narrow_codes(slice::<i8>(&c), k, bits, dst)?,
-                Kind::Int16 => pack::narrow_codes(slice::<i16>(&c), k, bits, dst)?,
-                Kind::Int => pack::narrow_codes(slice::<i32>(&c), k, bits, dst)?,
-                Kind::Int64 => pack::narrow_codes(slice::<i64>(&c), k, bits, dst)?,
-                other => return Err(qalora_core::KernelError::dtype(format!("codes: unsupported dtype {other:?}"))),
-            }
-            slice(&narrowed)
+    let bytes: &[u8] = if dtype == CodeDType::U8 {
+        slice(&c)
+    } else {
+        let mut buf = Fresh::empty(&[n as i64, k as i64], Kind::Uint8)?;
+        let dst = buf.data_mut::<u8>();
+        match dtype {
+            CodeDType::I8 => narrow::<i8>(&c, k, bits, dst)?,
+            CodeDType::I16 => narrow::<i16>(&c, k, bits, dst)?,
+            CodeDType::I32 => narrow::<i32>(&c, k, bits, dst)?,
+            CodeDType::I64 => narrow::<i64>(&c, k, bits, dst)?,
+            CodeDType::U16 => narrow::<u16>(&c, k, bits, dst)?,
+            CodeDType::U32 => narrow::<u32>(&c, k, bits, dst)?,
+            CodeDType::U64 => narrow::<u64>(&c, k, bits, dst)?,
+            CodeDType::U8 => unreachable!("uint8 codes are packed as they are"),
         }
+        narrowed = buf.into_tensor();
+        slice(&narrowed)
     };
-    let out = empty_out(&[n as i64, row_bytes as i64], Kind::Uint8);
-    pack::pack(bytes, n, k, bits, slice_mut(&out))?;
-    Ok(out)
+    let mut out = Fresh::empty(&[n as i64, row_bytes as i64], Kind::Uint8)?;
+    pack::pack(bytes, n, k, bits, out.data_mut())?;
+    Ok(out.into_tensor())
 }
 
 pub fn unpack_codes(packed: &Tensor, bits: u32, k: usize) -> KResult<Tensor> {
     let n = packed.size()[0] as usize;
-    let out = empty_out(&[n as i64, k as i64], Kind::Uint8);
-    pack::unpack(slice(packed), n, k, bits, slice_mut(&out))?;
-    Ok(out)
+    let mut out = Fresh::empty(&[n as i64, k as i64], Kind::Uint8)?;
+    pack::unpack(slice(packed), n, k, bits, out.data_mut())?;
+    Ok(out.into_tensor())
 }
 
 pub fn param_dtype(kind: Kind) -> ParamDtype {
@@ -89,42 +70,28 @@ pub fn param_dtype(kind: Kind) -> ParamDtype {
 }
 
 pub fn quantize(w: &Tensor, layout: QuantLayout, scale_kind: Kind) -> KResult<(Tensor, Tensor, Tensor)> {
-    let w = w.to_kind(Kind::Float).contiguous();
-    let packed = empty_out(&[layout.n as i64, layout.row_bytes() as i64], Kind::Uint8);
+    let w = dense(w, Kind::Float)?;
+    let mut packed = Fresh::empty(&[layout.n as i64, layout.row_bytes() as i64], Kind::Uint8)?;
     let shape = [layout.n as i64, layout.groups() as i64];
-    let scales = Tensor::empty(shape, cpu(Kind::Float));
-    let offsets = Tensor::empty(shape, cpu(Kind::Float));
+    let (mut scales, mut offsets) = (Fresh::empty(&shape, Kind::Float)?, Fresh::empty(&shape, Kind::Float)?);
     quant::quantize(
         slice(&w),
         layout,
         param_dtype(scale_kind),
-        slice_mut(&packed),
-        slice_mut(&scales),
-        slice_mut(&offsets),
+        packed.data_mut(),
+        scales.data_mut(),
+        offsets.data_mut(),
     )?;
     // Values are already rounded to `scale_kind`, so this cast is exact.
-    Ok((packed, scales.to_kind(scale_kind), offsets.to_kind(scale_kind)))
-}
-
-/// Dequantizes rows [row0, row0 + out.rows) of the weight into `out` (f32, contiguous).
-fn dequantize_rows(w: &QuantWeight, s: &Tensor, o: &Tensor, row0: usize, out: &Tensor) -> KResult<()> {
-    let rows = out.size()[0] as usize;
-    let l = w.layout;
-    let sub = QuantLayout::new(rows, l.k, l.bits, l.group_size)?;
-    let (rb, gs) = (l.row_bytes(), l.groups());
-    quant::dequantize(
-        &slice::<u8>(&w.packed)[row0 * rb..(row0 + rows) * rb],
-        &slice::<f32>(s)[row0 * gs..(row0 + rows) * gs],
-        &slice::<f32>(o)[row0 * gs..(row0 + rows) * gs],
-        sub,
-        slice_mut(out),
-    )
+    let (scales, offsets) = (scales.into_tensor(), offsets.into_tensor());
+    Ok((packed.into_tensor(), scales.to_kind(scale_kind), offsets.to_kind(scale_kind)))
 }
 
 pub fn dequantize(w: &QuantWeight, kind: Kind) -> KResult<Tensor> {
     let (s, o) = w.params_f32();
-    let out = empty_out(&[w.layout.n as i64, w.layout.k as i64], Kind::Float);
-    dequantize_rows(w, &s, &o, 0, &out)?;
+    let mut out = Fresh::empty(&[w.layout.n as i64, w.layout.k as i64], Kind::Float)?;
+    quant::dequantize(slice(&w.packed), slice(&s), slice(&o), w.layout, out.data_mut())?;
+    let out = out.into_tensor();
     Ok(if kind == Kind::Float { out } else { out.to_kind(kind) })
 }
 
@@ -142,22 +109,22 @@ fn for_each_tile(w: &QuantWeight, kind: Kind, mut f: impl FnMut(usize, &Tensor))
     let (s, o) = w.params_f32();
     let (n, k) = (w.layout.n, w.layout.k);
     let rows = tile_rows(w.layout);
-    let buf = Tensor::empty([rows as i64, k as i64], cpu(Kind::Float));
+    let mut buf = Fresh::empty(&[rows as i64, k as i64], Kind::Float)?;
     let (packed, sf, of) = (slice::<u8>(&w.packed), slice::<f32>(&s), slice::<f32>(&o));
     let mut codes = vec![0u8; k];
     let mut row0 = 0;
     while row0 < n {
         let r = rows.min(n - row0);
-        let tile = buf.narrow(0, 0, r as i64);
-        let dst = slice_mut::<f32>(&tile);
-        for (i, out_row) in dst.chunks_exact_mut(k).enumerate() {
+        for (i, out_row) in buf.data_mut::<f32>()[..r * k].chunks_exact_mut(k).enumerate() {
             quant::dequantize_row(packed, sf, of, w.layout, row0 + i, &mut codes, out_row);
         }
-        if kind == Kind::Float {
-            f(row0, &tile);
-        } else {
-            f(row0, &tile.to_kind(kind));
-        }
+        buf.with_rows(r, |tile| {
+            if kind == Kind::Float {
+                f(row0, tile);
+            } else {
+                f(row0, &tile.to_kind(kind));
+            }
+        });
         row0 += r;
     }
     Ok(())
@@ -173,9 +140,9 @@ pub fn qmatmul(x2: &Tensor, w: &QuantWeight, int8: bool) -> KResult<Tensor> {
         return Ok(Tensor::zeros([0, n as i64], cpu(out_kind)));
     }
     if out_kind != Kind::Double && m <= FUSED_MAX_ROWS {
-        let xf = x2.to_kind(Kind::Float).contiguous();
-        let out = Tensor::empty([m as i64, n as i64], cpu(Kind::Float));
-        let (xs, pk, os) = (slice(&xf), slice(&w.packed), slice_mut(&out));
+        let xf = dense(x2, Kind::Float)?;
+        let mut out = Fresh::empty(&[m as i64, n as i64], Kind::Float)?;
+        let (xs, pk, os) = (slice(&xf), slice(&w.packed), out.data_mut());
         let fused = if int8 { q8::qmatmul_int8_with } else { qmatmul::qmatmul_with };
         let fused = |x, m, p, params, l, o| fused(x, m, p, params, l, o, Isa::detect());
         if w.scales.kind() == Kind::Half && w.offsets.kind() == Kind::Half {
@@ -189,14 +156,15 @@ pub fn qmatmul(x2: &Tensor, w: &QuantWeight, int8: bool) -> KResult<Tensor> {
             let params = GroupParams::F32 { scales: slice(&s), offsets: slice(&o) };
             fused(xs, m, pk, params, w.layout, os)?;
         }
-        return Ok(out.to_kind(out_kind));
+        return Ok(out.into_tensor().to_kind(out_kind));
     }
     // Large M: one dequantized tile at a time through torch's GEMM, written into a
     // transposed output whose row blocks are contiguous.
     let ck = if out_kind == Kind::Double { Kind::Double } else { Kind::Float };
-    let xc = x2.to_kind(ck);
+    let xc = dense(x2, ck)?;
     let xt = xc.tr();
-    let out_t = Tensor::empty([n as i64, m as i64], cpu(ck));
+    let out_t = Tensor::f_empty([n as i64, m as i64], cpu(ck))
+        .map_err(|e| allocation_error(&[n as i64, m as i64], kind_name(ck), e))?;
     for_each_tile(w, ck, |row0, tile| {
         let dst = out_t.narrow(0, row0 as i64, tile.size()[0]);
         let _ = tile.mm_out(&dst, &xt);
@@ -209,8 +177,8 @@ pub fn qmatmul_grad_input(g2: &Tensor, w: &QuantWeight) -> KResult<Tensor> {
     let (m, k) = (g2.size()[0], w.layout.k as i64);
     let out_kind = g2.kind();
     let ck = if out_kind == Kind::Double { Kind::Double } else { Kind::Float };
-    let gc = g2.to_kind(ck);
-    let mut gx = Tensor::zeros([m, k], cpu(ck));
+    let gc = dense(g2, ck)?;
+    let mut gx = Tensor::f_zeros([m, k], cpu(ck)).map_err(|e| allocation_error(&[m, k], kind_name(ck), e))?;
     if m == 0 {
         return Ok(gx.to_kind(out_kind));
     }
@@ -222,21 +190,21 @@ pub fn qmatmul_grad_input(g2: &Tensor, w: &QuantWeight) -> KResult<Tensor> {
 }
 
 pub fn group_pool(x: &Tensor, lead: &[i64], k: usize, g: usize) -> KResult<Tensor> {
-    let xc = x.contiguous();
+    let xc = dense(x, Kind::Float)?;
     let mut shape = lead.to_vec();
-    shape.push((k / g.max(1)) as i64);
-    let out = Tensor::empty(shape.as_slice(), cpu(Kind::Float));
-    pool::group_pool(slice(&xc), k, g, slice_mut(&out))?;
-    Ok(out)
+    shape.push((k / g) as i64);
+    let mut out = Fresh::empty(&shape, Kind::Float)?;
+    pool::group_pool(slice(&xc), k, g, out.data_mut())?;
+    Ok(out.into_tensor())
 }
 
 pub fn group_pool_backward(grad: &Tensor, lead: &[i64], k: usize, g: usize) -> KResult<Tensor> {
-    let gc = grad.contiguous();
+    let gc = dense(grad, Kind::Float)?;
     let mut shape = lead.to_vec();
     shape.push(k as i64);
-    let out = Tensor::empty(shape.as_slice(), cpu(Kind::Float));
-    pool::group_pool_backward(slice(&gc), k, g, slice_mut(&out))?;
-    Ok(out)
+    let mut out = Fresh::empty(&shape, Kind::Float)?;
+    pool::group_pool_backward(slice(&gc), k, g, out.data_mut())?;
+    Ok(out.into_tensor())
 }
 
 pub fn merge_offsets(
@@ -250,22 +218,23 @@ pub fn merge_offsets(
     let (n, groups) = (offsets.size()[0] as usize, offsets.size()[1] as usize);
     let rank = lora_a.size()[0] as usize;
     // A and B are small next to the offsets (r/L of them); no-ops when already f32.
-    let a = lora_a.to_kind(Kind::Float).contiguous();
-    let b = lora_b.to_kind(Kind::Float).contiguous();
+    let a = dense(lora_a, Kind::Float)?;
+    let b = dense(lora_b, Kind::Float)?;
     // f16/bf16/f32 offsets are read and written in place by the kernel (converted a block
     // of rows at a time); only f64 goes through an f32 copy, as the result is f32-computed.
     let kind = if offsets.kind() == Kind::Double { Kind::Float } else { offsets.kind() };
-    let m = offsets.to_kind(kind).contiguous();
-    let out = empty_out(&[n as i64, groups as i64], kind);
+    let m = dense(offsets, kind)?;
+    let mut out = Fresh::empty(&[n as i64, groups as i64], kind)?;
     let (sa, sb) = (slice::<f32>(&a), slice::<f32>(&b));
     match kind {
         Kind::Half => {
-            merge::merge_offsets::<f16>(slice(&m), n, groups, sa, sb, rank, scaling, group_size, slice_mut(&out))?
+            merge::merge_offsets::<f16>(slice(&m), n, groups, sa, sb, rank, scaling, group_size, out.data_mut())?
         }
         Kind::BFloat16 => {
-            merge::merge_offsets::<bf16>(slice(&m), n, groups, sa, sb, rank, scaling, group_size, slice_mut(&out))?
+            merge::merge_offsets::<bf16>(slice(&m), n, groups, sa, sb, rank, scaling, group_size, out.data_mut())?
         }
-        _ => merge::merge_offsets::<f32>(slice(&m), n, groups, sa, sb, rank, scaling, group_size, slice_mut(&out))?,
+        _ => merge::merge_offsets::<f32>(slice(&m), n, groups, sa, sb, rank, scaling, group_size, out.data_mut())?,
     }
+    let out = out.into_tensor();
     Ok(if offsets.kind() == kind { out } else { out.to_kind(offsets.kind()) })
 }

@@ -1,76 +1,77 @@
-//! `qalora._core`: the Python binding of the qalora kernels. Each function validates its
-//! arguments, picks the core (CPU, rayon) or the torch path (any device), and runs without
-//! the GIL. The public, documented API is `qalora.ops`; these functions are its engine.
+//! `qalora._core`: the Python binding of the qalora kernels. Each function parses its
+//! arguments, validates them, picks the core (CPU, rayon) or the torch path (any device), and
+//! runs without the GIL. The public, documented API is `qalora.ops`; these functions are its
+//! engine, and `python/qalora/_core.pyi` is their typed contract (checked by stubtest).
 
 mod args;
 mod boundary;
 mod core_path;
 mod torch_path;
 
-use numpy::{PyArray2, PyReadonlyArray2};
 use pyo3::prelude::*;
-use qalora_core::{check_bits, max_code, packed_row_bytes, KernelError, QuantLayout};
+use qalora_core::layout::{
+    check_bits, check_group_size, check_in_features, check_positive_group_size, code_range_error, packed_row_bytes,
+    size_product,
+};
+use qalora_core::{max_code, KernelError};
 use tch::{Kind, Tensor};
 
 use args::{
-    activation, check_dims, check_kind, check_shape, same_device, usize_arg, Backend, QuantWeight, FLOAT_KINDS,
+    activation, check_dims, check_kind, check_shape, code_dtype, dim, float_arg, int_arg, non_empty, same_device,
+    Activations, Backend, BackendArg, CodeDType, OutDType, QuantWeight, ScaleDType, FLOAT_KINDS,
 };
-use boundary::{parse_float_kind, run, tensor_arg, wrap_tensor, KResult};
+use boundary::{contiguous, run, tensor_arg, to_py_err, wrap_tensor, KResult};
 
-const INT_KINDS: [Kind; 5] = [Kind::Uint8, Kind::Int8, Kind::Int16, Kind::Int, Kind::Int64];
-
-fn bits_arg(bits: i64) -> KResult<u32> {
-    let b = u32::try_from(bits).unwrap_or(0);
-    check_bits(b).map_err(|_| {
-        KernelError::new(qalora_core::ErrorKind::Bits, format!("bits: got {bits}, allowed values are 2, 3, 4 and 8"))
-    })?;
-    Ok(b)
-}
-
-fn non_empty(t: &Tensor, name: &str) -> KResult<()> {
-    if t.numel() == 0 {
-        Err(KernelError::shape(format!("{name}: got an empty tensor of shape {:?}", t.size())))
-    } else {
-        Ok(())
-    }
-}
-
-/// Fails at the first code outside [0, 2^bits - 1], naming its position and value.
-fn check_code_range(codes: &Tensor, bits: u32) -> KResult<()> {
+/// Fails at the first code outside [0, 2^bits - 1], naming its position and value (the
+/// torch path; the core checks the range in the same pass as narrowing or packing).
+fn check_code_range(codes: &Tensor, dtype: CodeDType, bits: u32) -> KResult<()> {
     let qmax = max_code(bits) as i64;
+    // uint64 values above i64::MAX turn negative here: still out of range, and shown as
+    // the unsigned value they were.
     let c = codes.to_kind(Kind::Int64);
     let bad = c.lt(0).logical_or(&c.gt(qmax));
     if bool::try_from(bad.any()).unwrap_or(true) {
         let pos = bad.nonzero().get(0);
         let (r, col) = (pos.int64_value(&[0]), pos.int64_value(&[1]));
-        return Err(KernelError::new(
-            qalora_core::ErrorKind::CodeRange,
-            format!(
-                "codes: value {} at row {r}, column {col} is outside [0, {qmax}] allowed at {bits} bits",
-                c.int64_value(&[r, col])
-            ),
-        ));
+        let v = c.int64_value(&[r, col]);
+        let (r, col) = (r as usize, col as usize);
+        return Err(match dtype {
+            CodeDType::U64 => code_range_error(v as u64, r, col, bits),
+            _ => code_range_error(v, r, col, bits),
+        });
     }
     Ok(())
 }
 
+/// Checks that a layer with `in_features` inputs can be stored at `bits` bits in groups of
+/// `group_size`; raises the error the ops would raise.
+#[pyfunction]
+fn check_layout(
+    py: Python<'_>,
+    in_features: &Bound<'_, PyAny>,
+    bits: &Bound<'_, PyAny>,
+    group_size: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let (k, b, g) = (int_arg(in_features, "in_features")?, int_arg(bits, "bits")?, int_arg(group_size, "group_size")?);
+    qalora_core::layout::check_layout(k, b, g).map(|_| ()).map_err(|e| to_py_err(py, e))
+}
+
 /// Packs integer codes (N, K) in [0, 2^bits - 1] into the canonical bitstream (N, K*bits/8) uint8.
 #[pyfunction]
-#[pyo3(signature = (codes, bits, backend="auto"))]
-fn pack(py: Python<'_>, codes: &Bound<'_, PyAny>, bits: i64, backend: &str) -> PyResult<PyObject> {
+#[pyo3(signature = (codes, bits, backend=BackendArg::Auto))]
+fn pack(py: Python<'_>, codes: &Bound<'_, PyAny>, bits: &Bound<'_, PyAny>, backend: BackendArg) -> PyResult<PyObject> {
     let codes = tensor_arg(codes, "codes")?;
-    let be = backend;
+    let bits = int_arg(bits, "bits")?;
     let out = run(py, move || {
-        let bits = bits_arg(bits)?;
-        check_kind(&codes, "codes", &INT_KINDS)?;
+        let bits = check_bits(bits)?;
+        let dtype = code_dtype(&codes, "codes")?;
         check_dims(&codes, "codes", 2)?;
         non_empty(&codes, "codes")?;
-        packed_row_bytes(codes.size()[1] as usize, bits)?;
-        Ok(match args::backend(be, codes.device(), true)? {
-            // The core checks the range itself, in the same pass as narrowing or packing.
-            Backend::Core => core_path::pack_codes(&codes, bits)?,
+        packed_row_bytes(dim(&codes, 1), bits)?;
+        Ok(match backend.resolve(codes.device(), true)? {
+            Backend::Core => core_path::pack_codes(&codes, dtype, bits)?,
             Backend::Torch => {
-                check_code_range(&codes, bits)?;
+                check_code_range(&codes, dtype, bits)?;
                 torch_path::pack(&codes, bits)
             }
         })
@@ -80,28 +81,32 @@ fn pack(py: Python<'_>, codes: &Bound<'_, PyAny>, bits: i64, backend: &str) -> P
 
 /// Unpacks (N, K*bits/8) uint8 into (N, K) uint8 codes.
 #[pyfunction]
-#[pyo3(signature = (packed, bits, k, backend="auto"))]
-fn unpack(py: Python<'_>, packed: &Bound<'_, PyAny>, bits: i64, k: i64, backend: &str) -> PyResult<PyObject> {
+#[pyo3(signature = (packed, bits, k, backend=BackendArg::Auto))]
+fn unpack(
+    py: Python<'_>,
+    packed: &Bound<'_, PyAny>,
+    bits: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    backend: BackendArg,
+) -> PyResult<PyObject> {
     let packed = tensor_arg(packed, "packed")?;
-    let be = backend;
+    let (bits, k) = (int_arg(bits, "bits")?, int_arg(k, "k")?);
     let out = run(py, move || {
-        let bits = bits_arg(bits)?;
-        let k = usize_arg(k, "k")?;
+        let bits = check_bits(bits)?;
         check_kind(&packed, "packed", &[Kind::Uint8])?;
         check_dims(&packed, "packed", 2)?;
         non_empty(&packed, "packed")?;
-        if k == 0 {
-            return Err(KernelError::shape("k: got 0, it must be at least 1"));
-        }
+        let k = check_in_features(k)?;
         let row_bytes = packed_row_bytes(k, bits)?;
-        if packed.size()[1] as usize != row_bytes {
+        if dim(&packed, 1) != row_bytes {
             return Err(KernelError::shape(format!(
                 "packed: got rows of {} bytes, K = {k} codes of {bits} bits need {row_bytes}",
-                packed.size()[1]
+                dim(&packed, 1)
             )));
         }
-        Ok(match args::backend(be, packed.device(), true)? {
-            Backend::Core => core_path::unpack_codes(&packed.contiguous(), bits, k)?,
+        size_product("codes", &[dim(&packed, 0), k])?;
+        Ok(match backend.resolve(packed.device(), true)? {
+            Backend::Core => core_path::unpack_codes(&contiguous(&packed)?, bits, k)?,
             Backend::Torch => torch_path::unpack(&packed, bits, k),
         })
     })?;
@@ -110,27 +115,25 @@ fn unpack(py: Python<'_>, packed: &Bound<'_, PyAny>, bits: i64, k: i64, backend:
 
 /// Min-max RTN group quantization of a (N, K) weight -> (packed, scales, offsets).
 #[pyfunction]
-#[pyo3(signature = (weight, bits, group_size, scale_dtype="float16", backend="auto"))]
+#[pyo3(signature = (weight, bits, group_size, scale_dtype=ScaleDType::F16, backend=BackendArg::Auto))]
 fn quantize(
     py: Python<'_>,
     weight: &Bound<'_, PyAny>,
-    bits: i64,
-    group_size: i64,
-    scale_dtype: &str,
-    backend: &str,
+    bits: &Bound<'_, PyAny>,
+    group_size: &Bound<'_, PyAny>,
+    scale_dtype: ScaleDType,
+    backend: BackendArg,
 ) -> PyResult<(PyObject, PyObject, PyObject)> {
     let w = tensor_arg(weight, "weight")?;
-    let (be, sd) = (backend, scale_dtype.to_string());
+    let (bits, group_size) = (int_arg(bits, "bits")?, int_arg(group_size, "group_size")?);
     let (p, s, o) = run(py, move || {
-        let bits = bits_arg(bits)?;
-        let scale_kind = parse_float_kind(&sd, "scale_dtype", &args::PARAM_KINDS)?;
+        let bits = check_bits(bits)?;
         check_kind(&w, "weight", &FLOAT_KINDS)?;
         check_dims(&w, "weight", 2)?;
-        let g = usize_arg(group_size, "group_size")?;
-        let layout = QuantLayout::new(w.size()[0] as usize, w.size()[1] as usize, bits, g)?;
-        match args::backend(be, w.device(), true)? {
-            Backend::Core => core_path::quantize(&w, layout, scale_kind),
-            Backend::Torch => torch_path::quantize(&w, layout, scale_kind),
+        let layout = qalora_core::QuantLayout::new(dim(&w, 0), dim(&w, 1), bits, group_size)?;
+        match backend.resolve(w.device(), true)? {
+            Backend::Core => core_path::quantize(&w, layout, scale_dtype.kind()),
+            Backend::Torch => torch_path::quantize(&w, layout, scale_dtype.kind()),
         }
     })?;
     Ok((wrap_tensor(py, p)?, wrap_tensor(py, s)?, wrap_tensor(py, o)?))
@@ -138,26 +141,25 @@ fn quantize(
 
 /// Dense (N, K) weight s*q + m in `dtype`.
 #[pyfunction]
-#[pyo3(signature = (packed, scales, offsets, bits, group_size, dtype="float32", backend="auto"))]
+#[pyo3(signature = (packed, scales, offsets, bits, group_size, dtype=OutDType::F32, backend=BackendArg::Auto))]
 #[allow(clippy::too_many_arguments)]
 fn dequantize(
     py: Python<'_>,
     packed: &Bound<'_, PyAny>,
     scales: &Bound<'_, PyAny>,
     offsets: &Bound<'_, PyAny>,
-    bits: i64,
-    group_size: i64,
-    dtype: &str,
-    backend: &str,
+    bits: &Bound<'_, PyAny>,
+    group_size: &Bound<'_, PyAny>,
+    dtype: OutDType,
+    backend: BackendArg,
 ) -> PyResult<PyObject> {
     let (p, s, o) = (tensor_arg(packed, "packed")?, tensor_arg(scales, "scales")?, tensor_arg(offsets, "offsets")?);
-    let (be, dt) = (backend, dtype.to_string());
+    let (bits, group_size) = (int_arg(bits, "bits")?, int_arg(group_size, "group_size")?);
     let out = run(py, move || {
-        let kind = parse_float_kind(&dt, "dtype", &FLOAT_KINDS)?;
         let w = QuantWeight::new(p, s, o, bits, group_size, None)?;
-        Ok(match args::backend(be, w.device, true)? {
-            Backend::Core => core_path::dequantize(&w, kind)?,
-            Backend::Torch => torch_path::dequantize(&w, kind),
+        Ok(match backend.resolve(w.device, true)? {
+            Backend::Core => core_path::dequantize(&w, dtype.kind())?,
+            Backend::Torch => torch_path::dequantize(&w, dtype.kind()),
         })
     })?;
     wrap_tensor(py, out)
@@ -179,7 +181,7 @@ fn with_last(lead: &[i64], last: usize) -> Vec<i64> {
 
 /// y = x W~^T for x of shape (..., K).
 #[pyfunction]
-#[pyo3(signature = (x, packed, scales, offsets, bits, group_size, backend="auto", activations="exact"))]
+#[pyo3(signature = (x, packed, scales, offsets, bits, group_size, backend=BackendArg::Auto, activations=Activations::Exact))]
 #[allow(clippy::too_many_arguments)]
 fn qmatmul(
     py: Python<'_>,
@@ -187,22 +189,21 @@ fn qmatmul(
     packed: &Bound<'_, PyAny>,
     scales: &Bound<'_, PyAny>,
     offsets: &Bound<'_, PyAny>,
-    bits: i64,
-    group_size: i64,
-    backend: &str,
-    activations: &str,
+    bits: &Bound<'_, PyAny>,
+    group_size: &Bound<'_, PyAny>,
+    backend: BackendArg,
+    activations: Activations,
 ) -> PyResult<PyObject> {
     let x = tensor_arg(x, "x")?;
     let (p, s, o) = (tensor_arg(packed, "packed")?, tensor_arg(scales, "scales")?, tensor_arg(offsets, "offsets")?);
-    let be = backend;
+    let (bits, group_size) = (int_arg(bits, "bits")?, int_arg(group_size, "group_size")?);
     let out = run(py, move || {
-        let int8 = args::int8_activations(activations)?;
         // in_features comes from x, so a packed buffer of the wrong width is named as such.
         let k = x.size().last().map(|&k| k as usize);
         let w = QuantWeight::new(p, s, o, bits, group_size, k)?;
         let (lead, x2) = matmul_operands(&x, "x", &w, true)?;
-        let y = match args::backend(be, w.device, true)? {
-            Backend::Core => core_path::qmatmul(&x2, &w, int8)?,
+        let y = match backend.resolve(w.device, true)? {
+            Backend::Core => core_path::qmatmul(&x2, &w, activations == Activations::Int8)?,
             Backend::Torch => torch_path::qmatmul(&x2, &w),
         };
         Ok(y.reshape(with_last(&lead, w.layout.n).as_slice()))
@@ -212,7 +213,7 @@ fn qmatmul(
 
 /// grad_x = grad_output W~ for grad_output of shape (..., N): the backward of qmatmul.
 #[pyfunction]
-#[pyo3(signature = (grad_output, packed, scales, offsets, bits, group_size, backend="auto"))]
+#[pyo3(signature = (grad_output, packed, scales, offsets, bits, group_size, backend=BackendArg::Auto))]
 #[allow(clippy::too_many_arguments)]
 fn qmatmul_grad_input(
     py: Python<'_>,
@@ -220,17 +221,17 @@ fn qmatmul_grad_input(
     packed: &Bound<'_, PyAny>,
     scales: &Bound<'_, PyAny>,
     offsets: &Bound<'_, PyAny>,
-    bits: i64,
-    group_size: i64,
-    backend: &str,
+    bits: &Bound<'_, PyAny>,
+    group_size: &Bound<'_, PyAny>,
+    backend: BackendArg,
 ) -> PyResult<PyObject> {
     let g = tensor_arg(grad_output, "grad_output")?;
     let (p, s, o) = (tensor_arg(packed, "packed")?, tensor_arg(scales, "scales")?, tensor_arg(offsets, "offsets")?);
-    let be = backend;
+    let (bits, group_size) = (int_arg(bits, "bits")?, int_arg(group_size, "group_size")?);
     let out = run(py, move || {
         let w = QuantWeight::new(p, s, o, bits, group_size, None)?;
         let (lead, g2) = matmul_operands(&g, "grad_output", &w, false)?;
-        let gx = match args::backend(be, w.device, true)? {
+        let gx = match backend.resolve(w.device, true)? {
             Backend::Core => core_path::qmatmul_grad_input(&g2, &w)?,
             Backend::Torch => torch_path::qmatmul_grad_input(&g2, &w),
         };
@@ -239,36 +240,40 @@ fn qmatmul_grad_input(
     wrap_tensor(py, out)
 }
 
-fn group_size_for(k: usize, group_size: i64, name: &str) -> KResult<usize> {
-    let g = usize_arg(group_size, "group_size")?;
-    if g == 0 || k % g != 0 {
-        return Err(KernelError::new(
-            qalora_core::ErrorKind::GroupSize,
-            format!("group_size: got {group_size}, it must be a positive divisor of {name}'s last dimension {k}"),
-        ));
-    }
-    Ok(g)
+/// The leading dimensions of `t` (all but the last), their product and the last dimension,
+/// which must be at least 1.
+fn leading(t: &Tensor, name: &str) -> KResult<(Vec<i64>, usize, usize)> {
+    let size = t.size();
+    let last = match size.last() {
+        Some(&last) if last > 0 => last as usize,
+        _ => {
+            return Err(KernelError::shape(format!(
+                "{name}: got shape {size:?}, the last dimension must be at least 1"
+            )))
+        }
+    };
+    let lead = size[..size.len() - 1].to_vec();
+    let dims: Vec<usize> = lead.iter().map(|&d| d as usize).collect();
+    Ok((lead, size_product(name, &dims)?, last))
 }
 
 /// Mean over each contiguous group of `group_size` along the last dimension.
 #[pyfunction]
-#[pyo3(signature = (x, group_size, backend="auto"))]
-fn group_pool(py: Python<'_>, x: &Bound<'_, PyAny>, group_size: i64, backend: &str) -> PyResult<PyObject> {
+#[pyo3(signature = (x, group_size, backend=BackendArg::Auto))]
+fn group_pool(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    group_size: &Bound<'_, PyAny>,
+    backend: BackendArg,
+) -> PyResult<PyObject> {
     let x = tensor_arg(x, "x")?;
-    let be = backend;
+    let group_size = int_arg(group_size, "group_size")?;
     let out = run(py, move || {
-        check_kind(&x, "x", &FLOAT_KINDS)?;
-        let k = x.size().last().copied().unwrap_or(0) as usize;
-        if k == 0 {
-            return Err(KernelError::shape(format!(
-                "x: got shape {:?}, the last dimension must be at least 1",
-                x.size()
-            )));
-        }
-        let g = group_size_for(k, group_size, "x")?;
-        let lead = x.size()[..x.dim() - 1].to_vec();
-        Ok(match args::backend(be, x.device(), x.kind() == Kind::Float)? {
-            Backend::Core => core_path::group_pool(&x.to_kind(Kind::Float), &lead, k, g)?.to_kind(x.kind()),
+        let kind = check_kind(&x, "x", &FLOAT_KINDS)?;
+        let (lead, _, k) = leading(&x, "x")?;
+        let g = check_group_size(k, None, group_size)?;
+        Ok(match backend.resolve(x.device(), kind == Kind::Float)? {
+            Backend::Core => core_path::group_pool(&x, &lead, k, g)?.to_kind(kind),
             Backend::Torch => torch_path::group_pool(&x, k, g),
         })
     })?;
@@ -277,30 +282,24 @@ fn group_pool(py: Python<'_>, x: &Bound<'_, PyAny>, group_size: i64, backend: &s
 
 /// Backward of group_pool: spreads grad[..., l] / g over the g inputs of group l.
 #[pyfunction]
-#[pyo3(signature = (grad_output, group_size, backend="auto"))]
+#[pyo3(signature = (grad_output, group_size, backend=BackendArg::Auto))]
 fn group_pool_backward(
     py: Python<'_>,
     grad_output: &Bound<'_, PyAny>,
-    group_size: i64,
-    backend: &str,
+    group_size: &Bound<'_, PyAny>,
+    backend: BackendArg,
 ) -> PyResult<PyObject> {
     let g = tensor_arg(grad_output, "grad_output")?;
-    let be = backend;
+    let group_size = int_arg(group_size, "group_size")?;
     let out = run(py, move || {
-        check_kind(&g, "grad_output", &FLOAT_KINDS)?;
-        let groups = g.size().last().copied().unwrap_or(0) as usize;
-        let gs = usize_arg(group_size, "group_size")?;
-        if gs == 0 || groups == 0 {
-            return Err(KernelError::new(
-                qalora_core::ErrorKind::GroupSize,
-                "group_size and the number of groups must be positive",
-            ));
-        }
-        let lead = g.size()[..g.dim() - 1].to_vec();
-        let k = groups * gs;
-        Ok(match args::backend(be, g.device(), g.kind() == Kind::Float)? {
-            Backend::Core => core_path::group_pool_backward(&g.to_kind(Kind::Float), &lead, k, gs)?.to_kind(g.kind()),
-            Backend::Torch => torch_path::group_pool_backward(&g, &lead, k, gs),
+        let kind = check_kind(&g, "grad_output", &FLOAT_KINDS)?;
+        let (lead, rows, groups) = leading(&g, "grad_output")?;
+        let gs = check_positive_group_size(group_size)?;
+        let k = size_product("grad_input", &[groups, gs])?;
+        size_product("grad_input", &[rows, k])?;
+        Ok(match backend.resolve(g.device(), kind == Kind::Float)? {
+            Backend::Core => core_path::group_pool_backward(&g, &lead, k, gs)?.to_kind(kind),
+            Backend::Torch => torch_path::group_pool_backward(&g, &lead, k, gs)?,
         })
     })?;
     wrap_tensor(py, out)
@@ -308,18 +307,18 @@ fn group_pool_backward(
 
 /// offsets + scaling * (lora_B @ lora_A) / group_size, computed in f32, in offsets' dtype.
 #[pyfunction]
-#[pyo3(signature = (offsets, lora_a, lora_b, scaling, group_size, backend="auto"))]
+#[pyo3(signature = (offsets, lora_a, lora_b, scaling, group_size, backend=BackendArg::Auto))]
 fn merge_offsets(
     py: Python<'_>,
     offsets: &Bound<'_, PyAny>,
     lora_a: &Bound<'_, PyAny>,
     lora_b: &Bound<'_, PyAny>,
-    scaling: f64,
-    group_size: i64,
-    backend: &str,
+    scaling: &Bound<'_, PyAny>,
+    group_size: &Bound<'_, PyAny>,
+    backend: BackendArg,
 ) -> PyResult<PyObject> {
     let (m, a, b) = (tensor_arg(offsets, "offsets")?, tensor_arg(lora_a, "lora_A")?, tensor_arg(lora_b, "lora_B")?);
-    let be = backend;
+    let (scaling, group_size) = (float_arg(scaling, "scaling")?, int_arg(group_size, "group_size")?);
     let out = run(py, move || {
         for (name, t) in [("offsets", &m), ("lora_A", &a), ("lora_B", &b)] {
             check_kind(t, name, &FLOAT_KINDS)?;
@@ -333,11 +332,8 @@ fn merge_offsets(
         if !scaling.is_finite() {
             return Err(KernelError::value(format!("scaling: got {scaling}, it must be finite")));
         }
-        let g = usize_arg(group_size, "group_size")?;
-        if g == 0 {
-            return Err(KernelError::new(qalora_core::ErrorKind::GroupSize, "group_size: got 0, it must be positive"));
-        }
-        Ok(match args::backend(be, device, true)? {
+        let g = check_positive_group_size(group_size)?;
+        Ok(match backend.resolve(device, true)? {
             Backend::Core => core_path::merge_offsets(&m, &a, &b, scaling as f32, g)?,
             Backend::Torch => torch_path::merge_offsets(&m, &a, &b, scaling, g),
         })
@@ -345,60 +341,12 @@ fn merge_offsets(
     wrap_tensor(py, out)
 }
 
-/// numpy twin of `pack` for plain uint8 arrays.
-#[pyfunction]
-fn pack_array<'py>(py: Python<'py>, codes: PyReadonlyArray2<'py, u8>, bits: i64) -> PyResult<Bound<'py, PyArray2<u8>>> {
-    let view = codes.as_array();
-    let (n, k) = view.dim();
-    let data: Vec<u8> = view.iter().copied().collect();
-    let packed = run(py, move || {
-        let bits = bits_arg(bits)?;
-        if n * k == 0 {
-            return Err(KernelError::shape(format!("codes: got an empty array of shape ({n}, {k})")));
-        }
-        let rb = packed_row_bytes(k, bits)?;
-        let mut out = vec![0u8; n * rb];
-        qalora_core::pack::pack(&data, n, k, bits, &mut out)?;
-        Ok(numpy::ndarray::Array2::from_shape_vec((n, rb), out).map_err(|e| KernelError::internal(e.to_string()))?)
-    })?;
-    Ok(PyArray2::from_owned_array(py, packed))
-}
-
-/// numpy twin of `unpack` for plain uint8 arrays.
-#[pyfunction]
-fn unpack_array<'py>(
-    py: Python<'py>,
-    packed: PyReadonlyArray2<'py, u8>,
-    bits: i64,
-    k: i64,
-) -> PyResult<Bound<'py, PyArray2<u8>>> {
-    let view = packed.as_array();
-    let (n, rb) = view.dim();
-    let data: Vec<u8> = view.iter().copied().collect();
-    let codes = run(py, move || {
-        let bits = bits_arg(bits)?;
-        let k = usize_arg(k, "k")?;
-        if n * k == 0 {
-            return Err(KernelError::shape("packed and k must be non-empty"));
-        }
-        if packed_row_bytes(k, bits)? != rb {
-            return Err(KernelError::shape(format!(
-                "packed: got rows of {rb} bytes, K = {k} codes of {bits} bits need {}",
-                packed_row_bytes(k, bits)?
-            )));
-        }
-        let mut out = vec![0u8; n * k];
-        qalora_core::pack::unpack(&data, n, k, bits, &mut out)?;
-        Ok(numpy::ndarray::Array2::from_shape_vec((n, k), out).map_err(|e| KernelError::internal(e.to_string()))?)
-    })?;
-    Ok(PyArray2::from_owned_array(py, codes))
-}
-
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("SUPPORTED_BITS", qalora_core::SUPPORTED_BITS.to_vec())?;
-    m.add("FUSED_MAX_ROWS", core_path::FUSED_MAX_ROWS)?;
+    m.add_function(wrap_pyfunction!(boundary::register_errors, m)?)?;
+    m.add_function(wrap_pyfunction!(check_layout, m)?)?;
     m.add_function(wrap_pyfunction!(pack, m)?)?;
     m.add_function(wrap_pyfunction!(unpack, m)?)?;
     m.add_function(wrap_pyfunction!(quantize, m)?)?;
@@ -408,7 +356,5 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(group_pool, m)?)?;
     m.add_function(wrap_pyfunction!(group_pool_backward, m)?)?;
     m.add_function(wrap_pyfunction!(merge_offsets, m)?)?;
-    m.add_function(wrap_pyfunction!(pack_array, m)?)?;
-    m.add_function(wrap_pyfunction!(unpack_array, m)?)?;
     Ok(())
 }

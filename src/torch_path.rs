@@ -6,7 +6,7 @@ use qalora_core::{max_code, KernelError, QuantLayout};
 use tch::{Device, Kind, Tensor};
 
 use crate::args::QuantWeight;
-use crate::boundary::KResult;
+use crate::boundary::{allocation_error, kind_name, KResult};
 
 fn shifts(bits: u32, count: u32, device: Device) -> Tensor {
     Tensor::arange_start_step(0, (bits * count) as i64, bits as i64, (Kind::Int, device))
@@ -132,12 +132,20 @@ pub fn group_pool(x: &Tensor, k: usize, g: usize) -> Tensor {
     x.unflatten(-1, [(k / g) as i64, g as i64]).mean_dim(-1, false, x.kind())
 }
 
-pub fn group_pool_backward(grad: &Tensor, lead: &[i64], k: usize, g: usize) -> Tensor {
+/// The only op whose output size a caller's integer (the group size) multiplies, so its
+/// allocation can fail for a legal call: reported as a typed error.
+pub fn group_pool_backward(grad: &Tensor, lead: &[i64], k: usize, g: usize) -> KResult<Tensor> {
     let mut expanded = grad.size();
     expanded.push(g as i64);
     let mut shape = lead.to_vec();
     shape.push(k as i64);
-    (grad.unsqueeze(-1).expand(expanded.as_slice(), false) / g as f64).reshape(shape.as_slice())
+    // Divide the small gradient, then spread it: the reshape of the expanded view is the
+    // one full-size allocation.
+    (grad / g as f64)
+        .unsqueeze(-1)
+        .expand(expanded.as_slice(), false)
+        .f_reshape(shape.as_slice())
+        .map_err(|e| allocation_error(&shape, kind_name(grad.kind()), e))
 }
 
 pub fn merge_offsets(offsets: &Tensor, lora_a: &Tensor, lora_b: &Tensor, scaling: f64, g: usize) -> Tensor {

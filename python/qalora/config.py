@@ -8,8 +8,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, QALoRAError, UnsupportedBitsError
 from .io import atomic_write_text
+from .ops import check_layout
 
 #: Bumped when the meaning of a field changes; files of a newer version are refused.
 CONFIG_VERSION = 1
@@ -75,12 +76,21 @@ class QALoRAConfig:
         def is_int(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
-        if not is_int(self.bits) or self.bits not in (2, 3, 4, 8):
-            raise ConfigError(f"bits: got {self.bits!r}, allowed values are 2, 3, 4 and 8")
+        if not is_int(self.bits):
+            raise ConfigError(f"bits: got {self.bits!r}, expected an int")
         if not is_int(self.group_size) or self.group_size <= 0:
             raise ConfigError(f"group_size: got {self.group_size!r}, it must be a positive int")
-        if self.bits == 3 and self.group_size % 8:
-            raise ConfigError(f"group_size: got {self.group_size}, at 3 bits it must be a multiple of 8")
+        # The kernels own the bit widths and the layout rules: ask them, on a K that every
+        # valid group size divides, so only bits and the group's own rules can fail.
+        try:
+            check_layout(8 * self.group_size, self.bits, self.group_size)
+        except UnsupportedBitsError as e:
+            raise ConfigError(str(e)) from None
+        except QALoRAError:
+            raise ConfigError(
+                f"group_size: got {self.group_size}, at {self.bits} bits a group must start on a byte boundary "
+                f"(a multiple of 8 at 3 bits)"
+            ) from None
         if not is_int(self.rank) or self.rank <= 0:
             raise ConfigError(f"rank: got {self.rank!r}, it must be a positive int")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not (self.alpha == self.alpha):

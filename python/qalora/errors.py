@@ -2,7 +2,8 @@
 
 Every error the library raises on purpose derives from :class:`QALoRAError`, and also from
 the built-in type that fits (``ValueError`` or ``TypeError``), so ``except ValueError`` in
-user code keeps working. The Rust kernels raise these same classes.
+user code keeps working. The Rust kernels raise these same classes: this module hands them to
+the extension when it is imported (see the end of the file).
 """
 
 from __future__ import annotations
@@ -94,3 +95,23 @@ class InternalError(QALoRAError, RuntimeError):
 
 class QALoRAWarning(UserWarning):
     """Something worth knowing that did not stop the operation (e.g. a layer left dense)."""
+
+
+def _register_with_core() -> None:
+    # The extension keeps these classes and maps each of its error kinds onto one of them;
+    # it looks nothing up by name and has no fallback class.
+    from . import _core
+
+    _core.register_errors(
+        shape=ShapeError,
+        dtype=DTypeError,
+        device=DeviceError,
+        bits=UnsupportedBitsError,
+        group_size=GroupSizeError,
+        code_range=CodeRangeError,
+        value=InvalidValueError,
+        internal=InternalError,
+    )
+
+
+_register_with_core()

@@ -16,25 +16,21 @@ import torch
 from torch import nn
 
 from . import ops
-from .errors import GroupSizeError, MergeError
+from .errors import GroupSizeError, MergeError, ShapeError
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def check_group_size(in_features: int, bits: int, group_size: int, layer: str) -> None:
-    """Raises GroupSizeError, naming ``layer``, unless the layer can be stored at these settings."""
-    if in_features % group_size:
-        divisors = [d for d in range(1, in_features + 1) if in_features % d == 0]
-        near = sorted(sorted(divisors, key=lambda d: abs(d - group_size))[:4])
+    """Raises GroupSizeError, naming ``layer``, unless the layer can be stored at these settings
+    (the checks and the message are the kernels' own, :func:`qalora.ops.check_layout`)."""
+    try:
+        ops.check_layout(in_features, bits, group_size)
+    except (GroupSizeError, ShapeError) as e:
         raise GroupSizeError(
-            f"layer {layer!r}: in_features = {in_features} is not divisible by group_size = {group_size} "
-            f"(divisors near it: {near}); choose another group_size, exclude the layer, "
+            f"layer {layer!r}: {e}; choose another group_size, exclude the layer, "
             f"or set on_indivisible='skip' to leave it unquantized"
-        )
-    if (in_features * bits) % 8:
-        raise GroupSizeError(
-            f"layer {layer!r}: in_features = {in_features} does not pack into whole bytes at {bits} bits"
-        )
+        ) from None
 
 
 def _autocast_input(x: torch.Tensor) -> torch.Tensor:

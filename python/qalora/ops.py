@@ -10,10 +10,10 @@ in_features) is three tensors,
 
 and dequantizes as ``W[n, k] = scales[n, k // g] * q[n, k] + offsets[n, k // g]``.
 
-Every function raises a :class:`qalora.QALoRAError` subclass on bad input and releases the
-GIL while it runs. ``backend`` picks the implementation: ``"auto"`` (the Rust core for CPU
-tensors, libtorch ops otherwise), ``"core"`` or ``"torch"``; the two give the same results and
-the tests hold them to it.
+Every function raises a :class:`qalora.QALoRAError` subclass on bad input (the same class and
+message for a numpy array as for a tensor) and releases the GIL while it runs. ``backend``
+picks the implementation: ``"auto"`` (the Rust core for CPU tensors, libtorch ops otherwise),
+``"core"`` or ``"torch"``; the two give the same results and the tests hold them to it.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ import numpy as np
 import torch
 
 from . import _core
-from .errors import CodeRangeError, DTypeError, ShapeError
+from .errors import DTypeError
 
 __all__ = [
     "SUPPORTED_BITS",
+    "check_layout",
     "dequantize",
     "group_pool",
     "merge_offsets",
@@ -41,25 +42,35 @@ SUPPORTED_BITS: tuple[int, ...] = tuple(_core.SUPPORTED_BITS)
 ArrayOrTensor = torch.Tensor | np.ndarray
 
 
-def _dtype_name(dtype: torch.dtype, arg: str) -> str:
-    if not isinstance(dtype, torch.dtype):
-        raise DTypeError(f"{arg}: expected a torch.dtype such as torch.float16, got {type(dtype).__name__}")
-    return str(dtype).replace("torch.", "")
+def check_layout(in_features: int, bits: int, group_size: int) -> None:
+    """Check that a linear layer with ``in_features`` inputs can be stored at ``bits`` bits in
+    groups of ``group_size``, with the checks and messages every op uses.
+
+    Args:
+        in_features: K, the layer's input width (at least 1).
+        bits: 2, 3, 4 or 8.
+        group_size: a divisor of K; at 3 bits also a multiple of 8 (each group then starts
+            on a byte boundary).
+
+    Raises:
+        UnsupportedBitsError: ``bits`` is not one of :data:`SUPPORTED_BITS`.
+        GroupSizeError: ``group_size`` does not group K evenly; the message names K and lists
+            the valid group sizes nearest to the one given.
+        ShapeError: K is below 1, or K*bits does not fill whole bytes.
+        DTypeError: an argument is not an int.
+    """
+    _core.check_layout(in_features, bits, group_size)
 
 
-def _str_arg(value: str, arg: str) -> str:
-    # The values allowed are checked by the kernels; the type is checked here so that a
-    # non-string fails with a qalora error rather than a binding TypeError.
-    if not isinstance(value, str):
-        raise DTypeError(f"{arg}: expected a str, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _int_arg(value: int, arg: str) -> int:
-    # bool is an int subclass; reject it and floats so that bits=4.0 or True fail loudly.
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise DTypeError(f"{arg}: expected an int, got {type(value).__name__} {value!r}")
-    return int(value)
+def _as_tensor(array: np.ndarray, name: str) -> torch.Tensor:
+    # numpy inputs take the tensor path, so both get the same checks and messages. torch
+    # shares native-endian, writable arrays with non-negative strides; others are copied.
+    if not array.dtype.isnative or not array.flags.writeable or any(s < 0 for s in array.strides):
+        array = np.array(array, dtype=array.dtype.newbyteorder("="), copy=True)
+    try:
+        return torch.from_numpy(array)
+    except TypeError:
+        raise DTypeError(f"{name}: got a numpy array of dtype {array.dtype}, which torch cannot hold") from None
 
 
 def pack(codes: ArrayOrTensor, bits: int) -> ArrayOrTensor:
@@ -72,32 +83,15 @@ def pack(codes: ArrayOrTensor, bits: int) -> ArrayOrTensor:
     Returns:
         (N, K*bits/8) uint8, of the same kind (tensor or array) and device as ``codes``.
     """
-    bits = _int_arg(bits, "bits")
     if isinstance(codes, np.ndarray):
-        if not np.issubdtype(codes.dtype, np.integer):
-            raise DTypeError(f"codes: expected an integer array, got dtype {codes.dtype}")
-        if codes.ndim == 2 and codes.size and bits in SUPPORTED_BITS:
-            bad = np.argwhere((codes < 0) | (codes > (1 << bits) - 1))
-            if len(bad):
-                r, c = bad[0]
-                raise CodeRangeError(
-                    f"codes: value {codes[r, c]} at row {r}, column {c} is outside [0, {(1 << bits) - 1}] allowed at {bits} bits"
-                )
-        if codes.ndim != 2:
-            raise ShapeError(f"codes: got shape {codes.shape}, expected a 2-D array")
-        return _core.pack_array(np.ascontiguousarray(codes, dtype=np.uint8), bits)
+        return _core.pack(_as_tensor(codes, "codes"), bits).numpy()
     return _core.pack(codes, bits)
 
 
 def unpack(packed: ArrayOrTensor, bits: int, k: int) -> ArrayOrTensor:
     """Unpack (N, K*bits/8) uint8 into (N, K) uint8 codes (inverse of :func:`pack`)."""
-    bits, k = _int_arg(bits, "bits"), _int_arg(k, "k")
     if isinstance(packed, np.ndarray):
-        if packed.dtype != np.uint8:
-            raise DTypeError(f"packed: expected a uint8 array, got dtype {packed.dtype}")
-        if packed.ndim != 2:
-            raise ShapeError(f"packed: got shape {packed.shape}, expected a 2-D array")
-        return _core.unpack_array(packed, bits, k)
+        return _core.unpack(_as_tensor(packed, "packed"), bits, k).numpy()
     return _core.unpack(packed, bits, k)
 
 
@@ -126,13 +120,7 @@ def quantize(
         ``(packed, scales, offsets)``: uint8 (N, K*bits/8) and two (N, K/group_size) tensors
         of ``scale_dtype``, on the weight's device.
     """
-    return _core.quantize(
-        weight,
-        _int_arg(bits, "bits"),
-        _int_arg(group_size, "group_size"),
-        _dtype_name(scale_dtype, "scale_dtype"),
-        backend,
-    )
+    return _core.quantize(weight, bits, group_size, scale_dtype, backend)
 
 
 def dequantize(
@@ -146,15 +134,7 @@ def dequantize(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Dense (N, K) weight ``scales * q + offsets`` (computed in float32), in ``dtype``."""
-    return _core.dequantize(
-        packed,
-        scales,
-        offsets,
-        _int_arg(bits, "bits"),
-        _int_arg(group_size, "group_size"),
-        _dtype_name(dtype, "dtype"),
-        backend,
-    )
+    return _core.dequantize(packed, scales, offsets, bits, group_size, dtype, backend)
 
 
 class _QMatmul(torch.autograd.Function):
@@ -205,16 +185,7 @@ def qmatmul(
         for torch's GEMM, so at most a tile of W is ever dense; on CUDA W is dequantized
         once per call.
     """
-    return _QMatmul.apply(
-        x,
-        packed,
-        scales,
-        offsets,
-        _int_arg(bits, "bits"),
-        _int_arg(group_size, "group_size"),
-        _str_arg(backend, "backend"),
-        _str_arg(activations, "activations"),
-    )
+    return _QMatmul.apply(x, packed, scales, offsets, bits, group_size, backend, activations)
 
 
 class _GroupPool(torch.autograd.Function):
@@ -235,7 +206,7 @@ def group_pool(x: torch.Tensor, group_size: int, *, backend: str = "auto") -> to
     (..., K) -> (..., K/group_size), differentiable. This is QA-LoRA's pooling: the adapter
     sees one value per quantization group, so its update folds into the group offsets.
     """
-    return _GroupPool.apply(x, _int_arg(group_size, "group_size"), backend)
+    return _GroupPool.apply(x, group_size, backend)
 
 
 def merge_offsets(
@@ -257,6 +228,4 @@ def merge_offsets(
     Returns:
         New offsets (N, L), computed in float32 and returned in ``offsets``' dtype.
     """
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float, np.floating, np.integer)):
-        raise DTypeError(f"scaling: expected a float, got {type(scaling).__name__}")
-    return _core.merge_offsets(offsets, lora_A, lora_B, float(scaling), _int_arg(group_size, "group_size"), backend)
+    return _core.merge_offsets(offsets, lora_A, lora_B, scaling, group_size, backend)

@@ -7,9 +7,10 @@ use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criteri
 use qalora_core::pack::{pack, unpack};
 use qalora_core::pool::group_pool;
 use qalora_core::q8;
-use qalora_core::qmatmul::{qmatmul_with, GroupParams, Isa};
+use qalora_core::qmatmul::{qmatmul_with, GroupParams};
 use qalora_core::quant::{dequantize, quantize, ParamDtype};
 use qalora_core::testutil::{random_codes, random_f32};
+use qalora_core::Isa;
 use qalora_core::QuantLayout;
 use std::time::Duration;
 

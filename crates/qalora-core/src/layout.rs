@@ -1,38 +1,81 @@
-//! The canonical storage layout (DESIGN.md §2) and the checks every kernel runs before it
-//! touches memory.
+//! The canonical storage layout (docs/design.md §2) and the checks every kernel and the binding
+//! run before they touch memory. Each fact (bit width, group size, byte packing, code range,
+//! sizes that fit in memory) is checked here and only here, so each has one message.
 //!
 //! Codes: each row of K codes is a little-endian bitstream; code k occupies bits
 //! [k*b, (k+1)*b) of the row, bit 0 being the lowest bit of byte 0. A packed row is
 //! K*b/8 bytes. Scales and offsets: one per (row, group), shape (N, K/g).
+
+use std::fmt;
 
 use crate::error::{ErrorKind, KernelError, Result};
 
 /// Bit widths the library stores.
 pub const SUPPORTED_BITS: [u32; 4] = [2, 3, 4, 8];
 
-/// Fails unless `bits` is one of [`SUPPORTED_BITS`].
-pub fn check_bits(bits: u32) -> Result<()> {
-    if SUPPORTED_BITS.contains(&bits) {
-        Ok(())
-    } else {
-        Err(KernelError::new(ErrorKind::Bits, format!("bits: got {bits}, allowed values are 2, 3, 4 and 8")))
+/// How far on each side of the group size asked for the error message looks for valid
+/// ones: bounded, so the message costs the same for K = 64 and K = 2^63.
+const NEAR_WINDOW: u64 = 4096;
+
+/// An integer argument as the caller gave it (at the binding, a Python int of any size).
+/// The checks take it as given so that a message reports the value given: bits = -1 is
+/// "got -1", never the result of a conversion.
+pub trait GivenInt: fmt::Display {
+    /// The value, or `None` when it does not fit in an i64.
+    fn get(&self) -> Option<i64>;
+}
+
+macro_rules! given_int {
+    ($($t:ty),*) => {$(
+        impl GivenInt for $t {
+            fn get(&self) -> Option<i64> {
+                i64::try_from(*self).ok()
+            }
+        }
+    )*};
+}
+given_int!(i32, i64, u32, u64, usize);
+
+/// The value as a usize when it is one (not negative, not too large).
+fn as_usize(v: &impl GivenInt) -> Option<usize> {
+    v.get().and_then(|v| usize::try_from(v).ok())
+}
+
+/// Fails unless `bits` is one of [`SUPPORTED_BITS`]; returns it.
+pub fn check_bits(bits: impl GivenInt) -> Result<u32> {
+    match bits.get().and_then(|b| u32::try_from(b).ok()) {
+        Some(b) if SUPPORTED_BITS.contains(&b) => Ok(b),
+        _ => Err(KernelError::new(ErrorKind::Bits, format!("bits: got {bits}, allowed values are 2, 3, 4 and 8"))),
     }
 }
 
-/// Largest code of a `bits`-bit quantizer (2^bits - 1).
+/// Largest code of a `bits`-bit quantizer (2^bits - 1). `bits` is a checked bit width.
 pub fn max_code(bits: u32) -> u32 {
     (1u32 << bits) - 1
 }
 
+/// Fails unless in_features K is at least 1; returns it.
+pub fn check_in_features(k: impl GivenInt) -> Result<usize> {
+    match (k.get(), as_usize(&k)) {
+        (_, Some(v)) if v >= 1 => Ok(v),
+        (None, _) => Err(KernelError::shape(format!("in_features K: got {k}, which is too large to address"))),
+        _ => Err(KernelError::shape(format!("in_features K: got {k}, it must be at least 1"))),
+    }
+}
+
 /// Bytes in one packed row of `k` codes. K*bits must fill whole bytes (K % 8 == 0 for 3 bits,
-/// K % 4 for 2 bits, K % 2 for 4 bits).
+/// K % 4 for 2 bits, K % 2 for 4 bits) and must not overflow.
 pub fn packed_row_bytes(k: usize, bits: u32) -> Result<usize> {
-    check_bits(bits)?;
-    let total_bits = k * bits as usize;
-    if total_bits % 8 != 0 {
+    let bits = check_bits(bits)?;
+    let Some(total_bits) = k.checked_mul(bits as usize) else {
+        return Err(KernelError::shape(format!(
+            "in_features K = {k} is too large: K*bits = {k}*{bits} does not fit in 64 bits"
+        )));
+    };
+    if !total_bits.is_multiple_of(8) {
         let need = 8 / gcd(8, bits as usize);
         return Err(KernelError::shape(format!(
-            "in_features (K) = {k} does not pack into whole bytes at {bits} bits: K must be a multiple of {need}"
+            "in_features K = {k} does not pack into whole bytes at {bits} bits: K must be a multiple of {need}"
         )));
     }
     Ok(total_bits / 8)
@@ -46,8 +89,116 @@ fn gcd(a: usize, b: usize) -> usize {
     }
 }
 
-/// Shape and quantization parameters of one quantized weight (N rows, K columns).
+/// Whether `g` can group K = `k` columns: it divides K and, at 3 bits, is a multiple of 8
+/// (a group then starts on a byte boundary).
+fn groups_evenly(k: usize, bits: Option<u32>, g: usize) -> bool {
+    g >= 1 && k.is_multiple_of(g) && (bits != Some(3) || g.is_multiple_of(8))
+}
+
+/// Fails unless `group_size` can group K = `k` columns (see [`check_layout`]); returns it.
+/// `bits` is the bit width when the groups are quantization groups (None for pooling alone).
+pub fn check_group_size(k: usize, bits: Option<u32>, group_size: impl GivenInt) -> Result<usize> {
+    match as_usize(&group_size) {
+        Some(g) if groups_evenly(k, bits, g) => Ok(g),
+        _ => {
+            let three = if bits == Some(3) { " and be a multiple of 8 at 3 bits" } else { "" };
+            let center = match group_size.get() {
+                Some(g) if g < 1 => 1,
+                Some(g) => (g as u64).min(k as u64),
+                None => k as u64,
+            };
+            Err(KernelError::new(
+                ErrorKind::GroupSize,
+                format!(
+                    "group_size: got {group_size}, it must divide in_features K = {k}{three} ({})",
+                    near_group_sizes(k, bits, center)
+                ),
+            ))
+        }
+    }
+}
+
+/// Fails unless `group_size` is at least 1 (where K is not known); returns it.
+pub fn check_positive_group_size(group_size: impl GivenInt) -> Result<usize> {
+    match as_usize(&group_size) {
+        Some(g) if g >= 1 => Ok(g),
+        _ => Err(KernelError::new(
+            ErrorKind::GroupSize,
+            format!("group_size: got {group_size}, it must be a positive integer"),
+        )),
+    }
+}
+
+/// The group sizes closest to `center` that group K evenly (up to four, ascending), for the
+/// group-size message. Looks at most [`NEAR_WINDOW`] values away on each side.
+fn near_group_sizes(k: usize, bits: Option<u32>, center: u64) -> String {
+    if bits == Some(3) && !k.is_multiple_of(8) {
+        return "none exists: at 3 bits K must be a multiple of 8".to_string();
+    }
+    let valid = |d: u64| usize::try_from(d).is_ok_and(|d| groups_evenly(k, bits, d));
+    let mut found = Vec::new();
+    for step in 0..=NEAR_WINDOW {
+        for d in [center.checked_sub(step), center.checked_add(step).filter(|_| step > 0)].into_iter().flatten() {
+            if found.len() < 4 && valid(d) {
+                found.push(d);
+            }
+        }
+        if found.len() == 4 {
+            break;
+        }
+    }
+    found.sort_unstable();
+    let what = if bits == Some(3) { "positive divisors of K that are multiples of 8" } else { "positive divisors" };
+    if found.is_empty() {
+        format!("no {what} within {NEAR_WINDOW} of {center}")
+    } else {
+        let list = found.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
+        format!("{what} near {center}: {list}")
+    }
+}
+
+/// Checks that a layer with `in_features` inputs can be stored at `bits` bits in groups of
+/// `group_size`: bits is one of [`SUPPORTED_BITS`], K >= 1, the group size divides K (and is
+/// a multiple of 8 at 3 bits), and K·bits fills whole bytes. Returns (K, bits, group size).
+pub fn check_layout(
+    in_features: impl GivenInt,
+    bits: impl GivenInt,
+    group_size: impl GivenInt,
+) -> Result<(usize, u32, usize)> {
+    let bits = check_bits(bits)?;
+    let k = check_in_features(in_features)?;
+    let g = check_group_size(k, Some(bits), group_size)?;
+    packed_row_bytes(k, bits)?;
+    Ok((k, bits, g))
+}
+
+/// The product of `dims` (a number of elements), failing when it exceeds isize::MAX, the
+/// most a slice or a tensor can hold.
+pub fn size_product(what: &str, dims: &[usize]) -> Result<usize> {
+    dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).filter(|&n| isize::try_from(n).is_ok()).ok_or_else(
+        || {
+            let shape = dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(" x ");
+            KernelError::shape(format!("{what}: {shape} elements are too many to address"))
+        },
+    )
+}
+
+/// The error for a code outside [0, 2^bits - 1] (`value` as the caller's dtype holds it).
+pub fn code_range_error(value: impl fmt::Display, row: usize, col: usize, bits: u32) -> KernelError {
+    KernelError::new(
+        ErrorKind::CodeRange,
+        format!(
+            "codes: value {value} at row {row}, column {col} is outside [0, {}] allowed at {bits} bits",
+            max_code(bits)
+        ),
+    )
+}
+
+/// Shape and quantization parameters of one quantized weight (N rows, K columns). Made only
+/// by [`QuantLayout::new`], which checks the parameters and that every size derived from
+/// them fits, so the methods below cannot overflow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct QuantLayout {
     pub n: usize,
     pub k: usize,
@@ -56,37 +207,14 @@ pub struct QuantLayout {
 }
 
 impl QuantLayout {
-    /// Validates bits, group size and byte layout. `group_size` must divide K, and for
-    /// 3 bits be a multiple of 8 (a group then starts on a byte boundary).
-    pub fn new(n: usize, k: usize, bits: u32, group_size: usize) -> Result<Self> {
-        check_bits(bits)?;
-        if n == 0 || k == 0 {
-            return Err(KernelError::shape(format!(
-                "weight shape: got (N={n}, K={k}), both dimensions must be at least 1"
-            )));
+    /// Validates bits, group size and byte layout as [`check_layout`] does, N >= 1, and that
+    /// N·K fits.
+    pub fn new(n: usize, k: usize, bits: impl GivenInt, group_size: impl GivenInt) -> Result<Self> {
+        let (k, bits, group_size) = check_layout(k, bits, group_size)?;
+        if n == 0 {
+            return Err(KernelError::shape(format!("weight shape: got (N={n}, K={k}), N must be at least 1")));
         }
-        if group_size == 0 {
-            return Err(KernelError::new(
-                ErrorKind::GroupSize,
-                "group_size: got 0, it must be a positive divisor of in_features",
-            ));
-        }
-        if k % group_size != 0 {
-            return Err(KernelError::new(
-                ErrorKind::GroupSize,
-                format!(
-                    "group_size: got {group_size}, it must divide in_features K = {k} (divisors of K near it: {})",
-                    near_divisors(k, group_size)
-                ),
-            ));
-        }
-        if bits == 3 && group_size % 8 != 0 {
-            return Err(KernelError::new(
-                ErrorKind::GroupSize,
-                format!("group_size: got {group_size}, at 3 bits it must be a multiple of 8"),
-            ));
-        }
-        packed_row_bytes(k, bits)?;
+        size_product("weight", &[n, k])?;
         Ok(Self { n, k, bits, group_size })
     }
 
@@ -131,35 +259,84 @@ impl QuantLayout {
     }
 }
 
-/// Up to four divisors of `k` closest to `g`, for error messages.
-fn near_divisors(k: usize, g: usize) -> String {
-    let mut divs: Vec<usize> = (1..=k).filter(|d| k % d == 0).collect();
-    divs.sort_by_key(|d| (*d as i64 - g as i64).abs());
-    divs.truncate(4);
-    divs.sort_unstable();
-    divs.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn rejects_bad_parameters() {
-        assert_eq!(QuantLayout::new(4, 64, 5, 32).unwrap_err().kind, ErrorKind::Bits);
-        assert_eq!(QuantLayout::new(4, 64, 4, 0).unwrap_err().kind, ErrorKind::GroupSize);
-        assert_eq!(QuantLayout::new(4, 64, 4, 48).unwrap_err().kind, ErrorKind::GroupSize);
-        assert_eq!(QuantLayout::new(4, 12, 3, 4).unwrap_err().kind, ErrorKind::GroupSize);
-        assert_eq!(QuantLayout::new(0, 64, 4, 32).unwrap_err().kind, ErrorKind::Shape);
-        assert_eq!(QuantLayout::new(4, 6, 4, 3).unwrap().row_bytes(), 3);
-        assert_eq!(QuantLayout::new(4, 6, 2, 3).unwrap_err().kind, ErrorKind::Shape);
-        let msg = QuantLayout::new(4, 576, 4, 128).unwrap_err().message;
+        assert_eq!(QuantLayout::new(4, 64, 5u32, 32usize).unwrap_err().kind, ErrorKind::Bits);
+        assert_eq!(QuantLayout::new(4, 64, 4u32, 0usize).unwrap_err().kind, ErrorKind::GroupSize);
+        assert_eq!(QuantLayout::new(4, 64, 4u32, 48usize).unwrap_err().kind, ErrorKind::GroupSize);
+        assert_eq!(QuantLayout::new(4, 12, 3u32, 4usize).unwrap_err().kind, ErrorKind::GroupSize);
+        assert_eq!(QuantLayout::new(0, 64, 4u32, 32usize).unwrap_err().kind, ErrorKind::Shape);
+        assert_eq!(QuantLayout::new(4, 0, 4u32, 32usize).unwrap_err().kind, ErrorKind::Shape);
+        assert_eq!(QuantLayout::new(4, 6, 4u32, 3usize).unwrap().row_bytes(), 3);
+        assert_eq!(QuantLayout::new(4, 6, 2u32, 3usize).unwrap_err().kind, ErrorKind::Shape);
+        let msg = QuantLayout::new(4, 576, 4u32, 128usize).unwrap_err().message;
         assert!(msg.contains("576") && msg.contains("144"), "{msg}");
     }
 
     #[test]
     fn sizes() {
-        let l = QuantLayout::new(3, 64, 3, 32).unwrap();
+        let l = QuantLayout::new(3, 64, 3u32, 32usize).unwrap();
         assert_eq!((l.groups(), l.row_bytes(), l.packed_len(), l.params_len()), (2, 24, 72, 6));
+    }
+
+    /// Messages report the value given, not a converted one.
+    #[test]
+    fn messages_report_the_value_given() {
+        for (bits, shown) in [(-1i64, "got -1"), (1 << 32 | 4, "got 4294967300"), (5, "got 5")] {
+            let e = check_bits(bits).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Bits);
+            assert!(e.message.contains(shown) && e.message.contains("2, 3, 4 and 8"), "{}", e.message);
+        }
+        let e = check_layout(64i64, 4i64, -3i64).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::GroupSize);
+        assert!(e.message.contains("got -3") && e.message.contains("K = 64"), "{}", e.message);
+        let e = check_layout(0i64, 4i64, 32i64).unwrap_err();
+        assert!(e.kind == ErrorKind::Shape && e.message.contains("got 0"), "{}", e.message);
+        assert_eq!(check_layout(576i64, 3i64, 64i64).unwrap(), (576, 3, 64));
+        assert_eq!(check_positive_group_size(0i64).unwrap_err().kind, ErrorKind::GroupSize);
+    }
+
+    #[test]
+    fn group_size_message_lists_valid_neighbours() {
+        let msg = check_layout(576i64, 4i64, 128i64).unwrap_err().message;
+        assert!(
+            msg.contains("got 128") && msg.contains("K = 576") && msg.contains("near 128: 64, 72, 96, 144"),
+            "{msg}"
+        );
+        // At 3 bits only multiples of 8 are offered, and the rule is stated.
+        let msg = check_layout(576i64, 3i64, 12i64).unwrap_err().message;
+        assert!(msg.contains("multiple of 8 at 3 bits") && msg.contains("near 12: 8, 16, 24, 32"), "{msg}");
+        let msg = check_layout(12i64, 3i64, 4i64).unwrap_err().message;
+        assert!(msg.contains("K must be a multiple of 8"), "{msg}");
+        let msg = check_group_size(30, None, 0i64).unwrap_err().message;
+        assert!(msg.contains("got 0") && msg.contains("near 1: 1, 2, 3, 5"), "{msg}");
+    }
+
+    /// The neighbour search is bounded: an O(K) one would run for hours on these K (up to
+    /// the top of u64); this test would not finish.
+    #[test]
+    fn group_size_message_is_bounded_for_huge_k() {
+        for k in [(1usize << 40) + 7, (1 << 40) + 1, usize::MAX - 1, usize::MAX / 3] {
+            for g in [128i64, 0, -5, 1_000_003] {
+                let e = check_group_size(k, Some(4), g).unwrap_err();
+                assert!(e.kind == ErrorKind::GroupSize && e.message.contains(&format!("got {g}")), "{}", e.message);
+            }
+        }
+    }
+
+    #[test]
+    fn sizes_that_overflow_are_shape_errors() {
+        // k * bits wraps to 8 at 2^61 + 1 codes of 8 bits: must fail, not pass as 1 byte.
+        let e = packed_row_bytes((1 << 61) + 1, 8).unwrap_err();
+        assert!(e.kind == ErrorKind::Shape && e.message.contains("too large"), "{}", e.message);
+        assert_eq!(size_product("x", &[1 << 40, 1 << 30]).unwrap_err().kind, ErrorKind::Shape);
+        assert_eq!(size_product("x", &[usize::MAX / 2 + 1]).unwrap_err().kind, ErrorKind::Shape);
+        assert_eq!(size_product("x", &[3, 5, 0]).unwrap(), 0);
+        assert_eq!(QuantLayout::new(1 << 40, 1 << 30, 4u32, 32usize).unwrap_err().kind, ErrorKind::Shape);
+        assert_eq!(check_in_features(u64::MAX).unwrap_err().kind, ErrorKind::Shape);
     }
 }

@@ -3,6 +3,7 @@
 //! tensors onto these functions.
 
 pub mod error;
+pub mod isa;
 pub mod layout;
 pub mod merge;
 pub mod pack;
@@ -19,6 +20,7 @@ pub mod x86;
 pub use error::{ErrorKind, KernelError, Result};
 /// Re-exported so the binding names the same f16/bf16 types the kernels take.
 pub use half;
+pub use isa::Isa;
 pub use layout::{check_bits, max_code, packed_row_bytes, QuantLayout, SUPPORTED_BITS};
-pub use qmatmul::{GroupParams, Isa};
+pub use qmatmul::GroupParams;
 pub use quant::ParamDtype;

@@ -1,4 +1,4 @@
-//! The exact QA-LoRA merge: m'[n,l] = m[n,l] + c * (B A)[n,l] / g (DESIGN.md §1). The 1/g
+//! The exact QA-LoRA merge: m'[n,l] = m[n,l] + c * (B A)[n,l] / g (docs/design.md §1). The 1/g
 //! comes from mean pooling: the adapter sees the mean of each group, so its update spreads
 //! evenly over the g weights of that group.
 //!
@@ -9,8 +9,9 @@
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 
 use crate::error::{KernelError, Result};
+use crate::isa::Isa;
+use crate::layout::{check_positive_group_size, size_product};
 use crate::parallel::for_each_row_with;
-use crate::qmatmul::Isa;
 
 /// A storage dtype of offsets: converted to and from f32 a row at a time.
 pub trait OffsetElem: Copy + Send + Sync {
@@ -88,16 +89,15 @@ fn merge_rows(m: &mut [f32], b: &[f32], a: &[f32], rank: usize, groups: usize, f
 /// [`merge_rows`] compiled for AVX2 (8-wide vectors).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn merge_rows_avx2(m: &mut [f32], b: &[f32], a: &[f32], rank: usize, groups: usize, factor: f32) {
+fn merge_rows_avx2(m: &mut [f32], b: &[f32], a: &[f32], rank: usize, groups: usize, factor: f32) {
     merge_rows(m, b, a, rank, groups, factor)
 }
 
 fn merge_rows_with(isa: Isa, m: &mut [f32], b: &[f32], a: &[f32], rank: usize, groups: usize, factor: f32) {
     #[cfg(target_arch = "x86_64")]
-    if isa.exact() == Isa::Avx2 {
-        // SAFETY: `exact()` is Avx2 only when the CPU has AVX2 (whatever the caller asked).
-        unsafe { merge_rows_avx2(m, b, a, rank, groups, factor) };
-        return;
+    if isa.avx2().is_some() {
+        // SAFETY: `avx2()` proves the CPU has AVX2 (the body is safe code, bounds-checked).
+        return unsafe { merge_rows_avx2(m, b, a, rank, groups, factor) };
     }
     let _ = isa;
     merge_rows(m, b, a, rank, groups, factor)
@@ -137,26 +137,27 @@ pub fn merge_offsets_with<T: OffsetElem>(
     if !scaling.is_finite() {
         return Err(KernelError::value(format!("scaling: got {scaling}, it must be finite")));
     }
-    if group_size == 0 {
-        return Err(KernelError::new(crate::ErrorKind::GroupSize, "group_size: got 0, it must be positive"));
-    }
+    check_positive_group_size(group_size)?;
     let shape_err =
         |what: &str, got: usize, want: usize| KernelError::shape(format!("{what}: got {got} values, expected {want}"));
-    if offsets.len() != n * groups || out.len() != n * groups {
-        return Err(shape_err("offsets", offsets.len(), n * groups));
+    let params = size_product("offsets", &[n, groups])?;
+    if offsets.len() != params || out.len() != params {
+        return Err(shape_err("offsets", offsets.len(), params));
     }
-    if lora_a.len() != rank * groups {
-        return Err(shape_err("lora_A", lora_a.len(), rank * groups));
+    let a_len = size_product("lora_A", &[rank, groups])?;
+    if lora_a.len() != a_len {
+        return Err(shape_err("lora_A", lora_a.len(), a_len));
     }
-    if lora_b.len() != n * rank {
-        return Err(shape_err("lora_B", lora_b.len(), n * rank));
+    let b_len = size_product("lora_B", &[n, rank])?;
+    if lora_b.len() != b_len {
+        return Err(shape_err("lora_B", lora_b.len(), b_len));
     }
-    if n * groups == 0 {
+    if params == 0 {
         return Ok(());
     }
     let factor = scaling / group_size as f32;
-    let block = BLOCK_ROWS * groups;
-    let work = n * groups * (rank + 1);
+    let block = BLOCK_ROWS.min(n) * groups;
+    let work = params.saturating_mul(rank + 1);
     for_each_row_with(
         out,
         block,

@@ -3,10 +3,12 @@
 //! Every width has a byte-wise fast path and a bit-by-bit scalar twin (`*_row_scalar`) that
 //! the tests compare it against.
 
-use crate::error::{ErrorKind, KernelError, Result};
-use crate::layout::{check_bits, max_code, packed_row_bytes};
-use crate::parallel::for_each_row;
+use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::error::{KernelError, Result};
+use crate::layout::{check_bits, code_range_error, max_code, packed_row_bytes, size_product};
+use crate::parallel::for_each_row;
 
 /// Bit-by-bit reference: code k occupies bits [k*b, (k+1)*b) of the row.
 pub fn pack_row_scalar(codes: &[u8], bits: u32, out: &mut [u8]) {
@@ -110,27 +112,16 @@ fn row_in_range(codes: &[u8], bits: u32) -> bool {
     codes.iter().fold(0u8, |acc, &q| acc | q) & high == 0
 }
 
-fn code_range_error(v: i64, row: usize, col: usize, bits: u32) -> KernelError {
-    KernelError::new(
-        ErrorKind::CodeRange,
-        format!(
-            "codes: value {v} at row {row}, column {col} is outside [0, {}] allowed at {bits} bits",
-            max_code(bits)
-        ),
-    )
-}
-
 /// Packs an (n, k) row-major matrix of codes into (n, k*bits/8) bytes.
 pub fn pack(codes: &[u8], n: usize, k: usize, bits: u32, out: &mut [u8]) -> Result<()> {
-    check_bits(bits)?;
     let row_bytes = packed_row_bytes(k, bits)?;
-    if codes.len() != n * k {
+    if codes.len() != size_product("codes", &[n, k])? {
         return Err(KernelError::shape(format!("codes: got {} values, expected n*k = {n}*{k}", codes.len())));
     }
     if out.len() != n * row_bytes {
         return Err(KernelError::internal(format!("pack output has {} bytes, expected {}", out.len(), n * row_bytes)));
     }
-    if n * k == 0 {
+    if codes.is_empty() {
         return Ok(());
     }
     // Range check and packing in one pass over the codes: a row with a bad code is noted
@@ -148,20 +139,53 @@ pub fn pack(codes: &[u8], n: usize, k: usize, bits: u32, out: &mut [u8]) -> Resu
     if row != usize::MAX {
         let max = max_code(bits) as u8;
         let c = &codes[row * k..(row + 1) * k];
-        let col = c.iter().position(|&q| q > max).unwrap_or(0);
-        return Err(code_range_error(c[col] as i64, row, col, bits));
+        if let Some(col) = c.iter().position(|&q| q > max) {
+            return Err(code_range_error(c[col], row, col, bits));
+        }
     }
     Ok(())
 }
 
+/// An integer type codes may arrive in, wider than a byte or signed.
+pub trait WideCode: Copy + Send + Sync + fmt::Display {
+    /// Whether the value lies outside [0, max].
+    fn outside(self, max: u64) -> bool;
+    /// The low byte: the code itself when it is in range.
+    fn low_byte(self) -> u8;
+}
+
+macro_rules! wide_code {
+    (signed: $($s:ty),*; unsigned: $($u:ty),*) => {
+        // Negative values become huge as u64, so one unsigned compare checks both ends.
+        $(impl WideCode for $s {
+            #[inline]
+            fn outside(self, max: u64) -> bool {
+                self as i64 as u64 > max
+            }
+            #[inline]
+            fn low_byte(self) -> u8 {
+                self as u8
+            }
+        })*
+        $(impl WideCode for $u {
+            #[inline]
+            fn outside(self, max: u64) -> bool {
+                self as u64 > max
+            }
+            #[inline]
+            fn low_byte(self) -> u8 {
+                self as u8
+            }
+        })*
+    };
+}
+wide_code!(signed: i8, i16, i32, i64; unsigned: u16, u32, u64);
+
 /// Narrows (n, k) integer codes of a wider type to bytes, failing at the first value outside
 /// [0, 2^bits - 1]. The check must come before narrowing: a cast would wrap -1 or 300 into
 /// range. Work per element is a compare and a truncation, so it vectorizes.
-pub fn narrow_codes<T>(codes: &[T], k: usize, bits: u32, out: &mut [u8]) -> Result<()>
-where
-    T: Copy + Into<i64> + Send + Sync,
-{
-    check_bits(bits)?;
+pub fn narrow_codes<T: WideCode>(codes: &[T], k: usize, bits: u32, out: &mut [u8]) -> Result<()> {
+    let bits = check_bits(bits)?;
     if k == 0 || !codes.len().is_multiple_of(k) || out.len() != codes.len() {
         return Err(KernelError::internal(format!(
             "narrow_codes: {} values, {} outputs, rows of {k}",
@@ -175,10 +199,8 @@ where
         let c = &codes[row * k..(row + 1) * k];
         let mut bad = false;
         for (d, &v) in o.iter_mut().zip(c) {
-            let v: i64 = v.into();
-            // Negative values become huge as u64, so one unsigned compare checks both ends.
-            bad |= v as u64 > max;
-            *d = v as u8;
+            bad |= v.outside(max);
+            *d = v.low_byte();
         }
         if bad {
             first_bad.fetch_min(row, Ordering::Relaxed);
@@ -187,32 +209,27 @@ where
     let row = first_bad.into_inner();
     if row != usize::MAX {
         let c = &codes[row * k..(row + 1) * k];
-        let (col, v) = c
-            .iter()
-            .map(|&v| v.into())
-            .enumerate()
-            .find(|&(_, v): &(usize, i64)| v < 0 || v as u64 > max)
-            .unwrap_or((0, 0));
-        return Err(code_range_error(v, row, col, bits));
+        if let Some(col) = c.iter().position(|v| v.outside(max)) {
+            return Err(code_range_error(c[col], row, col, bits));
+        }
     }
     Ok(())
 }
 
 /// Unpacks (n, k*bits/8) bytes into an (n, k) matrix of codes.
 pub fn unpack(packed: &[u8], n: usize, k: usize, bits: u32, out: &mut [u8]) -> Result<()> {
-    check_bits(bits)?;
     let row_bytes = packed_row_bytes(k, bits)?;
-    if packed.len() != n * row_bytes {
+    let want = size_product("packed", &[n, row_bytes])?;
+    if packed.len() != want {
         return Err(KernelError::shape(format!(
-            "packed: got {} bytes, expected n*k*bits/8 = {n}*{k}*{bits}/8 = {}",
-            packed.len(),
-            n * row_bytes
+            "packed: got {} bytes, expected n*k*bits/8 = {n}*{k}*{bits}/8 = {want}",
+            packed.len()
         )));
     }
-    if out.len() != n * k {
+    if out.len() != size_product("codes", &[n, k])? {
         return Err(KernelError::internal("unpack output has the wrong length"));
     }
-    if n * k == 0 {
+    if out.is_empty() {
         return Ok(());
     }
     for_each_row(out, k, n * k, |row, o| unpack_row(&packed[row * row_bytes..(row + 1) * row_bytes], bits, o));
@@ -223,6 +240,7 @@ pub fn unpack(packed: &[u8], n: usize, k: usize, bits: u32, out: &mut [u8]) -> R
 mod tests {
     use super::*;
     use crate::testutil::random_codes;
+    use crate::ErrorKind;
 
     #[test]
     fn fast_paths_match_scalar_twin() {
@@ -278,7 +296,7 @@ mod tests {
         let err = pack(&codes, 2, 8, 4, &mut out).unwrap_err();
         assert_eq!(err.kind, ErrorKind::CodeRange);
         assert!(err.message.contains("row 1, column 3"), "{}", err.message);
-        let err = unpack(&out[..7], 2, 8, 4, &mut vec![0u8; 16]).unwrap_err();
+        let err = unpack(&out[..7], 2, 8, 4, &mut [0u8; 16]).unwrap_err();
         assert_eq!(err.kind, ErrorKind::Shape);
     }
 

@@ -1,17 +1,13 @@
 //! Group-average pooling of activations: pool(x)[l] = mean of x[k] for k in group l.
 //! It is what lets a QA-LoRA update be constant inside each quantization group.
 
-use crate::error::{ErrorKind, KernelError, Result};
+use crate::error::{KernelError, Result};
+use crate::layout::check_group_size;
 use crate::parallel::for_each_row;
 
 fn check(len: usize, k: usize, g: usize, what: &str) -> Result<usize> {
-    if g == 0 || k % g != 0 {
-        return Err(KernelError::new(
-            ErrorKind::GroupSize,
-            format!("group_size: got {g}, it must be a positive divisor of the last dimension {k}"),
-        ));
-    }
-    if k == 0 || len % k != 0 {
+    check_group_size(k, None, g)?;
+    if k == 0 || !len.is_multiple_of(k) {
         return Err(KernelError::shape(format!("{what}: {len} values do not form rows of {k}")));
     }
     Ok(len / k)
@@ -89,6 +85,6 @@ mod tests {
             group_pool_backward(&out, k, g, &mut back).unwrap();
             assert!((back[k + g] - out[k / g + 1] / g as f32).abs() < 1e-7);
         }
-        assert_eq!(group_pool(&x, k, 7, &mut [0f32; 1]).unwrap_err().kind, ErrorKind::GroupSize);
+        assert_eq!(group_pool(&x, k, 7, &mut [0f32; 1]).unwrap_err().kind, crate::ErrorKind::GroupSize);
     }
 }

@@ -16,8 +16,9 @@
 //! by the exact route.
 
 use crate::error::{KernelError, Result};
+use crate::isa::Isa;
 use crate::layout::QuantLayout;
-use crate::qmatmul::{group_sums, qmatmul_with, GroupParams, Isa};
+use crate::qmatmul::{group_sums, qmatmul_with, GroupParams};
 
 /// Codes per SIMD block: 16 bytes of a 4-bit row. Activation blocks are 1, 2 or 4 of these.
 pub const CODE_BLOCK: usize = 32;
@@ -66,7 +67,7 @@ pub fn quantize_acts(x: &[f32], m: usize, k: usize, block: usize) -> Result<Int8
     if ![32, 64, 128].contains(&block) {
         return Err(KernelError::value(format!("block: got {block}, allowed: 32, 64, 128")));
     }
-    if !k.is_multiple_of(block) || x.len() != m * k {
+    if !k.is_multiple_of(block) || x.len() != crate::layout::size_product("x", &[m, k])? {
         return Err(KernelError::shape(format!(
             "x: got {} values for M = {m} rows of K = {k}; K must be a multiple of {block}",
             x.len()
@@ -125,6 +126,19 @@ pub fn int8_rows_scalar(row: &[u8], q: &[i8], coef: &[f32], k: usize, block: usi
         }
         *o = y;
     }
+}
+
+/// [`int8_rows_scalar`] or its SIMD twin, by instruction set.
+fn int8_rows_with(isa: Isa, row: &[u8], q: &[i8], coef: &[f32], k: usize, block: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(cpu) = isa.avx512_vnni() {
+        return crate::x86::int8_rows_vnni(cpu, row, q, coef, k, block, out);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(cpu) = isa.avx2() {
+        return crate::x86::int8_rows(cpu, row, q, coef, k, block, out);
+    }
+    int8_rows_scalar(row, q, coef, k, block, out)
 }
 
 /// `out[b] = s[b / P]`; a constant P lets the compiler store whole vectors (a run-time chunk
@@ -190,13 +204,7 @@ pub fn qmatmul_int8_with(
                 }
             }
             let prow = &packed[row * rb..(row + 1) * rb];
-            match isa {
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx512Vnni => unsafe { crate::x86::int8_rows_vnni(prow, &acts.q, coef, k, block, orow) },
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => unsafe { crate::x86::int8_rows(prow, &acts.q, coef, k, block, orow) },
-                _ => int8_rows_scalar(prow, &acts.q, coef, k, block, orow),
-            }
+            int8_rows_with(isa, prow, &acts.q, coef, k, block, orow);
             for (i, y) in orow.iter_mut().enumerate() {
                 *y += crate::qmatmul::dot_isa(mm, &xsum[i * groups..(i + 1) * groups], isa);
             }

@@ -4,14 +4,14 @@
 //! Per (weight row n, group l) the kernels form Σ_k q[n,k]·x[i,k] from codes converted to
 //! f32 in registers, then add s[n,l]·Σ + m[n,l]·xsum[i,l], where xsum (the group sums of x)
 //! is computed once per call. Accumulation is exact f32 (no activation quantization).
-//! The AVX2/FMA kernels live in `x86.rs`, chosen at run time; [`row_scalar`] is their twin.
-
-use std::sync::OnceLock;
+//! The AVX2/FMA kernels live in `x86.rs`, chosen at run time (`isa.rs`); [`row_scalar`] is
+//! their twin.
 
 use rayon::prelude::*;
 
 use crate::error::{KernelError, Result};
-use crate::layout::QuantLayout;
+use crate::isa::Isa;
+use crate::layout::{size_product, QuantLayout};
 use crate::pack::unpack_row;
 use crate::pool::group_sum;
 
@@ -27,86 +27,6 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
-}
-
-/// Instruction set a kernel runs with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Isa {
-    /// Portable scalar code (the twin every SIMD kernel is tested against).
-    Scalar,
-    /// x86-64 AVX2 + FMA + F16C.
-    Avx2,
-    /// AVX2 plus AVX-512 F/VL/VNNI (integer dot products on 256-bit vectors). Only the
-    /// int8-activation route (`q8.rs`) has kernels for it; the exact kernels run their AVX2
-    /// code under it.
-    Avx512Vnni,
-}
-
-#[cfg(target_arch = "x86_64")]
-fn has_avx512_vnni() -> bool {
-    is_x86_feature_detected!("avx512f")
-        && is_x86_feature_detected!("avx512vl")
-        && is_x86_feature_detected!("avx512vnni")
-}
-
-impl Isa {
-    /// The best instruction set of the exact kernels on this CPU (detected once).
-    pub fn detect() -> Isa {
-        static BEST: OnceLock<Isa> = OnceLock::new();
-        *BEST.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            {
-                if is_x86_feature_detected!("avx2")
-                    && is_x86_feature_detected!("fma")
-                    && is_x86_feature_detected!("f16c")
-                {
-                    return Isa::Avx2;
-                }
-            }
-            Isa::Scalar
-        })
-    }
-
-    /// The best instruction set of the int8-activation kernels on this CPU.
-    pub fn detect_int8() -> Isa {
-        static BEST: OnceLock<Isa> = OnceLock::new();
-        *BEST.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            if Isa::detect() == Isa::Avx2 && has_avx512_vnni() {
-                return Isa::Avx512Vnni;
-            }
-            Isa::detect()
-        })
-    }
-
-    /// This instruction set if the CPU has it, else the best one below it that it has.
-    pub fn usable(self) -> Isa {
-        match self {
-            Isa::Avx512Vnni if Isa::detect_int8() == Isa::Avx512Vnni => self,
-            Isa::Avx512Vnni | Isa::Avx2 => Isa::detect(),
-            Isa::Scalar => Isa::Scalar,
-        }
-    }
-
-    /// The instruction set the exact kernels use under this one.
-    pub fn exact(self) -> Isa {
-        match self.usable() {
-            Isa::Avx512Vnni => Isa::Avx2,
-            other => other,
-        }
-    }
-
-    /// Every instruction set usable here (Scalar first), for tests and benchmarks.
-    pub fn available() -> Vec<Isa> {
-        let mut v = vec![Isa::Scalar];
-        if Isa::detect() == Isa::Avx2 {
-            v.push(Isa::Avx2);
-        }
-        if Isa::detect_int8() == Isa::Avx512Vnni {
-            v.push(Isa::Avx512Vnni);
-        }
-        v
-    }
 }
 
 /// Scales and offsets of a weight, (N, L) row-major, as f32 values or raw f16 bits (the
@@ -130,24 +50,20 @@ impl GroupParams<'_> {
     #[cfg(target_arch = "x86_64")]
     #[inline]
     pub fn prefetch_row(&self, n: usize, l: usize) {
-        fn lines<T>(v: &[T], start: usize, len: usize) {
-            if let Some(r) = v.get(start..start + len) {
-                let bytes = std::mem::size_of_val(r);
-                let p = r.as_ptr() as *const i8;
-                for off in (0..bytes).step_by(64) {
-                    // SAFETY: a prefetch hint inside the slice (SSE, baseline on x86-64).
-                    unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.add(off)) };
-                }
+        fn lines<T>(v: &[T], start: Option<usize>, len: usize) {
+            if let Some(r) = start.and_then(|s| v.get(s..s.checked_add(len)?)) {
+                crate::x86::prefetch(r);
             }
         }
+        let start = n.checked_mul(l);
         match self {
             GroupParams::F32 { scales, offsets } => {
-                lines(scales, n * l, l);
-                lines(offsets, n * l, l);
+                lines(scales, start, l);
+                lines(offsets, start, l);
             }
             GroupParams::F16 { scales, offsets } => {
-                lines(scales, n * l, l);
-                lines(offsets, n * l, l);
+                lines(scales, start, l);
+                lines(offsets, start, l);
             }
         }
     }
@@ -164,22 +80,20 @@ impl GroupParams<'_> {
                 s.copy_from_slice(&scales[r.clone()]);
                 m.copy_from_slice(&offsets[r]);
             }
-            // `usable()`: an instruction set the CPU lacks is never run, whoever asks.
-            GroupParams::F16 { scales, offsets } => match isa.usable() {
+            GroupParams::F16 { scales, offsets } => {
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 | Isa::Avx512Vnni => unsafe {
-                    crate::x86::f16_to_f32(&scales[r.clone()], s);
-                    crate::x86::f16_to_f32(&offsets[r], m);
-                },
-                _ => {
-                    for (d, &h) in s.iter_mut().zip(&scales[r.clone()]) {
-                        *d = half::f16::from_bits(h).to_f32();
-                    }
-                    for (d, &h) in m.iter_mut().zip(&offsets[r]) {
-                        *d = half::f16::from_bits(h).to_f32();
-                    }
+                if let Some(cpu) = isa.avx2() {
+                    crate::x86::f16_to_f32(cpu, &scales[r.clone()], s);
+                    crate::x86::f16_to_f32(cpu, &offsets[r], m);
+                    return;
                 }
-            },
+                for (d, &h) in s.iter_mut().zip(&scales[r.clone()]) {
+                    *d = half::f16::from_bits(h).to_f32();
+                }
+                for (d, &h) in m.iter_mut().zip(&offsets[r]) {
+                    *d = half::f16::from_bits(h).to_f32();
+                }
+            }
         }
     }
 }
@@ -213,15 +127,61 @@ struct Scratch {
     codes2: Vec<u8>,
 }
 
-/// How a call feeds weight rows to the kernels.
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// How a call feeds weight rows to the kernels (the SIMD routes carry their CPU proof).
+#[derive(Clone, Copy)]
 enum Route {
     /// AVX2 straight on the canonical 4-bit row, x permuted to match.
-    Nib,
+    #[cfg(target_arch = "x86_64")]
+    Nib(crate::isa::HasAvx2),
     /// AVX2 on one byte per code (8-bit rows as they are, 2/3-bit rows unpacked).
-    Bytes,
+    #[cfg(target_arch = "x86_64")]
+    Bytes(crate::isa::HasAvx2),
     /// Scalar twin on unpacked codes.
     Scalar,
+}
+
+impl Route {
+    fn choose(isa: Isa, layout: &QuantLayout) -> Route {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(cpu) = isa.avx2() {
+            if layout.group_size.is_multiple_of(16) {
+                return if layout.bits == 4 { Route::Nib(cpu) } else { Route::Bytes(cpu) };
+            }
+        }
+        let _ = (isa, layout);
+        Route::Scalar
+    }
+
+    /// Whether the route reads the canonical 4-bit row as it is.
+    fn reads_nibbles(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if let Route::Nib(_) = self {
+            return true;
+        }
+        false
+    }
+}
+
+/// Row `row`'s codes for groups [l0, l1) in the encoding `route` reads, indexed by absolute
+/// column: the packed row itself for 4-bit rows on the nibble route and for 8-bit rows,
+/// else `codes` with the block's 2/3/4-bit codes unpacked into it.
+fn row_codes<'a>(
+    packed: &'a [u8],
+    layout: &QuantLayout,
+    nibbles: bool,
+    row: usize,
+    (l0, l1): (usize, usize),
+    codes: &'a mut [u8],
+) -> &'a [u8] {
+    let rb = layout.row_bytes();
+    let prow = &packed[row * rb..(row + 1) * rb];
+    if nibbles || layout.bits == 8 {
+        prow
+    } else {
+        let (k0, k1, b) = (l0 * layout.group_size, l1 * layout.group_size, layout.bits as usize);
+        unpack_row(&prow[k0 * b / 8..k1 * b / 8], layout.bits, &mut codes[k0..k1]);
+        codes
+    }
 }
 
 /// Below this many weights a call runs on the calling thread: rayon's wake-up
@@ -240,10 +200,10 @@ pub(crate) fn check_call(
     let (sl, ol) = params.lens();
     layout.check_buffers(packed.len(), sl, ol)?;
     let k = layout.k;
-    if x.len() != m * k {
+    if x.len() != size_product("x", &[m, k])? {
         return Err(KernelError::shape(format!("x: got {} values, expected M*K = {m}*{k}", x.len())));
     }
-    if out.len() != m * layout.n {
+    if out.len() != size_product("qmatmul output", &[m, layout.n])? {
         return Err(KernelError::internal("qmatmul output has the wrong length"));
     }
     Ok(())
@@ -273,11 +233,11 @@ fn transpose_into(t: &[f32], n: usize, m: usize, out: &mut [f32]) {
 /// Σ a·b with the given instruction set.
 #[inline]
 pub(crate) fn dot_isa(a: &[f32], b: &[f32], isa: Isa) -> f32 {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512Vnni => unsafe { crate::x86::dot(a, b) },
-        _ => dot(a, b),
+    #[cfg(target_arch = "x86_64")]
+    if let Some(cpu) = isa.avx2() {
+        return crate::x86::dot(cpu, a, b);
     }
+    dot(a, b)
 }
 
 /// x: (M, K) row-major; out: (M, N) row-major; scales/offsets as f32.
@@ -305,21 +265,18 @@ pub fn qmatmul_with(
     isa: Isa,
 ) -> Result<()> {
     check_call(x, m, packed, &params, &layout, out)?;
-    let QuantLayout { n, k, bits, group_size: g } = layout;
+    let QuantLayout { n, k, group_size: g, .. } = layout;
     if m == 0 {
         return Ok(());
     }
     let isa = isa.exact();
-    let route = match isa {
-        Isa::Avx2 if g % 16 == 0 && bits == 4 => Route::Nib,
-        Isa::Avx2 if g % 16 == 0 => Route::Bytes,
-        _ => Route::Scalar,
-    };
+    let route = Route::choose(isa, &layout);
+    let nibbles = route.reads_nibbles();
     let groups = layout.groups();
     // Once per call: the group sums of x (offset term) and, for Nib, x in nibble order.
     let xsum = group_sums(x, m, k, g);
     let x_nib;
-    let xk: &[f32] = if route == Route::Nib {
+    let xk: &[f32] = if nibbles {
         let mut p = vec![0f32; m * k];
         for (o, r) in p.chunks_exact_mut(k).zip(x.chunks_exact(k)) {
             #[cfg(target_arch = "x86_64")]
@@ -332,25 +289,11 @@ pub fn qmatmul_with(
     } else {
         x
     };
-    let rb = layout.row_bytes();
     // One weight row against all M activation rows: outputs land transposed, (N, M).
     // The whole row is one block of groups. Cutting K into L1-sized blocks of x (so M > 1
     // does not re-read x from L2 for every weight row) was measured slower, with or without
     // software prefetch of the strided weight blocks; the kernels still take a group range.
     let block_groups = groups;
-    // Row `row`'s codes for groups [l0, l1) in the encoding the route reads, as a pointer
-    // indexed by absolute column (2/3-bit rows are unpacked block by block into `codes`).
-    let src_of = |row: usize, (l0, l1): (usize, usize), codes: &mut Vec<u8>| -> *const u8 {
-        let prow = &packed[row * rb..(row + 1) * rb];
-        if route == Route::Nib || bits == 8 {
-            prow.as_ptr()
-        } else {
-            let (k0, k1) = (l0 * g, l1 * g);
-            let b = bits as usize;
-            unpack_row(&prow[k0 * b / 8..k1 * b / 8], bits, &mut codes[k0..k1]);
-            codes.as_ptr()
-        }
-    };
     // Weight rows against all M activation rows: outputs land transposed, (N, M).
     let run_rows = |row0: usize, o: &mut [f32], scratch: &mut Scratch| {
         let Scratch { s, m: mm, codes, s2, m2, codes2 } = scratch;
@@ -360,46 +303,37 @@ pub fn qmatmul_with(
         while l0 < groups {
             let lr = (l0, (l0 + block_groups).min(groups));
             let mut r = 0;
-            // M = 1 on AVX2: rows in pairs (see `x86::gemv2_group`).
+            // M = 1 on AVX2: rows in pairs (see `x86::gemv2`).
             #[cfg(target_arch = "x86_64")]
-            if m == 1 && route != Route::Scalar {
+            if let (1, Route::Nib(cpu) | Route::Bytes(cpu)) = (m, route) {
+                use crate::x86::{dot, gemv2, RowCodes};
                 while r + 2 <= nrows {
                     let row = row0 + r;
                     params.row_into(row, lr, isa, s, mm);
                     params.row_into(row + 1, lr, isa, s2, m2);
-                    let rows = [src_of(row, lr, codes), src_of(row + 1, lr, codes2)];
-                    let xp = xk.as_ptr();
-                    let (y0, y1) = unsafe {
-                        use crate::x86::{gemv2_group, Bytes, Nib};
-                        match (route == Route::Nib, g % 32 == 0) {
-                            (true, true) => gemv2_group::<Nib, 32>(rows, xp, s, s2, g, lr),
-                            (true, false) => gemv2_group::<Nib, 16>(rows, xp, s, s2, g, lr),
-                            (false, true) => gemv2_group::<Bytes, 32>(rows, xp, s, s2, g, lr),
-                            (false, false) => gemv2_group::<Bytes, 16>(rows, xp, s, s2, g, lr),
-                        }
-                    };
+                    let rows = [
+                        RowCodes::new(nibbles, row_codes(packed, &layout, nibbles, row, lr, codes)),
+                        RowCodes::new(nibbles, row_codes(packed, &layout, nibbles, row + 1, lr, codes2)),
+                    ];
+                    let (y0, y1) = gemv2(cpu, rows, xk, s, s2, g, lr);
                     let xs = &xsum[lr.0..lr.1];
-                    let (d0, d1) =
-                        unsafe { (crate::x86::dot(&mm[lr.0..lr.1], xs), crate::x86::dot(&m2[lr.0..lr.1], xs)) };
-                    o[r] += y0 + d0;
-                    o[r + 1] += y1 + d1;
+                    o[r] += y0 + dot(cpu, &mm[lr.0..lr.1], xs);
+                    o[r + 1] += y1 + dot(cpu, &m2[lr.0..lr.1], xs);
                     r += 2;
                 }
             }
             while r < nrows {
                 let row = row0 + r;
                 params.row_into(row, lr, isa, s, mm);
-                let src = src_of(row, lr, codes);
+                let src = row_codes(packed, &layout, nibbles, row, lr, codes);
                 let orow = &mut o[r * m..(r + 1) * m];
                 match route {
-                    Route::Scalar => {
-                        let src = unsafe { std::slice::from_raw_parts(src, k) };
-                        row_scalar(src, xk, k, &xsum, s, mm, g, orow)
-                    }
+                    Route::Scalar => row_scalar(src, xk, k, &xsum, s, mm, g, orow),
                     #[cfg(target_arch = "x86_64")]
-                    _ => unsafe { simd_row(route == Route::Nib, src, xk, k, &xsum, groups, s, mm, g, lr, orow) },
-                    #[cfg(not(target_arch = "x86_64"))]
-                    _ => unreachable!(),
+                    Route::Nib(cpu) | Route::Bytes(cpu) => {
+                        let row = crate::x86::RowCodes::new(nibbles, src);
+                        crate::x86::rows_exact(cpu, row, xk, k, &xsum, groups, s, mm, g, lr, orow)
+                    }
                 }
                 r += 1;
             }
@@ -448,65 +382,6 @@ pub(crate) fn for_weight_rows<S: Send>(
     }
     if m > 1 {
         transpose_into(&out_t_buf, n, m, out);
-    }
-}
-
-/// All M activation rows against one weight row, in blocks of <= 8 rows: the group route
-/// for blocks of 1-4, the dequantize route for 5-8 (registers run out for the former).
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn simd_row(
-    nib: bool,
-    row: *const u8,
-    x: &[f32],
-    k: usize,
-    xsum: &[f32],
-    groups: usize,
-    s: &[f32],
-    mm: &[f32],
-    g: usize,
-    lr: (usize, usize),
-    out: &mut [f32],
-) {
-    use crate::x86::{row_deq, row_group, Bytes, Nib};
-    let m = out.len();
-    let step32 = g.is_multiple_of(32);
-    let mut i0 = 0;
-    while i0 < m {
-        let rem = m - i0;
-        let mb = if rem >= 5 { rem.min(8) } else { rem };
-        let (xp, xs, o) = (x.as_ptr().add(i0 * k), xsum.as_ptr().add(i0 * groups), &mut out[i0..i0 + mb]);
-        let p = row;
-        macro_rules! group {
-            ($src:ty, $mb:literal) => {
-                if step32 && $mb <= 2 {
-                    row_group::<$src, $mb, 32>(p, xp, k, xs, groups, s, mm, g, lr, o)
-                } else {
-                    row_group::<$src, $mb, 16>(p, xp, k, xs, groups, s, mm, g, lr, o)
-                }
-            };
-        }
-        macro_rules! dispatch {
-            ($src:ty) => {
-                match mb {
-                    1 => group!($src, 1),
-                    2 => group!($src, 2),
-                    3 => group!($src, 3),
-                    4 => group!($src, 4),
-                    5 => row_deq::<$src, 5>(p, xp, k, s, mm, g, lr, o),
-                    6 => row_deq::<$src, 6>(p, xp, k, s, mm, g, lr, o),
-                    7 => row_deq::<$src, 7>(p, xp, k, s, mm, g, lr, o),
-                    _ => row_deq::<$src, 8>(p, xp, k, s, mm, g, lr, o),
-                }
-            };
-        }
-        if nib {
-            dispatch!(Nib)
-        } else {
-            dispatch!(Bytes)
-        }
-        i0 += mb;
     }
 }
 

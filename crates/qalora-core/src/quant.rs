@@ -1,12 +1,13 @@
 //! Group-wise asymmetric min-max round-to-nearest quantization and its inverse.
 //!
-//! Offset form (DESIGN.md §1): W~[n,k] = s[n,l] * q[n,k] + m[n,l], l = k / g.
+//! Offset form (docs/design.md §1): W~[n,k] = s[n,l] * q[n,k] + m[n,l], l = k / g.
 //! Scales and offsets are rounded to their storage dtype *before* the codes are chosen, so
 //! the codes are the nearest ones under the parameters that are actually stored.
 
 use half::{bf16, f16};
 
 use crate::error::{KernelError, Result};
+use crate::isa::Isa;
 use crate::layout::{max_code, QuantLayout};
 use crate::pack::{pack_row, unpack_row};
 use crate::parallel::{for_each_row_with, PARALLEL_THRESHOLD};
@@ -97,16 +98,15 @@ fn codes_row(wr: &[f32], scales: &[f32], offsets: &[f32], g: usize, qmax: f32, c
 /// the portable build calls a library function per element).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn codes_row_avx2(wr: &[f32], scales: &[f32], offsets: &[f32], g: usize, qmax: f32, codes: &mut [u8]) {
+fn codes_row_avx2(wr: &[f32], scales: &[f32], offsets: &[f32], g: usize, qmax: f32, codes: &mut [u8]) {
     codes_row(wr, scales, offsets, g, qmax, codes)
 }
 
-fn codes_row_with(isa: crate::qmatmul::Isa, wr: &[f32], s: &[f32], m: &[f32], g: usize, qmax: f32, codes: &mut [u8]) {
+fn codes_row_with(isa: Isa, wr: &[f32], s: &[f32], m: &[f32], g: usize, qmax: f32, codes: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
-    if isa.exact() == crate::qmatmul::Isa::Avx2 {
-        // SAFETY: `exact()` is Avx2 only when the CPU has AVX2 (whatever the caller asked).
-        unsafe { codes_row_avx2(wr, s, m, g, qmax, codes) };
-        return;
+    if isa.avx2().is_some() {
+        // SAFETY: `avx2()` proves the CPU has AVX2 (the body is safe code, bounds-checked).
+        return unsafe { codes_row_avx2(wr, s, m, g, qmax, codes) };
     }
     let _ = isa;
     codes_row(wr, s, m, g, qmax, codes)
@@ -159,7 +159,7 @@ pub fn quantize(
     let qmax = max_code(bits) as f32;
     let row_bytes = layout.row_bytes();
     let (scales, offsets) = (&*scales, &*offsets);
-    let isa = crate::qmatmul::Isa::detect();
+    let isa = Isa::detect();
     for_each_row_with(
         packed,
         row_bytes,
@@ -208,25 +208,20 @@ pub fn dequantize_row(
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if layout.group_size.is_multiple_of(8) && crate::qmatmul::Isa::detect() == crate::qmatmul::Isa::Avx2 {
-        let (rb, groups, g) = (layout.row_bytes(), layout.groups(), layout.group_size);
+    if let (true, Some(cpu)) = (layout.group_size.is_multiple_of(8), Isa::detect().avx2()) {
+        use crate::x86::{dequant_row, RowCodes};
+        let (rb, groups) = (layout.row_bytes(), layout.groups());
         let prow = &packed[row * rb..(row + 1) * rb];
         let (s, m) = (&scales[row * groups..(row + 1) * groups], &offsets[row * groups..(row + 1) * groups]);
-        let out = &mut out[..layout.k];
-        unsafe {
-            if layout.bits == 4 {
-                crate::x86::dequant_row_nib(prow, s, m, g, out);
-            } else {
-                let codes: &[u8] = if layout.bits == 8 {
-                    prow
-                } else {
-                    unpack_row(prow, layout.bits, codes);
-                    codes
-                };
-                crate::x86::dequant_row_bytes(codes, s, m, g, out);
+        let codes = match layout.bits {
+            4 => RowCodes::Nib(prow),
+            8 => RowCodes::Bytes(prow),
+            bits => {
+                unpack_row(prow, bits, codes);
+                RowCodes::Bytes(codes)
             }
-        }
-        return;
+        };
+        return dequant_row(cpu, codes, s, m, layout.group_size, &mut out[..layout.k]);
     }
     dequantize_row_scalar(packed, scales, offsets, layout, row, codes, out)
 }
@@ -345,7 +340,7 @@ mod tests {
         for j in 0..g {
             w[g + j] = m[1] + (j as f32 + 0.5) * s[1];
         }
-        for isa in crate::qmatmul::Isa::available() {
+        for isa in Isa::available() {
             for qmax in [3.0f32, 7.0, 15.0, 255.0] {
                 let mut codes = vec![0u8; k];
                 codes_row_with(isa, &w, &s, &m, g, qmax, &mut codes);

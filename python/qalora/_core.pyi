@@ -1,0 +1,115 @@
+"""Typed contract of the native module ``qalora._core`` (the engine of :mod:`qalora.ops`).
+
+Checked against the built module by ``python -m mypy.stubtest qalora._core`` (``.ci/stubcheck``).
+Every function raises :class:`qalora.QALoRAError` subclasses on bad input: a wrong argument type
+is a ``DTypeError`` naming the argument, an unknown option string an ``InvalidValueError``
+listing the allowed values.
+"""
+
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "SUPPORTED_BITS",
+    "__version__",
+    "check_layout",
+    "dequantize",
+    "group_pool",
+    "group_pool_backward",
+    "merge_offsets",
+    "pack",
+    "qmatmul",
+    "qmatmul_grad_input",
+    "quantize",
+    "register_errors",
+    "unpack",
+]
+
+_Backend = Literal["auto", "core", "torch"]
+_Activations = Literal["exact", "int8"]
+
+__version__: str
+#: Bit widths the kernels store.
+SUPPORTED_BITS: list[int]
+
+def register_errors(
+    *,
+    shape: type[Exception],
+    dtype: type[Exception],
+    device: type[Exception],
+    bits: type[Exception],
+    group_size: type[Exception],
+    code_range: type[Exception],
+    value: type[Exception],
+    internal: type[Exception],
+) -> None:
+    """Hand the exception classes to the extension (``qalora.errors`` does it once, at import)."""
+
+def check_layout(in_features: int, bits: int, group_size: int) -> None:
+    """Raise the ops' error unless a layer of ``in_features`` inputs fits ``bits`` and ``group_size``."""
+
+def pack(codes: torch.Tensor, bits: int, backend: _Backend = ...) -> torch.Tensor:
+    """(N, K) integer codes -> (N, K*bits/8) uint8."""
+
+def unpack(packed: torch.Tensor, bits: int, k: int, backend: _Backend = ...) -> torch.Tensor:
+    """(N, K*bits/8) uint8 -> (N, K) uint8 codes."""
+
+def quantize(
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int,
+    scale_dtype: torch.dtype = ...,
+    backend: _Backend = ...,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) float weight -> (packed, scales, offsets); scale_dtype defaults to torch.float16."""
+
+def dequantize(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype = ...,
+    backend: _Backend = ...,
+) -> torch.Tensor:
+    """Dense (N, K) weight ``scales * q + offsets``; dtype defaults to torch.float32."""
+
+def qmatmul(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    bits: int,
+    group_size: int,
+    backend: _Backend = ...,
+    activations: _Activations = ...,
+) -> torch.Tensor:
+    """``x @ W.T`` for x of shape (..., K); backend defaults to "auto", activations to "exact"."""
+
+def qmatmul_grad_input(
+    grad_output: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    bits: int,
+    group_size: int,
+    backend: _Backend = ...,
+) -> torch.Tensor:
+    """``grad_output @ W`` for grad_output of shape (..., N): the backward of qmatmul."""
+
+def group_pool(x: torch.Tensor, group_size: int, backend: _Backend = ...) -> torch.Tensor:
+    """Mean over each contiguous group of ``group_size`` along the last dimension."""
+
+def group_pool_backward(grad_output: torch.Tensor, group_size: int, backend: _Backend = ...) -> torch.Tensor:
+    """Spread ``grad_output[..., l] / group_size`` over the inputs of group l."""
+
+def merge_offsets(
+    offsets: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    group_size: int,
+    backend: _Backend = ...,
+) -> torch.Tensor:
+    """``offsets + scaling * (lora_b @ lora_a) / group_size``, in offsets' dtype."""
