@@ -52,6 +52,7 @@ def main() -> None:
     # offsets tensor per 32 columns of the weight would be tiny, so merge 64 layers' worth.
     big_offsets = torch.randn(n * 64, k // g, generator=gen).half()
     big_b = torch.randn(n * 64, rank, generator=gen)
+    merge_out, in_place = torch.empty_like(big_offsets), big_offsets.clone()
 
     cases = [
         ("pack (4-bit)", lambda i: ops.pack(codes, bits), codes.numel() + packed.numel()),
@@ -72,8 +73,19 @@ def main() -> None:
             lambda i: ops.merge_offsets(big_offsets, lora_a, big_b, 2.0, g),
             2 * big_offsets.numel() * 2 + big_b.numel() * 4,
         ),
+        (
+            "merge_offsets, out= a tensor",
+            lambda i: ops.merge_offsets(big_offsets, lora_a, big_b, 2.0, g, out=merge_out),
+            2 * big_offsets.numel() * 2 + big_b.numel() * 4,
+        ),
+        (
+            "merge_offsets, in place",
+            lambda i: ops.merge_offsets(in_place, lora_a, big_b, 2.0, g, out=in_place),
+            2 * big_offsets.numel() * 2 + big_b.numel() * 4,
+        ),
     ]
     print(f"{'op':<30} {'ms':>9} {'GB/s':>8} {'of memcpy':>10} {'of clone':>9}")
+    print("(merge_offsets: the out= rows write into an existing tensor; the first allocates its result)")
     for name, fn, nbytes in cases:
         t = median_time(fn, reps)
         gbs = nbytes / t / 1e9

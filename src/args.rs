@@ -97,6 +97,7 @@ option_enum!(
     Activations, "activations", parse_choice, {
         Exact = "exact",
         Int8 = "int8",
+        Bf16 = "bf16",
     }
 );
 

@@ -281,6 +281,21 @@ pub fn slice<T: Plain>(t: &Tensor) -> &[T] {
     unsafe { std::slice::from_raw_parts(t.data_ptr() as *const T, n) }
 }
 
+/// Mutable view of a contiguous CPU tensor's elements (element size checked), for an op
+/// that writes into a tensor the caller passed (`out=`). The caller holds the tensor for the
+/// view's lifetime and makes sure no other view of the same memory is alive meanwhile.
+#[allow(clippy::mut_from_ref)]
+pub fn slice_mut<T: Plain>(t: &Tensor) -> &mut [T] {
+    let n = check_view::<T>(t);
+    if n == 0 {
+        return &mut [];
+    }
+    // SAFETY: as in `slice`; exclusive access is the caller's contract above (the binding
+    // checks that an `out=` tensor is either the input it replaces, whose read-only view is
+    // then never made, or does not overlap any input).
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, n) }
+}
+
 /// The error for a tensor libtorch could not allocate: the shape asked for is too large for
 /// this machine (a caller's size, such as a huge group size or an expanded view, not a bug).
 pub fn allocation_error(shape: &[i64], dtype: &str, err: TchError) -> KernelError {

@@ -1,10 +1,10 @@
 //! Ops on CPU tensors through the tch-free Rust core (rayon inside).
 
-use qalora_core::{merge, pack, pool, q8, qmatmul, quant, GroupParams, Isa, ParamDtype, QuantLayout};
+use qalora_core::{bf16, merge, pack, pool, q8, qmatmul, quant, tiles, GroupParams, Isa, ParamDtype, QuantLayout};
 use tch::{Device, Kind, Tensor};
 
-use crate::args::{CodeDType, QuantWeight};
-use crate::boundary::{allocation_error, contiguous, dense, kind_name, slice, Fresh, KResult, Plain};
+use crate::args::{Activations, CodeDType, QuantWeight};
+use crate::boundary::{allocation_error, contiguous, dense, kind_name, slice, slice_mut, Fresh, KResult, Plain};
 
 /// Below or at this many activation rows the fused kernel wins; above it, dequantizing a
 /// tile and calling torch's GEMM does.
@@ -99,18 +99,68 @@ fn tile_rows(layout: QuantLayout) -> usize {
     (TILE_ELEMS / layout.k).clamp(1, layout.n)
 }
 
+/// The weight's scales and offsets as the kernels take them: raw f16 bits when both are
+/// f16 (the default; converted per row inside the kernels), else f32 copies.
+enum Params {
+    F16(Tensor, Tensor),
+    F32(Tensor, Tensor),
+}
+
+impl Params {
+    fn of(w: &QuantWeight) -> Params {
+        if w.scales.kind() == Kind::Half && w.offsets.kind() == Kind::Half {
+            Params::F16(w.scales.contiguous(), w.offsets.contiguous())
+        } else {
+            let (s, o) = w.params_f32();
+            Params::F32(s, o)
+        }
+    }
+
+    fn view(&self) -> GroupParams<'_> {
+        match self {
+            Params::F16(s, o) => GroupParams::F16 { scales: slice(s), offsets: slice(o) },
+            Params::F32(s, o) => GroupParams::F32 { scales: slice(s), offsets: slice(o) },
+        }
+    }
+}
+
 /// Calls `f(row0, tile)` for consecutive row tiles of the dequantized weight, reusing one
-/// buffer, in `kind` (f32 or f64).
+/// buffer, in `kind`: f32 or f64 (dequantized in f32), or bf16 (dequantized straight to
+/// bf16, for bf16 GEMMs).
 ///
 /// Tiles are dequantized on the calling thread (SIMD, a few ms per 16M weights) rather than
 /// on rayon's pool: right after a torch GEMM, torch's OpenMP threads still spin on both
 /// cores, and waking rayon workers against them was measured to cost more than the work.
 fn for_each_tile(w: &QuantWeight, kind: Kind, mut f: impl FnMut(usize, &Tensor)) -> KResult<()> {
-    let (s, o) = w.params_f32();
     let (n, k) = (w.layout.n, w.layout.k);
     let rows = tile_rows(w.layout);
+    let packed = slice::<u8>(&w.packed);
+    if kind == Kind::BFloat16 {
+        let params = Params::of(w);
+        let mut buf = Fresh::empty(&[rows as i64, k as i64], Kind::BFloat16)?;
+        let mut scratch = bf16::DequantScratch::new(&w.layout);
+        let mut row0 = 0;
+        while row0 < n {
+            let r = rows.min(n - row0);
+            // The kernel writes bf16 bits.
+            let out = &mut buf.data_mut::<u16>()[..r * k];
+            bf16::dequantize_rows_bf16(
+                packed,
+                params.view(),
+                w.layout,
+                (row0, r),
+                out,
+                &mut scratch,
+                Isa::detect_best(),
+            )?;
+            buf.with_rows(r, |tile| f(row0, tile));
+            row0 += r;
+        }
+        return Ok(());
+    }
+    let (s, o) = w.params_f32();
     let mut buf = Fresh::empty(&[rows as i64, k as i64], Kind::Float)?;
-    let (packed, sf, of) = (slice::<u8>(&w.packed), slice::<f32>(&s), slice::<f32>(&o));
+    let (sf, of) = (slice::<f32>(&s), slice::<f32>(&o));
     let mut codes = vec![0u8; k];
     let mut row0 = 0;
     while row0 < n {
@@ -130,10 +180,20 @@ fn for_each_tile(w: &QuantWeight, kind: Kind, mut f: impl FnMut(usize, &Tensor))
     Ok(())
 }
 
-/// y = x W~^T for x of shape (M, K) (any float kind); returns (M, N) in x's kind. With
-/// `int8`, small-M calls quantize the activations to int8 per block of 32 (`qalora_core::q8`);
-/// large-M calls are exact either way.
-pub fn qmatmul(x2: &Tensor, w: &QuantWeight, int8: bool) -> KResult<Tensor> {
+/// The kind the large-M path computes in for inputs of `kind`: bf16 GEMMs on bf16 tiles for
+/// bf16 inputs (what nn.Linear does under bf16 autocast), f64 for f64, else f32.
+fn gemm_kind(kind: Kind) -> Kind {
+    match kind {
+        Kind::Double | Kind::BFloat16 => kind,
+        _ => Kind::Float,
+    }
+}
+
+/// y = x W~^T for x of shape (M, K) (any float kind); returns (M, N) in x's kind.
+/// `activations` chooses how small-M calls treat x (`Exact`, `Int8`: `qalora_core::q8`,
+/// `Bf16`: `qalora_core::bf16`); large-M calls are exact in f32 (f64 for f64 inputs), or
+/// bf16 GEMMs on bf16 tiles for bf16 inputs.
+pub fn qmatmul(x2: &Tensor, w: &QuantWeight, activations: Activations) -> KResult<Tensor> {
     let (m, n) = (x2.size()[0] as usize, w.layout.n);
     let out_kind = x2.kind();
     if m == 0 {
@@ -143,48 +203,57 @@ pub fn qmatmul(x2: &Tensor, w: &QuantWeight, int8: bool) -> KResult<Tensor> {
         let xf = dense(x2, Kind::Float)?;
         let mut out = Fresh::empty(&[m as i64, n as i64], Kind::Float)?;
         let (xs, pk, os) = (slice(&xf), slice(&w.packed), out.data_mut());
-        let fused = if int8 { q8::qmatmul_int8_with } else { qmatmul::qmatmul_with };
-        let fused = |x, m, p, params, l, o| fused(x, m, p, params, l, o, Isa::detect());
-        if w.scales.kind() == Kind::Half && w.offsets.kind() == Kind::Half {
-            // The default dtype goes to the kernel as raw f16 bits, converted per row in
-            // registers: no extra pass over N*K/g parameters per call.
-            let (s, o) = (w.scales.contiguous(), w.offsets.contiguous());
-            let params = GroupParams::F16 { scales: slice(&s), offsets: slice(&o) };
-            fused(xs, m, pk, params, w.layout, os)?;
-        } else {
-            let (s, o) = w.params_f32();
-            let params = GroupParams::F32 { scales: slice(&s), offsets: slice(&o) };
-            fused(xs, m, pk, params, w.layout, os)?;
-        }
+        let fused = match activations {
+            Activations::Exact => qmatmul::qmatmul_with,
+            Activations::Int8 => q8::qmatmul_int8_with,
+            Activations::Bf16 => bf16::qmatmul_bf16_with,
+        };
+        // The default dtype goes to the kernel as raw f16 bits, converted per row in
+        // registers: no extra pass over N*K/g parameters per call.
+        let params = Params::of(w);
+        fused(xs, m, pk, params.view(), w.layout, os, Isa::detect_best())?;
         return Ok(out.into_tensor().to_kind(out_kind));
     }
-    // Large M: one dequantized tile at a time through torch's GEMM, written into a
-    // transposed output whose row blocks are contiguous.
-    let ck = if out_kind == Kind::Double { Kind::Double } else { Kind::Float };
+    // Large M: one dequantized tile at a time through torch's GEMM, each into its columns
+    // of the (M, N) output (a strided GEMM output, no transpose afterwards).
+    let ck = gemm_kind(out_kind);
     let xc = dense(x2, ck)?;
-    let xt = xc.tr();
-    let out_t = Tensor::f_empty([n as i64, m as i64], cpu(ck))
-        .map_err(|e| allocation_error(&[n as i64, m as i64], kind_name(ck), e))?;
+    let out = Tensor::f_empty([m as i64, n as i64], cpu(ck))
+        .map_err(|e| allocation_error(&[m as i64, n as i64], kind_name(ck), e))?;
     for_each_tile(w, ck, |row0, tile| {
-        let dst = out_t.narrow(0, row0 as i64, tile.size()[0]);
-        let _ = tile.mm_out(&dst, &xt);
+        let dst = out.narrow(1, row0 as i64, tile.size()[0]);
+        let _ = xc.mm_out(&dst, &tile.tr());
     })?;
-    Ok(out_t.tr().contiguous().to_kind(out_kind))
+    Ok(if out_kind == ck { out } else { out.to_kind(out_kind) })
 }
 
-/// grad_x = grad W~ for grad of shape (M, N); returns (M, K) in grad's kind.
+/// grad_x = grad W~ for grad of shape (M, N); returns (M, K) in grad's kind (bf16 GEMMs on
+/// bf16 tiles for bf16 grads, partial sums of several tiles added in f32).
 pub fn qmatmul_grad_input(g2: &Tensor, w: &QuantWeight) -> KResult<Tensor> {
     let (m, k) = (g2.size()[0], w.layout.k as i64);
     let out_kind = g2.kind();
-    let ck = if out_kind == Kind::Double { Kind::Double } else { Kind::Float };
+    let ck = gemm_kind(out_kind);
     let gc = dense(g2, ck)?;
-    let mut gx = Tensor::f_zeros([m, k], cpu(ck)).map_err(|e| allocation_error(&[m, k], kind_name(ck), e))?;
+    let acc_kind = if ck == Kind::BFloat16 { Kind::Float } else { ck };
     if m == 0 {
+        return Ok(Tensor::zeros([0, k], cpu(out_kind)));
+    }
+    if tile_rows(w.layout) >= w.layout.n {
+        // One tile: the product is the result.
+        let mut result = None;
+        for_each_tile(w, ck, |_, tile| result = Some(gc.mm(tile)))?;
+        let gx = result.ok_or_else(|| qalora_core::KernelError::internal("no tile"))?;
         return Ok(gx.to_kind(out_kind));
     }
+    let mut gx =
+        Tensor::f_zeros([m, k], cpu(acc_kind)).map_err(|e| allocation_error(&[m, k], kind_name(acc_kind), e))?;
     for_each_tile(w, ck, |row0, tile| {
         let part = gc.narrow(1, row0 as i64, tile.size()[0]);
-        let _ = gx.addmm_(&part, tile);
+        if ck == acc_kind {
+            let _ = gx.addmm_(&part, tile);
+        } else {
+            let _ = gx.f_add_(&part.mm(tile)).map(|_| ());
+        }
     })?;
     Ok(gx.to_kind(out_kind))
 }
@@ -207,12 +276,15 @@ pub fn group_pool_backward(grad: &Tensor, lead: &[i64], k: usize, g: usize) -> K
     Ok(out.into_tensor())
 }
 
+/// The merged offsets, written into a new tensor, or into `out` (the offsets themselves for
+/// an in-place merge, or another tensor of their shape and dtype).
 pub fn merge_offsets(
     offsets: &Tensor,
     lora_a: &Tensor,
     lora_b: &Tensor,
     scaling: f32,
     group_size: usize,
+    out: Option<&Tensor>,
 ) -> KResult<Tensor> {
     use qalora_core::half::{bf16, f16};
     let (n, groups) = (offsets.size()[0] as usize, offsets.size()[1] as usize);
@@ -220,21 +292,84 @@ pub fn merge_offsets(
     // A and B are small next to the offsets (r/L of them); no-ops when already f32.
     let a = dense(lora_a, Kind::Float)?;
     let b = dense(lora_b, Kind::Float)?;
+    let (sa, sb) = (slice::<f32>(&a), slice::<f32>(&b));
+    let isa = Isa::detect_best();
+    macro_rules! merge_as {
+        ($t:ty, $src:expr, $dst:expr) => {
+            merge::merge_offsets_with::<$t>($src, n, groups, sa, sb, rank, scaling, group_size, $dst, isa)
+        };
+    }
+    macro_rules! in_place_as {
+        ($t:ty, $dst:expr) => {
+            merge::merge_offsets_in_place::<$t>($dst, n, groups, sa, sb, rank, scaling, group_size, isa)
+        };
+    }
+    if let Some(out) = out {
+        // `out` was checked by the caller: contiguous, CPU, offsets' shape and dtype (not
+        // f64), and either the offsets themselves or not overlapping them.
+        let kind = out.kind();
+        if out.data_ptr() == offsets.data_ptr() {
+            match kind {
+                Kind::Half => in_place_as!(f16, slice_mut(out))?,
+                Kind::BFloat16 => in_place_as!(bf16, slice_mut(out))?,
+                _ => in_place_as!(f32, slice_mut(out))?,
+            }
+        } else {
+            let m = dense(offsets, kind)?;
+            match kind {
+                Kind::Half => merge_as!(f16, slice(&m), slice_mut(out))?,
+                Kind::BFloat16 => merge_as!(bf16, slice(&m), slice_mut(out))?,
+                _ => merge_as!(f32, slice(&m), slice_mut(out))?,
+            }
+        }
+        return Ok(out.shallow_clone());
+    }
     // f16/bf16/f32 offsets are read and written in place by the kernel (converted a block
     // of rows at a time); only f64 goes through an f32 copy, as the result is f32-computed.
     let kind = if offsets.kind() == Kind::Double { Kind::Float } else { offsets.kind() };
     let m = dense(offsets, kind)?;
-    let mut out = Fresh::empty(&[n as i64, groups as i64], kind)?;
-    let (sa, sb) = (slice::<f32>(&a), slice::<f32>(&b));
+    let mut fresh = Fresh::empty(&[n as i64, groups as i64], kind)?;
     match kind {
-        Kind::Half => {
-            merge::merge_offsets::<f16>(slice(&m), n, groups, sa, sb, rank, scaling, group_size, out.data_mut())?
-        }
-        Kind::BFloat16 => {
-            merge::merge_offsets::<bf16>(slice(&m), n, groups, sa, sb, rank, scaling, group_size, out.data_mut())?
-        }
-        _ => merge::merge_offsets::<f32>(slice(&m), n, groups, sa, sb, rank, scaling, group_size, out.data_mut())?,
+        Kind::Half => merge_as!(f16, slice(&m), fresh.data_mut())?,
+        Kind::BFloat16 => merge_as!(bf16, slice(&m), fresh.data_mut())?,
+        _ => merge_as!(f32, slice(&m), fresh.data_mut())?,
     }
-    let out = out.into_tensor();
-    Ok(if offsets.kind() == kind { out } else { out.to_kind(offsets.kind()) })
+    let fresh = fresh.into_tensor();
+    Ok(if offsets.kind() == kind { fresh } else { fresh.to_kind(offsets.kind()) })
+}
+
+/// Canonical 4-bit codes + f16 scales/offsets -> the tiled int8 layout (`qalora_core::tiles`).
+pub fn repack_tiles(w: &QuantWeight) -> KResult<Tensor> {
+    let (s, o) = (w.scales.contiguous(), w.offsets.contiguous());
+    let mut out = Fresh::empty(&[tiles::tiled_len(&w.layout) as i64], Kind::Uint8)?;
+    tiles::repack(slice(&w.packed), slice(&s), slice(&o), w.layout, out.data_mut())?;
+    Ok(out.into_tensor())
+}
+
+/// The tiled layout -> (packed, scales, offsets) in the canonical layout, f16 parameters.
+pub fn unrepack_tiles(tiled: &Tensor, layout: QuantLayout) -> KResult<(Tensor, Tensor, Tensor)> {
+    let t = contiguous(tiled)?;
+    let (n, groups) = (layout.n as i64, layout.groups() as i64);
+    let mut packed = Fresh::empty(&[n, layout.row_bytes() as i64], Kind::Uint8)?;
+    let mut scales = Fresh::empty(&[n, groups], Kind::Half)?;
+    let mut offsets = Fresh::empty(&[n, groups], Kind::Half)?;
+    tiles::unrepack(slice(&t), layout, packed.data_mut(), scales.data_mut(), offsets.data_mut())?;
+    Ok((packed.into_tensor(), scales.into_tensor(), offsets.into_tensor()))
+}
+
+/// y = x W~^T on a tiled layer, int8 activations; x (M, K) with M <= the fused limit.
+pub fn qmatmul_tiled(x2: &Tensor, tiled: &Tensor, layout: QuantLayout) -> KResult<Tensor> {
+    let (m, n) = (x2.size()[0] as usize, layout.n);
+    let out_kind = x2.kind();
+    let xf = dense(x2, Kind::Float)?;
+    let t = contiguous(tiled)?;
+    let mut out = Fresh::empty(&[m as i64, n as i64], Kind::Float)?;
+    tiles::qmatmul_tiled_with(slice(&xf), m, slice(&t), layout, out.data_mut(), Isa::detect_best())?;
+    Ok(out.into_tensor().to_kind(out_kind))
+}
+
+/// Reads every byte of a uint8 CPU tensor once on rayon's threads (the bandwidth probe).
+pub fn stream_read(t: &Tensor) -> KResult<u64> {
+    let c = contiguous(t)?;
+    Ok(qalora_core::probe::stream_read(slice(&c), Isa::detect_best()))
 }

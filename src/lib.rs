@@ -9,16 +9,17 @@ mod core_path;
 mod torch_path;
 
 use pyo3::prelude::*;
+use qalora_core::layout::GivenInt;
 use qalora_core::layout::{
     check_bits, check_group_size, check_in_features, check_positive_group_size, code_range_error, packed_row_bytes,
     size_product,
 };
-use qalora_core::{max_code, KernelError};
+use qalora_core::{max_code, KernelError, QuantLayout};
 use tch::{Kind, Tensor};
 
 use args::{
     activation, check_dims, check_kind, check_shape, code_dtype, dim, float_arg, int_arg, non_empty, same_device,
-    Activations, Backend, BackendArg, CodeDType, OutDType, QuantWeight, ScaleDType, FLOAT_KINDS,
+    Activations, Backend, BackendArg, CodeDType, IntArg, OutDType, QuantWeight, ScaleDType, FLOAT_KINDS,
 };
 use boundary::{contiguous, run, tensor_arg, to_py_err, wrap_tensor, KResult};
 
@@ -203,7 +204,7 @@ fn qmatmul(
         let w = QuantWeight::new(p, s, o, bits, group_size, k)?;
         let (lead, x2) = matmul_operands(&x, "x", &w, true)?;
         let y = match backend.resolve(w.device, true)? {
-            Backend::Core => core_path::qmatmul(&x2, &w, activations == Activations::Int8)?,
+            Backend::Core => core_path::qmatmul(&x2, &w, activations)?,
             Backend::Torch => torch_path::qmatmul(&x2, &w),
         };
         Ok(y.reshape(with_last(&lead, w.layout.n).as_slice()))
@@ -305,9 +306,50 @@ fn group_pool_backward(
     wrap_tensor(py, out)
 }
 
-/// offsets + scaling * (lora_B @ lora_A) / group_size, computed in f32, in offsets' dtype.
+/// Whether the memory of `a` and `b` overlaps (CPU tensors, contiguous).
+fn overlaps(a: &Tensor, b: &Tensor) -> bool {
+    let span = |t: &Tensor| {
+        let start = t.data_ptr() as usize;
+        (start, start + t.numel() * t.kind().elt_size_in_bytes())
+    };
+    let ((a0, a1), (b0, b1)) = (span(a), span(b));
+    a0 < b1 && b0 < a1
+}
+
+/// Checks an `out=` tensor of merge_offsets: the offsets' shape and dtype, contiguous, on
+/// their device, and either the offsets themselves or clear of every input.
+fn check_merge_out(out: &Tensor, m: &Tensor, a: &Tensor, b: &Tensor) -> KResult<()> {
+    let kind = check_kind(out, "out", &FLOAT_KINDS)?;
+    if kind != m.kind() {
+        return Err(KernelError::dtype(format!(
+            "out: got dtype {}, it must have the offsets' dtype {}",
+            boundary::kind_name(kind),
+            boundary::kind_name(m.kind())
+        )));
+    }
+    check_shape(out, "out", &m.size(), "the offsets' shape")?;
+    same_device(&[("offsets", m), ("out", out)])?;
+    if !out.is_contiguous() {
+        return Err(KernelError::shape("out: the tensor is not contiguous; pass a contiguous tensor"));
+    }
+    let same = out.data_ptr() == m.data_ptr() && m.is_contiguous();
+    if out.device() == tch::Device::Cpu && !same {
+        for (name, t) in [("offsets", m), ("lora_A", a), ("lora_B", b)] {
+            if overlaps(out, t) {
+                return Err(KernelError::value(format!(
+                    "out: overlaps {name}; pass the offsets themselves (an in-place merge) or a separate tensor"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// offsets + scaling * (lora_B @ lora_A) / group_size, computed in f32, in offsets' dtype;
+/// into `out` when given (the offsets themselves for an in-place merge).
 #[pyfunction]
-#[pyo3(signature = (offsets, lora_a, lora_b, scaling, group_size, backend=BackendArg::Auto))]
+#[pyo3(signature = (offsets, lora_a, lora_b, scaling, group_size, backend=BackendArg::Auto, out=None))]
+#[allow(clippy::too_many_arguments)]
 fn merge_offsets(
     py: Python<'_>,
     offsets: &Bound<'_, PyAny>,
@@ -316,10 +358,12 @@ fn merge_offsets(
     scaling: &Bound<'_, PyAny>,
     group_size: &Bound<'_, PyAny>,
     backend: BackendArg,
+    out: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<PyObject> {
     let (m, a, b) = (tensor_arg(offsets, "offsets")?, tensor_arg(lora_a, "lora_A")?, tensor_arg(lora_b, "lora_B")?);
+    let out = out.filter(|o| !o.is_none()).map(|o| tensor_arg(o, "out")).transpose()?;
     let (scaling, group_size) = (float_arg(scaling, "scaling")?, int_arg(group_size, "group_size")?);
-    let out = run(py, move || {
+    let result = run(py, move || {
         for (name, t) in [("offsets", &m), ("lora_A", &a), ("lora_B", &b)] {
             check_kind(t, name, &FLOAT_KINDS)?;
             check_dims(t, name, 2)?;
@@ -329,16 +373,165 @@ fn merge_offsets(
         check_shape(&a, "lora_A", &[rank, groups], "rank, K/group_size of offsets")?;
         check_shape(&b, "lora_B", &[n, rank], "out_features of offsets, rank of lora_A")?;
         let device = same_device(&[("offsets", &m), ("lora_A", &a), ("lora_B", &b)])?;
+        if let Some(o) = &out {
+            check_merge_out(o, &m, &a, &b)?;
+        }
         if !scaling.is_finite() {
             return Err(KernelError::value(format!("scaling: got {scaling}, it must be finite")));
         }
         let g = check_positive_group_size(group_size)?;
-        Ok(match backend.resolve(device, true)? {
-            Backend::Core => core_path::merge_offsets(&m, &a, &b, scaling as f32, g)?,
-            Backend::Torch => torch_path::merge_offsets(&m, &a, &b, scaling, g),
+        // The core writes f16/bf16/f32 outputs itself; f64 ones go through the torch path.
+        let core_out = out.as_ref().is_none_or(|o| o.kind() != Kind::Double);
+        Ok(match backend.resolve(device, core_out)? {
+            Backend::Core => core_path::merge_offsets(&m, &a, &b, scaling as f32, g, out.as_ref())?,
+            Backend::Torch => {
+                let merged = torch_path::merge_offsets(&m, &a, &b, scaling, g);
+                match &out {
+                    Some(o) => {
+                        let mut o = o.shallow_clone();
+                        o.copy_(&merged);
+                        o
+                    }
+                    None => merged,
+                }
+            }
         })
     })?;
+    wrap_tensor(py, result)
+}
+
+/// The tiled int8 layout (`qalora_core::tiles`) of a 4-bit weight with f16 parameters.
+#[pyfunction]
+fn repack_tiles(
+    py: Python<'_>,
+    packed: &Bound<'_, PyAny>,
+    scales: &Bound<'_, PyAny>,
+    offsets: &Bound<'_, PyAny>,
+    bits: &Bound<'_, PyAny>,
+    group_size: &Bound<'_, PyAny>,
+) -> PyResult<PyObject> {
+    let (p, s, o) = (tensor_arg(packed, "packed")?, tensor_arg(scales, "scales")?, tensor_arg(offsets, "offsets")?);
+    let (bits, group_size) = (int_arg(bits, "bits")?, int_arg(group_size, "group_size")?);
+    let out = run(py, move || {
+        let w = QuantWeight::new(p, s, o, bits, group_size, None)?;
+        backend_core_only(&w.packed)?;
+        for (name, t) in [("scales", &w.scales), ("offsets", &w.offsets)] {
+            if t.kind() != Kind::Half {
+                return Err(KernelError::dtype(format!(
+                    "{name}: got dtype {}, the tiled layout stores torch.float16",
+                    boundary::kind_name(t.kind())
+                )));
+            }
+        }
+        core_path::repack_tiles(&w)
+    })?;
     wrap_tensor(py, out)
+}
+
+/// Tiled tensors live on the CPU (the layout is the core's).
+fn backend_core_only(t: &Tensor) -> KResult<()> {
+    if t.device() != tch::Device::Cpu {
+        return Err(KernelError::device(format!(
+            "the tiled int8 layout is for CPU tensors, got a tensor on {}",
+            boundary::device_name(t.device())
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a tiled weight against the layer it stands for; returns its layout.
+fn tiled_layout(tiled: &Tensor, out_features: IntArg, in_features: IntArg, group_size: IntArg) -> KResult<QuantLayout> {
+    check_kind(tiled, "tiled", &[Kind::Uint8])?;
+    check_dims(tiled, "tiled", 1)?;
+    backend_core_only(tiled)?;
+    let bad = |what: &str, v: &IntArg| KernelError::shape(format!("{what}: got {v}, it must be a positive int"));
+    let n = out_features.get().and_then(|v| usize::try_from(v).ok()).filter(|&v| v > 0);
+    let n = n.ok_or_else(|| bad("out_features", &out_features))?;
+    let k = check_in_features(in_features)?;
+    let layout = QuantLayout::new(n, k, 4, group_size)?;
+    if !qalora_core::tiles::supported(&layout, true) {
+        return Err(KernelError::value(format!(
+            "the tiled layout takes group sizes that are multiples of 32 and out_features a multiple of {}; got \
+             group_size = {}, out_features = {n}",
+            qalora_core::tiles::TILE_ROWS,
+            layout.group_size
+        )));
+    }
+    let want = qalora_core::tiles::tiled_len(&layout);
+    if tiled.numel() != want {
+        return Err(KernelError::shape(format!(
+            "tiled: got {} bytes, a {n}x{k} 4-bit layer in groups of {} takes {want}",
+            tiled.numel(),
+            layout.group_size
+        )));
+    }
+    Ok(layout)
+}
+
+/// The tiled layout back to (packed, scales, offsets), canonical, f16 parameters.
+#[pyfunction]
+fn unrepack_tiles(
+    py: Python<'_>,
+    tiled: &Bound<'_, PyAny>,
+    out_features: &Bound<'_, PyAny>,
+    in_features: &Bound<'_, PyAny>,
+    group_size: &Bound<'_, PyAny>,
+) -> PyResult<(PyObject, PyObject, PyObject)> {
+    let t = tensor_arg(tiled, "tiled")?;
+    let (n, k, g) = (
+        int_arg(out_features, "out_features")?,
+        int_arg(in_features, "in_features")?,
+        int_arg(group_size, "group_size")?,
+    );
+    let (p, s, o) = run(py, move || {
+        let layout = tiled_layout(&t, n, k, g)?;
+        core_path::unrepack_tiles(&t, layout)
+    })?;
+    Ok((wrap_tensor(py, p)?, wrap_tensor(py, s)?, wrap_tensor(py, o)?))
+}
+
+/// y = x W~^T on a tiled layer with int8 activations, x of shape (..., K) with at most 16
+/// rows in all.
+#[pyfunction]
+fn qmatmul_tiled(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    tiled: &Bound<'_, PyAny>,
+    out_features: &Bound<'_, PyAny>,
+    group_size: &Bound<'_, PyAny>,
+) -> PyResult<PyObject> {
+    let (x, t) = (tensor_arg(x, "x")?, tensor_arg(tiled, "tiled")?);
+    let (n, g) = (int_arg(out_features, "out_features")?, int_arg(group_size, "group_size")?);
+    let out = run(py, move || {
+        // in_features from the tiled size (N·(K/2 + 4K/g) bytes), so a wrong x is named as such.
+        let (nv, gv) = (n.get().unwrap_or(0), g.get().unwrap_or(0));
+        let per_k = if nv > 0 && gv > 0 { Some(nv as i128 * (gv as i128 + 8)) } else { None };
+        let k = match per_k {
+            Some(d) if (t.numel() as i128 * 2 * gv as i128) % d == 0 => (t.numel() as i128 * 2 * gv as i128 / d) as i64,
+            _ => x.size().last().copied().unwrap_or(0),
+        };
+        let layout = tiled_layout(&t, n, IntArg::Fits(k), g)?;
+        let (lead, m) = activation(&x, "x", layout.k, "in_features K")?;
+        same_device(&[("tiled", &t), ("x", &x)])?;
+        if m > 16 {
+            return Err(KernelError::shape(format!("x: got {m} rows, the tiled route takes at most 16")));
+        }
+        let y = core_path::qmatmul_tiled(&x.reshape([m as i64, layout.k as i64]), &t, layout)?;
+        Ok(y.reshape(with_last(&lead, layout.n).as_slice()))
+    })?;
+    wrap_tensor(py, out)
+}
+
+/// Reads every byte of a uint8 CPU tensor once, on rayon's threads (a memory-bandwidth
+/// probe for the benchmarks); returns a checksum (the XOR of its 64-bit words).
+#[pyfunction]
+fn stream_read(py: Python<'_>, buf: &Bound<'_, PyAny>) -> PyResult<u64> {
+    let t = tensor_arg(buf, "buf")?;
+    run(py, move || {
+        check_kind(&t, "buf", &[Kind::Uint8])?;
+        backend_core_only(&t)?;
+        core_path::stream_read(&t)
+    })
 }
 
 #[pymodule]
@@ -356,5 +549,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(group_pool, m)?)?;
     m.add_function(wrap_pyfunction!(group_pool_backward, m)?)?;
     m.add_function(wrap_pyfunction!(merge_offsets, m)?)?;
+    m.add_function(wrap_pyfunction!(repack_tiles, m)?)?;
+    m.add_function(wrap_pyfunction!(unrepack_tiles, m)?)?;
+    m.add_function(wrap_pyfunction!(qmatmul_tiled, m)?)?;
+    m.add_function(wrap_pyfunction!(stream_read, m)?)?;
     Ok(())
 }

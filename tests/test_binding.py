@@ -134,7 +134,7 @@ def test_unknown_backend_lists_the_allowed_values_everywhere():
 
 def test_activations_option():
     p, s, m = _q()
-    with pytest.raises(qalora.InvalidValueError, match=r"^activations: got 'fp8', allowed: 'exact', 'int8'$"):
+    with pytest.raises(qalora.InvalidValueError, match=r"^activations: got 'fp8', allowed: 'exact', 'int8', 'bf16'$"):
         _core.qmatmul(torch.randn(2, 64), p, s, m, 4, 32, "auto", "fp8")
     with pytest.raises(qalora.DTypeError, match=r"^activations: expected a str, got int 8$"):
         ops.qmatmul(torch.randn(2, 64), p, s, m, 4, 32, activations=8)

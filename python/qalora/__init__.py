@@ -17,6 +17,7 @@ from . import _core, errors, ops
 from .checkpoint import from_pretrained, load_adapter, save_adapter, save_pretrained
 from .config import CONFIG_VERSION, QALoRAConfig
 from .errors import *  # noqa: F403
+from .generation import prepare_for_generation, quantize_head
 from .layers import QALoRALinear, QuantLinear
 from .loaders import LoadedModel, load_model
 from .state import QALoRAState, state_of
@@ -45,6 +46,8 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "set_activations",
+    "prepare_for_generation",
+    "quantize_head",
     "load_model",
     "LoadedModel",
     *list(errors.__all__),

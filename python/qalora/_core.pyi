@@ -21,13 +21,17 @@ __all__ = [
     "pack",
     "qmatmul",
     "qmatmul_grad_input",
+    "qmatmul_tiled",
     "quantize",
     "register_errors",
+    "repack_tiles",
+    "stream_read",
     "unpack",
+    "unrepack_tiles",
 ]
 
 _Backend = Literal["auto", "core", "torch"]
-_Activations = Literal["exact", "int8"]
+_Activations = Literal["exact", "int8", "bf16"]
 
 __version__: str
 #: Bit widths the kernels store.
@@ -111,5 +115,22 @@ def merge_offsets(
     scaling: float,
     group_size: int,
     backend: _Backend = ...,
+    out: torch.Tensor | None = ...,
 ) -> torch.Tensor:
-    """``offsets + scaling * (lora_b @ lora_a) / group_size``, in offsets' dtype."""
+    """``offsets + scaling * (lora_b @ lora_a) / group_size``, in offsets' dtype; into ``out`` when given."""
+
+def repack_tiles(
+    packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bits: int, group_size: int
+) -> torch.Tensor:
+    """A 4-bit CPU weight with float16 parameters -> its tiled int8-route layout (1-D uint8, same size)."""
+
+def unrepack_tiles(
+    tiled: torch.Tensor, out_features: int, in_features: int, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tiled layout -> ``(packed, scales, offsets)`` in the canonical layout (float16 parameters)."""
+
+def qmatmul_tiled(x: torch.Tensor, tiled: torch.Tensor, out_features: int, group_size: int) -> torch.Tensor:
+    """``x @ W.T`` with int8 activations on a tiled weight; x of shape (..., K) with at most 16 rows."""
+
+def stream_read(buf: torch.Tensor) -> int:
+    """Read every byte of a uint8 CPU tensor once on all kernel threads; returns a checksum."""

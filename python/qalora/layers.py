@@ -15,8 +15,14 @@ import math
 import torch
 from torch import nn
 
-from . import ops
+from . import _core, ops
 from .errors import GroupSizeError, MergeError, ShapeError
+
+#: How a quantized layer can multiply small CPU batches (see :func:`qalora.ops.qmatmul`).
+ACTIVATION_MODES = ("exact", "int8", "bf16")
+#: Rows of x up to which the small-batch routes (and the tiled layout's kernel) run.
+SMALL_BATCH_ROWS = 16
+_CANONICAL = ("packed", "scales", "offsets")
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -68,7 +74,7 @@ class QuantLinear(nn.Module):
         offset_dtype = offset_dtype or scale_dtype
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
-        # "exact" or "int8" (see ops.qmatmul); a run-time choice, not saved with the model.
+        # "exact", "int8" or "bf16" (see ops.qmatmul); a run-time choice, not saved with the model.
         self.activations = "exact"
         groups = in_features // group_size
         self.register_buffer(
@@ -80,6 +86,73 @@ class QuantLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        self.register_state_dict_post_hook(_canonical_state_dict)
+        self.register_load_state_dict_pre_hook(_tiled_load_state_dict)
+
+    # ---- tiled storage (the int8 route's layout) ----------------------------------------
+
+    @property
+    def is_tiled(self) -> bool:
+        """Whether the weight is stored in the int8 route's tiled layout (see :meth:`tile_`)."""
+        return "tiled" in self._buffers
+
+    def can_tile(self) -> bool:
+        """Whether :meth:`tile_` applies: a 4-bit CPU weight, group size a multiple of 32,
+        out_features a multiple of 8, float16 scales and offsets."""
+        if self.is_tiled:
+            return True
+        return (
+            self.bits == 4
+            and self.group_size % 32 == 0
+            and self.out_features % 8 == 0
+            and self.packed.device.type == "cpu"
+            and self.scales.dtype == torch.float16
+            and self.offsets.dtype == torch.float16
+        )
+
+    @torch.no_grad()
+    def tile_(self) -> bool:
+        """Store the weight in the int8 route's tiled layout, in place of the canonical
+        ``packed``/``scales``/``offsets`` (the same number of bytes; never both at once).
+
+        Small batches (up to 16 rows) then multiply with int8 activations straight from the
+        tiled layout, the fastest route for generation on CPU. Anything else (larger
+        batches, gradients, ``dequantize``, merging) derives the canonical tensors for the
+        call and drops them afterwards; reading ``layer.packed`` (or ``scales``/``offsets``)
+        returns such a derived copy, so write to them only after :meth:`untile_`. A saved
+        state dict holds the canonical tensors, and loading one into a tiled layer tiles it.
+
+        Returns:
+            True if the layer is tiled, False if its layout cannot be (see :meth:`can_tile`).
+        """
+        if self.is_tiled:
+            return True
+        if not self.can_tile():
+            return False
+        tiled = _core.repack_tiles(self.packed, self.scales, self.offsets, self.bits, self.group_size)
+        for name in _CANONICAL:
+            del self._buffers[name]
+        self.register_buffer("tiled", tiled)
+        return True
+
+    @torch.no_grad()
+    def untile_(self) -> None:
+        """Back to the canonical layout (the exact inverse of :meth:`tile_`)."""
+        if not self.is_tiled:
+            return
+        canonical = self._canonical()
+        del self._buffers["tiled"]
+        for name, t in zip(_CANONICAL, canonical):
+            self.register_buffer(name, t)
+
+    def _canonical(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _core.unrepack_tiles(self._buffers["tiled"], self.out_features, self.in_features, self.group_size)
+
+    def __getattr__(self, name: str):
+        # A tiled layer derives its canonical tensors on request (see tile_).
+        if name in _CANONICAL and "tiled" in self.__dict__.get("_buffers", {}):
+            return self._canonical()[_CANONICAL.index(name)]
+        return super().__getattr__(name)
 
     @classmethod
     def from_weight(
@@ -111,9 +184,12 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _autocast_input(x)
-        y = ops.qmatmul(
-            x, self.packed, self.scales, self.offsets, self.bits, self.group_size, activations=self.activations
-        )
+        if self.is_tiled and _tiled_route_applies(x, self.in_features):
+            y = _core.qmatmul_tiled(x, self._buffers["tiled"], self.out_features, self.group_size)
+        else:
+            y = ops.qmatmul(
+                x, self.packed, self.scales, self.offsets, self.bits, self.group_size, activations=self.activations
+            )
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
@@ -123,6 +199,35 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, bias={self.bias is not None}, scale_dtype={self.scales.dtype}, "
             f"offset_dtype={self.offsets.dtype}"
+        )
+
+
+def _tiled_route_applies(x: torch.Tensor, in_features: int) -> bool:
+    # The tiled kernel: small CPU batches without gradients (its int8 route has no backward).
+    rows = x.numel() // max(in_features, 1)
+    return (
+        rows <= SMALL_BATCH_ROWS
+        and x.device.type == "cpu"
+        and x.dtype != torch.float64
+        and not (torch.is_grad_enabled() and x.requires_grad)
+    )
+
+
+def _canonical_state_dict(module: QuantLinear, state_dict: dict, prefix: str, local_metadata) -> None:
+    # Files always hold the canonical layout (docs/design.md §2).
+    if prefix + "tiled" in state_dict:
+        del state_dict[prefix + "tiled"]
+        for name, t in zip(_CANONICAL, module._canonical()):
+            state_dict[prefix + name] = t
+
+
+def _tiled_load_state_dict(module: QuantLinear, state_dict: dict, prefix: str, *args) -> None:
+    # Loading canonical tensors into a tiled layer tiles them.
+    keys = [prefix + name for name in _CANONICAL]
+    if module.is_tiled and all(k in state_dict for k in keys):
+        p, s, o = (state_dict.pop(k) for k in keys)
+        state_dict[prefix + "tiled"] = _core.repack_tiles(
+            p.cpu().contiguous(), s.cpu().to(torch.float16), o.cpu().to(torch.float16), module.bits, module.group_size
         )
 
 
@@ -211,14 +316,14 @@ class QALoRALinear(nn.Module):
         )
         out.packed.copy_(base.packed)
         out.scales.copy_(base.scales)
-        out.offsets.copy_(
-            ops.merge_offsets(
-                base.offsets.to(offset_dtype),
-                self.lora_A.weight.detach(),
-                self.lora_B.weight.detach(),
-                self.scaling,
-                base.group_size,
-            )
+        # Straight into the new layer's offsets: no intermediate (N, L) tensor.
+        ops.merge_offsets(
+            base.offsets.to(offset_dtype),
+            self.lora_A.weight.detach(),
+            self.lora_B.weight.detach(),
+            self.scaling,
+            base.group_size,
+            out=out.offsets,
         )
         if base.bias is not None:
             out.bias.data = base.bias.detach().clone()

@@ -169,14 +169,17 @@ def qmatmul(
 
     Args:
         x: (..., K) float32, bfloat16, float16 or float64.
-        activations: ``"exact"`` (default) or ``"int8"``: on CPU, small batches (M <= 16
-            rows) of a 4-bit weight with a group size that is a multiple of 32 quantize x to
-            int8 per block (one float scale each, round half to even; the block is the
-            largest of 128, 64 and 32 that divides the group size) and use integer dot
-            products, about 2x faster for generation. Each output then differs from the
-            exact one by at most sum_k |s*q| * d_block / 2 (d = block max|x| / 127); the
-            offsets' term stays exact. Other layouts, larger batches, float64 and CUDA
-            tensors are always computed exactly. The backward pass is exact.
+        activations: ``"exact"`` (default), ``"int8"`` or ``"bf16"``; they differ only on
+            CPU, for small batches (M <= 16 rows) of a 4-bit weight with a group size that is
+            a multiple of 32. ``"int8"`` quantizes x to int8 per block (one float scale each,
+            round half to even; the block is the largest of 128, 64 and 32 that divides the
+            group size) and uses integer dot products: each output then differs from the
+            exact one by at most sum_k |s*q| * d_block / 2 (d = block max|x| / 127).
+            ``"bf16"`` rounds x to bfloat16 (to nearest even, as torch's int4 kernel does)
+            and accumulates in float32: at most 2**-8 * sum_k |s*q*x| from the exact result.
+            Both keep the offsets' term exact (float32 sums of x). Other layouts, larger
+            batches, float64 and CUDA tensors are always computed exactly. The backward pass
+            is exact.
 
     Returns:
         (..., N) in x's dtype. Differentiable with respect to ``x`` (backward = grad @ W);
@@ -217,6 +220,7 @@ def merge_offsets(
     group_size: int,
     *,
     backend: str = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The exact QA-LoRA merge: ``offsets + scaling * (lora_B @ lora_A) / group_size``.
 
@@ -224,8 +228,13 @@ def merge_offsets(
         offsets: (N, L) with L = K / group_size.
         lora_A: (rank, L). lora_B: (N, rank).
         scaling: alpha / rank.
+        out: write the result here instead of into a new tensor: ``offsets`` itself for an
+            in-place merge, or a contiguous tensor of the offsets' shape, dtype and device
+            that overlaps no input. On CPU this skips allocating (and page-faulting in) a
+            fresh (N, L) tensor, which costs more than the merge itself.
 
     Returns:
-        New offsets (N, L), computed in float32 and returned in ``offsets``' dtype.
+        The merged offsets (N, L), computed in float32 and rounded once to ``offsets``'
+        dtype: ``out`` when given, else a new tensor.
     """
-    return _core.merge_offsets(offsets, lora_A, lora_B, scaling, group_size, backend)
+    return _core.merge_offsets(offsets, lora_A, lora_B, scaling, group_size, backend, out)

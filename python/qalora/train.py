@@ -24,6 +24,20 @@ def _causal_lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, labels=ids).loss
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), so that
+    ``torch.autocast("cpu", torch.bfloat16)`` runs bf16 GEMMs rather than emulating them."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    for name in probes:
+        probe = getattr(torch.cpu, name, None)
+        try:
+            if probe is not None and probe():
+                return True
+        except RuntimeError:
+            pass
+    return False
+
+
 def finetune(
     model: torch.nn.Module,
     blocks: torch.Tensor,
@@ -35,9 +49,14 @@ def finetune(
     seed: int = 0,
     show_progress: bool | None = None,
     desc: str = "qalora: training",
+    bf16: bool = False,
 ) -> TrainResult:
     """AdamW on the trainable parameters, linear warm-up then cosine decay, batches drawn
-    from ``blocks`` (num_blocks, block_size) in a seeded shuffled order."""
+    from ``blocks`` (num_blocks, block_size) in a seeded shuffled order.
+
+    With ``bf16=True`` each forward pass runs under ``torch.autocast(device, torch.bfloat16)``
+    (on CPU the frozen quantized base then runs bf16 GEMMs on dequantized bf16 tiles); the
+    trainable parameters, their gradients and the optimizer state stay float32."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters; wrap it with qalora.wrap first")
@@ -60,7 +79,8 @@ def finetune(
     for step in bar:
         idx = [order[(step * batch_size + i) % len(order)].item() for i in range(batch_size)]
         batch = blocks[idx].to(device)
-        loss = _causal_lm_loss(model, batch)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = _causal_lm_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

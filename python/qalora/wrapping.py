@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import QALoRAConfig
 from .errors import ConfigError, DTypeError, GroupSizeError, InvalidValueError, NoTargetModulesError, QALoRAWarning
-from .layers import QALoRALinear, QuantLinear, check_group_size, scale_dtype_of
+from .layers import ACTIVATION_MODES, QALoRALinear, QuantLinear, check_group_size, scale_dtype_of
 from .progress import progress
 from .state import QALoRAState, attach_state, require_state, state_of
 from .targets import FilterFn, dense_weight, quantized_layers, replace_module, select_targets
@@ -221,22 +221,36 @@ def merge_requantize(model: nn.Module) -> nn.Module:
     return model
 
 
-def set_activations(model: nn.Module, mode: str) -> int:
-    """Choose how every quantized layer of ``model`` multiplies small CPU batches:
-    ``"exact"`` (the default) or ``"int8"`` (activations quantized to int8 per block of up
-    to 128 values; faster generation, error bounded as described in
-    :func:`qalora.ops.qmatmul`). Returns the number of layers set. A run-time choice: it is
-    not saved with the model.
+def set_activations(model: nn.Module, mode: str, *, tile: bool = True) -> int:
+    """Choose how every quantized layer of ``model`` multiplies small CPU batches (up to 16
+    rows, i.e. generation): ``"exact"`` (the default), ``"int8"`` (activations quantized
+    to int8 per block of up to 128 values, integer dot products) or ``"bf16"``
+    (activations rounded to bfloat16, float32 accumulation); the errors of the last two
+    are bounded as described in :func:`qalora.ops.qmatmul`. A run-time choice: it is not
+    saved with the model.
+
+    With ``"int8"`` and ``tile=True`` every layer that can (4-bit CPU weights, group size a
+    multiple of 32, out_features a multiple of 8, float16 scales and offsets) is stored
+    once in the int8 route's tiled layout, which *replaces* its canonical tensors in memory
+    (:meth:`QuantLinear.tile_`): the fastest route for generation. Any other mode puts the
+    canonical layout back.
+
+    Returns:
+        The number of quantized layers set.
 
     Raises:
-        InvalidValueError: ``mode`` is neither ``"exact"`` nor ``"int8"``.
+        InvalidValueError: ``mode`` is not one of ``"exact"``, ``"int8"``, ``"bf16"``.
         ConfigError: the model holds no qalora layer.
     """
-    if mode not in ("exact", "int8"):
-        raise InvalidValueError(f"mode: got {mode!r}, allowed: 'exact', 'int8'")
+    if mode not in ACTIVATION_MODES:
+        raise InvalidValueError(f"mode: got {mode!r}, allowed: " + ", ".join(repr(m) for m in ACTIVATION_MODES))
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     if not layers:
         raise ConfigError("this model holds no qalora layer; wrap it with qalora.wrap first")
     for m in layers:
         m.activations = mode
+        if mode == "int8" and tile:
+            m.tile_()
+        else:
+            m.untile_()
     return len(layers)

@@ -1,17 +1,17 @@
 //! Criterion benchmarks of the core kernels, throughput in bytes of the packed weight
-//! (plus f16 scales/offsets) for qmatmul, scalar twin vs the dispatched SIMD kernel, exact and
-//! with int8 activations.
+//! (plus f16 scales/offsets) for qmatmul, scalar twin vs the dispatched SIMD kernel: exact,
+//! with int8 activations (canonical and tiled layouts) and with bf16 activations.
 //! Run: `cargo bench -p qalora-core --bench kernels` (QALORA_BENCH_QUICK=1 for a short run).
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use qalora_core::pack::{pack, unpack};
 use qalora_core::pool::group_pool;
-use qalora_core::q8;
 use qalora_core::qmatmul::{qmatmul_with, GroupParams};
 use qalora_core::quant::{dequantize, quantize, ParamDtype};
 use qalora_core::testutil::{random_codes, random_f32};
 use qalora_core::Isa;
 use qalora_core::QuantLayout;
+use qalora_core::{bf16, q8, tiles};
 use std::time::Duration;
 
 fn quick() -> bool {
@@ -36,6 +36,13 @@ fn bench_qmatmul(c: &mut Criterion) {
         let o: Vec<u16> = random_f32(n * groups, 3).iter().map(|v| half::f16::from_f32(*v * 0.1).to_bits()).collect();
         let bytes = layout.packed_len() + 4 * n * groups;
         grp.throughput(Throughput::Bytes(bytes as u64));
+        let tiled = if tiles::supported(&layout, true) {
+            let mut t = vec![0u8; tiles::tiled_len(&layout)];
+            tiles::repack(&p, &s, &o, layout, &mut t).unwrap();
+            Some(t)
+        } else {
+            None
+        };
         for &m in &[1usize, 8, 16] {
             let x = random_f32(m * k, 4);
             let mut y = vec![0f32; m * n];
@@ -43,23 +50,31 @@ fn bench_qmatmul(c: &mut Criterion) {
                 if isa == Isa::Scalar && (m > 1 || quick()) {
                     continue; // the twin is slow; one point shows the gap
                 }
-                // The exact kernels run their AVX2 code under Avx512Vnni: no separate point.
-                if isa != Isa::Avx512Vnni {
-                    let id = BenchmarkId::new(format!("{isa:?}/b{bits}g{g}"), format!("M{m}"));
-                    grp.bench_function(id, |b| {
-                        b.iter(|| {
-                            let params = GroupParams::F16 { scales: &s, offsets: &o };
-                            qmatmul_with(black_box(&x), m, &p, params, layout, &mut y, isa).unwrap();
-                        })
-                    });
+                // Avx512Bf16 runs the same small-M code as Avx512Vnni: no separate points.
+                if isa == Isa::Avx512Bf16 {
+                    continue;
                 }
+                let params = GroupParams::F16 { scales: &s, offsets: &o };
+                let id = BenchmarkId::new(format!("{isa:?}/b{bits}g{g}"), format!("M{m}"));
+                grp.bench_function(id, |b| {
+                    b.iter(|| qmatmul_with(black_box(&x), m, &p, params, layout, &mut y, isa).unwrap())
+                });
                 if q8::supported(&layout) {
                     let id = BenchmarkId::new(format!("int8-{isa:?}/b{bits}g{g}"), format!("M{m}"));
                     grp.bench_function(id, |b| {
-                        b.iter(|| {
-                            let params = GroupParams::F16 { scales: &s, offsets: &o };
-                            q8::qmatmul_int8_with(black_box(&x), m, &p, params, layout, &mut y, isa).unwrap();
-                        })
+                        b.iter(|| q8::qmatmul_int8_with(black_box(&x), m, &p, params, layout, &mut y, isa).unwrap())
+                    });
+                }
+                if bf16::supported(&layout) {
+                    let id = BenchmarkId::new(format!("bf16-{isa:?}/b{bits}g{g}"), format!("M{m}"));
+                    grp.bench_function(id, |b| {
+                        b.iter(|| bf16::qmatmul_bf16_with(black_box(&x), m, &p, params, layout, &mut y, isa).unwrap())
+                    });
+                }
+                if let Some(t) = &tiled {
+                    let id = BenchmarkId::new(format!("tiled-{isa:?}/b{bits}g{g}"), format!("M{m}"));
+                    grp.bench_function(id, |b| {
+                        b.iter(|| tiles::qmatmul_tiled_with(black_box(&x), m, t, layout, &mut y, isa).unwrap())
                     });
                 }
             }

@@ -2,6 +2,7 @@
 //! (row-major), so `cargo test` runs without libtorch; the Python extension adapts torch
 //! tensors onto these functions.
 
+pub mod bf16;
 pub mod error;
 pub mod isa;
 pub mod layout;
@@ -9,13 +10,22 @@ pub mod merge;
 pub mod pack;
 pub mod parallel;
 pub mod pool;
+pub mod probe;
 pub mod q8;
 pub mod qmatmul;
 pub mod quant;
 #[doc(hidden)]
 pub mod testutil;
+pub mod tiles;
+pub mod wide;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
+#[cfg(target_arch = "x86_64")]
+pub mod x86_bf16;
+#[cfg(target_arch = "x86_64")]
+pub mod x86_tiles;
+#[cfg(target_arch = "x86_64")]
+pub mod x86_wide;
 
 pub use error::{ErrorKind, KernelError, Result};
 /// Re-exported so the binding names the same f16/bf16 types the kernels take.

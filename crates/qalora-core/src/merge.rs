@@ -93,7 +93,20 @@ fn merge_rows_avx2(m: &mut [f32], b: &[f32], a: &[f32], rank: usize, groups: usi
     merge_rows(m, b, a, rank, groups, factor)
 }
 
+/// [`merge_rows`] compiled for AVX-512 (16-wide vectors; separate multiplies and adds as
+/// everywhere, so the bits stay the same).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avx512f")]
+fn merge_rows_avx512(m: &mut [f32], b: &[f32], a: &[f32], rank: usize, groups: usize, factor: f32) {
+    merge_rows(m, b, a, rank, groups, factor)
+}
+
 fn merge_rows_with(isa: Isa, m: &mut [f32], b: &[f32], a: &[f32], rank: usize, groups: usize, factor: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx512_vnni().is_some() {
+        // SAFETY: `avx512_vnni()` proves AVX-512 F (the body is safe code, bounds-checked).
+        return unsafe { merge_rows_avx512(m, b, a, rank, groups, factor) };
+    }
     #[cfg(target_arch = "x86_64")]
     if isa.avx2().is_some() {
         // SAFETY: `avx2()` proves the CPU has AVX2 (the body is safe code, bounds-checked).
@@ -117,13 +130,51 @@ pub fn merge_offsets<T: OffsetElem>(
     group_size: usize,
     out: &mut [T],
 ) -> Result<()> {
-    merge_offsets_with(offsets, n, groups, lora_a, lora_b, rank, scaling, group_size, out, Isa::detect())
+    merge_offsets_with(offsets, n, groups, lora_a, lora_b, rank, scaling, group_size, out, Isa::detect_best())
 }
 
 /// [`merge_offsets`] on a chosen instruction set (tests and benchmarks).
 #[allow(clippy::too_many_arguments)]
 pub fn merge_offsets_with<T: OffsetElem>(
     offsets: &[T],
+    n: usize,
+    groups: usize,
+    lora_a: &[f32],
+    lora_b: &[f32],
+    rank: usize,
+    scaling: f32,
+    group_size: usize,
+    out: &mut [T],
+    isa: Isa,
+) -> Result<()> {
+    let params = size_product("offsets", &[n, groups])?;
+    if offsets.len() != params {
+        return Err(KernelError::shape(format!("offsets: got {} values, expected {params}", offsets.len())));
+    }
+    merge_impl(Some(offsets), n, groups, lora_a, lora_b, rank, scaling, group_size, out, isa)
+}
+
+/// The merge written over the offsets themselves (no second (N, L) buffer: its page faults
+/// cost more than the merge). Same arithmetic and rounding as [`merge_offsets`].
+#[allow(clippy::too_many_arguments)]
+pub fn merge_offsets_in_place<T: OffsetElem>(
+    offsets: &mut [T],
+    n: usize,
+    groups: usize,
+    lora_a: &[f32],
+    lora_b: &[f32],
+    rank: usize,
+    scaling: f32,
+    group_size: usize,
+    isa: Isa,
+) -> Result<()> {
+    merge_impl(None, n, groups, lora_a, lora_b, rank, scaling, group_size, offsets, isa)
+}
+
+/// Merges `src` (or, when `None`, `out`'s own values) into `out`, a block of rows at a time.
+#[allow(clippy::too_many_arguments)]
+fn merge_impl<T: OffsetElem>(
+    src: Option<&[T]>,
     n: usize,
     groups: usize,
     lora_a: &[f32],
@@ -141,8 +192,8 @@ pub fn merge_offsets_with<T: OffsetElem>(
     let shape_err =
         |what: &str, got: usize, want: usize| KernelError::shape(format!("{what}: got {got} values, expected {want}"));
     let params = size_product("offsets", &[n, groups])?;
-    if offsets.len() != params || out.len() != params {
-        return Err(shape_err("offsets", offsets.len(), params));
+    if out.len() != params {
+        return Err(shape_err("offsets", out.len(), params));
     }
     let a_len = size_product("lora_A", &[rank, groups])?;
     if lora_a.len() != a_len {
@@ -167,7 +218,10 @@ pub fn merge_offsets_with<T: OffsetElem>(
             let rows = o.len() / groups;
             let row0 = blk * BLOCK_ROWS;
             let s = &mut scratch[..o.len()];
-            T::load(&offsets[row0 * groups..(row0 + rows) * groups], s);
+            match src {
+                Some(src) => T::load(&src[row0 * groups..(row0 + rows) * groups], s),
+                None => T::load(o, s),
+            }
             if rank > 0 {
                 merge_rows_with(isa, s, &lora_b[row0 * rank..(row0 + rows) * rank], lora_a, rank, groups, factor);
             }
@@ -237,6 +291,12 @@ mod tests {
                 outs.push(out);
             }
             assert!(outs.windows(2).all(|w| w[0] == w[1]), "n={n} l={l} r={r}: SIMD differs from scalar");
+            // In place: the same bits as into a fresh buffer.
+            for isa in Isa::available() {
+                let mut inplace = m.clone();
+                merge_offsets_in_place(&mut inplace, n, l, &a, &b, r, c, g, isa).unwrap();
+                assert_eq!(inplace, outs[0], "in place, n={n} l={l} r={r} {isa:?}");
+            }
 
             // f16 / bf16 storage: the result is the f32 result rounded once.
             let m16: Vec<f16> = m.iter().map(|&v| f16::from_f32(v)).collect();

@@ -98,7 +98,7 @@ pub fn quantize_acts(x: &[f32], m: usize, k: usize, block: usize) -> Result<Int8
 /// rounds in the FPU's default mode without a call to libm's `rintf` (this crate builds for
 /// baseline x86-64, which has no rounding instruction).
 #[inline]
-fn round_to_i8(v: f32) -> i8 {
+pub(crate) fn round_to_i8(v: f32) -> i8 {
     const MAGIC: f32 = 12_582_912.0;
     let r = (v.clamp(-127.0, 127.0) + MAGIC) - MAGIC;
     r as i8

@@ -250,7 +250,7 @@ pub fn qmatmul(
     layout: QuantLayout,
     out: &mut [f32],
 ) -> Result<()> {
-    qmatmul_with(x, m, packed, GroupParams::F32 { scales, offsets }, layout, out, Isa::detect())
+    qmatmul_with(x, m, packed, GroupParams::F32 { scales, offsets }, layout, out, Isa::detect_best())
 }
 
 /// [`qmatmul`] with scales/offsets in either storage dtype and an explicit instruction set
@@ -267,6 +267,11 @@ pub fn qmatmul_with(
     check_call(x, m, packed, &params, &layout, out)?;
     let QuantLayout { n, k, group_size: g, .. } = layout;
     if m == 0 {
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(cpu) = crate::wide::route(isa, &layout) {
+        crate::wide::qmatmul_wide(cpu, x, &group_sums(x, m, k, g), m, packed, params, layout, out, isa);
         return Ok(());
     }
     let isa = isa.exact();

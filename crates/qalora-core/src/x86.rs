@@ -237,7 +237,7 @@ fn hsum(v: __m256) -> f32 {
 /// AVX2 and FMA are available.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
     let mut acc = _mm256_setzero_ps();
@@ -717,3 +717,31 @@ int8_kernel!(
     "avx2,fma,avx512f,avx512vl,avx512vnni",
     block_idot_vnni
 );
+
+// ---- bandwidth probe (see `probe.rs`) -----------------------------------------------------
+
+/// XOR of the 64-bit words of `c` (bytes past the last whole word ignored): the SIMD twin of
+/// `probe::xor_words_scalar`, four 32-byte loads in flight.
+pub fn xor_words(_: HasAvx2, c: &[u8]) -> u64 {
+    // SAFETY: the token proves AVX2; the kernel reads only inside `c`.
+    unsafe { xor_words_avx2(c) }
+}
+
+/// # Safety
+/// AVX2 is available.
+#[target_feature(enable = "avx2")]
+unsafe fn xor_words_avx2(c: &[u8]) -> u64 {
+    let p = c.as_ptr();
+    let mut acc = [_mm256_setzero_si256(); 4];
+    let mut j = 0;
+    while j + 128 <= c.len() {
+        for (t, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_xor_si256(*a, _mm256_loadu_si256(p.add(j + 32 * t) as *const __m256i));
+        }
+        j += 128;
+    }
+    let v = _mm256_xor_si256(_mm256_xor_si256(acc[0], acc[1]), _mm256_xor_si256(acc[2], acc[3]));
+    let mut words = [0u64; 4];
+    _mm256_storeu_si256(words.as_mut_ptr() as *mut __m256i, v);
+    words.iter().fold(crate::probe::xor_words_scalar(&c[j..]), |a, w| a ^ w)
+}

@@ -66,6 +66,12 @@ def _add_run_options(p: argparse.ArgumentParser, out_required: bool) -> None:
     p.add_argument("--eval-blocks", type=_positive_int, default=24, help="held-out blocks for perplexity")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train under bf16 autocast (adapters stay fp32); default: on where the CPU has native bf16",
+    )
     p.add_argument("--out", required=out_required, default=None, help="output directory")
 
 

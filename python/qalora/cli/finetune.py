@@ -12,7 +12,7 @@ from ..checkpoint import save_adapter
 from ..config import QALoRAConfig
 from ..io import atomic_write_json, atomic_write_text
 from ..loaders import load_model, save_for_reload
-from ..train import finetune, perplexity
+from ..train import finetune, native_bf16, perplexity
 from ..wrapping import merge, summary, wrap
 from .report import plot_losses, report_markdown
 
@@ -49,7 +49,10 @@ def run_finetune(args) -> dict:
     wrap(model, config)
     info = summary(model)
     ppl_quant = perplexity(model, heldout, batch_size=args.batch_size, desc="perplexity: quantized base")
-    result = finetune(model, train_blocks, args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    bf16 = native_bf16() if args.bf16 is None else args.bf16
+    result = finetune(
+        model, train_blocks, args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, bf16=bf16
+    )
     ppl_adapted = perplexity(model, heldout, batch_size=args.batch_size, desc="perplexity: with adapters")
     adapter_dir = os.path.join(out, "adapter")
     save_adapter(model, adapter_dir)
@@ -68,6 +71,7 @@ def run_finetune(args) -> dict:
         "batch_size": args.batch_size,
         "block_size": args.block_size,
         "learning_rate": args.lr,
+        "bf16_autocast": bf16,
         "heldout_blocks": len(heldout),
         "heldout_perplexity": {
             "dense_fp32": ppl_dense,

@@ -1,0 +1,49 @@
+//! A streaming-read probe of the memory bandwidth, for the benchmarks: every byte of a
+//! buffer is loaded once, on all of rayon's threads (each takes contiguous chunks), with
+//! several independent 32-byte loads in flight per thread. A sum in torch measures the
+//! same thing less directly (its reduction does arithmetic per element), and reads slower.
+
+use rayon::prelude::*;
+
+use crate::isa::Isa;
+
+/// Bytes per work item: large enough for the hardware prefetchers to run ahead.
+const CHUNK: usize = 4 << 20;
+
+/// XOR of the buffer's 64-bit words (a checksum, so the loads cannot be dropped); the
+/// bytes past the last whole word are ignored.
+pub fn stream_read(buf: &[u8], isa: Isa) -> u64 {
+    buf.par_chunks(CHUNK).map(|c| read_chunk(c, isa)).reduce(|| 0, |a, b| a ^ b)
+}
+
+fn read_chunk(c: &[u8], isa: Isa) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(cpu) = isa.avx2() {
+        return crate::x86::xor_words(cpu, c);
+    }
+    let _ = isa;
+    xor_words_scalar(c)
+}
+
+/// Scalar twin of the SIMD read loop.
+pub fn xor_words_scalar(c: &[u8]) -> u64 {
+    c.chunks_exact(8).fold(0, |a, w| a ^ u64::from_le_bytes(w.try_into().expect("8 bytes")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_isa_gives_the_scalar_checksum() {
+        // Chunks are whole words apart (CHUNK % 8 == 0), so the per-chunk XORs combine into
+        // the XOR of every word.
+        let buf: Vec<u8> = (0..(CHUNK * 2 + 1000)).map(|i| (i * 7 + i / 251) as u8).collect();
+        for len in [0, 7, 8, 100, 4096 + 24, CHUNK + 40, buf.len()] {
+            let want = xor_words_scalar(&buf[..len]);
+            for isa in Isa::available() {
+                assert_eq!(stream_read(&buf[..len], isa), want, "len {len} {isa:?}");
+            }
+        }
+    }
+}
