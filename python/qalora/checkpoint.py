@@ -145,17 +145,12 @@ def _read_json_file(directory: str, name: str, what: str) -> dict:
     if len(raw) > MAX_JSON_BYTES:
         raise CheckpointError(f"{path} ({what}) is larger than {MAX_JSON_BYTES >> 20} MiB; not a qalora file")
     try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=_json_constant)
+        data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{path} ({what}) is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} ({what}): expected a JSON object, got {type(data).__name__}")
     return data
-
-
-def _json_constant(name: str):
-    # json accepts NaN / Infinity by default; a checkpoint never holds them.
-    raise ValueError(f"{name} is not allowed")
 
 
 def _scan_directory(directory: str) -> None:
@@ -390,7 +385,7 @@ def _read_header(path: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
             raise CheckpointError(f"{path}: header length {n} does not fit the file ({size} bytes)")
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"), parse_constant=_json_constant)
+        header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{path}: the safetensors header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
@@ -405,7 +400,7 @@ def _read_header(path: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         field = f"tensor {name}"
         entry = f_.dict(entry, field)
         dtype_name = f_.get(entry, "dtype", field + ".dtype")
-        if dtype_name not in _ST_DTYPES:
+        if not isinstance(dtype_name, str) or dtype_name not in _ST_DTYPES:
             raise f_.fail(field + ".dtype", f"got {_short(dtype_name)}, allowed: {', '.join(_ST_DTYPES)}")
         shape = f_.get(entry, "shape", field + ".shape")
         if not isinstance(shape, list) or len(shape) > 8:
@@ -667,9 +662,26 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
+#: Largest integer a Hugging Face config.json may hold here (sizes, ids, lengths): a hostile
+#: config must not make the architecture allocate a huge buffer while it is built.
+MAX_CONFIG_INT = 1 << 24
+
+
+def _bound_config_ints(value: Any, path: str, field: str = "") -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _bound_config_ints(v, path, f"{field}.{k}" if field else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _bound_config_ints(v, path, f"{field}[{i}]")
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_CONFIG_INT:
+        raise CheckpointError(f"{path}: field {field!r}: got {value}, larger than any real model's ({MAX_CONFIG_INT})")
+
+
 def _layer_count_bound(hf_config: dict, n_tensors: int, path: str) -> None:
-    # A hostile config asking for 10**9 layers would take forever to build even on the meta
+    # A hostile config asking for 10**6 layers would take long to build even on the meta
     # device; a real model stores at least one tensor per layer.
+    _bound_config_ints(hf_config, path)
     for cfg in (hf_config, hf_config.get("text_config")):
         if not isinstance(cfg, dict):
             continue

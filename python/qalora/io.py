@@ -265,10 +265,13 @@ def atomic_directory(path, keep: Callable[[str], bool] | None = None) -> Iterato
         elif _exchange(tmp, target):
             pass  # tmp now holds the old directory; removed below
         else:
+            # Two renames; between them only the backup holds the data, and readers and the
+            # next write restore it from there. The backup then leaves under a temporary
+            # name at once, so a half-removed old copy is never taken for a checkpoint.
             backup = _backup_path(target)
             os.rename(target, backup)
             os.rename(tmp, target)
-            tmp = backup
+            os.rename(backup, tmp)
         _fsync_path(parent, directory=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
