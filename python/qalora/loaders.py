@@ -58,6 +58,8 @@ def _require_transformers():
         raise ModelLoadError(
             "loading Hugging Face models needs transformers: pip install 'transformers>=5' gguf"
         ) from None
+    if os.environ.get("QALORA_NO_PROGRESS"):
+        transformers.utils.logging.disable_progress_bar()  # its weight-loading bar too
     return transformers
 
 
