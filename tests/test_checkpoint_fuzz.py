@@ -93,7 +93,9 @@ def deadline(seconds=30):
 
 def byte_damage():
     return st.one_of(
-        st.tuples(st.just("flip"), st.lists(st.tuples(st.integers(0, 1 << 30), st.integers(1, 255)), min_size=1, max_size=8)),
+        st.tuples(
+            st.just("flip"), st.lists(st.tuples(st.integers(0, 1 << 30), st.integers(1, 255)), min_size=1, max_size=8)
+        ),
         st.tuples(st.just("overwrite"), st.tuples(st.integers(0, 1 << 30), st.binary(min_size=1, max_size=64))),
         st.tuples(st.just("truncate"), st.integers(0, 1 << 30)),
         st.tuples(st.just("append"), st.binary(min_size=1, max_size=64)),

@@ -176,7 +176,9 @@ def test_killed_saves_leave_old_or_new(tmp_path, kind):
     )
     assert r.returncode == 0, r.stderr[-4000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    print(f"\nkill test ({kind}): {result['trials']} trials, kill window {result['window_s'] * 1e3:.0f} ms: {result['counts']}")
+    print(
+        f"\nkill test ({kind}): {result['trials']} trials, kill window {result['window_s'] * 1e3:.0f} ms: {result['counts']}"
+    )
     assert result["bad"] == []
     assert sum(result["counts"].values()) == TRIALS
     # Both endings happen: kills land before and after the swap.

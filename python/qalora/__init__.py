@@ -48,7 +48,7 @@ _LAZY = {
     "LoadedModel": "loaders",
 }
 
-__all__ = ["__version__", "errors", *_LAZY, *list(errors.__all__)]
+__all__ = ["__version__", "errors", *_LAZY, *list(errors.__all__)]  # noqa: F405  (__version__ is lazy)
 
 
 def __getattr__(name: str):
@@ -74,10 +74,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
-    from . import ops
-    from .checkpoint import from_pretrained, load_adapter, save_adapter, save_pretrained
-    from .config import CONFIG_VERSION, QALoRAConfig
-    from .layers import QALoRALinear, QuantLinear
-    from .loaders import LoadedModel, load_model
-    from .state import QALoRAState, state_of
-    from .wrapping import ModelSummary, memory_bytes, merge, merge_requantize, set_activations, summary, wrap
+    from . import ops  # noqa: F401
+    from .checkpoint import from_pretrained, load_adapter, save_adapter, save_pretrained  # noqa: F401
+    from .config import CONFIG_VERSION, QALoRAConfig  # noqa: F401
+    from .layers import QALoRALinear, QuantLinear  # noqa: F401
+    from .loaders import LoadedModel, load_model  # noqa: F401
+    from .state import QALoRAState, state_of  # noqa: F401
+    from .wrapping import ModelSummary, memory_bytes, merge, merge_requantize, set_activations, summary, wrap  # noqa: F401

@@ -21,6 +21,7 @@ before they change the caller's model, so a refused load leaves it as it was.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -417,7 +418,7 @@ def _read_header(path: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         spans.append((begin, end))
         out[name] = (dtype, shape)
     spans.sort()
-    if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+    if any(a[1] > b[0] for a, b in itertools.pairwise(spans)):
         raise CheckpointError(f"{path}: tensors overlap in the data area")
     return out
 
@@ -531,7 +532,9 @@ def _remembered_tokenizer(model: nn.Module):
 
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:
-        warnings.warn(f"could not reload the tokenizer from {path} ({e}); saving without it", QALoRAWarning, stacklevel=3)
+        warnings.warn(
+            f"could not reload the tokenizer from {path} ({e}); saving without it", QALoRAWarning, stacklevel=3
+        )
         return None
 
 

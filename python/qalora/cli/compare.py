@@ -10,14 +10,13 @@ import time
 
 from torch import nn
 
-from .. import datasets
+from .. import cli, datasets
 from ..config import QALoRAConfig
 from ..io import atomic_directory, atomic_write_json, atomic_write_text
 from ..loaders import load_model
 from ..targets import replace_module, select_targets
 from ..train import finetune, perplexity
 from ..wrapping import merge, merge_requantize, wrap
-from .. import cli
 from .finetune import check_settings_fit, token_splits
 from .report import plot_losses
 

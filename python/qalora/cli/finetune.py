@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-from .. import datasets
+from .. import cli, datasets
 from ..checkpoint import save_adapter, save_pretrained
 from ..config import QALoRAConfig
 from ..errors import GroupSizeError, NoTargetModulesError
@@ -17,7 +17,6 @@ from ..loaders import load_model
 from ..state import state_of
 from ..train import finetune, perplexity
 from ..wrapping import _checked_targets, merge, summary, wrap
-from .. import cli
 from .report import dense_parts, plot_losses, report_markdown
 
 CLI_HINT = "On the command line: --exclude NAME[,NAME...] leaves layers dense; --on-indivisible skip leaves every such layer dense."

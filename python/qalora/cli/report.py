@@ -29,9 +29,7 @@ def plot_losses(curves: dict[str, list[float]], path: str, title: str) -> None:
     for label, losses in curves.items():
         steps = range(1, len(losses) + 1)
         (line,) = ax.plot(steps, losses, alpha=0.35, linewidth=1, label=f"{label}: loss per step")
-        ax.plot(
-            steps, smoothed(losses), color=line.get_color(), linewidth=2, label=f"{label}: moving average (0.8)"
-        )
+        ax.plot(steps, smoothed(losses), color=line.get_color(), linewidth=2, label=f"{label}: moving average (0.8)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("training step")
     ax.set_ylabel("training loss (cross-entropy, nats/token)")
@@ -148,7 +146,13 @@ def report_markdown(r: dict) -> str:
         lines.append(f"- layers left dense as indivisible by the group size: {', '.join(r['skipped_layers'])}")
     parts = r.get("dense_parts") or []
     if parts:
-        lines += ["", "## What stays dense in the merged model", "", "| tensor | kind | shape | dtype | MiB |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "## What stays dense in the merged model",
+            "",
+            "| tensor | kind | shape | dtype | MiB |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for part in parts:
             shape = "×".join(map(str, part["shape"])) if part["shape"] else "-"
             size = f"tied to `{part['tied_to']}`" if part["tied_to"] else f"{part['bytes'] / mib:.1f}"
