@@ -241,3 +241,38 @@ def test_default_output_directories_are_git_ignored():
     for path in ("qalora-demo/report.json", "qalora-compare/compare.json", ".qalora-demo.qalora-tmp-1-x/a"):
         r = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO)
         assert r.returncode == 0, f"{path} is not covered by .gitignore"
+
+
+def test_saved_tiny_llama_stands_on_its_own_in_a_fresh_process(tiny_dir, tmp_path):
+    """save_pretrained -> from_pretrained(dir) and `qalora eval --model dir` in new processes."""
+    lm = qalora.load_model(str(tiny_dir))
+    qalora.wrap(lm.model, qalora.QALoRAConfig(rank=2))
+    qalora.merge(lm.model)
+    qalora.save_pretrained(lm.model, tmp_path / "saved")  # the tokenizer comes along from load_model
+    ids = torch.arange(1, 17).view(1, 16)
+    with torch.no_grad():
+        want = lm.model.eval()(input_ids=ids).logits
+    from safetensors.torch import save_file
+
+    save_file({"logits": want.contiguous()}, tmp_path / "want.safetensors")
+    code = (
+        "import sys, torch, qalora, transformers\n"
+        "from safetensors.torch import load_file\n"
+        f"m = qalora.from_pretrained({str(tmp_path / 'saved')!r})\n"
+        f"tok = transformers.AutoTokenizer.from_pretrained({str(tmp_path / 'saved')!r})\n"
+        "ids = torch.arange(1, 17).view(1, 16)\n"
+        "with torch.no_grad():\n"
+        f"    assert torch.equal(m(input_ids=ids).logits, load_file({str(tmp_path / 'want.safetensors')!r})['logits'])\n"
+        "print(tok.decode(m.generate(ids[:, :4], max_new_tokens=3, do_sample=False)[0]))\n"
+    )
+    env = dict(os.environ, QALORA_NO_PROGRESS="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run(
+        [sys.executable, "-m", "qalora", "eval", "--model", str(tmp_path / "saved"), "--block-size", "32"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["heldout_perplexity"] > 1
