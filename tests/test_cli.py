@@ -92,6 +92,9 @@ def test_finetune_outputs_permissions_and_eval_of_saved_model(tiny_dir, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary directory left
     assert "What stays dense" in (out / "report.md").read_text()
     capsys.readouterr()
+    # finetune starts from a dense model: a saved (quantized) one is refused before any work.
+    assert main(["finetune", "--model", str(out / "model"), "--out", str(tmp_path / "again")]) == 2
+    assert "already quantized" in capsys.readouterr().err
     # The saved model directory stands on its own: eval rebuilds it from the directory.
     assert main(["eval", "--model", str(out / "model"), "--block-size", "32", "--eval-blocks", "2"]) == 0
     ppl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["heldout_perplexity"]

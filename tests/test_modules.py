@@ -445,7 +445,9 @@ def test_no_match_lists_modules():
 
 def test_indivisible_layer_raises_or_is_skipped():
     model = nn.Sequential(nn.Linear(576, 96), nn.ReLU(), nn.Linear(96, 64))
-    with pytest.raises(qalora.GroupSizeError, match=r"layer '0': group_size: got 128, it must divide in_features K = 576"):
+    with pytest.raises(
+        qalora.GroupSizeError, match=r"layer '0': group_size: got 128, it must divide in_features K = 576"
+    ):
         qalora.wrap(model, QALoRAConfig(group_size=128))
     assert isinstance(model[0], nn.Linear)  # a refused wrap changes nothing
     with pytest.warns(qalora.QALoRAWarning, match="left unquantized"):

@@ -18,15 +18,28 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 from typing import TYPE_CHECKING
 
-from . import errors
-from .errors import *  # noqa: F403
 
-# name -> submodule that defines it. torch is imported (before the extension, which links
-# the libtorch inside it) by the first of these a program touches.
+class _TorchBeforeExtension:  # a meta path finder (importlib.abc would cost 0.25 s of imports)
+    """Imports torch before the extension (and ``qalora.errors``, which hands its classes
+    to the extension when imported): the extension links the libtorch inside torch."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname in (f"{__name__}._core", f"{__name__}.errors"):
+            import torch  # noqa: F401
+        return None  # the ordinary finders load the module
+
+
+if not any(isinstance(f, _TorchBeforeExtension) for f in sys.meta_path):
+    sys.meta_path.insert(0, _TorchBeforeExtension())
+
+# name -> submodule that defines it (None: the name is the submodule). Imported on first
+# use, so that ``qalora --help`` starts without torch.
 _LAZY = {
     "ops": None,
+    "errors": None,
     "QALoRAConfig": "config",
     "CONFIG_VERSION": "config",
     "QALoRALinear": "layers",
@@ -48,13 +61,13 @@ _LAZY = {
     "LoadedModel": "loaders",
 }
 
-__all__ = ["__version__", "errors", *_LAZY, *list(errors.__all__)]  # noqa: F405  (__version__ is lazy)
-
 
 def __getattr__(name: str):
-    if name == "__version__":
-        import torch  # noqa: F401  (before the extension)
+    if name == "__all__":
+        from . import errors
 
+        value = ["__version__", *_LAZY, *errors.__all__]
+    elif name == "__version__":
         from . import _core
 
         value = _core.__version__
@@ -64,19 +77,24 @@ def __getattr__(name: str):
     elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
         value = importlib.import_module(f".{name}", __name__)  # a submodule, e.g. qalora.targets
     else:
-        raise AttributeError(f"module 'qalora' has no attribute {name!r}")
+        from . import errors
+
+        if name not in errors.__all__:
+            raise AttributeError(f"module 'qalora' has no attribute {name!r}")
+        value = getattr(errors, name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(__getattr__("__all__")))
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
-    from . import ops  # noqa: F401
+    from . import errors, ops  # noqa: F401
     from .checkpoint import from_pretrained, load_adapter, save_adapter, save_pretrained  # noqa: F401
     from .config import CONFIG_VERSION, QALoRAConfig  # noqa: F401
+    from .errors import *  # noqa: F403
     from .layers import QALoRALinear, QuantLinear  # noqa: F401
     from .loaders import LoadedModel, load_model  # noqa: F401
     from .state import QALoRAState, state_of  # noqa: F401

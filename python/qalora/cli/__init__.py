@@ -23,8 +23,6 @@ import tempfile
 import time
 import traceback
 
-from ..errors import QALoRAError
-
 SMOKE_ENV = "QALORA_SMOKE"
 
 
@@ -33,8 +31,9 @@ def smoke() -> bool:
     return os.environ.get(SMOKE_ENV, "") not in ("", "0")
 
 
-class UsageError(QALoRAError, ValueError):
-    """A command-line value that cannot work (reported in one line before any work)."""
+class UsageError(ValueError):
+    """A command-line value that cannot work (reported in one line before any work). Not a
+    QALoRAError: qalora.errors loads the extension (and torch), which --help must not."""
 
 
 # ------------------------------------------------------------------ argument types
@@ -316,6 +315,11 @@ def preflight(parser: argparse.ArgumentParser, args) -> None:
     from ..loaders import check_model_spec
 
     check_model_spec(args.model)
+    if args.command in OUT_MARKERS and os.path.isfile(os.path.join(args.model, "qalora_config.json")):
+        raise UsageError(
+            f"--model {args.model} is a model saved by qalora (already quantized); {args.command} starts from a "
+            f"dense model: give the original one (qalora eval takes saved models)"
+        )
     if args.command in OUT_MARKERS:
         check_out_dir(args.out, OUT_MARKERS[args.command])
         if not plotting_available():
@@ -349,7 +353,9 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --help and usage errors end here, before torch loads
+    from ..errors import QALoRAError
+
     try:
         preflight(parser, args)
         if getattr(args, "threads", None):
@@ -377,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             if smoke():
                 args.steps, args.eval_blocks = min(args.steps, 2), min(args.eval_blocks, 2)
             run_compare(args)
-    except QALoRAError as e:
+    except (QALoRAError, UsageError) as e:
         print(f"qalora: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
