@@ -154,7 +154,7 @@ UNSUPPORTED_BITS = next(b for b in range(1, 17) if b not in SUPPORTED_BITS)
     "key,value,fragments",
     [
         ("group_size", 0, ["group_size", "allowed: 1.."]),
-        ("group_size", 24, ["group_size", "not divisible"]),
+        ("group_size", 24, ["group_size", "must divide"]),
         ("rank", 0, ["rank", "allowed: 1.."]),
         ("bits", "4", ["bits", "'4'"]),
         ("bits", 10**12, ["bits", "1000000000000"]),

@@ -15,6 +15,7 @@ import sys
 import pytest
 import qalora
 import torch
+import qalora.cli.finetune
 from qalora.cli import build_parser, main
 
 transformers = pytest.importorskip("transformers")
@@ -142,7 +143,7 @@ def test_settings_that_cannot_work_are_refused_before_evaluation(tiny_dir, tmp_p
     monkeypatch.setattr(qalora.cli.finetune, "perplexity", lambda *a, **k: calls.append(1) or 1.0)
     assert main(args(tiny_dir, tmp_path / "run", "--group-size", "48")) == 2
     err = capsys.readouterr().err
-    assert "not divisible by group_size = 48" in err and "--exclude" in err and "--on-indivisible skip" in err
+    assert "got 48, it must divide" in err and "--exclude" in err and "--on-indivisible skip" in err
     assert calls == []  # nothing was evaluated
     # mlp.down_proj has in_features 128: divisible by 64, the rest (64) too.
     assert main(args(tiny_dir, tmp_path / "run", "--group-size", "128")) == 2
