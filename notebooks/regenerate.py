@@ -3,6 +3,7 @@ that their plots and numbers show on a code host without running anything.
 
     python notebooks/regenerate.py              # every notebook
     python notebooks/regenerate.py quickstart   # the ones whose name contains a word
+    python notebooks/regenerate.py --smoke      # the short smoke-mode run (a slow machine)
 
 The test suite runs the same notebooks in smoke mode (QALORA_SMOKE=1) without writing them.
 Outputs are scrubbed of this machine's paths (the home directory becomes ~) and of timing
@@ -47,7 +48,12 @@ def scrub(nb) -> None:
 
 def main(argv: list[str]) -> int:
     env = os.environ
-    env.pop("QALORA_SMOKE", None)
+    smoke = "--smoke" in argv
+    argv = [a for a in argv if a != "--smoke"]
+    if smoke:
+        env["QALORA_SMOKE"] = "1"
+    else:
+        env.pop("QALORA_SMOKE", None)
     env["QALORA_NO_PROGRESS"] = "1"
     env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     paths = sorted(HERE.glob("*.ipynb"))
@@ -64,6 +70,7 @@ def main(argv: list[str]) -> int:
             print(f"{path.name}: a cell raised {errors[0].get('ename')}; not written", file=sys.stderr)
             return 1
         scrub(nb)
+        nb.metadata["qalora_outputs"] = "smoke mode (two training steps)" if smoke else "full run"
         nbformat.write(nb, path)
         print(f"{path.name}: executed and written in {time.perf_counter() - started:.0f} s")
     return 0
