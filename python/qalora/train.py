@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, InvalidValueError
 from .progress import progress
 
 
@@ -37,7 +37,15 @@ def finetune(
     desc: str = "qalora: training",
 ) -> TrainResult:
     """AdamW on the trainable parameters, linear warm-up then cosine decay, batches drawn
-    from ``blocks`` (num_blocks, block_size) in a seeded shuffled order."""
+    from ``blocks`` (num_blocks, block_size) in a seeded shuffled order.
+
+    Raises:
+        ConfigError: ``lr`` is not a finite positive number, or nothing is trainable.
+        InvalidValueError: the training loss became NaN or Inf (the step that produced it
+            is not applied); a lower learning rate usually helps.
+    """
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"lr: got {lr!r}, it must be a finite positive number")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters; wrap it with qalora.wrap first")
@@ -61,6 +69,12 @@ def finetune(
         idx = [order[(step * batch_size + i) % len(order)].item() for i in range(batch_size)]
         batch = blocks[idx].to(device)
         loss = _causal_lm_loss(model, batch)
+        if not bool(torch.isfinite(loss)):
+            model.eval()
+            raise InvalidValueError(
+                f"the training loss became {loss.item()} at step {step + 1} of {steps} (lr {lr:g}); training "
+                f"stopped before applying it. Lower the learning rate."
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -14,7 +14,15 @@ import torch
 from torch import nn
 
 from .config import QALoRAConfig
-from .errors import ConfigError, DTypeError, GroupSizeError, InvalidValueError, NoTargetModulesError, QALoRAWarning
+from .errors import (
+    ConfigError,
+    DTypeError,
+    GroupSizeError,
+    InvalidValueError,
+    MergeError,
+    NoTargetModulesError,
+    QALoRAWarning,
+)
 from .layers import QALoRALinear, QuantLinear, check_group_size, scale_dtype_of
 from .progress import progress
 from .state import QALoRAState, attach_state, require_state, state_of
@@ -194,18 +202,42 @@ def merge(model: nn.Module, offset_dtype: torch.dtype | None = None) -> nn.Modul
             ``torch.float32`` keeps a small update that float16 would round away, at 16 more
             bits per group.
 
+    A layer whose merged offsets would overflow their dtype (float16 holds at most 65504)
+    gets float32 offsets instead, with a :class:`QALoRAWarning` naming it.
+
     Raises:
-        MergeError: the model holds dense LoRA adapters (``adapter="lora"``); use
-            :func:`merge_requantize`.
+        MergeError: the model holds dense LoRA adapters (``adapter="lora"``), use
+            :func:`merge_requantize`; or an adapter holds non-finite values. The model is
+            unchanged.
     """
     if offset_dtype is not None and offset_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise DTypeError(f"offset_dtype: got {offset_dtype!r}, allowed: torch.float16, torch.bfloat16, torch.float32")
     state = require_state(model)
     layers = list(quantized_layers(model, QALoRALinear))
-    merged = [(name, layer.merged(offset_dtype)) for name, layer in layers]  # all checked before any swap
+    merged, widened = [], []
+    for name, layer in layers:  # all built and checked before any swap
+        new = layer.merged(offset_dtype)
+        if not bool(torch.isfinite(new.offsets).all()) and new.offsets.dtype != torch.float32:
+            # The update overflows this offset dtype (float16 tops out at 65504): keep
+            # this layer exact with float32 offsets rather than store Inf.
+            new = layer.merged(torch.float32)
+            widened.append(name)
+        if not bool(torch.isfinite(new.offsets).all()):
+            raise MergeError(
+                f"layer {name!r}: the merged offsets are not finite even in float32; the adapter weights "
+                f"(lora_A, lora_B) hold NaN/Inf or huge values"
+            )
+        merged.append((name, new))
     for name, new in merged:
         replace_module(model, name, new)
     state.merged = True
+    if widened:
+        warnings.warn(
+            f"merge: the update overflows the offsets' dtype in {len(widened)} layer(s) "
+            f"({', '.join(widened[:5])}{', ...' if len(widened) > 5 else ''}); those layers keep float32 offsets",
+            QALoRAWarning,
+            stacklevel=2,
+        )
     return model
 
 

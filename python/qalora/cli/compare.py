@@ -10,14 +10,14 @@ import time
 
 from torch import nn
 
-from .. import datasets
+from .. import cli, datasets
 from ..config import QALoRAConfig
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_directory, atomic_write_json, atomic_write_text
 from ..loaders import load_model
 from ..targets import replace_module, select_targets
 from ..train import finetune, perplexity
 from ..wrapping import merge, merge_requantize, wrap
-from .finetune import token_splits
+from .finetune import check_settings_fit, token_splits
 from .report import plot_losses
 
 
@@ -49,13 +49,11 @@ def _dense_lora(model: nn.Module, rank: int, alpha: float) -> nn.Module:
 
 def run_compare(args) -> dict:
     out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
-    settings = []
-    for item in args.settings.split(","):
-        bits, _, g = item.partition(":")
-        settings.append((int(bits), int(g)))
+    settings = list(args.settings)
+    splits = datasets.load_dataset(args.data, args.heldout)
     lm = load_model(args.model)
-    splits = datasets.load_dataset(args.data)
+    for bits, g in settings:  # every setting must fit the model before anything trains
+        check_settings_fit(lm.model, QALoRAConfig(bits=bits, group_size=g, rank=args.rank, alpha=args.alpha))
     train_blocks, heldout = token_splits(
         lm.tokenizer, splits, args.block_size, args.eval_blocks, args.steps * args.batch_size
     )
@@ -118,9 +116,11 @@ def run_compare(args) -> dict:
     }
     table = ["| setting | method | held-out perplexity |", "| --- | --- | --- |"]
     table += [f"| {r['setting']} | {r['method']} | {r['heldout_ppl']:.3f} |" for r in rows]
-    atomic_write_json(os.path.join(out, "compare.json"), result)
-    atomic_write_text(os.path.join(out, "compare.md"), "\n".join(table) + "\n")
-    plot_losses(curves, os.path.join(out, "compare_losses.png"), "training loss")
+    with atomic_directory(out) as work:  # swapped in whole: a failed run leaves --out as it was
+        atomic_write_json(os.path.join(work, "compare.json"), result)
+        atomic_write_text(os.path.join(work, "compare.md"), "\n".join(table) + "\n")
+        if cli.plotting_available():
+            plot_losses(curves, os.path.join(work, "compare_losses.png"), "training loss")
     print("\n".join(table))
     print(f"qalora: comparison written to {out} ({result['seconds'] / 60:.1f} min)")
     return result
