@@ -14,8 +14,8 @@ import sys
 
 import pytest
 import qalora
-import torch
 import qalora.cli.finetune
+import torch
 from qalora.cli import build_parser, main
 
 transformers = pytest.importorskip("transformers")
