@@ -412,3 +412,14 @@ def test_gptq_on_cuda_matches_cpu():
     np.testing.assert_array_equal(ops.unpack(packed.cpu(), 4, 128).numpy(), cpu[0])
     np.testing.assert_array_equal(scales.cpu().double().numpy(), cpu[1])
     np.testing.assert_array_equal(offsets.cpu().double().numpy(), cpu[2])
+
+
+def test_command_line_quantizer_options(capsys):
+    from qalora.cli import build_parser, main
+
+    args = build_parser().parse_args(["finetune", "--out", "x", "--quantizer", "gptq", "--calibration-blocks", "16"])
+    assert (args.quantizer, args.calibration_blocks, args.damp_percent, args.act_order) == ("gptq", 16, 0.01, False)
+    args = build_parser().parse_args(["compare", "--quantizers", "rtn,gptq", "--act-order"])
+    assert args.quantizers == "rtn,gptq" and args.act_order
+    assert main(["compare", "--quantizers", "rtn,awq"]) == 2
+    assert "--quantizers" in capsys.readouterr().err

@@ -147,10 +147,13 @@ def quantize_weight(
     return packed, scales.to(scale_dtype), offsets.to(scale_dtype), damp
 
 
-def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
-    """Relative squared output error on the calibration inputs, tr(Δ H Δᵀ) / tr(W H Wᵀ)."""
-    w = weight.detach().to(hessian.dtype)
-    delta = w - approx.to(hessian.dtype)
+def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor, rows: int = 128) -> float:
+    """Relative squared output error on the calibration inputs, tr(Δ H Δᵀ) / tr(W H Wᵀ),
+    over at most ``rows`` evenly spaced output rows (each costs K² multiply-adds; a
+    diagnostic, not part of the algorithm)."""
+    pick = torch.linspace(0, weight.shape[0] - 1, min(rows, weight.shape[0]), device=weight.device).round().long()
+    w = weight.detach()[pick].to(hessian.dtype)
+    delta = w - approx[pick].to(hessian.dtype)
     base = float(((w @ hessian) * w).sum())
     return float(((delta @ hessian) * delta).sum()) / base if base > 0 else 0.0
 
@@ -161,7 +164,8 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tens
 @dataclass
 class LayerRecord:
     """What GPTQ did to one layer: relative squared output error on the calibration
-    inputs (GPTQ and, for comparison, RTN with the same parameters) and the dampening."""
+    inputs (GPTQ and, for comparison, RTN; over up to 128 of the layer's output rows) and
+    the dampening."""
 
     name: str
     error: float
@@ -357,8 +361,11 @@ def quantize_model(
     act_order: bool = False,
     batch_size: int = 8,
     show_progress: bool | None = None,
+    layer_settings: dict[str, tuple[int, int, torch.dtype]] | None = None,
 ) -> tuple[dict[str, QuantLinear], GPTQReport]:
-    """GPTQ-quantizes the dense ``targets`` of ``model`` on ``calibration`` inputs.
+    """GPTQ-quantizes the dense ``targets`` of ``model`` on ``calibration`` inputs, at
+    ``bits`` / ``group_size`` / ``scale_dtype`` or, per layer name, the
+    ``layer_settings`` given.
 
     Layers are quantized in forward order, each on inputs produced by the already-quantized
     layers before it (which are swapped into the model while this runs). On return, success
@@ -374,6 +381,8 @@ def quantize_model(
     model_call = _model_call(model)
     report = GPTQReport()
     results: dict[str, QuantLinear] = {}
+    settings = {name: (bits, group_size, scale_dtype) for name in names}
+    settings.update(layer_settings or {})
     bar = progress([], desc="qalora: GPTQ", enabled=show_progress, min_items=9, total=len(names))
     was_training = model.training
     model.eval()
@@ -386,9 +395,7 @@ def quantize_model(
             if blocks is None:
                 report.mode = "whole model per stage"
                 segment = _Segment(model, lambda b: model_call(batches[b].to(device)), len(batches), names)
-                _quantize_segment(
-                    model, segment, results, report, bar, bits, group_size, scale_dtype, damp_percent, act_order
-                )
+                _quantize_segment(model, segment, results, report, bar, settings, damp_percent, act_order)
             else:
                 report.mode = "block by block"
                 list_name = found[0]
@@ -403,9 +410,7 @@ def quantize_model(
 
                     if layers:
                         segment = _Segment(block, run, len(inputs), layers)
-                        _quantize_segment(
-                            model, segment, results, report, bar, bits, group_size, scale_dtype, damp_percent, act_order
-                        )
+                        _quantize_segment(model, segment, results, report, bar, settings, damp_percent, act_order)
                     if index + 1 < len(blocks):
                         inputs = [_with_hidden(*inputs[b], _first_tensor(run(b))) for b in range(len(inputs))]
     finally:
@@ -439,9 +444,7 @@ def _block_inputs(model_call, first_block: nn.Module, batches, device) -> list[t
     return captured
 
 
-def _quantize_segment(
-    model, segment: _Segment, results, report, bar, bits, group_size, scale_dtype, damp_percent, act_order
-) -> None:
+def _quantize_segment(model, segment: _Segment, results, report, bar, settings, damp_percent, act_order) -> None:
     stages, uncalled = _stages(model, segment)
     if uncalled:
         warnings.warn(
@@ -474,6 +477,7 @@ def _quantize_segment(
                 handle.remove()
         for name in stage:
             module = model.get_submodule(name)
+            bits, group_size, scale_dtype = settings[name]
             weight, bias = dense_weight(module)
             if weight.shape[1] != k:
                 raise ShapeError(f"layer {name!r}: in_features {weight.shape[1]} differs from its stage's {k}")

@@ -106,7 +106,8 @@ def load_model(spec: str | None = None, *, dtype: torch.dtype = torch.float32) -
 
     Args:
         spec: ``None`` / "smollm2" (the bundled SmolLM2-135M-Instruct), a ``.gguf`` file, a
-            Hugging Face model directory, or a qalora checkpoint directory (the architecture
+            Hugging Face model directory (a GPTQ checkpoint's quantized layers load as
+            :class:`qalora.QuantLinear`), or a qalora checkpoint directory (the architecture
             comes from its ``config.json``; the quantized layers from ``model.safetensors``).
         dtype: dtype of the dense weights (float32 default).
     """
@@ -139,6 +140,11 @@ def load_model(spec: str | None = None, *, dtype: torch.dtype = torch.float32) -
         base = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
         model = from_pretrained(directory, base)
         return LoadedModel(model, tokenizer, source, time.perf_counter() - start, from_cache, qalora_checkpoint=True)
+    from .formats import gptq
+
+    if gptq.quantization_config_of(directory) is not None:  # its quantized layers load as QuantLinear
+        model = gptq.load_gptq_model(directory, dtype=dtype)
+        return LoadedModel(model, tokenizer, source, time.perf_counter() - start, from_cache)
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
     return LoadedModel(model, tokenizer, source, time.perf_counter() - start, from_cache)
 

@@ -249,12 +249,62 @@ def merge(model: nn.Module, offset_dtype: torch.dtype | None = None) -> nn.Modul
     return model
 
 
-def merge_requantize(model: nn.Module) -> nn.Module:
+def merge_requantize(
+    model: nn.Module,
+    *,
+    quantizer: str | None = None,
+    calibration: torch.Tensor | None = None,
+    calibration_batch_size: int = 8,
+    show_progress: bool | None = None,
+) -> nn.Module:
     """QLoRA-style deployment, for comparison: add each adapter's dense update to the
-    dequantized weight and re-quantize with RTN at the same bits and group size. Lossy for
-    dense LoRA adapters; in place."""
+    dequantized weight and quantize the result again at the same bits and group size.
+    Lossy for dense LoRA adapters; in place.
+
+    Args:
+        quantizer: "rtn" or "gptq" (default: the one the model was wrapped with). GPTQ is
+            the paper's baseline (QLoRA, merged, then GPTQ): it runs on ``calibration``
+            with every merged layer dense, quantizing them in forward order.
+        calibration: token ids for GPTQ (see :func:`wrap`).
+
+    Raises:
+        ConfigError: GPTQ without calibration, or an unknown quantizer.
+    """
     state = require_state(model)
-    requantized = [(name, layer.requantized()) for name, layer in quantized_layers(model, QALoRALinear)]
+    config = state.config
+    quantizer = quantizer if quantizer is not None else config.quantizer
+    if quantizer not in ("rtn", "gptq"):
+        raise ConfigError(f"quantizer: got {quantizer!r}, allowed: 'rtn', 'gptq'")
+    layers = list(quantized_layers(model, QALoRALinear))
+    if quantizer == "rtn":
+        requantized = [(name, layer.requantized()) for name, layer in layers]
+    else:
+        if calibration is None:
+            raise ConfigError("merge_requantize(quantizer='gptq') needs calibration inputs (token ids)")
+        dense = [(name, layer.merged_dense()) for name, layer in layers]
+        for name, linear in dense:
+            replace_module(model, name, linear)
+        try:
+            result, _ = gptq.quantize_model(
+                model,
+                dense,
+                bits=config.bits,
+                group_size=config.group_size,
+                scale_dtype=scale_dtype_of(config.scale_dtype),
+                layer_settings={
+                    name: (layer.base_layer.bits, layer.base_layer.group_size, layer.base_layer.scales.dtype)
+                    for name, layer in layers
+                },
+                calibration=calibration,
+                damp_percent=config.damp_percent,
+                act_order=config.act_order,
+                batch_size=calibration_batch_size,
+                show_progress=show_progress,
+            )
+        finally:
+            for name, layer in layers:
+                replace_module(model, name, layer)
+        requantized = [(name, result[name]) for name, _ in layers]
     for name, new in requantized:
         replace_module(model, name, new)
     state.merged = True

@@ -59,6 +59,10 @@ def _add_run_options(p: argparse.ArgumentParser, out_required: bool) -> None:
     p.add_argument("--alpha", type=_positive_float, default=32.0)
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--scale-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument(
+        "--quantizer", default="rtn", choices=["rtn", "gptq"], help="base quantizer: min-max RTN or GPTQ (calibrated)"
+    )
+    _add_quantizer_options(p)
     p.add_argument("--steps", type=_positive_int, default=60)
     p.add_argument("--batch-size", type=_positive_int, default=4)
     p.add_argument("--block-size", type=_positive_int, default=128, help="tokens per training sequence")
@@ -67,6 +71,19 @@ def _add_run_options(p: argparse.ArgumentParser, out_required: bool) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", required=out_required, default=None, help="output directory")
+
+
+def _add_quantizer_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--calibration-blocks",
+        type=_positive_int,
+        default=128,
+        help="GPTQ: training-data blocks (of --block-size tokens) to calibrate on (default 128)",
+    )
+    p.add_argument("--damp-percent", type=_positive_float, default=0.01, help="GPTQ dampening (0.01 = 1%%)")
+    p.add_argument(
+        "--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal, static groups"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--model", default="smollm2")
     cmp_.add_argument("--data", default=None)
     cmp_.add_argument("--settings", default="4:64,3:32,2:32", help="comma-separated bits:group_size pairs")
+    cmp_.add_argument(
+        "--quantizers", default="rtn", help="comma-separated base quantizers to compare: rtn, gptq (e.g. rtn,gptq)"
+    )
+    _add_quantizer_options(cmp_)
     cmp_.add_argument("--steps", type=_positive_int, default=40)
     cmp_.add_argument("--batch-size", type=_positive_int, default=4)
     cmp_.add_argument("--block-size", type=_positive_int, default=128)
@@ -120,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.out = "qalora-demo"
             if smoke():
                 args.steps, args.eval_blocks = min(args.steps, 2), min(args.eval_blocks, 2)
+                args.calibration_blocks = min(args.calibration_blocks, 4)
             report = run_finetune(args)
             print(f"\nqalora: outputs in {os.path.abspath(args.out)}")
             for key in ("model_dir", "adapter_dir", "loss_curve", "report_json", "report_md"):
@@ -134,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if smoke():
                 args.steps, args.eval_blocks = min(args.steps, 2), min(args.eval_blocks, 2)
+                args.calibration_blocks = min(args.calibration_blocks, 4)
             run_compare(args)
     except QALoRAError as e:
         print(f"qalora: error: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@ from ..checkpoint import save_adapter
 from ..config import QALoRAConfig
 from ..io import atomic_write_json, atomic_write_text
 from ..loaders import load_model, save_for_reload
+from ..state import state_of
 from ..train import finetune, perplexity
 from ..wrapping import merge, summary, wrap
 from .report import plot_losses, report_markdown
@@ -21,6 +22,12 @@ def token_splits(tokenizer, splits, block_size: int, eval_blocks: int, train_blo
     train = datasets.token_blocks(tokenizer, splits.train, block_size, max_blocks=train_blocks)
     heldout = datasets.token_blocks(tokenizer, splits.heldout, block_size, max_blocks=eval_blocks)
     return train, heldout
+
+
+def qalora_state_quantization(model) -> dict:
+    """The quantizer and, for GPTQ, its time and per-layer errors (from the model's state)."""
+    state = state_of(model)
+    return dict(state.quantization) if state is not None else {}
 
 
 def run_finetune(args) -> dict:
@@ -45,8 +52,14 @@ def run_finetune(args) -> dict:
         dropout=args.dropout,
         scale_dtype=args.scale_dtype,
         on_indivisible="raise",
+        quantizer=args.quantizer,
+        damp_percent=args.damp_percent,
+        act_order=args.act_order,
     )
-    wrap(model, config)
+    calibration = None
+    if args.quantizer == "gptq":  # GPTQ calibrates on blocks of the training data
+        calibration = datasets.token_blocks(tok, splits.train, args.block_size, max_blocks=args.calibration_blocks)
+    wrap(model, config, calibration=calibration)
     info = summary(model)
     ppl_quant = perplexity(model, heldout, batch_size=args.batch_size, desc="perplexity: quantized base")
     result = finetune(model, train_blocks, args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
@@ -76,6 +89,7 @@ def run_finetune(args) -> dict:
             "qalora_merged": ppl_merged,
         },
         "merge_perplexity_change": ppl_merged / ppl_adapted - 1,
+        "quantization": qalora_state_quantization(model),
         "trainable_params": info.trainable_params,
         "total_params": info.total_params,
         "memory_bytes": {"dense": dense_bytes, "wrapped": info.memory_bytes, "merged": merged_info.memory_bytes},
