@@ -38,6 +38,7 @@ def layer_case(n: int, k: int, seed: int, rows: int = 256):
 
 
 def run_gptq(w, h, bits, g, *, dtype=torch.float64, **kw):
+    """qalora's GPTQ on numpy inputs (float64 Hessian: the torch path in float64)."""
     packed, scales, offsets, damp = gptq.quantize_weight(
         torch.tensor(w, dtype=dtype), torch.tensor(h, dtype=dtype), bits, g, torch.float16, **kw
     )
@@ -101,6 +102,22 @@ def test_float32_decisions_agree_except_near_ties(bits):
                 <= np.spacing(np.abs(nearest[off]).astype(np.float16)).astype(np.float64)
             )
             assert np.all(np.abs(raw[off] - (stored[off] + nearest[off]) / 2) < 1e-3 * r.step[off])
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("bits", BITS)
+def test_core_and_torch_column_loops_agree_bit_for_bit(bits, act_order):
+    """The float32 column loop in the Rust core and the same loop as libtorch operations do
+    the same arithmetic in the same order: identical codes and parameters."""
+    for n, k, g, block in SHAPES:
+        w, _, h = layer_case(n, k, seed=bits + k)
+        w, h = torch.tensor(w, dtype=torch.float32), torch.tensor(h, dtype=torch.float32)
+        kw = dict(act_order=act_order, block_size=block)
+        core = gptq.quantize_weight(w, h, bits, g, backend="core", **kw)
+        via_torch = gptq.quantize_weight(w, h, bits, g, backend="torch", **kw)
+        for a, b in zip(core[:3], via_torch[:3]):
+            assert torch.equal(a, b)
+        assert core[0].dtype == torch.uint8 and core[1].dtype == torch.float16
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -191,6 +208,28 @@ def test_bad_layer_inputs():
         gptq.quantize_weight(w.clone().index_fill_(1, torch.tensor([3]), float("nan")), h, 4, 16)
     with pytest.raises(qalora.InvalidValueError, match="hessian"):
         gptq.quantize_weight(w, h * float("inf"), 4, 16)
+    with pytest.raises(qalora.ShapeError, match="hessian"):
+        gptq.quantize_weight(w, torch.eye(16), 4, 16)
+    with pytest.raises(qalora.GroupSizeError):
+        gptq.quantize_weight(w, h, 4, 12)
+    with pytest.raises(qalora.UnsupportedBitsError):
+        gptq.quantize_weight(w, h, 5, 16)
+    with pytest.raises(qalora.DTypeError, match="weight"):
+        gptq.quantize_weight(w.int(), h, 4, 16)
+    with pytest.raises(qalora.InvalidValueError, match="damp_percent"):
+        gptq.quantize_weight(w, h, 4, 16, damp_percent=0.0)
+    with pytest.raises(qalora.InvalidValueError, match="block_size"):
+        gptq.quantize_weight(w, h, 4, 16, block_size=0)
+    with pytest.raises(qalora.DTypeError, match="backend='core'"):
+        gptq.quantize_weight(w.double(), h.double(), 4, 16, backend="core")
+    with pytest.raises(qalora.InvalidValueError, match="backend"):
+        gptq.quantize_weight(w, h, 4, 16, backend="fast")
+    with pytest.raises(qalora.DTypeError, match="hessian"):
+        gptq.hessian_update(torch.zeros(4, 4, dtype=torch.float16), torch.randn(2, 4), 0)
+    with pytest.raises(qalora.ShapeError, match="x"):
+        gptq.hessian_update(torch.zeros(4, 4), torch.randn(2, 5), 0)
+    with pytest.raises(qalora.InvalidValueError, match="seen"):
+        gptq.hessian_update(torch.zeros(4, 4), torch.randn(2, 4), -1)
 
 
 # --------------------------------------------------------------------------- models

@@ -31,30 +31,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import ops
+from . import _core, ops
 from .errors import DTypeError, InvalidValueError, QALoRAWarning, ShapeError
 from .layers import QuantLinear
 from .progress import progress
 from .targets import dense_weight, replace_module
-
-#: Columns per block of lazy updates (rounded down to a multiple of the group size).
-BLOCK_SIZE = 128
-
 
 # --------------------------------------------------------------------------- one layer
 
 
 def hessian_update(hessian: torch.Tensor, x: torch.Tensor, seen: int) -> int:
     """Adds a batch of layer inputs ``x`` (..., K) to the running Hessian ``2 XᵀX / n``
-    (K, K), in place, and returns the new number of rows seen."""
-    rows = x.reshape(-1, x.shape[-1]).to(hessian.dtype)
-    m = rows.shape[0]
-    if m == 0:
-        return seen
-    hessian.mul_(seen / (seen + m))
-    rows = rows * (2.0 / (seen + m)) ** 0.5
-    hessian.addmm_(rows.t(), rows)
-    return seen + m
+    (K, K, float32 or float64, contiguous), in place, and returns the new number of rows
+    seen."""
+    return _core.gptq_hessian_update(hessian, x, seen)
 
 
 def quantize_weight(
@@ -66,85 +56,23 @@ def quantize_weight(
     *,
     damp_percent: float = 0.01,
     act_order: bool = False,
-    block_size: int = BLOCK_SIZE,
+    block_size: int | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """GPTQ for one (N, K) weight given its (K, K) Hessian.
+    """GPTQ for one (N, K) weight given its (K, K) Hessian (on the same device).
 
-    Computes in float64 when ``hessian`` is float64, else in float32. Returns
-    ``(packed, scales, offsets, damp)``: the canonical layout of :func:`qalora.ops.quantize`
-    and the dampening actually used (raised tenfold, up to three times, when the dampened
-    Hessian is still not positive definite in the working precision).
+    Computes in float64 when ``hessian`` is float64, else in float32. ``block_size``: columns
+    per lazy-update block (default 128; a multiple of the group size without act-order).
+    ``backend``: "auto" runs the column loop in the Rust core for float32 CPU work and as
+    libtorch operations otherwise ("core" / "torch" force one; they give the same bits).
+
+    Returns ``(packed, scales, offsets, damp)``: the canonical layout of
+    :func:`qalora.ops.quantize` and the dampening actually used (raised tenfold, up to three
+    times, when the dampened Hessian is not positive definite in the working precision).
     """
-    kind = torch.float64 if hessian.dtype == torch.float64 else torch.float32
-    n, k = weight.shape
-    w = weight.detach().to(kind).clone()
-    h = hessian.detach().to(kind).clone()
-    if not bool(torch.isfinite(w).all()):
-        raise InvalidValueError("weight: holds values that are not finite")
-    if not bool(torch.isfinite(h).all()):
-        raise InvalidValueError("hessian: holds values that are not finite (the layer's inputs were not finite)")
-    qmax = float((1 << bits) - 1)
-    diag = h.diagonal()
-    diag[diag == 0] = 1.0
-    perm = torch.argsort(diag, descending=True, stable=True) if act_order else None
-    if perm is not None:
-        w, h = w[:, perm], h[perm][:, perm]
-    mean_diag = float(h.diagonal().mean())
-    damp = damp_percent
-    for _ in range(4):
-        hd = h.clone()
-        hd.diagonal().add_(damp * mean_diag)
-        chol, info = torch.linalg.cholesky_ex(hd)
-        if int(info) == 0:
-            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-            if int(info) == 0:
-                break
-        damp *= 10
-    else:
-        raise InvalidValueError(f"hessian: not positive definite even with dampening {damp / 10:g}")
-
-    groups = k // group_size
-    scales = torch.zeros(n, groups, dtype=kind, device=w.device)
-    offsets = torch.zeros(n, groups, dtype=kind, device=w.device)
-
-    def set_params(l: int, cols: torch.Tensor) -> None:
-        lo, hi = cols.amin(dim=1), cols.amax(dim=1)
-        offsets[:, l] = lo.to(torch.float32).to(scale_dtype).to(kind)
-        scales[:, l] = ((hi - lo) / qmax).to(torch.float32).to(scale_dtype).to(kind)
-
-    if perm is not None:
-        original = weight.detach().to(kind)
-        for l in range(groups):
-            set_params(l, original[:, l * group_size : (l + 1) * group_size])
-        group_of = perm // group_size
-        block = block_size
-    else:
-        group_of = torch.arange(k, device=w.device) // group_size
-        block = max(group_size, block_size // group_size * group_size)
-    codes = torch.zeros(n, k, dtype=kind, device=w.device)
-    for i1 in range(0, k, block):
-        i2 = min(i1 + block, k)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        u1 = u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if perm is None and col % group_size == 0:
-                set_params(col // group_size, w1[:, i : i + group_size])
-            l = int(group_of[col])
-            s, m = scales[:, l], offsets[:, l]
-            positive = s > 0
-            q = torch.where(positive, (w1[:, i] - m) / torch.where(positive, s, torch.ones_like(s)), 0.0)
-            q = q.round().clamp(0, qmax)
-            codes[:, col] = q
-            e = (w1[:, i] - (s * q + m)) / u1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
-    if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
-    packed = ops.pack(codes.to(torch.uint8), bits)
-    return packed, scales.to(scale_dtype), offsets.to(scale_dtype), damp
+    return _core.gptq_quantize(
+        weight, hessian, bits, group_size, scale_dtype, damp_percent, act_order, block_size, backend
+    )
 
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor, rows: int = 128) -> float:
