@@ -59,33 +59,41 @@ pub struct BlockShape {
     pub params: Params,
 }
 
-fn quantize_row(
-    s: &BlockShape,
-    u: &[f32],
-    group_of: &[usize],
-    wr: &mut [f32],
-    er: &mut [f32],
-    cr: &mut [u8],
-    sr: &mut [f32],
-    mr: &mut [f32],
-) {
+/// One row's share of a block's buffers.
+struct Row<'a> {
+    w: &'a mut [f32],
+    err: &'a mut [f32],
+    codes: &'a mut [u8],
+    scales: &'a mut [f32],
+    offsets: &'a mut [f32],
+}
+
+/// The row slices as the zipped chunk iterators hand them out.
+type Zipped<'a> = (((&'a mut [f32], &'a mut [f32]), &'a mut [u8]), (&'a mut [f32], &'a mut [f32]));
+
+impl<'a> From<Zipped<'a>> for Row<'a> {
+    fn from((((w, err), codes), (scales, offsets)): Zipped<'a>) -> Self {
+        Row { w, err, codes, scales, offsets }
+    }
+}
+
+fn quantize_row(s: &BlockShape, u: &[f32], group_of: &[usize], r: Row<'_>) {
     let (b, g) = (s.b, s.group_size);
     let qmax = max_code(s.bits) as f32;
     for i in 0..b {
         let l = group_of[i];
         if s.params == Params::AtGroupStart && i % g == 0 {
-            let (scale, offset) = group_params(&wr[i..i + g], s.bits, s.dtype);
-            sr[l] = scale;
-            mr[l] = offset;
+            let (scale, offset) = group_params(&r.w[i..i + g], s.bits, s.dtype);
+            r.scales[l] = scale;
+            r.offsets[l] = offset;
         }
-        let (scale, offset) = (sr[l], mr[l]);
-        let q = code_of(wr[i], scale, offset, qmax);
-        cr[i] = q;
-        let e = (wr[i] - (scale * q as f32 + offset)) / u[i * b + i];
-        er[i] = e;
-        let urow = &u[i * b..(i + 1) * b];
-        for j in i + 1..b {
-            wr[j] -= e * urow[j];
+        let (scale, offset) = (r.scales[l], r.offsets[l]);
+        let q = code_of(r.w[i], scale, offset, qmax);
+        r.codes[i] = q;
+        let e = (r.w[i] - (scale * q as f32 + offset)) / u[i * b + i];
+        r.err[i] = e;
+        for (wj, &uij) in r.w[i + 1..].iter_mut().zip(&u[i * b + i + 1..(i + 1) * b]) {
+            *wj -= e * uij;
         }
     }
 }
@@ -106,9 +114,7 @@ pub fn quantize_block(blk: Block<'_>, s: BlockShape) -> Result<()> {
     if !sizes_ok || !groups_ok || b == 0 || groups == 0 {
         return Err(KernelError::internal("gptq block: buffer sizes do not match the block's shape"));
     }
-    let rows = |(((wr, er), cr), (sr, mr)): (((&mut [f32], &mut [f32]), &mut [u8]), (&mut [f32], &mut [f32]))| {
-        quantize_row(&s, u, group_of, wr, er, cr, sr, mr)
-    };
+    let rows = |z: Zipped<'_>| quantize_row(&s, u, group_of, Row::from(z));
     if n * b * b / 2 < PARALLEL_THRESHOLD {
         w.chunks_mut(b)
             .zip(err.chunks_mut(b))
