@@ -142,7 +142,9 @@ def test_real_model_gptq_base_exports_and_reloads_as_gptq_checkpoint(smollm2, tm
 
     lm, train_blocks, heldout = smollm2
     model = copy.deepcopy(lm.model)
-    cfg = qalora.QALoRAConfig(bits=4, group_size=32, rank=4, quantizer="gptq", target_modules=r"model\.layers\.[01]\..*")
+    cfg = qalora.QALoRAConfig(
+        bits=4, group_size=32, rank=4, quantizer="gptq", target_modules=r"model\.layers\.[01]\..*"
+    )
     qalora.wrap(model, cfg, calibration=train_blocks[:4])
     layers = qalora.state_of(model).quantization["layers"]
     assert len(layers) == 14 and all(r["error"] < r["rtn_error"] for r in layers.values())
