@@ -4,7 +4,7 @@ same model in the same run).
 
     python benches/bench_gptq.py                 # layers + whole model, 3-bit g32, 128 blocks
     python benches/bench_gptq.py --layers-only
-    python benches/bench_gptq.py --bits 4 --group-size 64 --calibration-blocks 64
+    python benches/bench_gptq.py --model-only --settings 3:32,2:32,4:64 --calibration-blocks 32
 
 Absolute times move with the machine's load (printed at the top); compare the ratios.
 """
@@ -55,17 +55,15 @@ def layer_table(bits: int, group_size: int) -> None:
         )
 
 
-def whole_model(bits: int, group_size: int, blocks: int, block_size: int) -> None:
-    from qalora import datasets
-    from qalora.loaders import load_model
+def whole_model(lm, calib, heldout, bits: int, group_size: int) -> None:
     from qalora.train import perplexity
 
-    lm = load_model()
-    ds = datasets.bundled_dataset()
-    calib = datasets.token_blocks(lm.tokenizer, ds.train, block_size, max_blocks=blocks)
-    heldout = datasets.token_blocks(lm.tokenizer, ds.heldout, block_size, max_blocks=16)
     cfg = qalora.QALoRAConfig(bits=bits, group_size=group_size)
-    print(f"\nSmolLM2-135M, {bits}-bit g{group_size}, {len(calib)} calibration blocks of {block_size} tokens")
+    print(
+        f"\n{time.strftime('%H:%M:%S')} SmolLM2-135M, {bits}-bit g{group_size}, {len(calib)} calibration blocks "
+        f"of {calib.shape[1]} tokens, {len(heldout)} held-out blocks; load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     m = copy.deepcopy(lm.model)
     t0 = time.perf_counter()
     qalora.wrap(m, cfg)
@@ -74,9 +72,9 @@ def whole_model(bits: int, group_size: int, blocks: int, block_size: int) -> Non
     del m
     m = copy.deepcopy(lm.model)
     rss_before, hwm_before = status_kib("VmRSS"), status_kib("VmHWM")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     qalora.wrap(m, qalora.QALoRAConfig(bits=bits, group_size=group_size, quantizer="gptq"), calibration=calib)
-    gptq_s = time.perf_counter() - t0
+    gptq_s, gptq_cpu = time.perf_counter() - t0, time.process_time() - c0
     hwm_after = status_kib("VmHWM")
     report = qalora.state_of(m).quantization
     gptq_ppl = perplexity(m, heldout, show_progress=False)
@@ -84,29 +82,44 @@ def whole_model(bits: int, group_size: int, blocks: int, block_size: int) -> Non
     ratio = sorted(r["error"] / r["rtn_error"] for r in layers if r["rtn_error"] > 0)
     mib = 1024
     print(f"RTN wrap:  {rtn_s:7.1f} s   held-out perplexity {rtn_ppl:.3f}")
-    print(f"GPTQ wrap: {gptq_s:7.1f} s   held-out perplexity {gptq_ppl:.3f}   ({gptq_s / rtn_s:.0f}x RTN's time)")
+    print(
+        f"GPTQ wrap: {gptq_s:7.1f} s   held-out perplexity {gptq_ppl:.3f}   ({gptq_s / rtn_s:.0f}x RTN's time; "
+        f"{gptq_cpu:.0f} s of CPU time, so {gptq_cpu / gptq_s:.2f} cores on average)"
+    )
     print(
         f"memory: RSS {rss_before / mib:.0f} MiB before GPTQ, process peak {hwm_after / mib:.0f} MiB after "
         f"(peak before GPTQ {hwm_before / mib:.0f} MiB): GPTQ added at most {(hwm_after - rss_before) / mib:.0f} MiB"
     )
     print(
         f"per-layer output error on calibration, GPTQ / RTN: median {ratio[len(ratio) // 2]:.2f}, "
-        f"min {ratio[0]:.2f}, max {ratio[-1]:.2f} over {len(ratio)} layers; mode: {report['mode']}"
+        f"min {ratio[0]:.2f}, max {ratio[-1]:.2f} over {len(ratio)} layers; mode: {report['mode']}",
+        flush=True,
     )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--bits", type=int, default=3)
-    p.add_argument("--group-size", type=int, default=32)
+    p.add_argument("--settings", default="3:32", help="bits:group_size pairs for the whole model, comma-separated")
     p.add_argument("--calibration-blocks", type=int, default=128)
     p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--heldout-blocks", type=int, default=16)
     p.add_argument("--layers-only", action="store_true")
+    p.add_argument("--model-only", action="store_true")
     args = p.parse_args()
-    print(time.strftime("%H:%M:%S"), machine())
-    layer_table(args.bits, args.group_size)
+    settings = [tuple(int(v) for v in item.split(":")) for item in args.settings.split(",")]
+    print(time.strftime("%H:%M:%S"), machine(), flush=True)
+    if not args.model_only:
+        layer_table(*settings[0])
     if not args.layers_only:
-        whole_model(args.bits, args.group_size, args.calibration_blocks, args.block_size)
+        from qalora import datasets
+        from qalora.loaders import load_model
+
+        lm = load_model()
+        ds = datasets.bundled_dataset()
+        calib = datasets.token_blocks(lm.tokenizer, ds.train, args.block_size, max_blocks=args.calibration_blocks)
+        heldout = datasets.token_blocks(lm.tokenizer, ds.heldout, args.block_size, max_blocks=args.heldout_blocks)
+        for bits, g in settings:
+            whole_model(lm, calib, heldout, bits, g)
 
 
 if __name__ == "__main__":
