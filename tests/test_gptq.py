@@ -181,14 +181,18 @@ def test_tiny_calibration_sets(rows):
 
 
 def test_dampening_is_raised_when_the_factorization_fails():
-    """A float32 Hessian of rank 1 with a tiny dampening is not positive definite in
-    float32; the dampening is raised tenfold until the Cholesky factorizations succeed."""
+    """A Hessian that the asked-for dampening leaves indefinite (a diagonal entry of
+    -0.005; dampening 0.001 x mean diagonal is not enough, ten times that is) gets ten times
+    the dampening; one that stays indefinite after three raises is refused."""
     k = 64
-    v = torch.randn(k, 1) * 1e3
-    h = (v @ v.t()).float()
-    w = torch.randn(4, k)
-    packed, _, _, damp = gptq.quantize_weight(w, h, 4, 16, damp_percent=1e-9)
-    assert damp > 1e-9 and packed.shape == (4, 32)
+    w = torch.randn(4, k, generator=torch.Generator().manual_seed(0))
+    h = torch.eye(k)
+    h[0, 0] = -0.005
+    packed, _, _, damp = gptq.quantize_weight(w, h, 4, 16, damp_percent=0.001)
+    assert damp == pytest.approx(0.01) and packed.shape == (4, 32)
+    h[0, 0] = -1.0
+    with pytest.raises(qalora.InvalidValueError, match="not positive definite"):
+        gptq.quantize_weight(w, h, 4, 16, damp_percent=0.001)
 
 
 def test_hessian_update_is_the_running_mean():
