@@ -133,3 +133,30 @@ def test_demo_command_smoke_and_eval(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     reloaded = json.loads(r.stdout.strip().splitlines()[-1])["heldout_perplexity"]
     assert reloaded == pytest.approx(ppl["qalora_merged"], rel=1e-6)
+
+
+def test_real_model_gptq_base_exports_and_reloads_as_gptq_checkpoint(smollm2, tmp_path):
+    """GPTQ on two of SmolLM2's blocks (small calibration set), merged, written as a GPTQ
+    checkpoint and loaded back: the reloaded model is the rounded one, bit for bit. (3 bits:
+    SmolLM2's weights already sit on a 4-bit grid of groups of 32, where both errors are 0.)"""
+    from qalora.formats.gptq import export_gptq
+
+    lm, train_blocks, heldout = smollm2
+    model = copy.deepcopy(lm.model)
+    cfg = qalora.QALoRAConfig(
+        bits=3, group_size=32, rank=4, quantizer="gptq", target_modules=r"model\.layers\.[01]\..*"
+    )
+    qalora.wrap(model, cfg, calibration=train_blocks[:4])
+    layers = qalora.state_of(model).quantization["layers"]
+    assert len(layers) == 14 and all(r["error"] < r["rtn_error"] for r in layers.values())
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 1e-3)
+    qalora.merge(model)
+    report = export_gptq(model, tmp_path / "gptq", tokenizer=lm.tokenizer, heldout=heldout[:2], force=True)
+    assert len(report.layers) == 14 and report.perplexity_after is not None
+    print(f"GPTQ export: perplexity {report.perplexity_before:.4f} -> {report.perplexity_after:.4f}")
+    loaded = load_model(str(tmp_path / "gptq"))
+    assert isinstance(loaded.model.model.layers[1].mlp.down_proj, qalora.QuantLinear)
+    assert train.perplexity(loaded.model, heldout[:2]) == pytest.approx(report.perplexity_after, rel=1e-6)

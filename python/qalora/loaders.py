@@ -144,7 +144,8 @@ def load_model(spec: str | None = None, *, dtype=None) -> LoadedModel:
 
     Args:
         spec: ``None`` / "smollm2" (the bundled SmolLM2-135M-Instruct), a ``.gguf`` file, a
-            Hugging Face model directory, or a directory written by
+            Hugging Face model directory (a GPTQ checkpoint's quantized layers load as
+            :class:`qalora.QuantLinear`), or a directory written by
             :func:`qalora.save_pretrained` (rebuilt by :func:`qalora.from_pretrained`).
         dtype: dtype of the dense weights of a Hugging Face model (default float32); a qalora
             directory loads in the dtypes it was saved in.
@@ -198,6 +199,15 @@ def load_model(spec: str | None = None, *, dtype=None) -> LoadedModel:
         raise ModelLoadError(str(e)) from None
     _refuse_qalora_weights(directory)
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    from .formats import gptq
+
+    if gptq.quantization_config_of(directory) is not None:  # its quantized layers load as QuantLinear
+        try:
+            model = gptq.load_gptq_model(directory, dtype=dtype)
+        except CheckpointError as e:
+            raise ModelLoadError(f"cannot load the GPTQ checkpoint in {directory}: {e}") from None
+        state_of(model).source["tokenizer"] = os.path.abspath(directory)  # saved with the model
+        return LoadedModel(model, tokenizer, source, time.perf_counter() - start, from_cache)
     model, info = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, output_loading_info=True)
     problems = {k: sorted(v)[:8] for k, v in info.items() if v}
     if problems:

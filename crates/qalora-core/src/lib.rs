@@ -3,6 +3,7 @@
 //! tensors onto these functions.
 
 pub mod error;
+pub mod gptq;
 pub mod isa;
 pub mod layout;
 pub mod merge;

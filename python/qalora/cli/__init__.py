@@ -92,6 +92,14 @@ def _settings(text: str) -> list[tuple[int, int]]:
     return out
 
 
+def _quantizers(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in ("rtn", "gptq")]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"expected comma-separated quantizers from rtn, gptq; got {text!r}")
+    return list(dict.fromkeys(names))
+
+
 def _names(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
@@ -160,6 +168,13 @@ def _add_run_options(p: argparse.ArgumentParser, out_default: str | None) -> Non
         help="storage dtype of the group scales and offsets",
     )
     p.add_argument(
+        "--quantizer",
+        default="rtn",
+        choices=["rtn", "gptq"],
+        help="how the base is quantized: min-max round-to-nearest, or GPTQ calibrated on the training data",
+    )
+    _add_quantizer_options(p)
+    p.add_argument(
         "--exclude",
         type=_names,
         default=None,
@@ -190,6 +205,24 @@ def _add_run_options(p: argparse.ArgumentParser, out_default: str | None) -> Non
             help=f"output directory (a new or empty one, or a previous run's) (default: ./{out_default}, "
             f"which the repository's .gitignore covers)",
         )
+
+
+def _add_quantizer_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--calibration-blocks",
+        type=_positive_int,
+        default=128,
+        help="GPTQ: training-data blocks (of --block-size tokens) to calibrate on",
+    )
+    p.add_argument(
+        "--damp-percent",
+        type=_positive_float,
+        default=0.01,
+        help="GPTQ dampening, a fraction of the mean Hessian diagonal",
+    )
+    p.add_argument(
+        "--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal, static groups"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=_settings("4:64,3:32,2:32"),
         help="comma-separated BITS:GROUP_SIZE pairs (default: 4:64,3:32,2:32)",
     )
+    cmp_.add_argument(
+        "--quantizers",
+        type=_quantizers,
+        default=["rtn"],
+        help="comma-separated base quantizers to compare: rtn, gptq (default: rtn)",
+    )
+    _add_quantizer_options(cmp_)
     cmp_.add_argument("--steps", type=_positive_int, default=40, help="training steps per method and setting")
     cmp_.add_argument("--batch-size", type=_positive_int, default=4, help="sequences per training step")
     cmp_.add_argument("--block-size", type=_positive_int, default=128, help="tokens per sequence")
@@ -367,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if smoke():
                 args.steps, args.eval_blocks = min(args.steps, 2), min(args.eval_blocks, 2)
+                args.calibration_blocks = min(args.calibration_blocks, 4)
             report = run_finetune(args)
             print(f"\nqalora: outputs in {os.path.abspath(args.out)}")
             for key in ("model_dir", "adapter_dir", "loss_curve", "report_json", "report_md"):
@@ -382,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if smoke():
                 args.steps, args.eval_blocks = min(args.steps, 2), min(args.eval_blocks, 2)
+                args.calibration_blocks = min(args.calibration_blocks, 4)
             run_compare(args)
     except (QALoRAError, UsageError) as e:
         print(f"qalora: error: {e}", file=sys.stderr)

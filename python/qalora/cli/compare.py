@@ -1,5 +1,7 @@
 """``qalora compare``: QA-LoRA vs QLoRA-style deployment at several bit widths (the paper's
-Table 1 pattern), with an fp32 model and an fp32 dense LoRA as reference rows."""
+Table 1 pattern), on each base quantizer asked for (RTN, GPTQ), with an fp32 model and an
+fp32 dense LoRA as reference rows. With GPTQ, the QLoRA-style row is the paper's baseline:
+dense LoRA merged, then the merged weight quantized again with GPTQ."""
 
 from __future__ import annotations
 
@@ -51,12 +53,18 @@ def run_compare(args) -> dict:
     out = os.path.abspath(args.out)
     settings = list(args.settings)
     splits = datasets.load_dataset(args.data, args.heldout)
+    quantizers = list(args.quantizers)
     lm = load_model(args.model)
     for bits, g in settings:  # every setting must fit the model before anything trains
         check_settings_fit(lm.model, QALoRAConfig(bits=bits, group_size=g, rank=args.rank, alpha=args.alpha))
     train_blocks, heldout = token_splits(
         lm.tokenizer, splits, args.block_size, args.eval_blocks, args.steps * args.batch_size
     )
+    calibration = None
+    if "gptq" in quantizers:  # GPTQ calibrates on blocks of the training data
+        calibration = datasets.token_blocks(
+            lm.tokenizer, splits.train, args.block_size, max_blocks=args.calibration_blocks
+        )
 
     def fresh():
         return copy.deepcopy(lm.model)  # lm.model itself is never wrapped
@@ -70,37 +78,52 @@ def run_compare(args) -> dict:
     curves: dict[str, list[float]] = {}
     m = fresh()
     fp32 = ppl(m, "fp32")
-    rows.append({"setting": "-", "method": "fp32 model", "heldout_ppl": fp32})
+    rows.append({"setting": "-", "quantizer": "-", "method": "fp32 model", "heldout_ppl": fp32})
     _dense_lora(m, args.rank, args.alpha)
     r = train(m, "fp32 LoRA")
     curves["fp32 LoRA"] = r.losses
-    rows.append({"setting": "-", "method": "fp32 LoRA (reference)", "heldout_ppl": ppl(m, "fp32 LoRA")})
+    rows.append(
+        {"setting": "-", "quantizer": "-", "method": "fp32 LoRA (reference)", "heldout_ppl": ppl(m, "fp32 LoRA")}
+    )
     del m
     for bits, g in settings:
         tag = f"{bits}-bit g{g}"
-        cfg = dict(bits=bits, group_size=g, rank=args.rank, alpha=args.alpha)
-        m = wrap(fresh(), QALoRAConfig(**cfg))
-        rows.append({"setting": tag, "method": "RTN quantized base", "heldout_ppl": ppl(m, f"{tag} RTN")})
-        r = train(m, f"{tag} QA-LoRA")
-        curves[f"{tag} QA-LoRA"] = r.losses
-        unmerged = ppl(m, f"{tag} QA-LoRA")
-        rows.append({"setting": tag, "method": "QA-LoRA, before merge", "heldout_ppl": unmerged})
-        merge(m)
-        rows.append({"setting": tag, "method": "QA-LoRA, merged (deployed)", "heldout_ppl": ppl(m, f"{tag} merged")})
-        del m
-        m = wrap(fresh(), QALoRAConfig(adapter="lora", **cfg))
-        r = train(m, f"{tag} LoRA")
-        curves[f"{tag} QLoRA-style"] = r.losses
-        rows.append({"setting": tag, "method": "QLoRA-style, before merge", "heldout_ppl": ppl(m, f"{tag} LoRA")})
-        merge_requantize(m)
-        rows.append(
-            {
-                "setting": tag,
-                "method": "QLoRA-style, merged + re-quantized (deployed)",
-                "heldout_ppl": ppl(m, f"{tag} requant"),
-            }
-        )
-        del m
+        for q in quantizers:
+            name = q.upper()
+            cfg = dict(
+                bits=bits,
+                group_size=g,
+                rank=args.rank,
+                alpha=args.alpha,
+                quantizer=q,
+                damp_percent=args.damp_percent,
+                act_order=args.act_order,
+            )
+            calib = {"calibration": calibration} if q == "gptq" else {}
+            row = lambda method, value, tag=tag, name=name, **extra: rows.append(
+                {"setting": tag, "quantizer": name, "method": method, "heldout_ppl": value, **extra}
+            )
+            start = time.time()
+            m = wrap(fresh(), QALoRAConfig(**cfg), **calib)
+            row(f"{name} quantized base", ppl(m, f"{tag} {name}"), quantize_seconds=time.time() - start)
+            r = train(m, f"{tag} {name} QA-LoRA")
+            curves[f"{tag} {name} QA-LoRA"] = r.losses
+            row("QA-LoRA, before merge", ppl(m, f"{tag} {name} QA-LoRA"))
+            merge(m)
+            row("QA-LoRA, merged (deployed)", ppl(m, f"{tag} {name} merged"))
+            del m
+            m = wrap(fresh(), QALoRAConfig(adapter="lora", **cfg), **calib)
+            r = train(m, f"{tag} {name} LoRA")
+            curves[f"{tag} {name} QLoRA-style"] = r.losses
+            row("QLoRA-style, before merge", ppl(m, f"{tag} {name} LoRA"))
+            start = time.time()
+            merge_requantize(m, quantizer=q, **calib)
+            row(
+                f"QLoRA-style, merged + re-quantized with {name} (deployed)",
+                ppl(m, f"{tag} {name} requant"),
+                quantize_seconds=time.time() - start,
+            )
+            del m
     result = {
         "model": lm.source,
         "data": splits.name,
@@ -110,12 +133,16 @@ def run_compare(args) -> dict:
         "rank": args.rank,
         "alpha": args.alpha,
         "lr": args.lr,
+        "quantizers": quantizers,
+        "calibration_blocks": len(calibration) if calibration is not None else 0,
+        "damp_percent": args.damp_percent,
+        "act_order": args.act_order,
         "heldout_blocks": len(heldout),
         "seconds": time.time() - started,
         "rows": rows,
     }
-    table = ["| setting | method | held-out perplexity |", "| --- | --- | --- |"]
-    table += [f"| {r['setting']} | {r['method']} | {r['heldout_ppl']:.3f} |" for r in rows]
+    table = ["| setting | base | method | held-out perplexity |", "| --- | --- | --- | --- |"]
+    table += [f"| {r['setting']} | {r['quantizer']} | {r['method']} | {r['heldout_ppl']:.3f} |" for r in rows]
     with atomic_directory(out) as work:  # swapped in whole: a failed run leaves --out as it was
         atomic_write_json(os.path.join(work, "compare.json"), result)
         atomic_write_text(os.path.join(work, "compare.md"), "\n".join(table) + "\n")

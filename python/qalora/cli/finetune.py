@@ -50,7 +50,16 @@ def run_config(args) -> QALoRAConfig:
         scale_dtype=args.scale_dtype,
         exclude_modules=args.exclude,
         on_indivisible=args.on_indivisible,
+        quantizer=args.quantizer,
+        damp_percent=args.damp_percent,
+        act_order=args.act_order,
     )
+
+
+def qalora_state_quantization(model) -> dict:
+    """The quantizer and, for GPTQ, its time and per-layer errors (from the model's state)."""
+    state = state_of(model)
+    return dict(state.quantization) if state is not None else {}
 
 
 def run_finetune(args) -> dict:
@@ -68,7 +77,10 @@ def run_finetune(args) -> dict:
     )
     ppl_dense = perplexity(model, heldout, batch_size=args.batch_size, desc="perplexity: dense model")
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    wrap(model, config)
+    calibration = None
+    if args.quantizer == "gptq":  # GPTQ calibrates on blocks of the training data
+        calibration = datasets.token_blocks(tok, splits.train, args.block_size, max_blocks=args.calibration_blocks)
+    wrap(model, config, calibration=calibration)
     info = summary(model)
     ppl_quant = perplexity(model, heldout, batch_size=args.batch_size, desc="perplexity: quantized base")
     result = finetune(model, train_blocks, args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
@@ -110,6 +122,7 @@ def run_finetune(args) -> dict:
                 "qalora_merged": ppl_merged,
             },
             "merge_perplexity_change": ppl_merged / ppl_adapted - 1,
+            "quantization": qalora_state_quantization(model),
             "trainable_params": info.trainable_params,
             "total_params": info.total_params,
             "memory_bytes": {"dense": dense_bytes, "wrapped": info.memory_bytes, "merged": merged_info.memory_bytes},

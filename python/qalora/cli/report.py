@@ -129,7 +129,7 @@ def report_markdown(r: dict) -> str:
         "| held-out perplexity | value |",
         "| --- | --- |",
         f"| dense fp32 model | {p['dense_fp32']:.3f} |",
-        f"| quantized base (RTN) | {p['quantized_base']:.3f} |",
+        f"| quantized base ({c.get('quantizer', 'rtn').upper()}) | {p['quantized_base']:.3f} |",
         f"| QA-LoRA, adapters unmerged | {p['qalora_unmerged']:.3f} |",
         f"| QA-LoRA, merged into the low-bit weights | {p['qalora_merged']:.3f} |",
         "",
