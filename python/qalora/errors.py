@@ -16,6 +16,7 @@ __all__ = [
     "DTypeError",
     "DataError",
     "DeviceError",
+    "FormatError",
     "GroupSizeError",
     "InternalError",
     "InvalidValueError",
@@ -87,6 +88,11 @@ class DataError(QALoRAError, ValueError):
 
 class ModelLoadError(QALoRAError, ValueError):
     """A model could not be found or loaded (missing package, file or directory)."""
+
+
+class FormatError(QALoRAError, ValueError):
+    """A model file (GGUF) is malformed, or holds a tensor type, architecture or tokenizer
+    this qalora cannot read or write; the message names it and lists what is supported."""
 
 
 class InternalError(QALoRAError, RuntimeError):
