@@ -12,24 +12,28 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
 
 import numpy as np
-
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
 # Byte offsets of the float16 scale fields inside one block, and their magnitude range.
 _SCALE_FIELDS = {
-    "Q4_0": ((0,), 2e-3, 6e-3), "Q4_1": ((0,), 2e-3, 6e-3), "Q5_0": ((0,), 1e-3, 3e-3),
-    "Q5_1": ((0,), 1e-3, 3e-3), "Q8_0": ((0,), 1e-4, 3e-4), "Q2_K": ((80, 82), 1e-3, 3e-3),
-    "Q3_K": ((108,), 2e-4, 6e-4), "Q4_K": ((0, 2), 2e-4, 6e-4), "Q5_K": ((0, 2), 1e-4, 3e-4),
+    "Q4_0": ((0,), 2e-3, 6e-3),
+    "Q4_1": ((0,), 2e-3, 6e-3),
+    "Q5_0": ((0,), 1e-3, 3e-3),
+    "Q5_1": ((0,), 1e-3, 3e-3),
+    "Q8_0": ((0,), 1e-4, 3e-4),
+    "Q2_K": ((80, 82), 1e-3, 3e-3),
+    "Q3_K": ((108,), 2e-4, 6e-4),
+    "Q4_K": ((0, 2), 2e-4, 6e-4),
+    "Q5_K": ((0, 2), 1e-4, 3e-4),
     "Q6_K": ((208,), 1e-5, 3e-5),
 }
 # Q4_1 / Q5_1 minimum field: centre the weights around zero.
 _MIN_FIELD = {"Q4_1": (2, 8.0), "Q5_1": (2, 16.0)}
 
 
-def byte_level_alphabet() -> List[str]:
+def byte_level_alphabet() -> list[str]:
     """The GPT-2 byte-level alphabet: printable bytes stand for themselves, the others are
     shifted to code points from 256 on (token text must be valid, visible unicode)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
@@ -56,9 +60,11 @@ class SyntheticSpec:
     tied: bool = True
     #: GGUF type per tensor role ("attn_q", ..., "ffn_down", "token_embd", "output"); "default"
     #: applies to the linear layers not named.
-    types: Dict[str, str] = field(default_factory=lambda: {"default": "Q4_1", "token_embd": "Q8_0", "output": "Q8_0"})
+    types: dict[str, str] = field(default_factory=lambda: {"default": "Q4_1", "token_embd": "Q8_0", "output": "Q8_0"})
     name: str = "synthetic"
     rope_freqs: bool = False
+    #: more metadata: key -> (GGUFWriter add_<kind> method, value)
+    extra_metadata: dict[str, tuple] = field(default_factory=dict)
 
     @property
     def head_dim(self) -> int:
@@ -87,12 +93,16 @@ def _vocab(n: int):
     return tokens, types, merges
 
 
-def _linear_shapes(spec: SyntheticSpec) -> Dict[str, tuple]:
+def _linear_shapes(spec: SyntheticSpec) -> dict[str, tuple]:
     kv = spec.kv_heads * spec.head_dim
     return {
-        "attn_q": (spec.hidden, spec.hidden), "attn_k": (spec.hidden, kv), "attn_v": (spec.hidden, kv),
-        "attn_output": (spec.hidden, spec.hidden), "ffn_gate": (spec.hidden, spec.ffn),
-        "ffn_up": (spec.hidden, spec.ffn), "ffn_down": (spec.ffn, spec.hidden),
+        "attn_q": (spec.hidden, spec.hidden),
+        "attn_k": (spec.hidden, kv),
+        "attn_v": (spec.hidden, kv),
+        "attn_output": (spec.hidden, spec.hidden),
+        "ffn_gate": (spec.hidden, spec.ffn),
+        "ffn_up": (spec.hidden, spec.ffn),
+        "ffn_down": (spec.ffn, spec.hidden),
     }
 
 
@@ -130,7 +140,7 @@ def _tensor_bytes(rng: np.random.Generator, name: str, ne: tuple, type_name: str
         return (w.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
     block, size = GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, size=(count // block, size), dtype=np.uint8)
-    fields, lo, hi = _SCALE_FIELDS[type_name]
+    fields, lo, hi = _SCALE_FIELDS.get(type_name, ((0,), 1e-3, 3e-3))  # other types: random bytes, d first
     d = rng.uniform(lo, hi, size=blocks.shape[0]).astype(np.float16)
     for at in fields:
         blocks[:, at : at + 2] = d.view(np.uint8).reshape(-1, 2)
@@ -141,7 +151,7 @@ def _tensor_bytes(rng: np.random.Generator, name: str, ne: tuple, type_name: str
     return blocks.reshape(-1)
 
 
-def write_synthetic_gguf(path, spec: Optional[SyntheticSpec] = None, seed: int = 0) -> SyntheticSpec:
+def write_synthetic_gguf(path, spec: SyntheticSpec | None = None, seed: int = 0) -> SyntheticSpec:
     """Writes a random-weight GGUF of ``spec`` to ``path``; returns the spec."""
     spec = spec or SyntheticSpec()
     rng = np.random.default_rng(seed)
@@ -170,12 +180,14 @@ def write_synthetic_gguf(path, spec: Optional[SyntheticSpec] = None, seed: int =
     w.add_uint32("tokenizer.ggml.padding_token_id", 0)
     w.add_bool("tokenizer.ggml.add_bos_token", False)
     w.add_uint32("general.quantization_version", 2)
+    for key, (kind, value) in spec.extra_metadata.items():
+        getattr(w, f"add_{kind}")(key, value)
     plan = tensor_plan(spec)
     for name, ne, type_name in plan:
         qtype = GGMLQuantizationType[type_name]
         block, size = GGML_QUANT_SIZES[qtype]
         nbytes = int(np.prod(ne)) // block * size
-        byte_shape = tuple(reversed(ne))[:-1] + (ne[0] // block * size,)
+        byte_shape = (*tuple(reversed(ne))[:-1], ne[0] // block * size)
         if type_name in ("F32", "F16"):
             w.add_tensor_info(name, tuple(reversed(ne)), np.float32 if type_name == "F32" else np.float16, nbytes)
         else:

@@ -7,17 +7,15 @@ import struct
 
 import numpy as np
 import pytest
-import torch
-
 import qalora
+import torch
 from qalora import ops
 from qalora.formats import gguf_arch, gguf_blocks
 from qalora.formats.gguf_file import TensorReader, read_header
 
 gguf = pytest.importorskip("gguf")
-from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
-
 import gguf_synthetic  # noqa: E402
+from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 
 TYPES = sorted(gguf_blocks.FORMATS, key=lambda t: gguf_blocks.FORMATS[t].name)
 
@@ -27,7 +25,7 @@ def random_blocks(rng, ggml_type, rows, blocks_per_row):
     name = gguf_blocks.FORMATS[ggml_type].name
     fmt = gguf_blocks.FORMATS[ggml_type]
     raw = rng.integers(0, 256, size=(rows * blocks_per_row, fmt.block_bytes), dtype=np.uint8)
-    fields, lo, hi = gguf_synthetic._SCALE_FIELDS[name]
+    fields = gguf_synthetic._SCALE_FIELDS[name][0]
     fields = fields + ((2,) if name in ("Q4_1", "Q5_1") else ())
     for at in fields:
         # both signs, magnitudes over many binades, subnormals included
@@ -108,7 +106,9 @@ def test_decode_refuses_bad_input():
         gguf_blocks.decode_rows(gguf_blocks.Q4_1, raw, 32)
 
 
-@pytest.mark.parametrize("bits,encode,qtype", [(4, gguf_blocks.encode_q4_1, "Q4_1"), (5, gguf_blocks.encode_q5_1, "Q5_1")])
+@pytest.mark.parametrize(
+    "bits,encode,qtype", [(4, gguf_blocks.encode_q4_1, "Q4_1"), (5, gguf_blocks.encode_q5_1, "Q5_1")]
+)
 def test_encode_offset_blocks_round_trip(bits, encode, qtype):
     rng = np.random.default_rng(bits)
     rows, k = 7, 96
@@ -119,7 +119,9 @@ def test_encode_offset_blocks_round_trip(bits, encode, qtype):
     assert raw.shape == (rows, k // 32 * gguf_blocks.FORMATS[getattr(gguf_blocks, qtype)].block_bytes)
     ref = gguf_dequantize(raw, gguf.GGMLQuantizationType[qtype])
     # float64 reference: d*q is exact, + m rounds once to float32
-    expect = (codes.astype(np.float64) * np.repeat(d, 32, 1).astype(np.float64) + np.repeat(m, 32, 1)).astype(np.float32)
+    expect = (codes.astype(np.float64) * np.repeat(d, 32, 1).astype(np.float64) + np.repeat(m, 32, 1)).astype(
+        np.float32
+    )
     assert_same_floats(ref, expect)
     dec = gguf_blocks.decode_rows(getattr(gguf_blocks, qtype), raw, k)
     assert np.array_equal(dec.codes, codes)
@@ -147,7 +149,9 @@ def test_bf16_and_f16_decode():
     rng = np.random.default_rng(8)
     w = rng.standard_normal(64).astype(np.float32)
     bf = (w.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
-    assert np.array_equal(gguf_blocks.decode_dense(gguf_blocks.BF16, bf), gguf_dequantize(bf, gguf.GGMLQuantizationType.BF16).reshape(-1))
+    assert np.array_equal(
+        gguf_blocks.decode_dense(gguf_blocks.BF16, bf), gguf_dequantize(bf, gguf.GGMLQuantizationType.BF16).reshape(-1)
+    )
     h = w.astype(np.float16).view(np.uint8)
     assert np.array_equal(gguf_blocks.decode_dense(gguf_blocks.F16, h), w.astype(np.float16).astype(np.float32))
 
@@ -181,7 +185,15 @@ def test_rope_order_refuses_odd_heads():
 
 
 def test_tensor_names_map_both_ways():
-    for name in ("blk.3.attn_q.weight", "blk.0.ffn_down.weight", "blk.11.attn_k.bias", "token_embd.weight", "output.weight", "output_norm.weight", "blk.2.ffn_norm.weight"):
+    for name in (
+        "blk.3.attn_q.weight",
+        "blk.0.ffn_down.weight",
+        "blk.11.attn_k.bias",
+        "token_embd.weight",
+        "output.weight",
+        "output_norm.weight",
+        "blk.2.ffn_norm.weight",
+    ):
         assert gguf_arch.gguf_name(gguf_arch.hf_name(name)) == name
     assert gguf_arch.hf_name("blk.0.attn_q.weight") == "model.layers.0.self_attn.q_proj.weight"
     assert gguf_arch.hf_name("blk.0.ssm_conv.weight") is None
@@ -196,9 +208,22 @@ def test_tensor_names_map_both_ways():
 def mixed_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("gguf") / "mixed.gguf"
     spec = gguf_synthetic.SyntheticSpec(
-        hidden=256, layers=1, ffn=512, vocab=300, tied=False,
-        types={"attn_q": "Q3_K", "attn_k": "Q2_K", "attn_v": "Q6_K", "attn_output": "Q5_K", "ffn_gate": "Q4_K",
-               "ffn_up": "Q8_0", "ffn_down": "Q5_0", "token_embd": "Q4_0", "output": "Q5_1"},
+        hidden=256,
+        layers=1,
+        ffn=512,
+        vocab=300,
+        tied=False,
+        types={
+            "attn_q": "Q3_K",
+            "attn_k": "Q2_K",
+            "attn_v": "Q6_K",
+            "attn_output": "Q5_K",
+            "ffn_gate": "Q4_K",
+            "ffn_up": "Q8_0",
+            "ffn_down": "Q5_0",
+            "token_embd": "Q4_0",
+            "output": "Q5_1",
+        },
     )
     gguf_synthetic.write_synthetic_gguf(path, spec)
     return path
@@ -228,7 +253,7 @@ def test_header_refuses_malformed_files(tmp_path, mixed_file):
     with pytest.raises(qalora.FormatError, match="version 1"):
         read_header(bad)
     bad.write_bytes(data[:2000])
-    with pytest.raises(qalora.FormatError, match="truncated|past the end"):
+    with pytest.raises(qalora.FormatError, match=r"truncated|past the end"):
         read_header(bad)
     bad.write_bytes(data[: len(data) - 100])  # the last tensor's data is cut
     with pytest.raises(qalora.FormatError, match="runs past the end of the file"):

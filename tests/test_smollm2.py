@@ -30,7 +30,7 @@ except qalora.ModelLoadError as e:  # pragma: no cover - depends on the machine
 
 @pytest.fixture(scope="module")
 def smollm2():
-    lm = load_model()
+    lm = load_model()  # the GGUF's layers imported as QuantLinear (4-bit, groups of 32)
     ds = datasets.bundled_dataset()
     train_blocks = datasets.token_blocks(lm.tokenizer, ds.train, 64, max_blocks=8)
     heldout = datasets.token_blocks(lm.tokenizer, ds.heldout, 64, max_blocks=4)
@@ -43,7 +43,7 @@ def rel_err(a, b):
 
 def test_real_model_wrap_train_merge_save_reload_generate(smollm2, tmp_path):
     lm, train_blocks, heldout = smollm2
-    model = copy.deepcopy(lm.model).eval()
+    model = qalora.load_model(dense=True).model.eval()  # dense weights, re-quantized by wrap
     assert len(model.model.layers) == 30
     with torch.no_grad():
         dense = model(input_ids=heldout).logits

@@ -17,6 +17,8 @@ from . import _core, errors, ops
 from .checkpoint import from_pretrained, load_adapter, save_adapter, save_pretrained
 from .config import CONFIG_VERSION, QALoRAConfig
 from .errors import *  # noqa: F403
+from .formats.gguf import load_gguf
+from .formats.gguf_export import ExportReport, export_gguf
 from .layers import QALoRALinear, QuantLinear
 from .loaders import LoadedModel, load_model
 from .state import QALoRAState, state_of
@@ -47,5 +49,8 @@ __all__ = [
     "set_activations",
     "load_model",
     "LoadedModel",
+    "load_gguf",
+    "export_gguf",
+    "ExportReport",
     *list(errors.__all__),
 ]

@@ -54,7 +54,7 @@ def run_compare(args) -> dict:
     for item in args.settings.split(","):
         bits, _, g = item.partition(":")
         settings.append((int(bits), int(g)))
-    lm = load_model(args.model)
+    lm = load_model(args.model, dense=True)  # each setting re-quantizes the dense weights
     splits = datasets.load_dataset(args.data)
     train_blocks, heldout = token_splits(
         lm.tokenizer, splits, args.block_size, args.eval_blocks, args.steps * args.batch_size

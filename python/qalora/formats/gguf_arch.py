@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -27,7 +26,7 @@ class Architecture:
     attention_bias: bool  # q/k/v projections carry biases
 
 
-ARCHITECTURES: Dict[str, Architecture] = {
+ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture("llama", rope_permuted=True, attention_bias=False),
     "qwen2": Architecture("qwen2", rope_permuted=False, attention_bias=True),
 }
@@ -45,7 +44,7 @@ def architecture(name: str, where: str) -> Architecture:
     return arch
 
 
-def architecture_for_hf(model_type: Optional[str], where: str) -> Architecture:
+def architecture_for_hf(model_type: str | None, where: str) -> Architecture:
     gguf = HF_MODEL_TYPES.get(model_type or "")
     if gguf is None:
         raise FormatError(
@@ -76,7 +75,7 @@ _HF_GLOBAL = {v: k for k, v in _GLOBAL.items()}
 AUXILIARY = {"rope_freqs.weight"}
 
 
-def hf_name(gguf_name: str) -> Optional[str]:
+def hf_name(gguf_name: str) -> str | None:
     """Hugging Face parameter name of a GGUF tensor, or None if it has none."""
     m = _BLOCK_RE.fullmatch(gguf_name)
     if m:
@@ -87,7 +86,7 @@ def hf_name(gguf_name: str) -> Optional[str]:
     return None if part is None or kind not in ("weight", "bias") else f"{part}.{kind}"
 
 
-def gguf_name(hf_param: str) -> Optional[str]:
+def gguf_name(hf_param: str) -> str | None:
     """GGUF tensor name of a Hugging Face parameter, or None if it has none."""
     m = _HF_BLOCK_RE.fullmatch(hf_param)
     if m:
@@ -98,7 +97,7 @@ def gguf_name(hf_param: str) -> Optional[str]:
     return None if part is None else f"{part}.{kind}"
 
 
-def rope_heads(gguf_tensor: str, arch: Architecture, n_head: int, n_head_kv: int) -> Optional[int]:
+def rope_heads(gguf_tensor: str, arch: Architecture, n_head: int, n_head_kv: int) -> int | None:
     """Number of heads whose rows are stored in rope order, or None if the tensor is not."""
     if not arch.rope_permuted:
         return None
@@ -112,7 +111,9 @@ def rope_order(rows: int, n_head: int) -> np.ndarray:
     """Row index array P with ``gguf_rows = hf_rows[P]`` for a projection of ``n_head``
     heads (``rows / n_head`` rows each). Its inverse is :func:`rope_order_inverse`."""
     if n_head <= 0 or rows % (2 * n_head):
-        raise FormatError(f"a rope-ordered projection of {rows} rows cannot be split into {n_head} heads of an even size")
+        raise FormatError(
+            f"a rope-ordered projection of {rows} rows cannot be split into {n_head} heads of an even size"
+        )
     return np.arange(rows).reshape(n_head, 2, rows // n_head // 2).transpose(0, 2, 1).reshape(-1)
 
 
@@ -121,7 +122,7 @@ def rope_order_inverse(rows: int, n_head: int) -> np.ndarray:
     return np.argsort(rope_order(rows, n_head), kind="stable")
 
 
-def split_block_name(gguf_name: str) -> Tuple[Optional[int], str]:
+def split_block_name(gguf_name: str) -> tuple[int | None, str]:
     """(block index or None, name part) of a GGUF tensor name."""
     m = _BLOCK_RE.fullmatch(gguf_name)
     if m:

@@ -38,7 +38,6 @@ Q5_1 (float16 d and m per block of 32).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
 
 import numpy as np
 
@@ -69,7 +68,7 @@ class BlockFormat:
 
 
 _f16, _f32 = np.float16, np.float32
-FORMATS: Dict[int, BlockFormat] = {
+FORMATS: dict[int, BlockFormat] = {
     f.ggml_type: f
     for f in (
         BlockFormat("Q4_0", Q4_0, 32, 18, 4, 32, _f16),
@@ -107,7 +106,9 @@ def supported_types() -> str:
 def format_of(ggml_type: int, what: str = "tensor") -> BlockFormat:
     fmt = FORMATS.get(ggml_type)
     if fmt is None:
-        raise FormatError(f"{what}: GGUF type {type_name(ggml_type)} cannot be read into the offset form; supported: {supported_types()}")
+        raise FormatError(
+            f"{what}: GGUF type {type_name(ggml_type)} cannot be read into the offset form; supported: {supported_types()}"
+        )
     return fmt
 
 
@@ -146,7 +147,7 @@ def _high_bit_planes(h: np.ndarray) -> np.ndarray:
     return _planes(h.reshape(-1, 1, 32), range(8), 1).reshape(-1, 256)
 
 
-def _k_scale_min(packed: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def _k_scale_min(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Q4_K / Q5_K: eight 6-bit (scale, min) pairs in 12 bytes. Pairs 0-3 are the low 6 bits
     of bytes 0-3 (scales) and 4-7 (mins); pairs 4-7 take their low 4 bits from bytes 8-11
     (low nibble: scale, high nibble: min) and their top 2 bits from the top 2 bits of
@@ -238,8 +239,16 @@ def _dec_q6_k(b):
 
 
 _DECODERS = {
-    Q4_0: _dec_q4_0, Q4_1: _dec_q4_1, Q5_0: _dec_q5_0, Q5_1: _dec_q5_1, Q8_0: _dec_q8_0,
-    Q2_K: _dec_q2_k, Q3_K: _dec_q3_k, Q4_K: _dec_q4_k, Q5_K: _dec_q5_k, Q6_K: _dec_q6_k,
+    Q4_0: _dec_q4_0,
+    Q4_1: _dec_q4_1,
+    Q5_0: _dec_q5_0,
+    Q5_1: _dec_q5_1,
+    Q8_0: _dec_q8_0,
+    Q2_K: _dec_q2_k,
+    Q3_K: _dec_q3_k,
+    Q4_K: _dec_q4_k,
+    Q5_K: _dec_q5_k,
+    Q6_K: _dec_q6_k,
 }
 
 
@@ -282,7 +291,7 @@ def decode_rows(ggml_type: int, raw: np.ndarray, k: int, what: str = "tensor") -
     return DecodedRows(codes.reshape(rows, k), scales.reshape(rows, -1), offsets.reshape(rows, -1))
 
 
-def storage_dtypes(ggml_type: int, decoded: DecodedRows) -> Tuple[type, type]:
+def storage_dtypes(ggml_type: int, decoded: DecodedRows) -> tuple[type, type]:
     """(scale dtype, offset dtype) that hold a decoded tensor's parameters exactly:
     float16 for the legacy types (float32 offsets if an implied -8d / -16d / -128d
     overflows float16), float32 for the K-quants."""
@@ -328,11 +337,15 @@ def _check_codes(codes: np.ndarray, d: np.ndarray, m: np.ndarray, bits: int, wha
         raise ShapeError(f"{what}: codes must be (rows, K) with K a multiple of 32, got {codes.shape}")
     blocks = (codes.shape[0], codes.shape[1] // 32)
     if d.shape != blocks or m.shape != blocks:
-        raise ShapeError(f"{what}: expected d and m of shape {blocks} (one per block of 32), got {d.shape} and {m.shape}")
+        raise ShapeError(
+            f"{what}: expected d and m of shape {blocks} (one per block of 32), got {d.shape} and {m.shape}"
+        )
     if d.dtype != np.float16 or m.dtype != np.float16:
         raise ShapeError(f"{what}: d and m must be float16, got {d.dtype} and {m.dtype}")
     if codes.size and int(codes.max()) >= 1 << bits:
-        raise InvalidValueError(f"{what}: a code is {int(codes.max())}, above the {(1 << bits) - 1} a {bits}-bit block holds")
+        raise InvalidValueError(
+            f"{what}: a code is {int(codes.max())}, above the {(1 << bits) - 1} a {bits}-bit block holds"
+        )
 
 
 def _pack_nibbles_split16(q: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Dict, List, Optional, Tuple
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -29,12 +29,30 @@ DEFAULT_ALIGNMENT = 32
 # GGUF metadata value types (the file format's numbering).
 UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY, UINT64, INT64, FLOAT64 = range(13)
 _SCALARS = {
-    UINT8: "<B", INT8: "<b", UINT16: "<H", INT16: "<h", UINT32: "<I", INT32: "<i",
-    FLOAT32: "<f", BOOL: "<?", UINT64: "<Q", INT64: "<q", FLOAT64: "<d",
+    UINT8: "<B",
+    INT8: "<b",
+    UINT16: "<H",
+    INT16: "<h",
+    UINT32: "<I",
+    INT32: "<i",
+    FLOAT32: "<f",
+    BOOL: "<?",
+    UINT64: "<Q",
+    INT64: "<q",
+    FLOAT64: "<d",
 }
 _NUMPY = {
-    UINT8: np.uint8, INT8: np.int8, UINT16: np.uint16, INT16: np.int16, UINT32: np.uint32, INT32: np.int32,
-    FLOAT32: np.float32, BOOL: np.bool_, UINT64: np.uint64, INT64: np.int64, FLOAT64: np.float64,
+    UINT8: np.uint8,
+    INT8: np.int8,
+    UINT16: np.uint16,
+    INT16: np.int16,
+    UINT32: np.uint32,
+    INT32: np.int32,
+    FLOAT32: np.float32,
+    BOOL: np.bool_,
+    UINT64: np.uint64,
+    INT64: np.int64,
+    FLOAT64: np.float64,
 }
 
 
@@ -45,7 +63,7 @@ class MetadataValue:
 
     type: int
     value: Any
-    element_type: Optional[int] = None
+    element_type: int | None = None
 
 
 @dataclass(frozen=True)
@@ -54,7 +72,7 @@ class TensorEntry:
     dimension (in_features of a linear weight); ``offset`` is absolute in the file."""
 
     name: str
-    shape: Tuple[int, ...]
+    shape: tuple[int, ...]
     ggml_type: int
     offset: int
     nbytes: int
@@ -78,8 +96,8 @@ class GGUFHeader:
     version: int
     alignment: int
     data_offset: int
-    metadata: Dict[str, MetadataValue] = field(default_factory=dict)
-    tensors: Dict[str, TensorEntry] = field(default_factory=dict)
+    metadata: dict[str, MetadataValue] = field(default_factory=dict)
+    tensors: dict[str, TensorEntry] = field(default_factory=dict)
 
     def get(self, key: str, default: Any = None) -> Any:
         entry = self.metadata.get(key)
@@ -106,7 +124,9 @@ class _Cursor:
 
     def _need(self, n: int) -> None:
         if n < 0 or self.pos + n > self.size:
-            raise FormatError(f"{self.path}: truncated GGUF header (a field at byte {self.pos} runs past the end of the file)")
+            raise FormatError(
+                f"{self.path}: truncated GGUF header (a field at byte {self.pos} runs past the end of the file)"
+            )
         if self.pos + n > len(self.buf):
             more = max(self.pos + n - len(self.buf), len(self.buf))
             self.buf += self.f.read(min(more, self.size - len(self.buf)))
@@ -179,7 +199,7 @@ def read_header(path) -> GGUFHeader:
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
             raise FormatError(f"{path}: general.alignment = {alignment!r} is not a power of two")
         header.alignment = alignment
-        raw: List[Tuple[str, Tuple[int, ...], int, int]] = []
+        raw: list[tuple[str, tuple[int, ...], int, int]] = []
         for _ in range(n_tensors):
             name = cur.string()
             n_dims = cur.scalar("<I")
@@ -201,7 +221,9 @@ def read_header(path) -> GGUFHeader:
         nbytes = count // block * type_size
         offset = header.data_offset + rel
         if offset + nbytes > size:
-            raise FormatError(f"{path}: tensor {name!r} ({nbytes} bytes at {offset}) runs past the end of the file ({size} bytes)")
+            raise FormatError(
+                f"{path}: tensor {name!r} ({nbytes} bytes at {offset}) runs past the end of the file ({size} bytes)"
+            )
         if name in header.tensors:
             raise FormatError(f"{path}: tensor {name!r} appears twice")
         header.tensors[name] = TensorEntry(name, shape, ggml_type, offset, nbytes)
@@ -220,7 +242,7 @@ class TensorReader:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> "TensorReader":
+    def __enter__(self) -> TensorReader:
         return self
 
     def __exit__(self, *exc) -> None:
