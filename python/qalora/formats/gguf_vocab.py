@@ -5,8 +5,9 @@ Supported: byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3, Qwen2, ...)
 llama.cpp's ``gpt2`` tokenizer model: tokens in byte-level text, merges, token types (added
 special tokens are control tokens, other added tokens user-defined) and the special token
 ids. llama.cpp also needs the name of the pre-tokenizer (how text is split before BPE); it
-is recognised from the tokenizer's own description for the two splits qalora can check
-(GPT-2's regex alone: ``default``; single digits first: ``smollm``), or given by the caller.
+is recognised from the tokenizer's own description for the two splits qalora checks against
+llama.cpp (GPT-2's regex alone: ``gpt-2``; single digits, then GPT-2's regex: ``smollm``), or
+given by the caller.
 SentencePiece-style tokenizers (Llama 2, TinyLlama, Mistral) are refused: their llama.cpp
 form needs the SentencePiece scores, which a Hugging Face ``tokenizer.json`` does not hold;
 export such a model from its GGUF file instead.
@@ -54,7 +55,7 @@ def detect_pre_tokenizer(spec: dict) -> str | None:
     parts = _parts(spec.get("pre_tokenizer"))
     kinds = [p.get("type") for p in parts]
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "default"
+        return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
         return "smollm"
     return None
