@@ -47,7 +47,7 @@ class DeviceError(QALoRAError, ValueError):
 
 
 class UnsupportedBitsError(QALoRAError, ValueError):
-    """The bit width is not one of 2, 3, 4, 8."""
+    """The bit width is not one of 2, 3, 4, 5, 6, 8."""
 
 
 class GroupSizeError(QALoRAError, ValueError):

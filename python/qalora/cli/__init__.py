@@ -53,7 +53,7 @@ def _add_run_options(p: argparse.ArgumentParser, out_required: bool) -> None:
         help="training data: .jsonl (instruction/response or text) or .txt; default: bundled Shakespeare",
     )
     p.add_argument("--heldout", default=None, help="held-out data file (default: the last 10%% of --data)")
-    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
+    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 5, 6, 8])
     p.add_argument("--group-size", type=_positive_int, default=32)
     p.add_argument("--rank", type=_positive_int, default=16)
     p.add_argument("--alpha", type=_positive_float, default=32.0)
