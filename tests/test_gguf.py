@@ -288,6 +288,7 @@ def test_export_untouched_copies_every_tensor(legacy, tmp_path):
     with TensorReader(path) as ra, TensorReader(out) as rb:
         for name in a.tensors:
             assert np.array_equal(ra.raw(a.tensors[name]), rb.raw(b.tensors[name])), name
+    assert open_bytes(out) == open_bytes(path)  # the whole file, metadata layout included
 
 
 def test_export_merged_model_legacy_types(legacy, tmp_path):
@@ -420,3 +421,23 @@ def test_export_from_a_hugging_face_model(legacy, tmp_path):
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(qalora.FormatError, match="type 'gpt2'"):
         qalora.export_gguf(gpt2, tmp_path / "g.gguf", tokenizer=tok)
+
+
+def test_export_command_and_check_exportable(legacy, tmp_path, capsys):
+    from qalora.cli import main
+    from qalora.formats.gguf_export import check_exportable
+
+    path, _ = legacy
+    out = tmp_path / "cli.gguf"
+    assert main(["export", "--model", path, "--out", str(out), "--other-type", "f16"]) == 0
+    printed = capsys.readouterr().out
+    assert f"llama-cli -m {out}" in printed and "Modelfile" in printed
+    assert open_bytes(out) == open_bytes(path)  # an untouched model is written back as the same file
+    assert (tmp_path / "Modelfile").read_text() == "FROM ./cli.gguf\n"
+    assert '"copied"' in (tmp_path / "cli.gguf.report.json").read_text()
+    assert main(["export", "--model", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "y.gguf")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(qalora.FormatError, match="type 'gpt2'"):
+        check_exportable(gpt2, None)
+    check_exportable(qalora.load_gguf(path).model)  # a GGUF model needs no tokenizer

@@ -74,6 +74,8 @@ def test_untouched_import_export_is_byte_identical(original, tmp_path):
         for name in a.tensors:
             assert a.tensors[name].ggml_type == b.tensors[name].ggml_type
             assert np.array_equal(ra.raw(a.tensors[name]), rb.raw(b.tensors[name])), name
+    with open(SMOLLM2, "rb") as fa, open(out, "rb") as fb:
+        assert fa.read() == fb.read()  # the whole file, metadata layout included
 
 
 def test_finetuned_export_reimports_bit_identical(original, finetuned):

@@ -5,6 +5,7 @@ A crash or an error mid-write leaves the old file (or none), never a truncated o
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -15,13 +16,25 @@ from typing import Any
 import torch
 
 
+@functools.cache
+def _file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file (0o666 less the umask).
+    Read once: the umask can only be read by setting it, which is not thread-safe later on."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextmanager
 def atomic_path(path) -> Iterator[str]:
-    """Yields a temporary path in the target's directory; renames it onto ``path`` on success."""
+    """Yields a temporary path in the target's directory; renames it onto ``path`` on success.
+    The file ends up with the permissions an ordinary write would give it (mkstemp's 0600
+    would hide a model file from, say, an Ollama server running as another user)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    os.fchmod(fd, _file_mode())
     os.close(fd)
     try:
         yield tmp

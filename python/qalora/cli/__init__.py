@@ -1,9 +1,10 @@
-"""The ``qalora`` command line: finetune, eval, demo, compare.
+"""The ``qalora`` command line: finetune, eval, demo, compare, export.
 
-qalora demo                                   # bundled SmolLM2 + bundled Shakespeare
-qalora finetune --model smollm2 --data train.jsonl --bits 4 --group-size 32 --out run/
+qalora demo                                   # bundled SmolLM2 + bundled Shakespeare, ends with model.gguf
+qalora finetune --model smollm2 --data train.jsonl --bits 4 --group-size 32 --out run/ --gguf
 qalora eval --model run/model --data heldout.txt
 qalora compare --steps 40                     # the paper's comparison on SmolLM2
+qalora export --model run/model --out run/model.gguf   # for llama.cpp, Ollama, LM Studio
 """
 
 from __future__ import annotations
@@ -67,6 +68,15 @@ def _add_run_options(p: argparse.ArgumentParser, out_required: bool) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", required=out_required, default=None, help="output directory")
+    p.add_argument(
+        "--gguf",
+        nargs="?",
+        const="model.gguf",
+        default=None,
+        help="also write the merged model as a GGUF file for llama.cpp / Ollama (default name model.gguf, "
+        "inside --out unless absolute)",
+    )
+    p.add_argument("--other-type", default="q8_0", choices=["q8_0", "f16"], help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +112,27 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--eval-blocks", type=_positive_int, default=24)
     cmp_.add_argument("--seed", type=int, default=0)
     cmp_.add_argument("--out", default="qalora-compare")
+    ex = sub.add_parser("export", help="write a model as a GGUF file for llama.cpp, Ollama and LM Studio")
+    ex.add_argument(
+        "--model",
+        required=True,
+        help="a qalora output directory (finetune's model/), a .gguf file or a model directory",
+    )
+    ex.add_argument("--out", required=True, help="the .gguf file to write")
+    ex.add_argument(
+        "--source",
+        default=None,
+        help="GGUF file to take metadata and unchanged tensors from (default: the file the model came from)",
+    )
+    ex.add_argument(
+        "--other-type",
+        default="q8_0",
+        choices=["q8_0", "f16"],
+        help="type of weights Q4_1/Q5_1 cannot hold exactly (6/8-bit codes, groups of 16, dense layers)",
+    )
+    ex.add_argument(
+        "--pre-tokenizer", default=None, help="llama.cpp's pre-tokenizer name, for tokenizers qalora does not recognise"
+    )
     return parser
 
 
@@ -116,14 +147,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("finetune", "demo"):
             from .finetune import run_finetune
 
-            if args.command == "demo" and args.out is None:
-                args.out = "qalora-demo"
+            if args.command == "demo":
+                args.out = args.out or "qalora-demo"
+                args.gguf = args.gguf or "model.gguf"  # the demo ends with a file llama.cpp runs
             if smoke():
                 args.steps, args.eval_blocks = min(args.steps, 2), min(args.eval_blocks, 2)
             report = run_finetune(args)
             print(f"\nqalora: outputs in {os.path.abspath(args.out)}")
-            for key in ("model_dir", "adapter_dir", "loss_curve", "report_json", "report_md"):
-                print(f"  {key:12s} {report['outputs'][key]}")
+            for key in ("model_dir", "adapter_dir", "loss_curve", "report_json", "report_md", "gguf"):
+                if report["outputs"].get(key):
+                    print(f"  {key:12s} {report['outputs'][key]}")
+            if report["outputs"].get("gguf"):
+                from .export import how_to_run
+
+                print("\n" + how_to_run(report["outputs"]["gguf"]))
         elif args.command == "eval":
             from .finetune import run_eval
 
@@ -135,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             if smoke():
                 args.steps, args.eval_blocks = min(args.steps, 2), min(args.eval_blocks, 2)
             run_compare(args)
+        elif args.command == "export":
+            from .export import run_export
+
+            run_export(args)
     except QALoRAError as e:
         print(f"qalora: error: {e}", file=sys.stderr)
         return 2

@@ -40,7 +40,7 @@ from .gguf_file import FLOAT32, STRING, UINT32, GGUFHeader, TensorEntry, TensorR
 from .gguf_vocab import KeyValue, tokenizer_metadata
 
 OTHER_TYPES = {"q8_0": gguf_blocks.Q8_0, "f16": gguf_blocks.F16}
-_SKIPPED_KEYS = {"general.architecture", "general.alignment", "general.file_type"}
+_SKIPPED_KEYS = {"general.architecture", "general.alignment"}  # the writer sets both itself
 # llama.cpp's "mostly <type>" file type numbers, for general.file_type.
 _FILE_TYPES = {
     gguf_blocks.F32: 0,
@@ -419,6 +419,49 @@ def _source_header(model: nn.Module, source) -> GGUFHeader | None:
     return read_header(path)
 
 
+def _prepare(model: nn.Module, tokenizer, source, pre_tokenizer):
+    """(source header or None, architecture, tensors to write, metadata): everything the
+    export decides before it reads a weight."""
+    header = _source_header(model, source)
+    config = getattr(model, "config", None)
+    if header is not None:
+        arch = gguf_arch.architecture(header.architecture, header.path)
+        n_head = int(header.require(f"{arch.gguf_name}.attention.head_count"))
+        n_head_kv = int(header.get(f"{arch.gguf_name}.attention.head_count_kv", n_head))
+    else:
+        if config is None:
+            raise FormatError(
+                "the model has no Hugging Face config and did not come from a GGUF file; qalora writes GGUF for "
+                "llama-family and Qwen2 models loaded with qalora.load_gguf or from a Hugging Face directory"
+            )
+        arch = gguf_arch.architecture_for_hf(getattr(config, "model_type", None), "export_gguf")
+        n_head = int(config.num_attention_heads)
+        n_head_kv = int(getattr(config, "num_key_value_heads", n_head) or n_head)
+    items = _model_items(model, arch, n_head, n_head_kv)
+    if header is not None:
+        missing = [i.gguf for i in items if i.gguf not in header.tensors]
+        if missing:
+            raise FormatError(f"the model has tensors its source {header.path} lacks: {', '.join(missing[:8])}")
+        position = {name: i for i, name in enumerate(header.tensors)}
+        items.sort(key=lambda i: position[i.gguf])
+    embed = next((i for i in items if i.gguf == "token_embd.weight"), None)
+    if embed is None:
+        raise FormatError("the model has no token embedding (token_embd.weight)")
+    n_vocab = embed.shape[1]
+    metadata = (
+        _metadata_from_source(header)
+        if header is not None
+        else _metadata_from_config(model, arch, tokenizer, n_vocab, pre_tokenizer)
+    )
+    return header, arch, items, metadata
+
+
+def check_exportable(model: nn.Module, tokenizer=None, *, source=None, pre_tokenizer: str | None = None) -> None:
+    """Raises what :func:`export_gguf` would raise about the model's architecture, names,
+    source file or tokenizer, without writing anything (so a run can refuse before it trains)."""
+    _prepare(model, tokenizer, source, pre_tokenizer)
+
+
 def export_gguf(
     model: nn.Module,
     path,
@@ -465,37 +508,7 @@ def export_gguf(
     if other_type not in OTHER_TYPES:
         raise FormatError(f"other_type: got {other_type!r}, allowed: {', '.join(OTHER_TYPES)}")
     other = OTHER_TYPES[other_type]
-    header = _source_header(model, source)
-    config = getattr(model, "config", None)
-    if header is not None:
-        arch = gguf_arch.architecture(header.architecture, header.path)
-        n_head = int(header.require(f"{arch.gguf_name}.attention.head_count"))
-        n_head_kv = int(header.get(f"{arch.gguf_name}.attention.head_count_kv", n_head))
-    else:
-        if config is None:
-            raise FormatError(
-                "the model has no Hugging Face config and did not come from a GGUF file; qalora writes GGUF for "
-                "llama-family and Qwen2 models loaded with qalora.load_gguf or from a Hugging Face directory"
-            )
-        arch = gguf_arch.architecture_for_hf(getattr(config, "model_type", None), "export_gguf")
-        n_head = int(config.num_attention_heads)
-        n_head_kv = int(getattr(config, "num_key_value_heads", n_head) or n_head)
-    items = _model_items(model, arch, n_head, n_head_kv)
-    if header is not None:
-        missing = [i.gguf for i in items if i.gguf not in header.tensors]
-        if missing:
-            raise FormatError(f"the model has tensors its source {header.path} lacks: {', '.join(missing[:8])}")
-        position = {name: i for i, name in enumerate(header.tensors)}
-        items.sort(key=lambda i: position[i.gguf])
-    embed = next((i for i in items if i.gguf == "token_embd.weight"), None)
-    if embed is None:
-        raise FormatError("the model has no token embedding (token_embd.weight)")
-    n_vocab = embed.shape[1]
-    metadata = (
-        _metadata_from_source(header)
-        if header is not None
-        else _metadata_from_config(model, arch, tokenizer, n_vocab, pre_tokenizer)
-    )
+    header, arch, items, metadata = _prepare(model, tokenizer, source, pre_tokenizer)
 
     # Decide every tensor's type first: the file's directory precedes the data.
     reader = TensorReader(header.path) if header is not None else None
@@ -537,10 +550,15 @@ def export_gguf(
 
 
 def _write(writer, metadata, file_type, auxiliary, plans, reader, header, report, show_progress) -> None:
+    # general.file_type keeps the source's place in the metadata (an untouched export is then
+    # the source file byte for byte); its value says which type most weights now have.
     for kv in metadata:
+        if kv.key == "general.file_type":
+            kv = KeyValue(kv.key, UINT32, int(file_type))
         sub = _writer_type(kv.element_type) if kv.element_type is not None else None
         writer.add_key_value(kv.key, kv.value, _writer_type(kv.type), sub)
-    writer.add_key_value("general.file_type", int(file_type), _writer_type(UINT32))
+    if not any(kv.key == "general.file_type" for kv in metadata):
+        writer.add_key_value("general.file_type", int(file_type), _writer_type(UINT32))
     for entry in auxiliary:
         writer.add_tensor_info(
             entry.name, (entry.nbytes,), np.dtype(np.uint8), entry.nbytes, raw_dtype=_qtype(entry.ggml_type)
