@@ -211,7 +211,7 @@ def test_refuses_unsupported_architecture_and_types(tmp_path_factory, tmp_path):
         qalora.load_gguf(tmp_path / "none.gguf")
 
 
-def test_rope_freqs_divide_the_rotary_frequencies(tmp_path_factory):
+def test_rope_freqs_divide_the_rotary_frequencies(tmp_path_factory, tmp_path):
     path, spec = write(
         tmp_path_factory, "rope", hidden=128, heads=2, kv_heads=1, ffn=256, layers=1, vocab=270, rope_freqs=True
     )
@@ -222,6 +222,17 @@ def test_rope_freqs_divide_the_rotary_frequencies(tmp_path_factory):
     dim = spec.head_dim
     base = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     assert torch.allclose(model.model.rotary_emb.inv_freq, base / torch.from_numpy(factors), rtol=1e-6)
+    # a checkpoint of the model gets them back on load, and the export carries the tensor on
+    lm = qalora.load_gguf(path)
+    qalora.wrap(lm.model, qalora.QALoRAConfig(rank=2))
+    qalora.merge(lm.model)
+    from qalora.loaders import save_for_reload
+
+    save_for_reload(lm.model, lm.tokenizer, str(tmp_path / "ckpt"))
+    again = qalora.load_model(str(tmp_path / "ckpt")).model
+    assert torch.equal(again.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
+    report = qalora.export_gguf(again, tmp_path / "rope.gguf")
+    assert {t.name: t.how for t in report.tensors}["rope_freqs.weight"] == "copied"
 
 
 # --------------------------------------------------------------------------- adapters on imported layers

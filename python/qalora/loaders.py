@@ -121,6 +121,9 @@ def load_model(spec: str | None = None, *, dtype: torch.dtype = torch.float32, d
         config = transformers.AutoConfig.from_pretrained(directory)
         base = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
         model = from_pretrained(directory, base)
+        from .formats.gguf import restore_from_source
+
+        restore_from_source(model)
         return LoadedModel(model, tokenizer, source, time.perf_counter() - start, from_cache, qalora_checkpoint=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
     return LoadedModel(model, tokenizer, source, time.perf_counter() - start, from_cache)

@@ -156,9 +156,11 @@ def _quant_layer(
     return layer, info
 
 
-def _apply_rope_freqs(model: nn.Module, config, factors: np.ndarray, path: str) -> None:
+def apply_rope_freqs(model: nn.Module, config, factors, path: str) -> None:
     """Llama 3.1-style files carry per-frequency divisors of the rotary angles
-    (``rope_freqs``); fold them into the rotary embedding's inverse frequencies."""
+    (``rope_freqs``); fold them into the rotary embedding's inverse frequencies. The source
+    record keeps them, so a model rebuilt from a checkpoint gets them again."""
+    factors = np.asarray(factors, dtype=np.float32)
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise FormatError(f"{path}: rope_freqs together with rope type {rope.get('rope_type')!r} is not supported")
@@ -177,9 +179,18 @@ def _apply_rope_freqs(model: nn.Module, config, factors: np.ndarray, path: str) 
         )
 
 
-def import_gguf(path, *, dtype: torch.dtype = torch.float32, show_progress: bool | None = None):
-    """Reads a GGUF file into (model, tokenizer, header, layers, config cache hit); see
-    :func:`load_gguf`."""
+@dataclass
+class Imported:
+    model: nn.Module
+    tokenizer: object
+    header: GGUFHeader
+    layers: list[ImportedLayer]
+    cached: bool  # the config and tokenizer came from the cache
+    rope_freqs: np.ndarray | None
+
+
+def import_gguf(path, *, dtype: torch.dtype = torch.float32, show_progress: bool | None = None) -> Imported:
+    """Reads a GGUF file into a model and its tokenizer; see :func:`load_gguf`."""
     path = os.path.abspath(os.fspath(path))
     if not os.path.isfile(path):
         raise ModelLoadError(f"GGUF file {path} does not exist")
@@ -197,6 +208,7 @@ def import_gguf(path, *, dtype: torch.dtype = torch.float32, show_progress: bool
     n_head_kv = int(header.get(f"{arch.gguf_name}.attention.head_count_kv", n_head))
     modules = dict(model.named_modules())
     layers: list[ImportedLayer] = []
+    rope_freqs = None
     # Weights first, so a bias (Qwen2) finds its layer already converted.
     entries = sorted(header.tensors.values(), key=lambda e: (not e.name.endswith(".weight"), e.offset))
     with TensorReader(path) as reader:
@@ -207,9 +219,8 @@ def import_gguf(path, *, dtype: torch.dtype = torch.float32, show_progress: bool
             order = None if heads is None else gguf_arch.rope_order(rows, heads)
             if name is None:
                 if entry.name == "rope_freqs.weight":
-                    _apply_rope_freqs(
-                        model, config, gguf_blocks.decode_dense(entry.ggml_type, reader.raw(entry), entry.name), path
-                    )
+                    rope_freqs = gguf_blocks.decode_dense(entry.ggml_type, reader.raw(entry), entry.name)
+                    apply_rope_freqs(model, config, rope_freqs, path)
                     continue
                 raise FormatError(f"{path}: tensor {entry.name!r} has no place in a {arch.gguf_name} model")
             module_name, _, attr = name.rpartition(".")
@@ -265,7 +276,7 @@ def import_gguf(path, *, dtype: torch.dtype = torch.float32, show_progress: bool
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
-    return model, tokenizer, header, layers, cached
+    return Imported(model, tokenizer, header, layers, cached, rope_freqs)
 
 
 def load_gguf(path, *, dtype: torch.dtype = torch.float32, show_progress: bool | None = None) -> LoadedModel:
@@ -297,19 +308,19 @@ def load_gguf(path, *, dtype: torch.dtype = torch.float32, show_progress: bool |
             or tensors that do not fit the file's own config.
     """
     start = time.perf_counter()
-    model, tokenizer, header, layers, cached = import_gguf(path, dtype=dtype, show_progress=show_progress)
-    attach_state(model, QALoRAState(config=None, source=source_record(header, layers)))
-    return LoadedModel(model, tokenizer, header.path, time.perf_counter() - start, from_cache=cached)
+    got = import_gguf(path, dtype=dtype, show_progress=show_progress)
+    attach_state(got.model, QALoRAState(config=None, source=source_record(got.header, got.layers, got.rope_freqs)))
+    return LoadedModel(got.model, got.tokenizer, got.header.path, time.perf_counter() - start, from_cache=got.cached)
 
 
 def order_inverse(order: np.ndarray) -> np.ndarray:
     return np.argsort(order, kind="stable")
 
 
-def source_record(header: GGUFHeader, layers: list[ImportedLayer]) -> dict:
+def source_record(header: GGUFHeader, layers: list[ImportedLayer], rope_freqs=None) -> dict:
     """What a model remembers about the GGUF file it came from (JSON-serializable)."""
     st = os.stat(header.path)
-    return {
+    record = {
         "format": "gguf",
         "path": header.path,
         "size": st.st_size,
@@ -326,3 +337,17 @@ def source_record(header: GGUFHeader, layers: list[ImportedLayer]) -> dict:
             for info in layers
         },
     }
+    if rope_freqs is not None:
+        record["rope_freqs"] = [float(v) for v in rope_freqs]
+    return record
+
+
+def restore_from_source(model: nn.Module) -> None:
+    """Re-applies what a rebuilt model (e.g. from a checkpoint) cannot get from its config:
+    the rotary divisors of a file with ``rope_freqs``."""
+    from ..state import state_of
+
+    state = state_of(model)
+    factors = state.source.get("rope_freqs") if state is not None else None
+    if factors:
+        apply_rope_freqs(model, model.config, factors, state.source.get("path", "checkpoint"))
