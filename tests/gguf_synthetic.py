@@ -33,6 +33,20 @@ _SCALE_FIELDS = {
 _MIN_FIELD = {"Q4_1": (2, 8.0), "Q5_1": (2, 16.0)}
 
 
+#: One type per role covering every K-quant and legacy type the importer reads.
+EVERY_TYPE = {
+    "attn_q": "Q3_K",
+    "attn_k": "Q2_K",
+    "attn_v": "Q6_K",
+    "attn_output": "Q5_K",
+    "ffn_gate": "Q4_K",
+    "ffn_up": "Q8_0",
+    "ffn_down": "Q5_0",
+    "token_embd": "Q4_0",
+    "output": "Q5_1",
+}
+
+
 def byte_level_alphabet() -> list[str]:
     """The GPT-2 byte-level alphabet: printable bytes stand for themselves, the others are
     shifted to code points from 256 on (token text must be valid, visible unicode)."""

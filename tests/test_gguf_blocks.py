@@ -208,22 +208,7 @@ def test_tensor_names_map_both_ways():
 def mixed_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("gguf") / "mixed.gguf"
     spec = gguf_synthetic.SyntheticSpec(
-        hidden=256,
-        layers=1,
-        ffn=512,
-        vocab=300,
-        tied=False,
-        types={
-            "attn_q": "Q3_K",
-            "attn_k": "Q2_K",
-            "attn_v": "Q6_K",
-            "attn_output": "Q5_K",
-            "ffn_gate": "Q4_K",
-            "ffn_up": "Q8_0",
-            "ffn_down": "Q5_0",
-            "token_embd": "Q4_0",
-            "output": "Q5_1",
-        },
+        hidden=256, layers=1, ffn=512, vocab=300, tied=False, types=gguf_synthetic.EVERY_TYPE
     )
     gguf_synthetic.write_synthetic_gguf(path, spec)
     return path

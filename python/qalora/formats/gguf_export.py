@@ -67,7 +67,8 @@ class TensorReport:
     ``how``: "copied" (the source's bytes), "exact" (codes, scales and offsets written as
     they are), "rounded" (float32 scales/offsets rounded to float16), "converted" (written as
     another type; see the errors) or "dense" (norms and biases, float32).
-    ``param_rel_change``: largest relative change of a scale or offset by float16 rounding.
+    ``param_rel_change``: largest relative change of a scale or offset by float16 rounding
+    (over values in float16's normal range, |x| >= 2^-14, where it is at most 2^-11).
     ``max_abs_error`` / ``rel_error``: the written weight against the model's float32
     weight: largest absolute difference and ||written - model|| / ||model||."""
 
@@ -294,7 +295,9 @@ class _Errors:
         self.ref2 += float((model.astype(np.float64) ** 2).sum())
 
     def add_param(self, rounded: np.ndarray, exact: np.ndarray) -> None:
-        nz = exact != 0
+        # Relative change where float16 keeps its 11 significant bits (at most 2^-11); below
+        # 2^-14 it keeps fewer, and the weights' absolute error (also reported) says more.
+        nz = np.abs(exact) >= 2.0**-14
         if nz.any():
             rel = np.abs(rounded[nz].astype(np.float64) - exact[nz]) / np.abs(exact[nz].astype(np.float64))
             self.param = max(self.param, float(rel.max()))
