@@ -1,0 +1,7 @@
+"""Model file formats qalora reads and writes beside its own checkpoints.
+
+* :mod:`.gguf` / :mod:`.gguf_export`: llama.cpp's GGUF, in (:func:`qalora.load_gguf`) and out
+  (:func:`qalora.export_gguf`); :mod:`.gguf_blocks` holds the block codecs, :mod:`.gguf_file`
+  the header and row reader, :mod:`.gguf_arch` the architectures and tensor names,
+  :mod:`.gguf_vocab` the tokenizer metadata. See docs/gguf.md.
+"""
