@@ -27,6 +27,7 @@ from ..layers import QuantLinear
 from ..loaders import LoadedModel, cache_root
 from ..progress import progress
 from ..state import QALoRAState, attach_state
+from ..targets import replace_module
 from . import gguf_arch, gguf_blocks
 from .gguf_file import GGUFHeader, TensorEntry, TensorReader, read_header
 
@@ -156,6 +157,27 @@ def _quant_layer(
     return layer, info
 
 
+def _set_dense(module: nn.Module, attr: str, reader: TensorReader, entry: TensorEntry, order, what: str) -> None:
+    """Fills a dense parameter of ``module`` (embedding, norm, bias, F32/F16/BF16 weight) from
+    the tensor, in the module's dtype, rows in Hugging Face order."""
+    old = getattr(module, attr, None)
+    if not isinstance(old, torch.Tensor):
+        raise FormatError(f"{what}: the model has no such parameter for tensor {entry.name!r}")
+    shape = tuple(reversed(entry.shape)) if len(entry.shape) > 1 else (entry.shape[0],)
+    if tuple(old.shape) != shape:
+        raise FormatError(f"{what} has shape {tuple(old.shape)} in the config, the file holds {shape}")
+    value = torch.empty(shape, dtype=old.dtype)
+    if len(shape) == 1:
+        raw = gguf_blocks.decode_dense(entry.ggml_type, reader.raw(entry), entry.name)
+        value.copy_(torch.from_numpy(raw if order is None else raw[order_inverse(order)]))
+    else:
+        _dense_rows(reader, entry, value, order)
+    if isinstance(module, QuantLinear):
+        module.bias = nn.Parameter(value.to(torch.float32), requires_grad=False)  # a quantized layer's bias
+    else:
+        setattr(module, attr, nn.Parameter(value, requires_grad=False))
+
+
 def apply_rope_freqs(model: nn.Module, config, factors, path: str) -> None:
     """Llama 3.1-style files carry per-frequency divisors of the rotary angles
     (``rope_freqs``); fold them into the rotary embedding's inverse frequencies. The source
@@ -213,16 +235,16 @@ def import_gguf(path, *, dtype: torch.dtype = torch.float32, show_progress: bool
     entries = sorted(header.tensors.values(), key=lambda e: (not e.name.endswith(".weight"), e.offset))
     with TensorReader(path) as reader:
         for entry in progress(entries, desc="qalora: importing GGUF tensors", enabled=show_progress, min_items=20):
-            name = gguf_arch.hf_name(entry.name)
             heads = gguf_arch.rope_heads(entry.name, arch, n_head, n_head_kv)
             rows = entry.rows if len(entry.shape) > 1 else entry.shape[0]
             order = None if heads is None else gguf_arch.rope_order(rows, heads)
+            name = gguf_arch.hf_name(entry.name)
             if name is None:
-                if entry.name == "rope_freqs.weight":
-                    rope_freqs = gguf_blocks.decode_dense(entry.ggml_type, reader.raw(entry), entry.name)
-                    apply_rope_freqs(model, config, rope_freqs, path)
-                    continue
-                raise FormatError(f"{path}: tensor {entry.name!r} has no place in a {arch.gguf_name} model")
+                if entry.name != "rope_freqs.weight":
+                    raise FormatError(f"{path}: tensor {entry.name!r} has no place in a {arch.gguf_name} model")
+                rope_freqs = gguf_blocks.decode_dense(entry.ggml_type, reader.raw(entry), entry.name)
+                apply_rope_freqs(model, config, rope_freqs, path)
+                continue
             module_name, _, attr = name.rpartition(".")
             module = modules.get(module_name)
             if module is None:
@@ -237,35 +259,11 @@ def import_gguf(path, *, dtype: torch.dtype = torch.float32, show_progress: bool
                     )
                 layer, info = _quant_layer(reader, entry, module.bias is not None, order, module_name)
                 info.rope_heads = heads
-                parent, _, child = module_name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, layer)
+                replace_module(model, module_name, layer)
                 modules[module_name] = layer
                 layers.append(info)
-                continue
-            if isinstance(module, QuantLinear):
-                if attr != "bias":
-                    raise FormatError(f"{path}: unexpected tensor {entry.name!r} for a quantized layer")
-                values = gguf_blocks.decode_dense(entry.ggml_type, reader.raw(entry), entry.name)
-                if order is not None:
-                    values = values[order_inverse(order)]
-                with torch.no_grad():
-                    module.bias.copy_(torch.from_numpy(values))
-                continue
-            old = getattr(module, attr, None)
-            if not isinstance(old, torch.Tensor):
-                raise FormatError(f"{path}: the model has no parameter {name!r} for tensor {entry.name!r}")
-            shape = tuple(reversed(entry.shape)) if len(entry.shape) > 1 else (entry.shape[0],)
-            if tuple(old.shape) != shape:
-                raise FormatError(f"{path}: {name} has shape {tuple(old.shape)} in the config, the file holds {shape}")
-            value = torch.empty(shape, dtype=old.dtype)
-            if len(shape) == 1:
-                raw = gguf_blocks.decode_dense(entry.ggml_type, reader.raw(entry), entry.name)
-                if order is not None:
-                    raw = raw[order_inverse(order)]
-                value.copy_(torch.from_numpy(raw))
             else:
-                _dense_rows(reader, entry, value, order)
-            setattr(module, attr, nn.Parameter(value, requires_grad=False))
+                _set_dense(module, attr, reader, entry, order, f"{path}: {name}")
     if getattr(config, "tie_word_embeddings", False) and "output.weight" not in header.tensors:
         model.tie_weights()
     leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
