@@ -87,9 +87,11 @@ def mse(model, batch):
     return nn.functional.mse_loss(model(x), y)
 
 
+@pytest.mark.parametrize("bits", [4, 5, 6])
 @pytest.mark.parametrize("scale_dtype,tol", [("float32", 1e-5), ("float16", 2e-3)])
-def test_mlp_trains_and_merges_exactly(scale_dtype, tol):
-    model = qalora.wrap(mlp(), QALoRAConfig(bits=4, group_size=16, rank=4, alpha=8, scale_dtype=scale_dtype))
+def test_mlp_trains_and_merges_exactly(scale_dtype, tol, bits):
+    model = qalora.wrap(mlp(), QALoRAConfig(bits=bits, group_size=16, rank=4, alpha=8, scale_dtype=scale_dtype))
+    assert all(m.base_layer.bits == bits for m in model.modules() if isinstance(m, qalora.QALoRALinear))
     assert not any(isinstance(m, nn.Linear) and not n.endswith(("lora_A", "lora_B")) for n, m in model.named_modules())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
@@ -410,8 +412,10 @@ def test_config_validation_and_json_round_trip(tmp_path):
     assert QALoRAConfig.load(tmp_path / "c.json") == c
     assert c.scaling == 4.0
     bad = [
-        dict(bits=5),
+        dict(bits=7),
         dict(bits=True),
+        dict(bits=5, group_size=4),
+        dict(bits=6, group_size=6),
         dict(group_size=0),
         dict(bits=3, group_size=12),
         dict(rank=0),

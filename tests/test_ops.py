@@ -11,7 +11,7 @@ import reference as ref
 import torch
 from qalora import ops
 
-BITS = [2, 3, 4, 8]
+BITS = [2, 3, 4, 5, 6, 8]
 BACKENDS = ["core", "torch"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -80,8 +80,8 @@ def test_pack_accepts_every_integer_dtype():
 @pytest.mark.parametrize("n,k,g", [(7, 64, 32), (33, 96, 16), (5, 576, 64), (3, 48, 48)])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32, torch.bfloat16])
 def test_quantize_matches_reference(bits, n, k, g, scale_dtype):
-    if bits == 3 and g % 8:
-        pytest.skip("3-bit groups are multiples of 8")
+    if g % {3: 8, 5: 8, 6: 4}.get(bits, 1):
+        pytest.skip("groups start on a byte boundary (multiples of 8 at 3 and 5 bits)")
     w = random_weight(n, k, seed=bits * 1000 + k + g)
     store = {torch.float16: np.float16, torch.float32: np.float32, torch.bfloat16: None}[scale_dtype]
     results = {}
@@ -370,7 +370,7 @@ def _q():
         (lambda: ops.pack(torch.full((2, 8), 16), 4), qalora.CodeRangeError, "value 16 at row 0, column 0"),
         (lambda: ops.pack(torch.full((2, 8), -1), 4), qalora.CodeRangeError, "outside [0, 15]"),
         (lambda: ops.pack(np.full((2, 8), 9), 3), qalora.CodeRangeError, "outside [0, 7]"),
-        (lambda: ops.pack(torch.zeros(2, 8, dtype=torch.int32), 5), qalora.UnsupportedBitsError, "2, 3, 4 and 8"),
+        (lambda: ops.pack(torch.zeros(2, 8, dtype=torch.int32), 7), qalora.UnsupportedBitsError, "2, 3, 4, 5, 6 and 8"),
         (lambda: ops.pack(torch.zeros(2, 8), 4), qalora.DTypeError, "torch.float32"),
         (lambda: ops.pack(torch.zeros(2, 6, dtype=torch.uint8), 3), qalora.ShapeError, "multiple of 8"),
         (lambda: ops.pack(torch.zeros(0, 8, dtype=torch.uint8), 4), qalora.ShapeError, "empty"),

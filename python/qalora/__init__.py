@@ -59,6 +59,9 @@ _LAZY = {
     "load_adapter": "checkpoint",
     "load_model": "loaders",
     "LoadedModel": "loaders",
+    "load_gguf": "formats.gguf",
+    "export_gguf": "formats.gguf_export",
+    "ExportReport": "formats.gguf_export",
 }
 
 
@@ -95,6 +98,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .checkpoint import from_pretrained, load_adapter, save_adapter, save_pretrained  # noqa: F401
     from .config import CONFIG_VERSION, QALoRAConfig  # noqa: F401
     from .errors import *  # noqa: F403
+    from .formats.gguf import load_gguf  # noqa: F401
+    from .formats.gguf_export import ExportReport, export_gguf  # noqa: F401
     from .layers import QALoRALinear, QuantLinear  # noqa: F401
     from .loaders import LoadedModel, load_model  # noqa: F401
     from .state import QALoRAState, state_of  # noqa: F401

@@ -852,6 +852,10 @@ def from_pretrained(directory, base_model: nn.Module | None = None, *, dropout: 
     attach_state(
         model, QALoRAState(config=meta["config"], merged=meta["merged"], skipped=meta["skipped"], source=source)
     )
+    if base_model is None and source.get("rope_freqs"):
+        from .formats.gguf import restore_from_source  # a GGUF's rotary divisors: not in config.json
+
+        restore_from_source(model)
     return model
 
 

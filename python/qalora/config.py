@@ -26,7 +26,7 @@ class QALoRAConfig:
     """Settings of :func:`qalora.wrap`.
 
     Attributes:
-        bits: code width of the frozen base: 2, 3, 4 or 8.
+        bits: code width of the frozen base: 2, 3, 4, 5, 6 or 8.
         group_size: columns (in_features) per quantization group; it must divide each
             targeted layer's in_features (see ``on_indivisible``).
         rank: LoRA rank r.
@@ -103,7 +103,7 @@ class QALoRAConfig:
         except QALoRAError:
             raise ConfigError(
                 f"group_size: got {self.group_size}, at {self.bits} bits a group must start on a byte boundary "
-                f"(a multiple of 8 at 3 bits)"
+                f"(a multiple of 8 at 3 and 5 bits, of 4 at 6 bits)"
             ) from None
         if not is_int(self.rank) or self.rank <= 0:
             raise ConfigError(f"rank: got {self.rank!r}, it must be a positive int")

@@ -67,7 +67,9 @@ def _fsync_path(path: str, directory: bool = False) -> None:
 
 @contextmanager
 def atomic_path(path) -> Iterator[str]:
-    """Yields a temporary path in the target's directory; renames it onto ``path`` on success."""
+    """Yields a temporary path in the target's directory; renames it onto ``path`` on success.
+    The file ends up with the permissions an ordinary write would give it (mkstemp's 0600
+    would hide a model file from, say, an Ollama server running as another user)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)

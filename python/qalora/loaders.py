@@ -1,18 +1,15 @@
 """Loading real models offline: the bundled SmolLM2-135M-Instruct, a GGUF file, a Hugging
 Face model directory, or a directory written by ``qalora finetune`` / ``save_pretrained``.
 
-A GGUF file is converted once (dequantized to float32 by transformers) and cached as a
-ready-to-load Hugging Face directory (safetensors + config + tokenizer), so later runs start
-in seconds. The cache lives in ``$QALORA_CACHE`` or ``~/.cache/qalora/models``.
+A GGUF file is imported by :func:`qalora.load_gguf`: its quantized layers become
+:class:`qalora.QuantLinear` straight from the file's blocks (no dense copy). Its config and
+tokenizer are cached after the first load in ``$QALORA_CACHE`` or ``~/.cache/qalora/models``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -63,11 +60,27 @@ def _require_transformers():
     return transformers
 
 
-def _cache_dir_for(gguf_path: str) -> str:
-    st = os.stat(gguf_path)
-    key = hashlib.sha256(f"{os.path.abspath(gguf_path)}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
-    stem = os.path.splitext(os.path.basename(gguf_path))[0].lower()
-    return os.path.join(cache_root(), f"{stem}-{key}")
+def dequantized(model, dtype=None):
+    """Replaces every :class:`qalora.QuantLinear` of ``model`` by an ``nn.Linear`` holding its
+    dequantized weight in ``dtype``, in place; for experiments that re-quantize a model at
+    other settings. Returns the model."""
+    import torch
+    from torch import nn
+
+    from .layers import QuantLinear
+
+    dtype = dtype or torch.float32
+    from .targets import quantized_layers, replace_module
+
+    for name, layer in list(quantized_layers(model, QuantLinear)):
+        dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype)
+        with torch.no_grad():
+            dense.weight.copy_(layer.dequantize(torch.float32))  # exact float32, then cast
+            if layer.bias is not None:
+                dense.bias.copy_(layer.bias)
+        dense.requires_grad_(False)
+        replace_module(model, name, dense)
+    return model
 
 
 GGUF_MAGIC = b"GGUF"
@@ -106,40 +119,7 @@ def check_model_spec(spec: str | None) -> None:
         )
 
 
-def _convert_gguf(gguf_path: str, target: str) -> None:
-    """GGUF -> Hugging Face directory, written to a temp folder and renamed into place."""
-    transformers = _require_transformers()
-    import torch
-    from safetensors.torch import save_file
-
-    directory, name = os.path.split(gguf_path)
-    print(f"qalora: converting {name} once (cached in {target})")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".convert-", dir=os.path.dirname(target))
-    try:
-        state = model.state_dict()
-        if getattr(model.config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)  # tied to the embeddings; re-tied on load
-        save_file(
-            {k: v.contiguous().clone() for k, v in state.items()},
-            os.path.join(tmp, "model.safetensors"),
-            metadata={"format": "pt"},
-        )
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if os.path.exists(target):
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-
-
-def load_model(spec: str | None = None, *, dtype=None) -> LoadedModel:
+def load_model(spec: str | None = None, *, dtype=None, dense: bool = False) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
     Args:
@@ -149,6 +129,9 @@ def load_model(spec: str | None = None, *, dtype=None) -> LoadedModel:
             :func:`qalora.save_pretrained` (rebuilt by :func:`qalora.from_pretrained`).
         dtype: dtype of the dense weights of a Hugging Face model (default float32); a qalora
             directory loads in the dtypes it was saved in.
+        dense: for a GGUF file, replace its quantized layers by dense ``nn.Linear`` layers
+            holding the same values (default False: keep them as :class:`qalora.QuantLinear`,
+            see :func:`qalora.load_gguf`).
 
     The model remembers where its tokenizer came from (``model.qalora_state.source``), so
     :func:`qalora.save_pretrained` saves the tokenizer with it.
@@ -162,16 +145,18 @@ def load_model(spec: str | None = None, *, dtype=None) -> LoadedModel:
     transformers = _require_transformers()
     start = time.perf_counter()
     spec = spec or DEFAULT_MODEL
-    from_cache = False
     if spec == DEFAULT_MODEL or spec.endswith(".gguf"):
+        from .formats.gguf import load_gguf
+
         gguf = bundled_gguf_path() if spec == DEFAULT_MODEL else os.path.abspath(spec)
         check_gguf_file(gguf)
-        directory = _cache_dir_for(gguf)
-        from_cache = os.path.isfile(os.path.join(directory, "model.safetensors"))
-        if not from_cache:
-            _convert_gguf(gguf, directory)
-        source = gguf
-    elif os.path.isdir(spec):
+        lm = load_gguf(gguf, dtype=dtype)
+        if dense:
+            dequantized(lm.model, dtype)
+            lm.load_seconds = time.perf_counter() - start
+        return lm
+    from_cache = False
+    if os.path.isdir(spec):
         directory = source = spec
     else:
         raise ModelLoadError(

@@ -48,9 +48,9 @@ def check_layout(in_features: int, bits: int, group_size: int) -> None:
 
     Args:
         in_features: K, the layer's input width (at least 1).
-        bits: 2, 3, 4 or 8.
-        group_size: a divisor of K; at 3 bits also a multiple of 8 (each group then starts
-            on a byte boundary).
+        bits: 2, 3, 4, 5, 6 or 8.
+        group_size: a divisor of K; at 3 and 5 bits also a multiple of 8, at 6 bits of 4
+            (each group then starts on a byte boundary).
 
     Raises:
         UnsupportedBitsError: ``bits`` is not one of :data:`SUPPORTED_BITS`.
@@ -78,7 +78,7 @@ def pack(codes: ArrayOrTensor, bits: int) -> ArrayOrTensor:
 
     Args:
         codes: (N, K) integer tensor or numpy array, values in [0, 2**bits - 1].
-        bits: 2, 3, 4 or 8. K*bits must be a multiple of 8.
+        bits: 2, 3, 4, 5, 6 or 8. K*bits must be a multiple of 8.
 
     Returns:
         (N, K*bits/8) uint8, of the same kind (tensor or array) and device as ``codes``.
@@ -112,8 +112,8 @@ def quantize(
 
     Args:
         weight: (N, K) float tensor (float32/bfloat16/float16/float64), finite.
-        bits: 2, 3, 4 or 8.
-        group_size: a divisor of K (a multiple of 8 at 3 bits).
+        bits: 2, 3, 4, 5, 6 or 8.
+        group_size: a divisor of K (a multiple of 8 at 3 and 5 bits, of 4 at 6 bits).
         scale_dtype: torch.float16 (default), torch.bfloat16 or torch.float32.
 
     Returns:

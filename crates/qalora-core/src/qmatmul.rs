@@ -393,7 +393,7 @@ mod tests {
 
     #[test]
     fn matches_f64_reference() {
-        for bits in [2u32, 3, 4, 8] {
+        for bits in crate::SUPPORTED_BITS {
             let (n, k, g, m) = (37usize, 128usize, 32usize, 3usize);
             let layout = QuantLayout::new(n, k, bits, g).unwrap();
             let w = random_f32(n * k, 11);
@@ -430,9 +430,9 @@ mod tests {
             (3, 256, 128),
             (600, 512, 64), // parallel path (N*K above the threshold)
         ];
-        for &bits in &[2u32, 3, 4, 8] {
+        for bits in crate::SUPPORTED_BITS {
             for &(n, k, g) in cases {
-                if bits == 3 && g % 8 != 0 {
+                if !g.is_multiple_of(crate::layout::group_multiple(bits)) {
                     continue;
                 }
                 let layout = QuantLayout::new(n, k, bits, g).unwrap();

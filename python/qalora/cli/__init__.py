@@ -1,7 +1,7 @@
-"""The ``qalora`` command line: finetune, eval, demo, compare.
+"""The ``qalora`` command line: finetune, eval, demo, compare, export.
 
-qalora demo                                   # bundled SmolLM2 + bundled Shakespeare
-qalora finetune --model smollm2 --data train.jsonl --bits 4 --group-size 32 --out run/
+qalora demo                                   # bundled SmolLM2 + bundled Shakespeare, ends with model.gguf
+qalora finetune --model smollm2 --data train.jsonl --bits 4 --group-size 32 --out run/ --gguf
 qalora eval --model run/model --data heldout.txt
 qalora compare --steps 40                     # the paper's comparison on SmolLM2
 
@@ -10,6 +10,7 @@ the data, ``--out``, whether the settings fit the model's layers). Outputs are w
 beside ``--out`` and moved into place when the run succeeds, so a failed run leaves
 ``--out`` as it was. torch and transformers are imported only once a command runs, so
 ``--help`` is fast.
+qalora export --model run/model --out run/model.gguf   # for llama.cpp, Ollama, LM Studio
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-BITS_HELP = "bits per weight code: one of qalora.ops.SUPPORTED_BITS (2, 3, 4, 8 in this release)"
+BITS_HELP = "bits per weight code: one of qalora.ops.SUPPORTED_BITS (2, 3, 4, 5, 6, 8 in this release)"
 
 
 def _add_model_data(p: argparse.ArgumentParser, model_default: str | None) -> None:
@@ -223,6 +224,15 @@ def _add_quantizer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal, static groups"
     )
+    p.add_argument(
+        "--gguf",
+        nargs="?",
+        const="model.gguf",
+        default=None,
+        help="also write the merged model as a GGUF file for llama.cpp / Ollama (name model.gguf when given "
+        "without one; inside --out unless absolute; default: no GGUF)",
+    )
+    p.add_argument("--other-type", default="q8_0", choices=["q8_0", "f16"], help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,6 +302,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         default="qalora-compare",
         help="output directory (a new or empty one, or a previous comparison's) (default: ./qalora-compare)",
+    )
+    ex = sub.add_parser(
+        "export",
+        help="write a model as a GGUF file for llama.cpp, Ollama and LM Studio",
+        description="Write a model as GGUF: merged QA-LoRA layers exactly as Q4_1/Q5_1, tensors training did not "
+        "change copied from the source GGUF byte for byte.",
+        formatter_class=_HelpFormatter,
+    )
+    ex.add_argument(
+        "--model",
+        required=True,
+        help="a qalora output directory (finetune's model/), a .gguf file or a model directory; required",
+    )
+    ex.add_argument("--out", required=True, help="the .gguf file to write; required")
+    ex.add_argument(
+        "--source",
+        default=None,
+        help="GGUF file to take metadata and unchanged tensors from (default: the file the model came from)",
+    )
+    ex.add_argument(
+        "--other-type",
+        default="q8_0",
+        choices=["q8_0", "f16"],
+        help="type of weights Q4_1/Q5_1 cannot hold exactly (6/8-bit codes, groups of 16, dense layers)",
+    )
+    ex.add_argument(
+        "--pre-tokenizer",
+        default=None,
+        help="llama.cpp's pre-tokenizer name, for tokenizers qalora does not recognise (default: detected)",
     )
     return parser
 
@@ -405,14 +444,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("finetune", "demo"):
             from .finetune import run_finetune
 
+            if args.command == "demo":
+                args.gguf = args.gguf or "model.gguf"  # the demo ends with a file llama.cpp runs
             if smoke():
                 args.steps, args.eval_blocks = min(args.steps, 2), min(args.eval_blocks, 2)
                 args.calibration_blocks = min(args.calibration_blocks, 4)
             report = run_finetune(args)
             print(f"\nqalora: outputs in {os.path.abspath(args.out)}")
-            for key in ("model_dir", "adapter_dir", "loss_curve", "report_json", "report_md"):
-                if report["outputs"][key]:
+            for key in ("model_dir", "adapter_dir", "loss_curve", "report_json", "report_md", "gguf"):
+                if report["outputs"].get(key):
                     print(f"  {key:12s} {report['outputs'][key]}")
+            if report["outputs"].get("gguf"):
+                from .export import how_to_run
+
+                print("\n" + how_to_run(report["outputs"]["gguf"]))
         elif args.command == "eval":
             from .finetune import run_eval
 
@@ -425,6 +470,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.steps, args.eval_blocks = min(args.steps, 2), min(args.eval_blocks, 2)
                 args.calibration_blocks = min(args.calibration_blocks, 4)
             run_compare(args)
+        elif args.command == "export":
+            from .export import run_export
+
+            run_export(args)
     except (QALoRAError, UsageError) as e:
         print(f"qalora: error: {e}", file=sys.stderr)
         return 2

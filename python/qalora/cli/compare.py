@@ -10,6 +10,7 @@ import math
 import os
 import time
 
+import torch
 from torch import nn
 
 from .. import cli, datasets
@@ -26,9 +27,10 @@ from .report import plot_losses
 class DenseLoRALinear(nn.Module):
     """Standard LoRA on an unquantized linear layer: the fp32 reference row."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
         self.base = base
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(base.in_features, rank, bias=False)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -36,16 +38,26 @@ class DenseLoRALinear(nn.Module):
         self.scaling = alpha / rank
 
     def forward(self, x):
-        return self.base(x) + self.lora_B(self.lora_A(x)) * self.scaling
+        return self.base(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    def merged(self) -> nn.Linear:
+        """The dense weight with the update added (W + scaling·B·A), as a plain nn.Linear."""
+        out = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
+        with torch.no_grad():
+            delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+            out.weight.copy_(self.base.weight.float() + delta)
+            if self.base.bias is not None:
+                out.bias.copy_(self.base.bias)
+        return out.to(self.base.weight.dtype).requires_grad_(False)
 
 
-def _dense_lora(model: nn.Module, rank: int, alpha: float) -> nn.Module:
+def _dense_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> nn.Module:
     """The fp32 reference: a dense LoRA on the same layers :func:`qalora.wrap` picks."""
     targets = [(n, m) for n, m in select_targets(model) if isinstance(m, nn.Linear)]
     for p in model.parameters():
         p.requires_grad_(False)
     for name, m in targets:
-        replace_module(model, name, DenseLoRALinear(m, rank, alpha))
+        replace_module(model, name, DenseLoRALinear(m, rank, alpha, dropout))
     return model
 
 
@@ -54,7 +66,7 @@ def run_compare(args) -> dict:
     settings = list(args.settings)
     splits = datasets.load_dataset(args.data, args.heldout)
     quantizers = list(args.quantizers)
-    lm = load_model(args.model)
+    lm = load_model(args.model, dense=True)  # each setting re-quantizes the dense weights
     for bits, g in settings:  # every setting must fit the model before anything trains
         check_settings_fit(lm.model, QALoRAConfig(bits=bits, group_size=g, rank=args.rank, alpha=args.alpha))
     train_blocks, heldout = token_splits(

@@ -13,10 +13,12 @@ from ..checkpoint import save_adapter, save_pretrained
 from ..config import QALoRAConfig
 from ..errors import GroupSizeError, NoTargetModulesError
 from ..io import atomic_directory, atomic_write_json, atomic_write_text
+from ..layers import QALoRALinear, QuantLinear
 from ..loaders import load_model
 from ..state import state_of
+from ..targets import quantized_layers
 from ..train import finetune, perplexity
-from ..wrapping import _checked_targets, merge, summary, wrap
+from ..wrapping import _checked_targets, memory_bytes, merge, summary, wrap
 from .report import dense_parts, plot_losses, report_markdown
 
 CLI_HINT = "On the command line: --exclude NAME[,NAME...] leaves layers dense; --on-indivisible skip leaves every such layer dense."
@@ -67,22 +69,40 @@ def run_finetune(args) -> dict:
     torch.manual_seed(args.seed)
     config = run_config(args)
     splits = datasets.load_dataset(args.data, args.heldout)  # bad data fails before the slow load
-    lm = load_model(args.model)
+    # A GGUF model arrives with its layers already quantized (its own codes): wrap then only
+    # adds adapters, and --bits / --group-size apply to layers the file holds dense. GPTQ
+    # quantizes from the dense weights, so for it the file's layers are dequantized first.
+    lm = load_model(args.model, dense=args.quantizer == "gptq")
     model, tok = lm.model, lm.tokenizer
     check_settings_fit(model, config)
+    loaded_quantized = any(isinstance(m, QuantLinear) for m in model.modules())
+    gguf_name = getattr(args, "gguf", None)
+    if gguf_name:
+        from ..formats.gguf_export import check_exportable
+
+        check_exportable(model, tok)  # refuse before training, not after
     train_blocks, heldout = token_splits(tok, splits, args.block_size, args.eval_blocks, args.steps * args.batch_size)
     print(
         f"qalora: model {lm.source} loaded in {lm.load_seconds:.1f}s; data {splits.name}: "
         f"{len(train_blocks)} training and {len(heldout)} held-out blocks of {args.block_size} tokens"
     )
-    ppl_dense = perplexity(model, heldout, batch_size=args.batch_size, desc="perplexity: dense model")
-    dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    ppl_dense = perplexity(
+        model,
+        heldout,
+        batch_size=args.batch_size,
+        desc="perplexity: model as loaded" if loaded_quantized else "perplexity: dense model",
+    )
+    loaded_bytes = memory_bytes(model)  # parameters and buffers (quantized layers included)
     calibration = None
     if args.quantizer == "gptq":  # GPTQ calibrates on blocks of the training data
         calibration = datasets.token_blocks(tok, splits.train, args.block_size, max_blocks=args.calibration_blocks)
     wrap(model, config, calibration=calibration)
     info = summary(model)
-    ppl_quant = perplexity(model, heldout, batch_size=args.batch_size, desc="perplexity: quantized base")
+    imported = state_of(model).source.get("layers", {})
+    if imported and all(name in imported for name, _ in quantized_layers(model, QALoRALinear)):
+        ppl_quant = ppl_dense  # zero-initialised adapters on the file's own layers: nothing changed
+    else:
+        ppl_quant = perplexity(model, heldout, batch_size=args.batch_size, desc="perplexity: quantized base")
     result = finetune(model, train_blocks, args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     ppl_adapted = perplexity(model, heldout, batch_size=args.batch_size, desc="perplexity: with adapters")
     outputs = {
@@ -91,6 +111,7 @@ def run_finetune(args) -> dict:
         "loss_curve": os.path.join(out, "loss_curve.png") if cli.plotting_available() else None,
         "report_json": os.path.join(out, "report.json"),
         "report_md": os.path.join(out, "report.md"),
+        "gguf": (gguf_name if os.path.isabs(gguf_name) else os.path.join(out, gguf_name)) if gguf_name else None,
     }
     # Everything is written into a directory beside --out and swapped in at the end: a run
     # that fails leaves --out as it was.
@@ -99,6 +120,15 @@ def run_finetune(args) -> dict:
         merge(model)
         ppl_merged = perplexity(model, heldout, batch_size=args.batch_size, desc="perplexity: merged")
         save_pretrained(model, os.path.join(work, "model"), tokenizer=tok)
+        gguf_report = None
+        if outputs["gguf"]:
+            from .export import write_gguf
+
+            inside = not os.path.isabs(gguf_name)  # written with the rest, or where the user asked
+            gguf_report = write_gguf(
+                model, tok, os.path.join(work, gguf_name) if inside else gguf_name, other_type=args.other_type
+            )
+            print(gguf_report.summary())
         merged_info = summary(model)
         if outputs["loss_curve"]:
             plot_losses(
@@ -115,6 +145,7 @@ def run_finetune(args) -> dict:
             "block_size": args.block_size,
             "learning_rate": args.lr,
             "heldout_blocks": len(heldout),
+            "loaded_quantized": loaded_quantized,
             "heldout_perplexity": {
                 "dense_fp32": ppl_dense,
                 "quantized_base": ppl_quant,
@@ -125,7 +156,7 @@ def run_finetune(args) -> dict:
             "quantization": qalora_state_quantization(model),
             "trainable_params": info.trainable_params,
             "total_params": info.total_params,
-            "memory_bytes": {"dense": dense_bytes, "wrapped": info.memory_bytes, "merged": merged_info.memory_bytes},
+            "memory_bytes": {"loaded": loaded_bytes, "wrapped": info.memory_bytes, "merged": merged_info.memory_bytes},
             "dense_parts": dense_parts(model),
             "excluded_layers": list(config.exclude_modules or []),
             "skipped_layers": list(state_of(model).skipped),
@@ -139,6 +170,15 @@ def run_finetune(args) -> dict:
             },
             "outputs": outputs,
         }
+        if gguf_report is not None:
+            report["gguf"] = {
+                "path": outputs["gguf"],
+                "summary": gguf_report.summary(),
+                "bytes": gguf_report.bytes,
+                "tensors": {h: gguf_report.count(h) for h in ("copied", "exact", "rounded", "converted", "dense")},
+                "max_param_rel_change": gguf_report.max_param_rel_change,
+                "max_rel_error": gguf_report.max_rel_error,
+            }
         atomic_write_json(os.path.join(work, "report.json"), report)
         atomic_write_text(os.path.join(work, "report.md"), report_markdown(report))
     print(report_markdown(report))

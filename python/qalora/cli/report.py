@@ -120,6 +120,9 @@ def report_markdown(r: dict) -> str:
     p = r["heldout_perplexity"]
     mib = 1 << 20
     c = r["config"]
+    base_label = (
+        "the loaded codes, adapters at zero" if r.get("loaded_quantized") else c.get("quantizer", "rtn").upper()
+    )
     lines = [
         "# qalora fine-tuning report",
         "",
@@ -128,8 +131,9 @@ def report_markdown(r: dict) -> str:
         "",
         "| held-out perplexity | value |",
         "| --- | --- |",
-        f"| dense fp32 model | {p['dense_fp32']:.3f} |",
-        f"| quantized base ({c.get('quantizer', 'rtn').upper()}) | {p['quantized_base']:.3f} |",
+        f"| {'model as loaded (its own quantized layers)' if r.get('loaded_quantized') else 'dense fp32 model'} "
+        f"| {p['dense_fp32']:.3f} |",
+        f"| quantized base ({base_label}) | {p['quantized_base']:.3f} |",
         f"| QA-LoRA, adapters unmerged | {p['qalora_unmerged']:.3f} |",
         f"| QA-LoRA, merged into the low-bit weights | {p['qalora_merged']:.3f} |",
         "",
@@ -137,10 +141,11 @@ def report_markdown(r: dict) -> str:
         f"their {c['scale_dtype']} storage only).",
         "",
         f"- trainable parameters: {r['trainable_params']:,} of {r['total_params']:,}",
-        f"- memory: dense {r['memory_bytes']['dense'] / mib:.1f} MiB, wrapped {r['memory_bytes']['wrapped'] / mib:.1f} MiB, "
+        f"- memory: as loaded {r['memory_bytes']['loaded'] / mib:.1f} MiB, wrapped {r['memory_bytes']['wrapped'] / mib:.1f} MiB, "
         f"merged {r['memory_bytes']['merged'] / mib:.1f} MiB",
         f"- time per step: {r['seconds_per_step']:.2f} s ({r['machine']['cpus']} CPUs, {r['machine']['torch_threads']} torch threads)",
         f"- final training loss: {r['final_loss']:.3f}",
+        *([f"- GGUF: {r['gguf']['summary']}"] if r.get("gguf") else []),
     ]
     if r.get("skipped_layers"):
         lines.append(f"- layers left dense as indivisible by the group size: {', '.join(r['skipped_layers'])}")
