@@ -373,12 +373,14 @@ pub(crate) fn for_weight_rows<S: Send>(
     } else {
         // A few chunks per thread balance the load; each keeps whole rows, an even number
         // of them (the exact M = 1 kernel takes rows in pairs).
-        let chunks = rayon::current_num_threads() * 4;
+        let chunks = crate::parallel::threads() * 4;
         let rows = (n.div_ceil(chunks).max(4) + 1) & !1;
-        out_t
-            .par_chunks_mut(rows * m)
-            .enumerate()
-            .for_each_init(init, |scratch, (c, o)| run_rows(c * rows, o, scratch));
+        crate::parallel::install(|| {
+            out_t
+                .par_chunks_mut(rows * m)
+                .enumerate()
+                .for_each_init(init, |scratch, (c, o)| run_rows(c * rows, o, scratch))
+        });
     }
     if m > 1 {
         transpose_into(&out_t_buf, n, m, out);
