@@ -246,7 +246,10 @@ def _carried(kinds: str, *values: Any) -> list[Any] | None:
         elif kind == "i":
             ok = not isinstance(v, bool) and hasattr(type(v), "__index__")
             if ok:
-                v = operator.index(v)
+                try:
+                    v = operator.index(v)
+                except TypeError:  # e.g. a numpy array of more than one element
+                    return None
                 ok = _INT64[0] <= v <= _INT64[1]
         elif kind == "f":
             ok = not isinstance(v, (bool, str, bytes)) and (
