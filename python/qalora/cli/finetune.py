@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import warnings
 
 import torch
 
-from .. import cli, datasets
+from .. import cli, datasets, distributed
 from ..checkpoint import save_adapter, save_pretrained
 from ..config import QALoRAConfig
 from ..errors import GroupSizeError, NoTargetModulesError
@@ -55,17 +56,19 @@ def run_config(args) -> QALoRAConfig:
 
 def run_finetune(args) -> dict:
     out = os.path.abspath(args.out)
+    writer = distributed.is_main_process()  # several processes: rank 0 prints and writes
     torch.manual_seed(args.seed)
     config = run_config(args)
     splits = datasets.load_dataset(args.data, args.heldout)  # bad data fails before the slow load
-    lm = load_model(args.model)
+    lm = distributed.main_process_first(lambda: load_model(args.model))
     model, tok = lm.model, lm.tokenizer
     check_settings_fit(model, config)
     train_blocks, heldout = token_splits(tok, splits, args.block_size, args.eval_blocks, args.steps * args.batch_size)
-    print(
-        f"qalora: model {lm.source} loaded in {lm.load_seconds:.1f}s; data {splits.name}: "
-        f"{len(train_blocks)} training and {len(heldout)} held-out blocks of {args.block_size} tokens"
-    )
+    if writer:
+        print(
+            f"qalora: model {lm.source} loaded in {lm.load_seconds:.1f}s; data {splits.name}: "
+            f"{len(train_blocks)} training and {len(heldout)} held-out blocks of {args.block_size} tokens"
+        )
     ppl_dense = perplexity(model, heldout, batch_size=args.batch_size, desc="perplexity: dense model")
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     wrap(model, config)
@@ -81,11 +84,15 @@ def run_finetune(args) -> dict:
         "report_md": os.path.join(out, "report.md"),
     }
     # Everything is written into a directory beside --out and swapped in at the end: a run
-    # that fails leaves --out as it was.
-    with atomic_directory(out) as work:
-        save_adapter(model, os.path.join(work, "adapter"))
+    # that fails leaves --out as it was. Launched as several processes, every rank merges and
+    # evaluates (a shared computation) and rank 0 alone writes.
+    with atomic_directory(out) if writer else contextlib.nullcontext() as work:
+        if writer:
+            save_adapter(model, os.path.join(work, "adapter"))
         merge(model)
         ppl_merged = perplexity(model, heldout, batch_size=args.batch_size, desc="perplexity: merged")
+        if not writer:
+            return {"outputs": outputs}
         save_pretrained(model, os.path.join(work, "model"), tokenizer=tok)
         merged_info = summary(model)
         if outputs["loss_curve"]:
@@ -123,6 +130,7 @@ def run_finetune(args) -> dict:
                 "platform": platform.platform(),
                 "cpus": os.cpu_count(),
                 "torch_threads": torch.get_num_threads(),
+                "processes": distributed.rank_and_world()[1],
             },
             "outputs": outputs,
         }
@@ -134,6 +142,6 @@ def run_finetune(args) -> dict:
 
 def run_eval(args) -> float:
     splits = datasets.load_dataset(args.data, args.heldout)
-    lm = load_model(args.model)
+    lm = distributed.main_process_first(lambda: load_model(args.model))
     heldout = datasets.token_blocks(lm.tokenizer, splits.heldout, args.block_size, max_blocks=args.eval_blocks)
     return perplexity(lm.model, heldout, batch_size=args.batch_size)
