@@ -217,7 +217,7 @@ def test_bad_layer_inputs():
     with pytest.raises(qalora.GroupSizeError):
         gptq.quantize_weight(w, h, 4, 12)
     with pytest.raises(qalora.UnsupportedBitsError):
-        gptq.quantize_weight(w, h, 5, 16)
+        gptq.quantize_weight(w, h, 7, 16)
     with pytest.raises(qalora.DTypeError, match="weight"):
         gptq.quantize_weight(w.int(), h, 4, 16)
     with pytest.raises(qalora.InvalidValueError, match="damp_percent"):

@@ -261,6 +261,62 @@ def test_qmatmul_int8_activations_backward_is_exact():
     np.testing.assert_allclose(x.grad.double().numpy(), up.double().numpy() @ dense64, rtol=1e-4, atol=1e-5)
 
 
+def _specials_case(bits, m, dtype):
+    """A weight with an exactly-zero group (row 5) and an all-positive one (row 9), and
+    activations whose first rows hold +Inf (meeting the zero group: NaN), -Inf and +Inf
+    together (NaN wherever the weights differ in sign), NaN, a finite value too large for
+    the factored form's partial sums, and +Inf meeting only positive weights on row 9; the
+    remaining rows are finite."""
+    torch.manual_seed(bits + m)
+    w = torch.randn(24, 128)
+    w[5, :32] = 0.0
+    w[9, 32:64] = w[9, 32:64].abs() + 0.5
+    q = ops.quantize(w, bits, 32)
+    dense = ops.dequantize(*q, bits, 32)
+    x = torch.randn(m, 128)
+    specials = [(0, 3, float("inf")), (1, 40, float("-inf")), (1, 100, float("inf")), (2, 7, float("nan"))]
+    specials += [(3, 10, -1e37), (4, 50, float("inf"))]
+    for row, col, v in specials:
+        if row < m:
+            x[row, col] = v
+    return q, dense, x.to(dtype)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("m", [1, 7, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qmatmul_non_finite_inputs_follow_dense_semantics(bits, m, dtype):
+    # A dense matmul gives +-Inf where an infinite input meets weights of one sign and NaN
+    # where it meets a zero weight or both signs; every route agrees with it (the fused
+    # small-M kernels used to give NaN for the whole row).
+    q, dense, x = _specials_case(bits, m, dtype)
+    want = (x.float() @ dense.T).to(dtype)
+    assert want[0, 5].isnan() and not want[0].isnan().all()
+    if m > 1:
+        assert want[1].isnan().any() and want[4, 9] == float("inf") and want[5:].isfinite().all()
+    special = slice(0, min(m, 5))
+    for backend, activations in [("core", "exact"), ("core", "int8"), ("torch", "exact")]:
+        y = ops.qmatmul(x, *q, bits, 32, backend=backend, activations=activations)
+        case = f"{backend}/{activations}"
+        torch.testing.assert_close(y[special], want[special], rtol=1e-4, atol=1e-3, equal_nan=True, msg=case)
+        # The finite rows of the same call keep their route (int8: its own error bound).
+        torch.testing.assert_close(y[5:], want[5:], rtol=0.05, atol=0.5, msg=case)
+
+
+@pytest.mark.parametrize("m", [1, 7, 40])
+def test_qmatmul_backward_with_non_finite_gradients_follows_dense_semantics(m):
+    q, dense, _ = _specials_case(4, m, torch.float32)
+    grad_y = torch.randn(m, 24)
+    grad_y[0, 5] = float("inf")
+    if m > 1:
+        grad_y[1, 2], grad_y[1, 9] = float("-inf"), float("inf")
+    want = grad_y @ dense
+    for backend in BACKENDS:
+        x = torch.randn(m, 128, requires_grad=True)
+        ops.qmatmul(x, *q, 4, 32, backend=backend).backward(grad_y)
+        torch.testing.assert_close(x.grad, want, rtol=1e-4, atol=1e-3, equal_nan=True, msg=backend)
+
+
 def test_qmatmul_rejects_unknown_activation_mode():
     q, _ = _quantized(8, 64, 32, 4)
     with pytest.raises(qalora.InvalidValueError, match="activations: got 'fp8', allowed: 'exact', 'int8'"):

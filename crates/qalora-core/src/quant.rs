@@ -10,7 +10,7 @@ use crate::error::{KernelError, Result};
 use crate::isa::Isa;
 use crate::layout::{max_code, QuantLayout};
 use crate::pack::{pack_row, unpack_row};
-use crate::parallel::{for_each_row_with, PARALLEL_THRESHOLD};
+use crate::parallel::{for_each_row_with, install, PARALLEL_THRESHOLD};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -146,7 +146,7 @@ pub fn quantize(
     if n * k < PARALLEL_THRESHOLD {
         scales.chunks_mut(groups).zip(offsets.chunks_mut(groups)).enumerate().for_each(per_row);
     } else {
-        scales.par_chunks_mut(groups).zip(offsets.par_chunks_mut(groups)).enumerate().for_each(per_row);
+        install(|| scales.par_chunks_mut(groups).zip(offsets.par_chunks_mut(groups)).enumerate().for_each(per_row));
     }
     let bad = first_bad.into_inner();
     if bad != usize::MAX {

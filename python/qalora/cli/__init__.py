@@ -407,6 +407,14 @@ def preflight(parser: argparse.ArgumentParser, args) -> None:
                 "(pip install matplotlib, or pip install 'qalora[hf]')",
                 file=sys.stderr,
             )
+    from ..distributed import launched_world_size
+
+    world = launched_world_size()  # torchrun / accelerate launch started several processes
+    if world > 1 and getattr(args, "batch_size", 0) % world:
+        raise UsageError(
+            f"--batch-size {args.batch_size} is the global batch and must split evenly across the {world} "
+            f"launched processes; use a multiple of {world}"
+        )
     _check_bits(parser, args)  # imports torch (the supported set comes from the kernels)
 
 
@@ -433,6 +441,7 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # --help and usage errors end here, before torch loads
+    from .. import distributed
     from ..errors import QALoRAError
 
     try:
@@ -441,6 +450,11 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
+        # Launched by torchrun / accelerate launch: train data-parallel, rank 0 writes.
+        if args.command == "compare" and distributed.launched_world_size() > 1:
+            raise UsageError("compare runs in one process; launch it without torchrun / accelerate launch")
+        distributed.init_from_environment()
+        main_process = distributed.is_main_process()
         if args.command in ("finetune", "demo"):
             from .finetune import run_finetune
 
@@ -450,19 +464,21 @@ def main(argv: list[str] | None = None) -> int:
                 args.steps, args.eval_blocks = min(args.steps, 2), min(args.eval_blocks, 2)
                 args.calibration_blocks = min(args.calibration_blocks, 4)
             report = run_finetune(args)
-            print(f"\nqalora: outputs in {os.path.abspath(args.out)}")
-            for key in ("model_dir", "adapter_dir", "loss_curve", "report_json", "report_md", "gguf"):
-                if report["outputs"].get(key):
-                    print(f"  {key:12s} {report['outputs'][key]}")
-            if report["outputs"].get("gguf"):
-                from .export import how_to_run
+            if main_process:
+                print(f"\nqalora: outputs in {os.path.abspath(args.out)}")
+                for key in ("model_dir", "adapter_dir", "loss_curve", "report_json", "report_md", "gguf"):
+                    if report["outputs"].get(key):
+                        print(f"  {key:12s} {report['outputs'][key]}")
+                if report["outputs"].get("gguf"):
+                    from .export import how_to_run
 
-                print("\n" + how_to_run(report["outputs"]["gguf"]))
+                    print("\n" + how_to_run(report["outputs"]["gguf"]))
         elif args.command == "eval":
             from .finetune import run_eval
 
             ppl = run_eval(args)
-            print(json.dumps({"model": args.model, "heldout_perplexity": ppl}))
+            if main_process:
+                print(json.dumps({"model": args.model, "heldout_perplexity": ppl}))
         elif args.command == "compare":
             from .compare import run_compare
 
@@ -488,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        distributed.shutdown()
     return 0
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import warnings
 
 import torch
 
-from .. import cli, datasets
+from .. import cli, datasets, distributed
 from ..checkpoint import save_adapter, save_pretrained
 from ..config import QALoRAConfig
 from ..errors import GroupSizeError, NoTargetModulesError
@@ -66,13 +67,14 @@ def qalora_state_quantization(model) -> dict:
 
 def run_finetune(args) -> dict:
     out = os.path.abspath(args.out)
+    writer = distributed.is_main_process()  # several processes: rank 0 prints and writes
     torch.manual_seed(args.seed)
     config = run_config(args)
     splits = datasets.load_dataset(args.data, args.heldout)  # bad data fails before the slow load
     # A GGUF model arrives with its layers already quantized (its own codes): wrap then only
     # adds adapters, and --bits / --group-size apply to layers the file holds dense. GPTQ
     # quantizes from the dense weights, so for it the file's layers are dequantized first.
-    lm = load_model(args.model, dense=args.quantizer == "gptq")
+    lm = distributed.main_process_first(lambda: load_model(args.model, dense=args.quantizer == "gptq"))
     model, tok = lm.model, lm.tokenizer
     check_settings_fit(model, config)
     loaded_quantized = any(isinstance(m, QuantLinear) for m in model.modules())
@@ -82,10 +84,11 @@ def run_finetune(args) -> dict:
 
         check_exportable(model, tok)  # refuse before training, not after
     train_blocks, heldout = token_splits(tok, splits, args.block_size, args.eval_blocks, args.steps * args.batch_size)
-    print(
-        f"qalora: model {lm.source} loaded in {lm.load_seconds:.1f}s; data {splits.name}: "
-        f"{len(train_blocks)} training and {len(heldout)} held-out blocks of {args.block_size} tokens"
-    )
+    if writer:
+        print(
+            f"qalora: model {lm.source} loaded in {lm.load_seconds:.1f}s; data {splits.name}: "
+            f"{len(train_blocks)} training and {len(heldout)} held-out blocks of {args.block_size} tokens"
+        )
     ppl_dense = perplexity(
         model,
         heldout,
@@ -114,11 +117,15 @@ def run_finetune(args) -> dict:
         "gguf": (gguf_name if os.path.isabs(gguf_name) else os.path.join(out, gguf_name)) if gguf_name else None,
     }
     # Everything is written into a directory beside --out and swapped in at the end: a run
-    # that fails leaves --out as it was.
-    with atomic_directory(out) as work:
-        save_adapter(model, os.path.join(work, "adapter"))
+    # that fails leaves --out as it was. Launched as several processes, every rank merges and
+    # evaluates (a shared computation) and rank 0 alone writes.
+    with atomic_directory(out) if writer else contextlib.nullcontext() as work:
+        if writer:
+            save_adapter(model, os.path.join(work, "adapter"))
         merge(model)
         ppl_merged = perplexity(model, heldout, batch_size=args.batch_size, desc="perplexity: merged")
+        if not writer:
+            return {"outputs": outputs}
         save_pretrained(model, os.path.join(work, "model"), tokenizer=tok)
         gguf_report = None
         if outputs["gguf"]:
@@ -167,6 +174,7 @@ def run_finetune(args) -> dict:
                 "platform": platform.platform(),
                 "cpus": os.cpu_count(),
                 "torch_threads": torch.get_num_threads(),
+                "processes": distributed.rank_and_world()[1],
             },
             "outputs": outputs,
         }
@@ -187,6 +195,6 @@ def run_finetune(args) -> dict:
 
 def run_eval(args) -> float:
     splits = datasets.load_dataset(args.data, args.heldout)
-    lm = load_model(args.model)
+    lm = distributed.main_process_first(lambda: load_model(args.model))
     heldout = datasets.token_blocks(lm.tokenizer, splits.heldout, args.block_size, max_blocks=args.eval_blocks)
     return perplexity(lm.model, heldout, batch_size=args.batch_size)
