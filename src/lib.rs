@@ -6,6 +6,7 @@
 mod args;
 mod boundary;
 mod core_path;
+mod gptq;
 mod torch_path;
 
 use pyo3::prelude::*;
@@ -534,6 +535,81 @@ fn stream_read(py: Python<'_>, buf: &Bound<'_, PyAny>) -> PyResult<u64> {
     })
 }
 
+/// Adds a batch of layer inputs `x` (..., K) to a running GPTQ Hessian 2 XᵀX / n (K, K),
+/// in place; returns the number of rows seen.
+#[pyfunction]
+fn gptq_hessian_update(
+    py: Python<'_>,
+    hessian: &Bound<'_, PyAny>,
+    x: &Bound<'_, PyAny>,
+    seen: &Bound<'_, PyAny>,
+) -> PyResult<i64> {
+    let (mut h, x) = (tensor_arg(hessian, "hessian")?, tensor_arg(x, "x")?);
+    let seen = int_arg(seen, "seen")?;
+    run(py, move || {
+        check_kind(&h, "hessian", &[Kind::Float, Kind::Double])?;
+        check_dims(&h, "hessian", 2)?;
+        let k = h.size()[0];
+        check_shape(&h, "hessian", &[k, k], "K, K")?;
+        if !h.is_contiguous() {
+            return Err(KernelError::shape("hessian: the tensor is not contiguous; pass hessian.contiguous()"));
+        }
+        activation(&x, "x", k as usize, "the Hessian's size K")?;
+        same_device(&[("hessian", &h), ("x", &x)])?;
+        let seen = match seen.get() {
+            Some(v) if v >= 0 => v,
+            _ => return Err(KernelError::value(format!("seen: got {seen}, it must be a count >= 0"))),
+        };
+        Ok(gptq::hessian_update(&mut h, &x, seen))
+    })
+}
+
+/// GPTQ for one layer: weight (N, K) and its Hessian (K, K) -> (packed, scales, offsets, damp).
+#[pyfunction]
+#[pyo3(signature = (weight, hessian, bits, group_size, scale_dtype=ScaleDType::F16, damp_percent=0.01, act_order=false, block_size=None, backend=BackendArg::Auto))]
+#[allow(clippy::too_many_arguments)]
+fn gptq_quantize(
+    py: Python<'_>,
+    weight: &Bound<'_, PyAny>,
+    hessian: &Bound<'_, PyAny>,
+    bits: &Bound<'_, PyAny>,
+    group_size: &Bound<'_, PyAny>,
+    scale_dtype: ScaleDType,
+    damp_percent: f64,
+    act_order: bool,
+    block_size: Option<&Bound<'_, PyAny>>,
+    backend: BackendArg,
+) -> PyResult<(PyObject, PyObject, PyObject, f64)> {
+    let (w, h) = (tensor_arg(weight, "weight")?, tensor_arg(hessian, "hessian")?);
+    let (bits, group_size) = (int_arg(bits, "bits")?, int_arg(group_size, "group_size")?);
+    let block_size = block_size.map(|b| int_arg(b, "block_size")).transpose()?;
+    let r = run(py, move || {
+        let bits = check_bits(bits)?;
+        check_kind(&w, "weight", &FLOAT_KINDS)?;
+        check_dims(&w, "weight", 2)?;
+        check_kind(&h, "hessian", &FLOAT_KINDS)?;
+        let k = w.size()[1];
+        check_shape(&h, "hessian", &[k, k], "in_features of weight, twice")?;
+        let device = same_device(&[("weight", &w), ("hessian", &h)])?;
+        let layout = qalora_core::QuantLayout::new(dim(&w, 0), dim(&w, 1), bits, group_size)?;
+        if !(damp_percent > 0.0 && damp_percent <= 1.0) {
+            return Err(KernelError::value(format!("damp_percent: got {damp_percent}, it must be in (0, 1]")));
+        }
+        let block_size = match block_size {
+            None => gptq::BLOCK_SIZE,
+            Some(b) => match b.get() {
+                Some(v) if v >= 1 => v as usize,
+                _ => return Err(KernelError::value(format!("block_size: got {b}, it must be at least 1"))),
+            },
+        };
+        // A float64 Hessian asks for a float64 run, which only the torch path does.
+        let be = backend.resolve(device, h.kind() != Kind::Double)?;
+        let opts = gptq::GptqOptions { scale_kind: scale_dtype.kind(), damp_percent, block_size, act_order };
+        gptq::quantize(&w, &h, layout, opts, be)
+    })?;
+    Ok((wrap_tensor(py, r.packed)?, wrap_tensor(py, r.scales)?, wrap_tensor(py, r.offsets)?, r.damp))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -553,5 +629,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(unrepack_tiles, m)?)?;
     m.add_function(wrap_pyfunction!(qmatmul_tiled, m)?)?;
     m.add_function(wrap_pyfunction!(stream_read, m)?)?;
+    m.add_function(wrap_pyfunction!(gptq_hessian_update, m)?)?;
+    m.add_function(wrap_pyfunction!(gptq_quantize, m)?)?;
     Ok(())
 }

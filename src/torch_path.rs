@@ -12,19 +12,34 @@ fn shifts(bits: u32, count: u32, device: Device) -> Tensor {
     Tensor::arange_start_step(0, (bits * count) as i64, bits as i64, (Kind::Int, device))
 }
 
+/// Codes per little-endian word for widths whose codes straddle bytes (3, 5, 6 bits: eight,
+/// eight and four codes in 3, 5 and 3 bytes), as (codes, bytes).
+fn word_of(bits: u32) -> Option<(i64, i64)> {
+    match bits {
+        3 | 5 => Some((8, bits as i64)),
+        6 => Some((4, 3)),
+        _ => None,
+    }
+}
+
 /// (N, K*b/8) uint8 -> (N, K) uint8 codes.
 pub fn unpack(packed: &Tensor, bits: u32, k: usize) -> Tensor {
     let n = packed.size()[0];
     let mask = max_code(bits) as i64;
+    if let Some((per, bytes)) = word_of(bits) {
+        // Assemble each little-endian word of `bytes` bytes (up to 40 bits: int64), then split it.
+        let b = packed.view([n, -1, bytes]).to_kind(Kind::Int64);
+        let word = b
+            .bitwise_left_shift(&shifts(8, bytes as u32, packed.device()).to_kind(Kind::Int64))
+            .sum_dim_intlist(-1, false, Kind::Int64);
+        let codes = word
+            .unsqueeze(-1)
+            .bitwise_right_shift(&shifts(bits, per as u32, packed.device()).to_kind(Kind::Int64))
+            .bitwise_and(mask);
+        return codes.reshape([n, k as i64]).to_kind(Kind::Uint8);
+    }
     match bits {
         8 => packed.copy(),
-        3 => {
-            // Three bytes hold eight codes: assemble a 24-bit little-endian word, then split it.
-            let b = packed.view([n, -1, 3]).to_kind(Kind::Int);
-            let word = b.select(2, 0) + b.select(2, 1) * 256 + b.select(2, 2) * 65536;
-            let codes = word.unsqueeze(-1).bitwise_right_shift(&shifts(3, 8, packed.device())).bitwise_and(mask);
-            codes.reshape([n, k as i64]).to_kind(Kind::Uint8)
-        }
         _ => {
             let per = 8 / bits;
             let codes = packed
@@ -41,24 +56,20 @@ pub fn unpack(packed: &Tensor, bits: u32, k: usize) -> Tensor {
 pub fn pack(codes: &Tensor, bits: u32) -> Tensor {
     let (n, k) = (codes.size()[0], codes.size()[1]);
     let c = codes.to_kind(Kind::Int);
+    if let Some((per, bytes)) = word_of(bits) {
+        let word = c
+            .to_kind(Kind::Int64)
+            .view([n, k / per, per])
+            .bitwise_left_shift(&shifts(bits, per as u32, codes.device()).to_kind(Kind::Int64))
+            .sum_dim_intlist(-1, false, Kind::Int64);
+        let parts = word
+            .unsqueeze(-1)
+            .bitwise_right_shift(&shifts(8, bytes as u32, codes.device()).to_kind(Kind::Int64))
+            .bitwise_and(255);
+        return parts.reshape([n, k * bits as i64 / 8]).to_kind(Kind::Uint8);
+    }
     match bits {
         8 => c.to_kind(Kind::Uint8),
-        3 => {
-            let word = c.view([n, k / 8, 8]).bitwise_left_shift(&shifts(3, 8, codes.device())).sum_dim_intlist(
-                -1,
-                false,
-                Kind::Int,
-            );
-            let bytes = Tensor::stack(
-                &[
-                    word.bitwise_and(255),
-                    word.bitwise_right_shift_tensor_scalar(8).bitwise_and(255),
-                    word.bitwise_right_shift_tensor_scalar(16),
-                ],
-                -1,
-            );
-            bytes.reshape([n, k * 3 / 8]).to_kind(Kind::Uint8)
-        }
         _ => {
             let per = (8 / bits) as i64;
             c.view([n, k / per, per])
@@ -104,7 +115,9 @@ pub fn dequantize(w: &QuantWeight, kind: Kind) -> Tensor {
     let l = w.layout;
     let codes = unpack(&w.packed, l.bits, l.k).to_kind(Kind::Float);
     let (s, o) = (w.scales.to_kind(Kind::Float), w.offsets.to_kind(Kind::Float));
-    let dense = codes.view([l.n as i64, l.groups() as i64, l.group_size as i64]) * s.unsqueeze(-1) + o.unsqueeze(-1);
+    // o + codes·s as one addcmul: one rounding where the device fuses it (the core's FMA).
+    let codes = codes.view([l.n as i64, l.groups() as i64, l.group_size as i64]);
+    let dense = o.unsqueeze(-1).addcmul(&codes, &s.unsqueeze(-1));
     dense.view([l.n as i64, l.k as i64]).to_kind(kind)
 }
 

@@ -43,7 +43,7 @@ def _meta(t):
         (lambda: _core.unpack(torch.zeros(2, 5, dtype=torch.uint8), 4, 8), errors.ShapeError),
         (lambda: _core.pack(torch.zeros(2, 8), 4), errors.DTypeError),
         (lambda: _core.dequantize(*map(_meta, _q()), 4, 32, torch.float32, "core"), errors.DeviceError),
-        (lambda: _core.pack(torch.zeros(2, 8, dtype=torch.uint8), 5), errors.UnsupportedBitsError),
+        (lambda: _core.pack(torch.zeros(2, 8, dtype=torch.uint8), 7), errors.UnsupportedBitsError),
         (lambda: _core.quantize(torch.randn(2, 64), 4, 48), errors.GroupSizeError),
         (lambda: _core.pack(torch.full((2, 8), 16), 4), errors.CodeRangeError),
         (lambda: _core.pack(torch.zeros(2, 8, dtype=torch.uint8), 4, "gpu"), errors.InvalidValueError),
@@ -90,14 +90,14 @@ def test_without_registered_classes_errors_are_loud_not_value_errors():
         core = importlib.util.module_from_spec(importlib.util.spec_from_file_location("_core", path, loader=loader))
         loader.exec_module(core)
         try:
-            core.check_layout(64, 5, 32)
+            core.check_layout(64, 7, 32)
         except Exception as e:
             print(type(e).__name__, isinstance(e, ValueError), e)
         """
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("RuntimeError False"), r.stdout
-    assert "no exception classes are registered" in r.stdout and "bits: got 5" in r.stdout
+    assert "no exception classes are registered" in r.stdout and "bits: got 7" in r.stdout
 
 
 # ---------------------------------------------------------------- options and numbers
@@ -191,7 +191,7 @@ def test_numpy_integers_are_ints():
     )
 
 
-@pytest.mark.parametrize("bits", [-1, 0, 1, 5, 16, 2**32 + 4, -(2**63), 2**64 + 4, 2**70])
+@pytest.mark.parametrize("bits", [-1, 0, 1, 7, 16, 2**32 + 4, -(2**63), 2**64 + 4, 2**70])
 def test_bits_are_reported_as_given(bits):
     p, s, m = _q()
     for call in (
@@ -202,7 +202,9 @@ def test_bits_are_reported_as_given(bits):
         lambda: ops.unpack(p, bits, 64),
         lambda: ops.check_layout(64, bits, 32),
     ):
-        with pytest.raises(qalora.UnsupportedBitsError, match=rf"^bits: got {bits}, allowed values are 2, 3, 4 and 8$"):
+        with pytest.raises(
+            qalora.UnsupportedBitsError, match=rf"^bits: got {bits}, allowed values are 2, 3, 4, 5, 6 and 8$"
+        ):
             call()
 
 
@@ -226,14 +228,38 @@ def test_group_sizes_are_reported_as_given(g):
 
 
 def test_check_layout_accepts_what_the_ops_accept():
-    for k, bits, g in [(576, 4, 32), (576, 4, 64), (576, 3, 64), (64, 2, 64), (6, 4, 3), (8, 8, 1)]:
+    for k, bits, g in [
+        (576, 4, 32),
+        (576, 4, 64),
+        (576, 3, 64),
+        (64, 2, 64),
+        (6, 4, 3),
+        (8, 8, 1),
+        (576, 5, 32),
+        (576, 6, 16),
+        (12, 6, 4),
+    ]:
         assert ops.check_layout(k, bits, g) is None
         ops.quantize(torch.randn(2, k), bits, g)
 
 
 @pytest.mark.parametrize(
     "k,bits,g",
-    [(64, 5, 32), (64, 4, 48), (576, 4, 128), (64, 3, 4), (576, 3, 12), (12, 3, 4), (6, 2, 3), (64, 4, 0), (63, 4, 9)],
+    [
+        (64, 7, 32),
+        (64, 4, 48),
+        (576, 4, 128),
+        (64, 3, 4),
+        (576, 3, 12),
+        (12, 3, 4),
+        (6, 2, 3),
+        (64, 4, 0),
+        (63, 4, 9),
+        (64, 5, 4),
+        (576, 6, 6),
+        (12, 5, 4),
+        (6, 6, 3),
+    ],
 )
 def test_check_layout_raises_what_quantize_raises(k, bits, g):
     with pytest.raises(qalora.QALoRAError) as layout_err:

@@ -80,7 +80,7 @@ def test_cli_rejects_bad_arguments(capsys):
     parser = build_parser()
     for argv in (
         ["finetune"],
-        ["finetune", "--out", "x", "--bits", "5"],
+        ["finetune", "--out", "x", "--scale-dtype", "float64"],
         ["demo", "--steps", "0"],
         ["demo", "--lr", "-1"],
         ["frobnicate"],
@@ -89,7 +89,7 @@ def test_cli_rejects_bad_arguments(capsys):
             parser.parse_args(argv)
         assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "invalid choice: 5" in err and "expected a positive integer, got 0" in err
+    assert "invalid choice: 'float64'" in err and "expected a positive integer, got 0" in err
 
 
 def test_cli_reports_bad_files_as_errors(tmp_path, capsys):

@@ -87,9 +87,11 @@ def mse(model, batch):
     return nn.functional.mse_loss(model(x), y)
 
 
+@pytest.mark.parametrize("bits", [4, 5, 6])
 @pytest.mark.parametrize("scale_dtype,tol", [("float32", 1e-5), ("float16", 2e-3)])
-def test_mlp_trains_and_merges_exactly(scale_dtype, tol):
-    model = qalora.wrap(mlp(), QALoRAConfig(bits=4, group_size=16, rank=4, alpha=8, scale_dtype=scale_dtype))
+def test_mlp_trains_and_merges_exactly(scale_dtype, tol, bits):
+    model = qalora.wrap(mlp(), QALoRAConfig(bits=bits, group_size=16, rank=4, alpha=8, scale_dtype=scale_dtype))
+    assert all(m.base_layer.bits == bits for m in model.modules() if isinstance(m, qalora.QALoRALinear))
     assert not any(isinstance(m, nn.Linear) and not n.endswith(("lora_A", "lora_B")) for n, m in model.named_modules())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
@@ -212,11 +214,19 @@ def test_llama_wrap_train_merge_save_load_generate(tmp_path):
         logits_merged = model(input_ids=ids).logits
     assert rel_err(logits_merged, logits_unmerged) < 2e-3
     qalora.save_pretrained(model, tmp_path / "merged")
-    assert sorted(os.listdir(tmp_path / "merged")) == ["model.safetensors", "qalora_config.json"]
+    assert sorted(os.listdir(tmp_path / "merged")) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "qalora_config.json",
+    ]
     fresh = qalora.from_pretrained(tmp_path / "merged", tiny_llama(seed=123))
     fresh.eval()
+    alone = qalora.from_pretrained(tmp_path / "merged")  # the architecture comes from config.json
+    assert not alone.training
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids).logits, logits_merged)
+        assert torch.equal(alone(input_ids=ids).logits, logits_merged)
     out = fresh.generate(ids[:1, :5], max_new_tokens=6, do_sample=False)
     assert out.shape == (1, 11)
 
@@ -402,8 +412,10 @@ def test_config_validation_and_json_round_trip(tmp_path):
     assert QALoRAConfig.load(tmp_path / "c.json") == c
     assert c.scaling == 4.0
     bad = [
-        dict(bits=5),
+        dict(bits=7),
         dict(bits=True),
+        dict(bits=5, group_size=4),
+        dict(bits=6, group_size=6),
         dict(group_size=0),
         dict(bits=3, group_size=12),
         dict(rank=0),
@@ -437,7 +449,9 @@ def test_no_match_lists_modules():
 
 def test_indivisible_layer_raises_or_is_skipped():
     model = nn.Sequential(nn.Linear(576, 96), nn.ReLU(), nn.Linear(96, 64))
-    with pytest.raises(qalora.GroupSizeError, match=r"layer '0': group_size: got 128, it must divide in_features K = 576"):
+    with pytest.raises(
+        qalora.GroupSizeError, match=r"layer '0': group_size: got 128, it must divide in_features K = 576"
+    ):
         qalora.wrap(model, QALoRAConfig(group_size=128))
     assert isinstance(model[0], nn.Linear)  # a refused wrap changes nothing
     with pytest.warns(qalora.QALoRAWarning, match="left unquantized"):

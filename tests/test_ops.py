@@ -11,7 +11,7 @@ import reference as ref
 import torch
 from qalora import ops
 
-BITS = [2, 3, 4, 8]
+BITS = [2, 3, 4, 5, 6, 8]
 BACKENDS = ["core", "torch"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -80,8 +80,8 @@ def test_pack_accepts_every_integer_dtype():
 @pytest.mark.parametrize("n,k,g", [(7, 64, 32), (33, 96, 16), (5, 576, 64), (3, 48, 48)])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32, torch.bfloat16])
 def test_quantize_matches_reference(bits, n, k, g, scale_dtype):
-    if bits == 3 and g % 8:
-        pytest.skip("3-bit groups are multiples of 8")
+    if g % {3: 8, 5: 8, 6: 4}.get(bits, 1):
+        pytest.skip("groups start on a byte boundary (multiples of 8 at 3 and 5 bits)")
     w = random_weight(n, k, seed=bits * 1000 + k + g)
     store = {torch.float16: np.float16, torch.float32: np.float32, torch.bfloat16: None}[scale_dtype]
     results = {}
@@ -261,6 +261,66 @@ def test_qmatmul_int8_activations_backward_is_exact():
     np.testing.assert_allclose(x.grad.double().numpy(), up.double().numpy() @ dense64, rtol=1e-4, atol=1e-5)
 
 
+def _specials_case(bits, m, dtype):
+    """A weight with an exactly-zero group (row 5) and an all-positive one (row 9), and
+    activations whose first rows hold +Inf (meeting the zero group: NaN), -Inf and +Inf
+    together (NaN wherever the weights differ in sign), NaN, a finite value too large for
+    the factored form's partial sums, and +Inf meeting only positive weights on row 9; the
+    remaining rows are finite."""
+    torch.manual_seed(bits + m)
+    w = torch.randn(24, 128)
+    w[5, :32] = 0.0
+    w[9, 32:64] = w[9, 32:64].abs() + 0.5
+    q = ops.quantize(w, bits, 32)
+    dense = ops.dequantize(*q, bits, 32)
+    x = torch.randn(m, 128)
+    specials = [(0, 3, float("inf")), (1, 40, float("-inf")), (1, 100, float("inf")), (2, 7, float("nan"))]
+    specials += [(3, 10, -1e37), (4, 50, float("inf"))]
+    for row, col, v in specials:
+        if row < m:
+            x[row, col] = v
+    return q, dense, x.to(dtype)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("m", [1, 7, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qmatmul_non_finite_inputs_follow_dense_semantics(bits, m, dtype):
+    # A dense matmul gives +-Inf where an infinite input meets weights of one sign and NaN
+    # where it meets a zero weight or both signs; every route agrees with it (the fused
+    # small-M kernels used to give NaN for the whole row).
+    q, dense, x = _specials_case(bits, m, dtype)
+    want = (x.float() @ dense.T).to(dtype)
+    assert want[0, 5].isnan() and not want[0].isnan().all()
+    if m > 1:
+        assert want[1].isnan().any() and want[4, 9] == float("inf") and want[5:].isfinite().all()
+    special = slice(0, min(m, 5))
+    # bf16 inputs above 16 rows on the core run bf16 GEMMs on the weight dequantized to bf16
+    # (as nn.Linear does on bf16 weights): their reference rounds the weight the same way.
+    want_bf16_gemm = (x.float() @ dense.to(dtype).float().T).to(dtype)
+    for backend, activations in [("core", "exact"), ("core", "int8"), ("core", "bf16"), ("torch", "exact")]:
+        y = ops.qmatmul(x, *q, bits, 32, backend=backend, activations=activations)
+        case = f"{backend}/{activations}"
+        ref = want_bf16_gemm if (backend, dtype, m > 16) == ("core", torch.bfloat16, True) else want
+        torch.testing.assert_close(y[special], ref[special], rtol=1e-4, atol=1e-3, equal_nan=True, msg=case)
+        # The finite rows of the same call keep their route (int8: its own error bound).
+        torch.testing.assert_close(y[5:], want[5:], rtol=0.05, atol=0.5, msg=case)
+
+
+@pytest.mark.parametrize("m", [1, 7, 40])
+def test_qmatmul_backward_with_non_finite_gradients_follows_dense_semantics(m):
+    q, dense, _ = _specials_case(4, m, torch.float32)
+    grad_y = torch.randn(m, 24)
+    grad_y[0, 5] = float("inf")
+    if m > 1:
+        grad_y[1, 2], grad_y[1, 9] = float("-inf"), float("inf")
+    want = grad_y @ dense
+    for backend in BACKENDS:
+        x = torch.randn(m, 128, requires_grad=True)
+        ops.qmatmul(x, *q, 4, 32, backend=backend).backward(grad_y)
+        torch.testing.assert_close(x.grad, want, rtol=1e-4, atol=1e-3, equal_nan=True, msg=backend)
+
+
 def test_qmatmul_rejects_unknown_activation_mode():
     q, _ = _quantized(8, 64, 32, 4)
     with pytest.raises(qalora.InvalidValueError, match="activations: got 'fp8', allowed: 'exact', 'int8'"):
@@ -370,7 +430,7 @@ def _q():
         (lambda: ops.pack(torch.full((2, 8), 16), 4), qalora.CodeRangeError, "value 16 at row 0, column 0"),
         (lambda: ops.pack(torch.full((2, 8), -1), 4), qalora.CodeRangeError, "outside [0, 15]"),
         (lambda: ops.pack(np.full((2, 8), 9), 3), qalora.CodeRangeError, "outside [0, 7]"),
-        (lambda: ops.pack(torch.zeros(2, 8, dtype=torch.int32), 5), qalora.UnsupportedBitsError, "2, 3, 4 and 8"),
+        (lambda: ops.pack(torch.zeros(2, 8, dtype=torch.int32), 7), qalora.UnsupportedBitsError, "2, 3, 4, 5, 6 and 8"),
         (lambda: ops.pack(torch.zeros(2, 8), 4), qalora.DTypeError, "torch.float32"),
         (lambda: ops.pack(torch.zeros(2, 6, dtype=torch.uint8), 3), qalora.ShapeError, "multiple of 8"),
         (lambda: ops.pack(torch.zeros(0, 8, dtype=torch.uint8), 4), qalora.ShapeError, "empty"),

@@ -35,4 +35,19 @@ def test_readme_quick_start_runs(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-4000:]
     assert "trainable params" in r.stdout
-    assert (tmp_path / "smollm2-qalora-4bit" / "model.safetensors").exists()
+    # The printed training loss goes down (the mean of each printed window of steps).
+    means = [float(line.rsplit(" ", 1)[1]) for line in r.stdout.splitlines() if "mean loss" in line]
+    assert len(means) >= 2 and means[-1] < means[0], r.stdout
+    # The saved directory stands on its own, in a fresh process, for the library and the CLI.
+    saved = tmp_path / "smollm2-qalora-4bit"
+    code = f"import qalora; m = qalora.from_pretrained({str(saved)!r}); print(type(m).__name__)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and "LlamaForCausalLM" in r.stdout, r.stderr[-3000:]
+    r = subprocess.run(
+        [sys.executable, "-m", "qalora", "eval", "--model", str(saved), "--eval-blocks", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]

@@ -30,7 +30,7 @@ except qalora.ModelLoadError as e:  # pragma: no cover - depends on the machine
 
 @pytest.fixture(scope="module")
 def smollm2():
-    lm = load_model()
+    lm = load_model()  # the GGUF's layers imported as QuantLinear (4-bit, groups of 32)
     ds = datasets.bundled_dataset()
     train_blocks = datasets.token_blocks(lm.tokenizer, ds.train, 64, max_blocks=8)
     heldout = datasets.token_blocks(lm.tokenizer, ds.heldout, 64, max_blocks=4)
@@ -43,7 +43,7 @@ def rel_err(a, b):
 
 def test_real_model_wrap_train_merge_save_reload_generate(smollm2, tmp_path):
     lm, train_blocks, heldout = smollm2
-    model = copy.deepcopy(lm.model).eval()
+    model = qalora.load_model(dense=True).model.eval()  # dense weights, re-quantized by wrap
     assert len(model.model.layers) == 30
     with torch.no_grad():
         dense = model(input_ids=heldout).logits
@@ -101,11 +101,11 @@ def test_real_model_fp16_offsets_merge(smollm2):
 def test_demo_command_smoke_and_eval(tmp_path):
     env = dict(os.environ, QALORA_SMOKE="1", QALORA_NO_PROGRESS="1")
     out = tmp_path / "demo"
-    r = subprocess.run(
+    demo = subprocess.run(
         [sys.executable, "-m", "qalora", "demo", "--out", str(out)], capture_output=True, text=True, env=env
     )
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "outputs in" in r.stdout
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    assert "outputs in" in demo.stdout
     report = json.loads((out / "report.json").read_text())
     ppl = report["heldout_perplexity"]
     assert set(ppl) == {"dense_fp32", "quantized_base", "qalora_unmerged", "qalora_merged"}
@@ -133,3 +133,57 @@ def test_demo_command_smoke_and_eval(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     reloaded = json.loads(r.stdout.strip().splitlines()[-1])["heldout_perplexity"]
     assert reloaded == pytest.approx(ppl["qalora_merged"], rel=1e-6)
+    # The demo ends with a GGUF file and the commands that run it.
+    gguf_file = out / "model.gguf"
+    assert gguf_file.exists() and (out / "Modelfile").read_text() == "FROM ./model.gguf\n"
+    assert f"llama-cli -m {gguf_file}" in demo.stdout
+    assert report["gguf"]["tensors"]["exact"] + report["gguf"]["tensors"]["copied"] == 272
+    assert oct(gguf_file.stat().st_mode & 0o777) != "0o600"  # readable by an Ollama server
+    # qalora export from the saved checkpoint writes the same file (the source GGUF is remembered)
+    again = out / "again.gguf"
+    r = subprocess.run(
+        [sys.executable, "-m", "qalora", "export", "--model", str(out / "model"), "--out", str(again)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "llama-cli -m" in r.stdout
+    assert again.read_bytes() == gguf_file.read_bytes()
+    try:
+        import llama_cpp
+    except ImportError:
+        return
+    llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=64, verbose=True, n_threads=2)
+    try:
+        out_text = llm("ROMEO.", max_tokens=8, temperature=0.0)["choices"][0]["text"]
+        assert isinstance(out_text, str) and out_text.strip()
+    finally:
+        llm.close()
+
+
+def test_real_model_gptq_base_exports_and_reloads_as_gptq_checkpoint(smollm2, tmp_path):
+    """GPTQ on two of SmolLM2's blocks (small calibration set), merged, written as a GPTQ
+    checkpoint and loaded back: the reloaded model is the rounded one, bit for bit. (3 bits:
+    SmolLM2's weights already sit on a 4-bit grid of groups of 32, where both errors are 0.)"""
+    from qalora.formats.gptq import export_gptq
+
+    lm, train_blocks, heldout = smollm2
+    model = copy.deepcopy(lm.model)
+    cfg = qalora.QALoRAConfig(
+        bits=3, group_size=32, rank=4, quantizer="gptq", target_modules=r"model\.layers\.[01]\..*"
+    )
+    qalora.wrap(model, cfg, calibration=train_blocks[:4])
+    layers = qalora.state_of(model).quantization["layers"]
+    assert len(layers) == 14 and all(r["error"] < r["rtn_error"] for r in layers.values())
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 1e-3)
+    qalora.merge(model)
+    report = export_gptq(model, tmp_path / "gptq", tokenizer=lm.tokenizer, heldout=heldout[:2], force=True)
+    assert len(report.layers) == 14 and report.perplexity_after is not None
+    print(f"GPTQ export: perplexity {report.perplexity_before:.4f} -> {report.perplexity_after:.4f}")
+    loaded = load_model(str(tmp_path / "gptq"))
+    assert isinstance(loaded.model.model.layers[1].mlp.down_proj, qalora.QuantLinear)
+    assert train.perplexity(loaded.model, heldout[:2]) == pytest.approx(report.perplexity_after, rel=1e-6)

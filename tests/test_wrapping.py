@@ -8,6 +8,7 @@ import copy
 import pytest
 import qalora
 import torch
+from ckpt_tools import resign
 from qalora import QALoRAConfig
 from qalora.targets import select_targets
 
@@ -111,9 +112,11 @@ def test_refused_loads_leave_model_unchanged(tmp_path):
     last = sorted(tensors)[-1]
     tensors[last] = torch.zeros(tensors[last].shape[0] + 1, tensors[last].shape[1])
     save_file(tensors, tmp_path / "adapter" / "adapter_model.safetensors")
+    resign(tmp_path / "adapter", "adapter_config.json")
     target = qalora.wrap(tiny_llama(seed=3), QALoRAConfig(rank=2))
     snap = snapshot(target)
-    with pytest.raises(qalora.AdapterMismatchError, match="shape"):
+    # The file contradicts its own config: refused as damaged, before anything is copied.
+    with pytest.raises(qalora.CheckpointError, match="shape"):
         qalora.load_adapter(target, tmp_path / "adapter")
     assert_unchanged(target, snap)
 
@@ -122,6 +125,7 @@ def test_refused_loads_leave_model_unchanged(tmp_path):
     tensors = load_file(tmp_path / "full" / "model.safetensors")
     tensors["model.norm.weight"] = torch.ones(65)
     save_file(tensors, tmp_path / "full" / "model.safetensors", metadata={"format": "qalora"})
+    resign(tmp_path / "full")
     fresh = tiny_llama(seed=5)
     snap = snapshot(fresh)
     with pytest.raises(qalora.AdapterMismatchError, match=r"model\.norm\.weight"):

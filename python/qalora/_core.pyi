@@ -15,6 +15,8 @@ __all__ = [
     "__version__",
     "check_layout",
     "dequantize",
+    "gptq_hessian_update",
+    "gptq_quantize",
     "group_pool",
     "group_pool_backward",
     "merge_offsets",
@@ -134,3 +136,21 @@ def qmatmul_tiled(x: torch.Tensor, tiled: torch.Tensor, out_features: int, group
 
 def stream_read(buf: torch.Tensor) -> int:
     """Read every byte of a uint8 CPU tensor once on all kernel threads; returns a checksum."""
+
+def gptq_hessian_update(hessian: torch.Tensor, x: torch.Tensor, seen: int) -> int:
+    """Add the rows of ``x`` (..., K) to the running Hessian ``2 XᵀX / n`` (K, K), in place;
+    return the number of rows seen."""
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int,
+    scale_dtype: torch.dtype = ...,
+    damp_percent: float = ...,
+    act_order: bool = ...,
+    block_size: int | None = ...,
+    backend: _Backend = ...,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """GPTQ for one layer -> (packed, scales, offsets, dampening used); float64 when the
+    Hessian is float64."""

@@ -18,6 +18,7 @@ CONFIG_VERSION = 1
 _SCALE_DTYPES = ("float16", "bfloat16", "float32")
 _ADAPTERS = ("qalora", "lora")
 _ON_INDIVISIBLE = ("raise", "skip")
+_QUANTIZERS = ("rtn", "gptq")
 
 
 @dataclass
@@ -25,7 +26,7 @@ class QALoRAConfig:
     """Settings of :func:`qalora.wrap`.
 
     Attributes:
-        bits: code width of the frozen base: 2, 3, 4 or 8.
+        bits: code width of the frozen base: 2, 3, 4, 5, 6 or 8.
         group_size: columns (in_features) per quantization group; it must divide each
             targeted layer's in_features (see ``on_indivisible``).
         rank: LoRA rank r.
@@ -44,6 +45,16 @@ class QALoRAConfig:
         adapter: "qalora" (default: pooled adapter that merges exactly) or "lora" (a standard
             dense LoRA on the same quantized base, for comparison; it can only be merged by
             re-quantizing, see :func:`qalora.merge_requantize`).
+        quantizer: how the frozen base is quantized: "rtn" (default: min-max round to
+            nearest, no data needed) or "gptq" (GPTQ, Frantar et al. 2022: each layer's
+            rounding error is compensated on calibration activations; needs
+            ``qalora.wrap(..., calibration=token_ids)``). Both give the same layout.
+        damp_percent: GPTQ's dampening, as a fraction of the mean diagonal of the Hessian
+            added to its diagonal (0.01 = 1%, the GPTQ paper's value).
+        act_order: GPTQ only: quantize columns in order of decreasing Hessian diagonal,
+            with static groups (every group's scale and offset computed from the
+            unquantized weights first), so groups stay contiguous and aligned with the
+            adapter's pooling. Off by default.
         version: format version of this config.
     """
 
@@ -57,6 +68,9 @@ class QALoRAConfig:
     scale_dtype: str = "float16"
     on_indivisible: str = "raise"
     adapter: str = "qalora"
+    quantizer: str = "rtn"
+    damp_percent: float = 0.01
+    act_order: bool = False
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -89,7 +103,7 @@ class QALoRAConfig:
         except QALoRAError:
             raise ConfigError(
                 f"group_size: got {self.group_size}, at {self.bits} bits a group must start on a byte boundary "
-                f"(a multiple of 8 at 3 bits)"
+                f"(a multiple of 8 at 3 and 5 bits, of 4 at 6 bits)"
             ) from None
         if not is_int(self.rank) or self.rank <= 0:
             raise ConfigError(f"rank: got {self.rank!r}, it must be a positive int")
@@ -118,6 +132,16 @@ class QALoRAConfig:
             raise ConfigError(f"on_indivisible: got {self.on_indivisible!r}, allowed: 'raise', 'skip'")
         if self.adapter not in _ADAPTERS:
             raise ConfigError(f"adapter: got {self.adapter!r}, allowed: 'qalora', 'lora'")
+        if self.quantizer not in _QUANTIZERS:
+            raise ConfigError(f"quantizer: got {self.quantizer!r}, allowed: 'rtn', 'gptq'")
+        if (
+            isinstance(self.damp_percent, bool)
+            or not isinstance(self.damp_percent, (int, float))
+            or not 0.0 < self.damp_percent <= 1.0
+        ):
+            raise ConfigError(f"damp_percent: got {self.damp_percent!r}, it must be in (0, 1] (0.01 = 1%)")
+        if not isinstance(self.act_order, bool):
+            raise ConfigError(f"act_order: got {self.act_order!r}, it must be True or False")
         if not is_int(self.version) or not 1 <= self.version <= CONFIG_VERSION:
             raise ConfigError(
                 f"version: got {self.version!r}; this qalora reads config versions 1..{CONFIG_VERSION} (upgrade qalora for newer files)"

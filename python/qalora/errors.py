@@ -16,6 +16,7 @@ __all__ = [
     "DTypeError",
     "DataError",
     "DeviceError",
+    "FormatError",
     "GroupSizeError",
     "InternalError",
     "InvalidValueError",
@@ -46,7 +47,7 @@ class DeviceError(QALoRAError, ValueError):
 
 
 class UnsupportedBitsError(QALoRAError, ValueError):
-    """The bit width is not one of 2, 3, 4, 8."""
+    """The bit width is not one of 2, 3, 4, 5, 6, 8."""
 
 
 class GroupSizeError(QALoRAError, ValueError):
@@ -87,6 +88,11 @@ class DataError(QALoRAError, ValueError):
 
 class ModelLoadError(QALoRAError, ValueError):
     """A model could not be found or loaded (missing package, file or directory)."""
+
+
+class FormatError(QALoRAError, ValueError):
+    """A model file (GGUF) is malformed, or holds a tensor type, architecture or tokenizer
+    this qalora cannot read or write; the message names it and lists what is supported."""
 
 
 class InternalError(QALoRAError, RuntimeError):

@@ -330,13 +330,23 @@ class QALoRALinear(nn.Module):
         return out
 
     @torch.no_grad()
+    def merged_dense(self) -> nn.Linear:
+        """The dense float32 layer this one computes: dequantized base + adapter update (what
+        a QLoRA-style deployment quantizes again)."""
+        base = self.base_layer
+        dense = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=base.packed.device)
+        dense.weight.copy_(base.dequantize(torch.float32) + self.delta_weight())
+        if base.bias is not None:
+            dense.bias.copy_(base.bias)
+        return dense.requires_grad_(False)
+
+    @torch.no_grad()
     def requantized(self) -> QuantLinear:
         """QLoRA-style deployment: dense base + adapter update, re-quantized with RTN at the
         same bits and group size. Lossy for a dense adapter; for a QA-LoRA adapter it gives back
         the same codes (the update is constant per group)."""
-        base = self.base_layer
-        dense = base.dequantize(torch.float32) + self.delta_weight()
-        return QuantLinear.from_weight(dense, base.bias, base.bits, base.group_size, base.scales.dtype)
+        base, dense = self.base_layer, self.merged_dense()
+        return QuantLinear.from_weight(dense.weight, dense.bias, base.bits, base.group_size, base.scales.dtype)
 
     def extra_repr(self) -> str:
         return f"adapter={self.adapter}, rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}"

@@ -14,17 +14,28 @@ Every function raises a :class:`qalora.QALoRAError` subclass on bad input (the s
 message for a numpy array as for a tensor) and releases the GIL while it runs. ``backend``
 picks the implementation: ``"auto"`` (the Rust core for CPU tensors, libtorch ops otherwise),
 ``"core"`` or ``"torch"``; the two give the same results and the tests hold them to it.
+
+Each op is a torch custom op (``torch.ops.qalora.qmatmul``, ...; :data:`CUSTOM_OPS` lists
+them) with a fake implementation that gives its output shapes and dtypes without running it,
+and autograd for ``qmatmul`` and ``group_pool``: models built on them run under
+``torch.compile(fullgraph=True)`` and ``torch.export``. The functions below are what to call:
+they hand the dispatcher only arguments its schema can carry, so a bad argument still raises
+the kernel's own typed error.
 """
 
 from __future__ import annotations
+
+import operator
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import _core
-from .errors import DTypeError
+from .errors import DTypeError, InternalError
 
 __all__ = [
+    "CUSTOM_OPS",
     "SUPPORTED_BITS",
     "check_layout",
     "dequantize",
@@ -48,9 +59,9 @@ def check_layout(in_features: int, bits: int, group_size: int) -> None:
 
     Args:
         in_features: K, the layer's input width (at least 1).
-        bits: 2, 3, 4 or 8.
-        group_size: a divisor of K; at 3 bits also a multiple of 8 (each group then starts
-            on a byte boundary).
+        bits: 2, 3, 4, 5, 6 or 8.
+        group_size: a divisor of K; at 3 and 5 bits also a multiple of 8, at 6 bits of 4
+            (each group then starts on a byte boundary).
 
     Raises:
         UnsupportedBitsError: ``bits`` is not one of :data:`SUPPORTED_BITS`.
@@ -73,26 +84,260 @@ def _as_tensor(array: np.ndarray, name: str) -> torch.Tensor:
         raise DTypeError(f"{name}: got a numpy array of dtype {array.dtype}, which torch cannot hold") from None
 
 
+# ---------------------------------------------------------------- custom ops
+#
+# One torch custom op per kernel. Its implementation is the Rust function itself (which
+# validates every argument again); its fake implementation computes output shapes and dtypes
+# from metadata alone (symbolic shapes included), so torch.compile / torch.export can trace a
+# model without running the kernels. Integer arguments are plain `int` in the schemas: bits
+# and group sizes are layout constants, never traced as symbols.
+
+_LIBRARY = "qalora"
+
+
+#: The registered ops, by name (``torch.ops.qalora.<name>``; each runs ``qalora._core.<name>``).
+CUSTOM_OPS: dict[str, torch.library.CustomOpDef] = {}
+
+
+def _custom_op(name: str, schema: str) -> torch.library.CustomOpDef:
+    op = torch.library.custom_op(f"{_LIBRARY}::{name}", getattr(_core, name), mutates_args=(), schema=schema)
+    CUSTOM_OPS[name] = op
+    return op
+
+
+def _last(shape: torch.Size, last: Any) -> list[Any]:
+    return [*shape[:-1], last]
+
+
+_pack_op = _custom_op("pack", "(Tensor codes, int bits, str backend) -> Tensor")
+_unpack_op = _custom_op("unpack", "(Tensor packed, int bits, int k, str backend) -> Tensor")
+_quantize_op = _custom_op(
+    "quantize",
+    "(Tensor weight, int bits, int group_size, ScalarType scale_dtype, str backend) -> (Tensor, Tensor, Tensor)",
+)
+_dequantize_op = _custom_op(
+    "dequantize",
+    "(Tensor packed, Tensor scales, Tensor offsets, int bits, int group_size, ScalarType dtype, str backend) -> Tensor",
+)
+_qmatmul_op = _custom_op(
+    "qmatmul",
+    "(Tensor x, Tensor packed, Tensor scales, Tensor offsets, int bits, int group_size, str backend, "
+    "str activations) -> Tensor",
+)
+_qmatmul_grad_input_op = _custom_op(
+    "qmatmul_grad_input",
+    "(Tensor grad_output, Tensor packed, Tensor scales, Tensor offsets, int bits, int group_size, str backend) -> Tensor",
+)
+_group_pool_op = _custom_op("group_pool", "(Tensor x, int group_size, str backend) -> Tensor")
+_group_pool_backward_op = _custom_op(
+    "group_pool_backward", "(Tensor grad_output, int group_size, str backend) -> Tensor"
+)
+_merge_offsets_op = _custom_op(
+    "merge_offsets",
+    "(Tensor offsets, Tensor lora_A, Tensor lora_B, float scaling, int group_size, str backend) -> Tensor",
+)
+
+# merge_offsets into a given tensor: ``offsets`` itself (in place), or a separate ``out``.
+# Two ops, so that no op mutates an argument that aliases another.
+
+
+def _merge_offsets_in_place(offsets, lora_A, lora_B, scaling, group_size, backend) -> None:
+    _core.merge_offsets(offsets, lora_A, lora_B, scaling, group_size, backend, offsets)
+
+
+def _merge_offsets_into(offsets, lora_A, lora_B, scaling, group_size, backend, out) -> None:
+    _core.merge_offsets(offsets, lora_A, lora_B, scaling, group_size, backend, out)
+
+
+for _name, _fn, _schema in (
+    (
+        "merge_offsets_",
+        _merge_offsets_in_place,
+        "(Tensor(a!) offsets, Tensor lora_A, Tensor lora_B, float scaling, int group_size, str backend) -> ()",
+    ),
+    (
+        "merge_offsets_out",
+        _merge_offsets_into,
+        "(Tensor offsets, Tensor lora_A, Tensor lora_B, float scaling, int group_size, str backend, "
+        "Tensor(a!) out) -> ()",
+    ),
+):
+    CUSTOM_OPS[_name] = torch.library.custom_op(
+        f"{_LIBRARY}::{_name}", _fn, mutates_args=("offsets",) if _name.endswith("_") else ("out",), schema=_schema
+    )
+
+
+@_pack_op.register_fake
+def _(codes, bits, backend):
+    return codes.new_empty((codes.shape[0], codes.shape[1] * bits // 8), dtype=torch.uint8)
+
+
+@_unpack_op.register_fake
+def _(packed, bits, k, backend):
+    return packed.new_empty((packed.shape[0], k), dtype=torch.uint8)
+
+
+@_quantize_op.register_fake
+def _(weight, bits, group_size, scale_dtype, backend):
+    n, k = weight.shape
+    params = (n, k // group_size)
+    return (
+        weight.new_empty((n, k * bits // 8), dtype=torch.uint8),
+        weight.new_empty(params, dtype=scale_dtype),
+        weight.new_empty(params, dtype=scale_dtype),
+    )
+
+
+@_dequantize_op.register_fake
+def _(packed, scales, offsets, bits, group_size, dtype, backend):
+    return packed.new_empty((packed.shape[0], packed.shape[1] * 8 // bits), dtype=dtype)
+
+
+@_qmatmul_op.register_fake
+def _(x, packed, scales, offsets, bits, group_size, backend, activations):
+    return x.new_empty(_last(x.shape, packed.shape[0]))
+
+
+@_qmatmul_grad_input_op.register_fake
+def _(grad_output, packed, scales, offsets, bits, group_size, backend):
+    return grad_output.new_empty(_last(grad_output.shape, packed.shape[1] * 8 // bits))
+
+
+@_group_pool_op.register_fake
+def _(x, group_size, backend):
+    return x.new_empty(_last(x.shape, x.shape[-1] // group_size))
+
+
+@_group_pool_backward_op.register_fake
+def _(grad_output, group_size, backend):
+    return grad_output.new_empty(_last(grad_output.shape, grad_output.shape[-1] * group_size))
+
+
+@_merge_offsets_op.register_fake
+def _(offsets, lora_A, lora_B, scaling, group_size, backend):
+    return torch.empty_like(offsets, memory_format=torch.contiguous_format)
+
+
+# Autograd: y = x W^T and its backward grad_x = grad_y W are each other's transposes, so each
+# op's backward is the other (which also gives double backward); group_pool and its
+# backward likewise. The quantized weight is frozen: no gradient for packed/scales/offsets.
+
+
+def _save_weight(ctx, inputs, output):
+    _, packed, scales, offsets, bits, group_size, backend, *_ = inputs
+    ctx.save_for_backward(packed, scales, offsets)
+    ctx.layout = (bits, group_size, backend)
+
+
+def _qmatmul_backward(ctx, grad_y):
+    packed, scales, offsets = ctx.saved_tensors
+    grad_x = _qmatmul_grad_input_op(grad_y, packed, scales, offsets, *ctx.layout) if ctx.needs_input_grad[0] else None
+    return grad_x, None, None, None, None, None, None, None
+
+
+def _qmatmul_grad_input_backward(ctx, grad_grad_x):
+    packed, scales, offsets = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = _qmatmul_op(grad_grad_x, packed, scales, offsets, *ctx.layout, "exact")
+    return grad, None, None, None, None, None, None
+
+
+_qmatmul_op.register_autograd(_qmatmul_backward, setup_context=_save_weight)
+_qmatmul_grad_input_op.register_autograd(_qmatmul_grad_input_backward, setup_context=_save_weight)
+
+
+def _save_group(ctx, inputs, output):
+    ctx.group = inputs[1:]
+
+
+_group_pool_op.register_autograd(
+    lambda ctx, grad: (_group_pool_backward_op(grad, *ctx.group), None, None), setup_context=_save_group
+)
+_group_pool_backward_op.register_autograd(
+    lambda ctx, grad: (_group_pool_op(grad, *ctx.group), None, None), setup_context=_save_group
+)
+
+
+# ---------------------------------------------------------------- arguments for the dispatcher
+
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _carried(kinds: str, *values: Any) -> list[Any] | None:
+    """``values`` as the dispatcher's schema carries them (per ``kinds``: ``t`` a tensor, ``i``
+    an int64, ``f`` a float, ``s`` a str, ``d`` a torch.dtype), converted the way the kernel
+    reads them (``__index__`` for ints, ``__float__`` for floats); None when one cannot be."""
+    out = []
+    for kind, v in zip(kinds, values, strict=True):
+        if kind == "t":
+            ok = isinstance(v, torch.Tensor)
+        elif kind == "i":
+            ok = not isinstance(v, bool) and hasattr(type(v), "__index__")
+            if ok:
+                try:
+                    v = operator.index(v)
+                except TypeError:  # e.g. a numpy array of more than one element
+                    return None
+                ok = _INT64[0] <= v <= _INT64[1]
+        elif kind == "f":
+            ok = not isinstance(v, (bool, str, bytes)) and (
+                hasattr(type(v), "__float__") or hasattr(type(v), "__index__")
+            )
+            if ok:
+                try:
+                    v = float(v)
+                except (TypeError, ValueError, OverflowError):
+                    ok = False
+        elif kind == "s":
+            ok = isinstance(v, str)
+        else:
+            ok = isinstance(v, torch.dtype)
+        if not ok:
+            return None
+        out.append(v)
+    return out
+
+
+def _call(name: str, kinds: str, *args: Any) -> Any:
+    """Runs ``op`` on ``args``. Arguments its schema cannot carry (a float for an int, an int
+    beyond int64, a non-tensor) go to the kernel itself, which refuses them with its typed
+    error, as it does every other bad argument inside the op."""
+    carried = _carried(kinds, *args)
+    if carried is None:
+        getattr(_core, name)(*args)
+        raise InternalError(f"qalora::{name}: the kernel accepted arguments its schema cannot carry: {args!r}")
+    return CUSTOM_OPS[name](*carried)
+
+
+def _frozen(t: Any) -> Any:
+    # The weight-side ops are not differentiable: their results never require grad.
+    return t.detach() if isinstance(t, torch.Tensor) else t
+
+
+# ---------------------------------------------------------------- the ops
+
+
 def pack(codes: ArrayOrTensor, bits: int) -> ArrayOrTensor:
     """Pack integer codes into the canonical little-endian bitstream.
 
     Args:
         codes: (N, K) integer tensor or numpy array, values in [0, 2**bits - 1].
-        bits: 2, 3, 4 or 8. K*bits must be a multiple of 8.
+        bits: 2, 3, 4, 5, 6 or 8. K*bits must be a multiple of 8.
 
     Returns:
         (N, K*bits/8) uint8, of the same kind (tensor or array) and device as ``codes``.
     """
     if isinstance(codes, np.ndarray):
-        return _core.pack(_as_tensor(codes, "codes"), bits).numpy()
-    return _core.pack(codes, bits)
+        return _call("pack", "tis", _as_tensor(codes, "codes"), bits, "auto").numpy()
+    return _call("pack", "tis", _frozen(codes), bits, "auto")
 
 
 def unpack(packed: ArrayOrTensor, bits: int, k: int) -> ArrayOrTensor:
     """Unpack (N, K*bits/8) uint8 into (N, K) uint8 codes (inverse of :func:`pack`)."""
     if isinstance(packed, np.ndarray):
-        return _core.unpack(_as_tensor(packed, "packed"), bits, k).numpy()
-    return _core.unpack(packed, bits, k)
+        return _call("unpack", "tiis", _as_tensor(packed, "packed"), bits, k, "auto").numpy()
+    return _call("unpack", "tiis", _frozen(packed), bits, k, "auto")
 
 
 def quantize(
@@ -112,15 +357,15 @@ def quantize(
 
     Args:
         weight: (N, K) float tensor (float32/bfloat16/float16/float64), finite.
-        bits: 2, 3, 4 or 8.
-        group_size: a divisor of K (a multiple of 8 at 3 bits).
+        bits: 2, 3, 4, 5, 6 or 8.
+        group_size: a divisor of K (a multiple of 8 at 3 and 5 bits, of 4 at 6 bits).
         scale_dtype: torch.float16 (default), torch.bfloat16 or torch.float32.
 
     Returns:
         ``(packed, scales, offsets)``: uint8 (N, K*bits/8) and two (N, K/group_size) tensors
         of ``scale_dtype``, on the weight's device.
     """
-    return _core.quantize(weight, bits, group_size, scale_dtype, backend)
+    return _call("quantize", "tiids", _frozen(weight), bits, group_size, scale_dtype, backend)
 
 
 def dequantize(
@@ -134,24 +379,8 @@ def dequantize(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Dense (N, K) weight ``scales * q + offsets`` (computed in float32), in ``dtype``."""
-    return _core.dequantize(packed, scales, offsets, bits, group_size, dtype, backend)
-
-
-class _QMatmul(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, packed, scales, offsets, bits, group_size, backend, activations):
-        ctx.save_for_backward(packed, scales, offsets)
-        ctx.config = (bits, group_size, backend)
-        return _core.qmatmul(x, packed, scales, offsets, bits, group_size, backend, activations)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        if not ctx.needs_input_grad[0]:
-            return (None,) * 8
-        packed, scales, offsets = ctx.saved_tensors
-        bits, group_size, backend = ctx.config
-        grad_x = _core.qmatmul_grad_input(grad_output, packed, scales, offsets, bits, group_size, backend)
-        return grad_x, None, None, None, None, None, None, None
+    args = (_frozen(packed), _frozen(scales), _frozen(offsets), bits, group_size, dtype, backend)
+    return _call("dequantize", "tttiids", *args)
 
 
 def qmatmul(
@@ -186,21 +415,12 @@ def qmatmul(
         the quantized weight is frozen. On CPU, small batches (M <= 16 rows) use a fused
         dequantize-and-multiply kernel and larger ones dequantize one tile of rows at a time
         for torch's GEMM, so at most a tile of W is ever dense; on CUDA W is dequantized
-        once per call.
+        once per call. For bfloat16 x those CPU tiles are dequantized straight to bfloat16
+        and multiplied by bf16 GEMMs with float32 accumulation (as ``nn.Linear`` does on
+        bf16 weights, e.g. under ``torch.autocast("cpu", torch.bfloat16)``); the backward
+        pass of a bfloat16 gradient likewise.
     """
-    return _QMatmul.apply(x, packed, scales, offsets, bits, group_size, backend, activations)
-
-
-class _GroupPool(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group_size, backend):
-        ctx.config = (group_size, backend)
-        return _core.group_pool(x, group_size, backend)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        group_size, backend = ctx.config
-        return _core.group_pool_backward(grad_output, group_size, backend), None, None
+    return _call("qmatmul", "ttttiiss", x, packed, scales, offsets, bits, group_size, backend, activations)
 
 
 def group_pool(x: torch.Tensor, group_size: int, *, backend: str = "auto") -> torch.Tensor:
@@ -209,7 +429,7 @@ def group_pool(x: torch.Tensor, group_size: int, *, backend: str = "auto") -> to
     (..., K) -> (..., K/group_size), differentiable. This is QA-LoRA's pooling: the adapter
     sees one value per quantization group, so its update folds into the group offsets.
     """
-    return _GroupPool.apply(x, group_size, backend)
+    return _call("group_pool", "tis", x, group_size, backend)
 
 
 def merge_offsets(
@@ -237,4 +457,14 @@ def merge_offsets(
         The merged offsets (N, L), computed in float32 and rounded once to ``offsets``'
         dtype: ``out`` when given, else a new tensor.
     """
-    return _core.merge_offsets(offsets, lora_A, lora_B, scaling, group_size, backend, out)
+    args = (_frozen(offsets), _frozen(lora_A), _frozen(lora_B), scaling, group_size, backend)
+    if out is None:
+        return _call("merge_offsets", "tttfis", *args)
+    if not isinstance(out, torch.Tensor):
+        _core.merge_offsets(*args, out)  # raises the kernel's typed error
+    name = "merge_offsets_" if out is offsets else "merge_offsets_out"
+    if name == "merge_offsets_":
+        _call(name, "tttfis", *args)
+    else:
+        _call(name, "tttfist", *args, _frozen(out))
+    return out

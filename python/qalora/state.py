@@ -35,6 +35,9 @@ class QALoRAState:
             (``None`` when unknown, e.g. for a model loaded from a checkpoint).
         source: where the model came from (free-form, JSON-serialisable), e.g.
             ``{"format": "gguf", "path": "..."}``; empty when unknown.
+        quantization: how the base was quantized (JSON-serialisable): the quantizer and,
+            for GPTQ, each layer's relative output error on the calibration inputs (and
+            RTN's, for comparison), its dampening and the wall time.
     """
 
     config: QALoRAConfig | None
@@ -42,6 +45,7 @@ class QALoRAState:
     skipped: list[str] = field(default_factory=list)
     memory_before_wrap: int | None = None
     source: dict[str, Any] = field(default_factory=dict)
+    quantization: dict[str, Any] = field(default_factory=dict)
 
 
 def state_of(model: nn.Module) -> QALoRAState | None:

@@ -1,5 +1,7 @@
 """A small, plain training loop and held-out perplexity, used by the command line and the
-notebooks (any other loop, or Hugging Face's Trainer, works on a wrapped model too)."""
+notebooks (any other loop, or Hugging Face's Trainer, works on a wrapped model too). Both
+run data-parallel when a ``torch.distributed`` process group is initialized (see
+:mod:`qalora.distributed`)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import ConfigError
+from . import distributed
+from .errors import ConfigError, InvalidValueError
 from .progress import progress
 
 
@@ -56,12 +59,35 @@ def finetune(
 
     With ``bf16=True`` each forward pass runs under ``torch.autocast(device, torch.bfloat16)``
     (on CPU the frozen quantized base then runs bf16 GEMMs on dequantized bf16 tiles); the
-    trainable parameters, their gradients and the optimizer state stay float32."""
+    trainable parameters, their gradients and the optimizer state stay float32.
+
+    In a ``torch.distributed`` process group each step's ``batch_size`` sequences (the
+    global batch) are split evenly across the ranks and the model is trained under
+    ``DistributedDataParallel`` (unless it already is, or is FSDP-sharded); every rank
+    must pass the same ``blocks`` and ``seed``. The adapters then end as one process would
+    train them on the same global batches, and the recorded losses are the global ones.
+
+    Raises:
+        ConfigError: ``lr`` is not a finite positive number, nothing is trainable, or
+            ``batch_size`` does not split evenly across the ranks.
+        InvalidValueError: the training loss became NaN or Inf (the step that produced it
+            is not applied, on any rank); a lower learning rate usually helps.
+    """
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"lr: got {lr!r}, it must be a finite positive number")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters; wrap it with qalora.wrap first")
+    rank, world = distributed.rank_and_world()
+    if batch_size % world:
+        raise ConfigError(
+            f"batch_size: got {batch_size}, which does not split evenly across {world} processes; "
+            f"use a multiple of {world}"
+        )
+    per_rank = batch_size // world
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    trained = distributed.data_parallel(model)
 
     def lr_at(step: int) -> float:
         if step < warmup:
@@ -75,19 +101,29 @@ def finetune(
     model.train()
     result = TrainResult()
     start = time.perf_counter()
-    bar = progress(range(steps), desc=desc, enabled=show_progress)
+    bar = progress(range(steps), desc=desc, enabled=show_progress if rank == 0 else False)
     for step in bar:
-        idx = [order[(step * batch_size + i) % len(order)].item() for i in range(batch_size)]
+        first = step * batch_size + rank * per_rank  # this rank's share of the global batch
+        idx = [order[(first + i) % len(order)].item() for i in range(per_rank)]
         batch = blocks[idx].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = _causal_lm_loss(model, batch)
+            loss = _causal_lm_loss(trained, batch)
+        # The global loss (equal shares, so the mean of the ranks' means), which every rank
+        # then checks alike: all stop together or none does.
+        (global_loss,) = distributed.all_reduce_sum([loss.item() / world])
+        if not math.isfinite(global_loss):
+            model.eval()
+            raise InvalidValueError(
+                f"the training loss became {global_loss} at step {step + 1} of {steps} (lr {lr:g}); training "
+                f"stopped before applying it. Lower the learning rate."
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        result.losses.append(loss.item())
+        result.losses.append(global_loss)
         if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{global_loss:.3f}")
     result.steps = steps
     result.seconds_per_step = (time.perf_counter() - start) / max(steps, 1)
     model.eval()
@@ -103,12 +139,15 @@ def perplexity(
     show_progress: bool | None = None,
     desc: str = "qalora: perplexity",
 ) -> float:
-    """exp(mean next-token cross-entropy) over every predicted token of ``blocks``."""
+    """exp(mean next-token cross-entropy) over every predicted token of ``blocks``. In a
+    ``torch.distributed`` process group the batches are shared out across the ranks (each
+    must pass the same ``blocks``) and every rank returns the same, global value."""
     model.eval()
     device = next(model.parameters()).device
+    rank, world = distributed.rank_and_world()
     total_nll, total_tokens = 0.0, 0
-    batches = list(range(0, len(blocks), batch_size))
-    for i in progress(batches, desc=desc, enabled=show_progress):
+    batches = list(range(0, len(blocks), batch_size))[rank::world]
+    for i in progress(batches, desc=desc, enabled=show_progress if rank == 0 else False):
         ids = blocks[i : i + batch_size].to(device)
         logits = model(input_ids=ids).logits.float()
         nll = torch.nn.functional.cross_entropy(
@@ -116,4 +155,5 @@ def perplexity(
         )
         total_nll += nll.item()
         total_tokens += ids[:, 1:].numel()
+    total_nll, total_tokens = distributed.all_reduce_sum([total_nll, total_tokens])
     return math.exp(total_nll / total_tokens)

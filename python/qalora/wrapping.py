@@ -13,8 +13,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import gptq
 from .config import QALoRAConfig
-from .errors import ConfigError, DTypeError, GroupSizeError, InvalidValueError, NoTargetModulesError, QALoRAWarning
+from .errors import (
+    ConfigError,
+    DTypeError,
+    GroupSizeError,
+    InvalidValueError,
+    MergeError,
+    NoTargetModulesError,
+    QALoRAWarning,
+)
 from .layers import ACTIVATION_MODES, QALoRALinear, QuantLinear, check_group_size, scale_dtype_of
 from .progress import progress
 from .state import QALoRAState, attach_state, require_state, state_of
@@ -112,6 +121,8 @@ def wrap(
     *,
     filter_fn: FilterFn | None = None,
     show_progress: bool | None = None,
+    calibration: torch.Tensor | None = None,
+    calibration_batch_size: int = 8,
 ) -> nn.Module:
     """Quantize the targeted linear layers and attach trainable adapters, in place.
 
@@ -128,6 +139,10 @@ def wrap(
             (with ``config.target_modules``, both must accept a layer; alone, it replaces
             the default "every linear layer but the output head").
         show_progress: progress bar over layers (default: when there are more than 8).
+        calibration: inputs for ``config.quantizer == "gptq"``: a LongTensor of token ids
+            (batch, seq) for a language model (any tensor the model takes as its first
+            argument otherwise). GPTQ runs the model on it layer by layer.
+        calibration_batch_size: calibration rows per forward pass (memory vs speed).
 
     Returns:
         The same model object. If the call raises, the model is unchanged.
@@ -137,6 +152,7 @@ def wrap(
         GroupSizeError: a layer's in_features is not divisible by group_size and
             ``config.on_indivisible == "raise"``.
         InvalidValueError: a targeted weight is not finite (or overflows the scale dtype).
+        ConfigError: ``quantizer="gptq"`` without ``calibration`` (or calibration with RTN).
     """
     config = config if config is not None else QALoRAConfig()
     if not isinstance(config, QALoRAConfig):
@@ -148,16 +164,47 @@ def wrap(
         True for _ in quantized_layers(model, QALoRALinear)
     ):
         raise ConfigError("this model is already wrapped; wrap a fresh model or load adapters with qalora.load_adapter")
+    if (
+        isinstance(calibration_batch_size, bool)
+        or not isinstance(calibration_batch_size, int)
+        or calibration_batch_size < 1
+    ):
+        raise ConfigError(f"calibration_batch_size: got {calibration_batch_size!r}, it must be a positive int")
+    if config.quantizer == "gptq" and calibration is None:
+        raise ConfigError(
+            "quantizer='gptq' needs calibration inputs: qalora.wrap(model, config, calibration=token_ids)"
+        )
+    if config.quantizer != "gptq" and calibration is not None:
+        raise ConfigError(
+            f"calibration is only used by quantizer='gptq'; this config has quantizer={config.quantizer!r}"
+        )
     keep, skipped = _checked_targets(model, config, filter_fn)
 
     before = memory_bytes(model)
     scale_dtype = scale_dtype_of(config.scale_dtype)
     # Build every new layer before swapping any in: a layer that fails to quantize (a
     # non-finite weight, say) then leaves the model untouched.
+    calibrated, report = {}, None
+    dense = [(name, m) for name, m in keep if not isinstance(m, QuantLinear)]
+    if config.quantizer == "gptq" and dense:
+        calibrated, report = gptq.quantize_model(
+            model,
+            dense,
+            bits=config.bits,
+            group_size=config.group_size,
+            scale_dtype=scale_dtype,
+            calibration=calibration,
+            damp_percent=config.damp_percent,
+            act_order=config.act_order,
+            batch_size=calibration_batch_size,
+            show_progress=show_progress,
+        )
     new_layers = []
     for name, module in progress(keep, desc="qalora: quantizing layers", enabled=show_progress, min_items=9):
         if isinstance(module, QuantLinear):
             base = module
+        elif name in calibrated:
+            base = calibrated[name]
         else:
             weight, bias = dense_weight(module)
             base = QuantLinear.from_weight(weight, bias, config.bits, config.group_size, scale_dtype, name)
@@ -176,6 +223,7 @@ def wrap(
             skipped=skipped,
             memory_before_wrap=before,
             source=dict(previous.source) if previous is not None else {},
+            quantization=report.to_dict() if report is not None else {"quantizer": config.quantizer},
         ),
     )
     return model
@@ -194,27 +242,101 @@ def merge(model: nn.Module, offset_dtype: torch.dtype | None = None) -> nn.Modul
             ``torch.float32`` keeps a small update that float16 would round away, at 16 more
             bits per group.
 
+    A layer whose merged offsets would overflow their dtype (float16 holds at most 65504)
+    gets float32 offsets instead, with a :class:`QALoRAWarning` naming it.
+
     Raises:
-        MergeError: the model holds dense LoRA adapters (``adapter="lora"``); use
-            :func:`merge_requantize`.
+        MergeError: the model holds dense LoRA adapters (``adapter="lora"``), use
+            :func:`merge_requantize`; or an adapter holds non-finite values. The model is
+            unchanged.
     """
     if offset_dtype is not None and offset_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise DTypeError(f"offset_dtype: got {offset_dtype!r}, allowed: torch.float16, torch.bfloat16, torch.float32")
     state = require_state(model)
     layers = list(quantized_layers(model, QALoRALinear))
-    merged = [(name, layer.merged(offset_dtype)) for name, layer in layers]  # all checked before any swap
+    merged, widened = [], []
+    for name, layer in layers:  # all built and checked before any swap
+        new = layer.merged(offset_dtype)
+        if not bool(torch.isfinite(new.offsets).all()) and new.offsets.dtype != torch.float32:
+            # The update overflows this offset dtype (float16 tops out at 65504): keep
+            # this layer exact with float32 offsets rather than store Inf.
+            new = layer.merged(torch.float32)
+            widened.append(name)
+        if not bool(torch.isfinite(new.offsets).all()):
+            raise MergeError(
+                f"layer {name!r}: the merged offsets are not finite even in float32; the adapter weights "
+                f"(lora_A, lora_B) hold NaN/Inf or huge values"
+            )
+        merged.append((name, new))
     for name, new in merged:
         replace_module(model, name, new)
     state.merged = True
+    if widened:
+        warnings.warn(
+            f"merge: the update overflows the offsets' dtype in {len(widened)} layer(s) "
+            f"({', '.join(widened[:5])}{', ...' if len(widened) > 5 else ''}); those layers keep float32 offsets",
+            QALoRAWarning,
+            stacklevel=2,
+        )
     return model
 
 
-def merge_requantize(model: nn.Module) -> nn.Module:
+def merge_requantize(
+    model: nn.Module,
+    *,
+    quantizer: str | None = None,
+    calibration: torch.Tensor | None = None,
+    calibration_batch_size: int = 8,
+    show_progress: bool | None = None,
+) -> nn.Module:
     """QLoRA-style deployment, for comparison: add each adapter's dense update to the
-    dequantized weight and re-quantize with RTN at the same bits and group size. Lossy for
-    dense LoRA adapters; in place."""
+    dequantized weight and quantize the result again at the same bits and group size.
+    Lossy for dense LoRA adapters; in place.
+
+    Args:
+        quantizer: "rtn" or "gptq" (default: the one the model was wrapped with). GPTQ is
+            the paper's baseline (QLoRA, merged, then GPTQ): it runs on ``calibration``
+            with every merged layer dense, quantizing them in forward order.
+        calibration: token ids for GPTQ (see :func:`wrap`).
+
+    Raises:
+        ConfigError: GPTQ without calibration, or an unknown quantizer.
+    """
     state = require_state(model)
-    requantized = [(name, layer.requantized()) for name, layer in quantized_layers(model, QALoRALinear)]
+    config = state.config
+    quantizer = quantizer if quantizer is not None else config.quantizer
+    if quantizer not in ("rtn", "gptq"):
+        raise ConfigError(f"quantizer: got {quantizer!r}, allowed: 'rtn', 'gptq'")
+    layers = list(quantized_layers(model, QALoRALinear))
+    if quantizer == "rtn":
+        requantized = [(name, layer.requantized()) for name, layer in layers]
+    else:
+        if calibration is None:
+            raise ConfigError("merge_requantize(quantizer='gptq') needs calibration inputs (token ids)")
+        dense = [(name, layer.merged_dense()) for name, layer in layers]
+        for name, linear in dense:
+            replace_module(model, name, linear)
+        try:
+            result, _ = gptq.quantize_model(
+                model,
+                dense,
+                bits=config.bits,
+                group_size=config.group_size,
+                scale_dtype=scale_dtype_of(config.scale_dtype),
+                layer_settings={
+                    name: (layer.base_layer.bits, layer.base_layer.group_size, layer.base_layer.scales.dtype)
+                    for name, layer in layers
+                },
+                calibration=calibration,
+                damp_percent=config.damp_percent,
+                act_order=config.act_order,
+                batch_size=calibration_batch_size,
+                show_progress=show_progress,
+            )
+        finally:
+            for name, layer in layers:
+                replace_module(model, name, layer)
+        requantized = [(name, result[name]) for name, _ in layers]
     for name, new in requantized:
         replace_module(model, name, new)
     state.merged = True

@@ -193,6 +193,7 @@ pub fn qmatmul_bf16_with(
     #[cfg(target_arch = "x86_64")]
     if let Some(cpu) = crate::wide::route(isa, &layout) {
         crate::wide::qmatmul_wide(cpu, &xr, &xsum, m, packed, params, layout, out, isa);
+        crate::qmatmul::dense_rows_where_needed(x, m, packed, params, layout, isa, out);
         return Ok(());
     }
     // Other instruction sets: the exact route on the rounded x, whose offsets' term (on the
@@ -207,6 +208,8 @@ pub fn qmatmul_bf16_with(
             out[i * n + row] += dot_isa(&mm, &diff[i * groups..(i + 1) * groups], isa);
         }
     }
+    // Non-finite or huge rows: a dense matmul's results, as on every other route.
+    crate::qmatmul::dense_rows_where_needed(x, m, packed, params, layout, isa, out);
     Ok(())
 }
 

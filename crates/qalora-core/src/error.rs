@@ -12,7 +12,7 @@ pub enum ErrorKind {
     DType,
     /// Tensors live on different devices, or on one the op does not support.
     Device,
-    /// The bit width is not one of 2, 3, 4, 8.
+    /// The bit width is not one of 2, 3, 4, 5, 6, 8.
     Bits,
     /// The group size is zero, does not divide K, or breaks the byte layout.
     GroupSize,

@@ -10,8 +10,8 @@ use std::fmt;
 
 use crate::error::{ErrorKind, KernelError, Result};
 
-/// Bit widths the library stores.
-pub const SUPPORTED_BITS: [u32; 4] = [2, 3, 4, 8];
+/// Bit widths the library stores. 5 and 6 hold the codes of GGUF's Q5_x and Q6_K blocks.
+pub const SUPPORTED_BITS: [u32; 6] = [2, 3, 4, 5, 6, 8];
 
 /// How far on each side of the group size asked for the error message looks for valid
 /// ones: bounded, so the message costs the same for K = 64 and K = 2^63.
@@ -45,7 +45,9 @@ fn as_usize(v: &impl GivenInt) -> Option<usize> {
 pub fn check_bits(bits: impl GivenInt) -> Result<u32> {
     match bits.get().and_then(|b| u32::try_from(b).ok()) {
         Some(b) if SUPPORTED_BITS.contains(&b) => Ok(b),
-        _ => Err(KernelError::new(ErrorKind::Bits, format!("bits: got {bits}, allowed values are 2, 3, 4 and 8"))),
+        _ => {
+            Err(KernelError::new(ErrorKind::Bits, format!("bits: got {bits}, allowed values are 2, 3, 4, 5, 6 and 8")))
+        }
     }
 }
 
@@ -63,8 +65,8 @@ pub fn check_in_features(k: impl GivenInt) -> Result<usize> {
     }
 }
 
-/// Bytes in one packed row of `k` codes. K*bits must fill whole bytes (K % 8 == 0 for 3 bits,
-/// K % 4 for 2 bits, K % 2 for 4 bits) and must not overflow.
+/// Bytes in one packed row of `k` codes. K*bits must fill whole bytes (K % 8 == 0 for 3 and
+/// 5 bits, K % 4 for 2 and 6 bits, K % 2 for 4 bits) and must not overflow.
 pub fn packed_row_bytes(k: usize, bits: u32) -> Result<usize> {
     let bits = check_bits(bits)?;
     let Some(total_bits) = k.checked_mul(bits as usize) else {
@@ -89,10 +91,20 @@ fn gcd(a: usize, b: usize) -> usize {
     }
 }
 
-/// Whether `g` can group K = `k` columns: it divides K and, at 3 bits, is a multiple of 8
-/// (a group then starts on a byte boundary).
+/// The multiple a group size must be at `bits` bits so that every group starts on a byte
+/// boundary (the kernels unpack a range of groups from its first byte): 8 at 3 and 5 bits,
+/// 4 at 6 bits, 1 otherwise (at 2, 4 and 8 bits codes never straddle a byte).
+pub fn group_multiple(bits: u32) -> usize {
+    match bits {
+        3 | 5 | 6 => 8 / gcd(8, bits as usize),
+        _ => 1,
+    }
+}
+
+/// Whether `g` can group K = `k` columns: it divides K and is a multiple of
+/// [`group_multiple`] (a group then starts on a byte boundary).
 fn groups_evenly(k: usize, bits: Option<u32>, g: usize) -> bool {
-    g >= 1 && k.is_multiple_of(g) && (bits != Some(3) || g.is_multiple_of(8))
+    g >= 1 && k.is_multiple_of(g) && g.is_multiple_of(bits.map_or(1, group_multiple))
 }
 
 /// Fails unless `group_size` can group K = `k` columns (see [`check_layout`]); returns it.
@@ -101,7 +113,11 @@ pub fn check_group_size(k: usize, bits: Option<u32>, group_size: impl GivenInt) 
     match as_usize(&group_size) {
         Some(g) if groups_evenly(k, bits, g) => Ok(g),
         _ => {
-            let three = if bits == Some(3) { " and be a multiple of 8 at 3 bits" } else { "" };
+            let multiple = bits.map_or(1, group_multiple);
+            let three = match bits {
+                Some(b) if multiple > 1 => format!(" and be a multiple of {multiple} at {b} bits"),
+                _ => String::new(),
+            };
             let center = match group_size.get() {
                 Some(g) if g < 1 => 1,
                 Some(g) => (g as u64).min(k as u64),
@@ -132,8 +148,9 @@ pub fn check_positive_group_size(group_size: impl GivenInt) -> Result<usize> {
 /// The group sizes closest to `center` that group K evenly (up to four, ascending), for the
 /// group-size message. Looks at most [`NEAR_WINDOW`] values away on each side.
 fn near_group_sizes(k: usize, bits: Option<u32>, center: u64) -> String {
-    if bits == Some(3) && !k.is_multiple_of(8) {
-        return "none exists: at 3 bits K must be a multiple of 8".to_string();
+    let multiple = bits.map_or(1, group_multiple);
+    if !k.is_multiple_of(multiple) {
+        return format!("none exists: at {} bits K must be a multiple of {multiple}", bits.unwrap_or(0));
     }
     let valid = |d: u64| usize::try_from(d).is_ok_and(|d| groups_evenly(k, bits, d));
     let mut found = Vec::new();
@@ -148,7 +165,11 @@ fn near_group_sizes(k: usize, bits: Option<u32>, center: u64) -> String {
         }
     }
     found.sort_unstable();
-    let what = if bits == Some(3) { "positive divisors of K that are multiples of 8" } else { "positive divisors" };
+    let what = if multiple > 1 {
+        format!("positive divisors of K that are multiples of {multiple}")
+    } else {
+        "positive divisors".to_string()
+    };
     if found.is_empty() {
         format!("no {what} within {NEAR_WINDOW} of {center}")
     } else {
@@ -159,7 +180,8 @@ fn near_group_sizes(k: usize, bits: Option<u32>, center: u64) -> String {
 
 /// Checks that a layer with `in_features` inputs can be stored at `bits` bits in groups of
 /// `group_size`: bits is one of [`SUPPORTED_BITS`], K >= 1, the group size divides K (and is
-/// a multiple of 8 at 3 bits), and K·bits fills whole bytes. Returns (K, bits, group size).
+/// a multiple of 8 at 3 and 5 bits, of 4 at 6 bits), and K·bits fills whole bytes. Returns
+/// (K, bits, group size).
 pub fn check_layout(
     in_features: impl GivenInt,
     bits: impl GivenInt,
@@ -265,7 +287,12 @@ mod tests {
 
     #[test]
     fn rejects_bad_parameters() {
-        assert_eq!(QuantLayout::new(4, 64, 5u32, 32usize).unwrap_err().kind, ErrorKind::Bits);
+        assert_eq!(QuantLayout::new(4, 64, 7u32, 32usize).unwrap_err().kind, ErrorKind::Bits);
+        assert_eq!(QuantLayout::new(4, 64, 5u32, 4usize).unwrap_err().kind, ErrorKind::GroupSize);
+        assert_eq!(QuantLayout::new(4, 64, 6u32, 2usize).unwrap_err().kind, ErrorKind::GroupSize);
+        assert_eq!(QuantLayout::new(4, 12, 6u32, 4usize).unwrap().row_bytes(), 9);
+        assert_eq!(QuantLayout::new(4, 12, 5u32, 4usize).unwrap_err().kind, ErrorKind::GroupSize);
+        assert_eq!(QuantLayout::new(4, 16, 5u32, 8usize).unwrap().row_bytes(), 10);
         assert_eq!(QuantLayout::new(4, 64, 4u32, 0usize).unwrap_err().kind, ErrorKind::GroupSize);
         assert_eq!(QuantLayout::new(4, 64, 4u32, 48usize).unwrap_err().kind, ErrorKind::GroupSize);
         assert_eq!(QuantLayout::new(4, 12, 3u32, 4usize).unwrap_err().kind, ErrorKind::GroupSize);
@@ -286,10 +313,10 @@ mod tests {
     /// Messages report the value given, not a converted one.
     #[test]
     fn messages_report_the_value_given() {
-        for (bits, shown) in [(-1i64, "got -1"), (1 << 32 | 4, "got 4294967300"), (5, "got 5")] {
+        for (bits, shown) in [(-1i64, "got -1"), (1 << 32 | 4, "got 4294967300"), (7, "got 7")] {
             let e = check_bits(bits).unwrap_err();
             assert_eq!(e.kind, ErrorKind::Bits);
-            assert!(e.message.contains(shown) && e.message.contains("2, 3, 4 and 8"), "{}", e.message);
+            assert!(e.message.contains(shown) && e.message.contains("2, 3, 4, 5, 6 and 8"), "{}", e.message);
         }
         let e = check_layout(64i64, 4i64, -3i64).unwrap_err();
         assert_eq!(e.kind, ErrorKind::GroupSize);
@@ -312,6 +339,10 @@ mod tests {
         assert!(msg.contains("multiple of 8 at 3 bits") && msg.contains("near 12: 8, 16, 24, 32"), "{msg}");
         let msg = check_layout(12i64, 3i64, 4i64).unwrap_err().message;
         assert!(msg.contains("K must be a multiple of 8"), "{msg}");
+        let msg = check_layout(576i64, 6i64, 30i64).unwrap_err().message;
+        assert!(msg.contains("multiple of 4 at 6 bits") && msg.contains("near 30: 16, 24, 32, 36"), "{msg}");
+        let msg = check_layout(12i64, 5i64, 4i64).unwrap_err().message;
+        assert!(msg.contains("at 5 bits K must be a multiple of 8"), "{msg}");
         let msg = check_group_size(30, None, 0i64).unwrap_err().message;
         assert!(msg.contains("got 0") && msg.contains("near 1: 1, 2, 3, 5"), "{msg}");
     }

@@ -4,6 +4,7 @@
 
 pub mod bf16;
 pub mod error;
+pub mod gptq;
 pub mod isa;
 pub mod layout;
 pub mod merge;

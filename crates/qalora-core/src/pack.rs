@@ -59,18 +59,46 @@ pub fn pack_row(codes: &[u8], bits: u32, out: &mut [u8]) {
                 *o = (w | (w >> 6) | (w >> 12) | (w >> 18)) as u8;
             }
         }
-        3 => {
-            for (o, c) in out.chunks_exact_mut(3).zip(codes.chunks_exact(8)) {
-                let v = u64::from_le_bytes(c.try_into().unwrap());
-                // Halve the gaps three times: 8-bit lanes -> 6 bits in 16, 12 in 32, 24 in 64.
-                let v = (v & 0x00FF_00FF_00FF_00FF) | ((v & 0xFF00_FF00_FF00_FF00) >> 5);
-                let v = (v & 0x0000_FFFF_0000_FFFF) | ((v & 0xFFFF_0000_FFFF_0000) >> 10);
-                let v = (v & 0x0000_0000_FFFF_FFFF) | ((v >> 32) << 12);
-                o.copy_from_slice(&v.to_le_bytes()[..3]);
-            }
-            // K % 8 != 0 cannot happen at 3 bits: the layout check requires whole bytes.
+        // K % 8 != 0 cannot happen at 3 and 5 bits: the layout check requires whole bytes.
+        3 => pack_row_words::<3>(codes, out),
+        5 => pack_row_words::<5>(codes, out),
+        6 => {
+            // Whole bytes need K % 4 == 0 only: a last half word of four codes is left over.
+            let whole = codes.len() / 8 * 8;
+            pack_row_words::<6>(&codes[..whole], &mut out[..whole * 6 / 8]);
+            pack_row_scalar(&codes[whole..], 6, &mut out[whole * 6 / 8..]);
         }
         _ => pack_row_scalar(codes, bits, out),
+    }
+}
+
+/// Packs eight B-bit codes (B = 3, 5, 6) into B bytes at a time: the codes are read as one
+/// little-endian u64 of 8-bit lanes and the gaps between them halved three times (8-bit
+/// lanes -> 2B bits in 16, 4B in 32, 8B in 64).
+#[inline]
+fn pack_row_words<const B: u32>(codes: &[u8], out: &mut [u8]) {
+    const { assert!(B == 3 || B == 5 || B == 6) };
+    for (o, c) in out.chunks_exact_mut(B as usize).zip(codes.chunks_exact(8)) {
+        let v = u64::from_le_bytes(c.try_into().unwrap());
+        let v = (v & 0x00FF_00FF_00FF_00FF) | ((v & 0xFF00_FF00_FF00_FF00) >> (8 - B));
+        let v = (v & 0x0000_FFFF_0000_FFFF) | ((v & 0xFFFF_0000_FFFF_0000) >> (16 - 2 * B));
+        let v = (v & 0x0000_0000_FFFF_FFFF) | ((v >> 32) << (4 * B));
+        o.copy_from_slice(&v.to_le_bytes()[..B as usize]);
+    }
+}
+
+/// Unpacks B bytes into eight B-bit codes at a time (B = 3, 5, 6).
+#[inline]
+fn unpack_row_words<const B: u32>(packed: &[u8], out: &mut [u8]) {
+    const { assert!(B == 3 || B == 5 || B == 6) };
+    let mask = (1u64 << B) - 1;
+    for (c, p) in out.chunks_exact_mut(8).zip(packed.chunks_exact(B as usize)) {
+        let mut word = [0u8; 8];
+        word[..B as usize].copy_from_slice(p);
+        let v = u64::from_le_bytes(word);
+        for (i, q) in c.iter_mut().enumerate() {
+            *q = ((v >> (B as usize * i)) & mask) as u8;
+        }
     }
 }
 
@@ -92,13 +120,12 @@ pub fn unpack_row(packed: &[u8], bits: u32, out: &mut [u8]) {
                 c[3] = p >> 6;
             }
         }
-        3 => {
-            for (c, p) in out.chunks_exact_mut(8).zip(packed.chunks_exact(3)) {
-                let v = p[0] as u32 | (p[1] as u32) << 8 | (p[2] as u32) << 16;
-                for (i, q) in c.iter_mut().enumerate() {
-                    *q = ((v >> (3 * i)) & 7) as u8;
-                }
-            }
+        3 => unpack_row_words::<3>(packed, out),
+        5 => unpack_row_words::<5>(packed, out),
+        6 => {
+            let whole = out.len() / 8 * 8;
+            unpack_row_words::<6>(&packed[..whole * 6 / 8], &mut out[..whole]);
+            unpack_row_scalar(&packed[whole * 6 / 8..], 6, &mut out[whole..]);
         }
         _ => unpack_row_scalar(packed, bits, out),
     }
@@ -244,8 +271,11 @@ mod tests {
 
     #[test]
     fn fast_paths_match_scalar_twin() {
-        for bits in [2u32, 3, 4, 8] {
-            for k in [8usize, 16, 24, 40, 136, 1000] {
+        for bits in crate::SUPPORTED_BITS {
+            for k in [8usize, 16, 24, 40, 136, 1000, 4, 12, 20, 1004] {
+                if !(k * bits as usize).is_multiple_of(8) {
+                    continue;
+                }
                 let codes = random_codes(k, bits, 7 + k as u64);
                 let mut fast = vec![0u8; k * bits as usize / 8];
                 let mut slow = fast.clone();
@@ -277,12 +307,20 @@ mod tests {
         let mut out2 = [0u8; 1];
         pack_row(&[3, 0, 1, 2], 2, &mut out2);
         assert_eq!(out2, [0b10_01_00_11]);
+        // 5 and 6 bits: code k at bits [b k, b (k+1)), as a little-endian word.
+        for bits in [5u32, 6] {
+            let codes: Vec<u8> = (0..8u8).map(|i| (i * 7 + 3) % (1 << bits)).collect();
+            let v: u64 = codes.iter().enumerate().map(|(i, &q)| (q as u64) << (bits as usize * i)).sum();
+            let mut out = vec![0u8; bits as usize];
+            pack_row(&codes, bits, &mut out);
+            assert_eq!(out, v.to_le_bytes()[..bits as usize], "bits={bits}");
+        }
     }
 
     #[test]
     fn parallel_matrix_round_trip_and_errors() {
         let (n, k) = (301, 256);
-        for bits in [2u32, 3, 4, 8] {
+        for bits in crate::SUPPORTED_BITS {
             let codes = random_codes(n * k, bits, bits as u64);
             let mut packed = vec![0u8; n * k * bits as usize / 8];
             pack(&codes, n, k, bits, &mut packed).unwrap();
@@ -304,7 +342,7 @@ mod tests {
     fn range_errors_name_the_first_bad_code_on_the_parallel_path() {
         // Above the parallel threshold, with bad codes in two rows: the earlier one is named.
         let (n, k) = (257, 256);
-        for bits in [2u32, 3, 4] {
+        for bits in [2u32, 3, 4, 5, 6] {
             let mut codes = random_codes(n * k, bits, 5);
             codes[200 * k + 17] = 1 << bits;
             codes[40 * k + 9] = 255;
@@ -319,7 +357,7 @@ mod tests {
     #[test]
     fn narrow_codes_checks_before_casting() {
         let (n, k) = (130, 264); // above the parallel threshold
-        for bits in [2u32, 3, 4, 8] {
+        for bits in crate::SUPPORTED_BITS {
             let codes = random_codes(n * k, bits, 9 + bits as u64);
             let wide: Vec<i64> = codes.iter().map(|&q| q as i64).collect();
             let mut out = vec![0u8; n * k];

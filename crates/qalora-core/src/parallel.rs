@@ -1,9 +1,105 @@
-//! Row-parallel loops with a work threshold, so small tensors do not pay rayon's start-up.
+//! The kernels' thread pool, and row-parallel loops with a work threshold, so small tensors
+//! do not pay rayon's start-up.
+//!
+//! All parallel work runs on [`pool`], never on rayon's global pool: a process forked after
+//! a pool has run (a `DataLoader` worker, `multiprocessing` with the fork start method)
+//! inherits the pool's state but none of its threads, so the first parallel call in the
+//! child would wait forever for workers that do not exist there. A fork handler forgets the
+//! parent's pool in the child, which builds its own on first use.
+
+use std::ptr;
+use std::sync::atomic::{AtomicPtr, Ordering};
 
 use rayon::prelude::*;
 
 /// Below this many elements of work a loop runs on the calling thread.
 pub const PARALLEL_THRESHOLD: usize = 1 << 15;
+
+/// This process's pool; null until first use, and again in a freshly forked child.
+static POOL: AtomicPtr<rayon::ThreadPool> = AtomicPtr::new(ptr::null_mut());
+
+/// The kernels' thread pool for this process, built on first use (`RAYON_NUM_THREADS`
+/// threads if set, else one per logical CPU).
+///
+/// # Panics
+/// If the operating system refuses to start its threads (the binding reports the panic as
+/// an internal error).
+pub fn pool() -> &'static rayon::ThreadPool {
+    let current = POOL.load(Ordering::Acquire);
+    if !current.is_null() {
+        // SAFETY: non-null values of POOL come from `Box::into_raw` below and are never
+        // freed (a pool lives as long as its process), so the reference is valid forever.
+        return unsafe { &*current };
+    }
+    fork::watch();
+    let fresh = rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("qalora-{i}"))
+        .build()
+        .expect("could not start the kernels' worker threads");
+    let fresh = Box::into_raw(Box::new(fresh));
+    match POOL.compare_exchange(ptr::null_mut(), fresh, Ordering::AcqRel, Ordering::Acquire) {
+        // SAFETY: `fresh` was just leaked from a Box and is now owned by POOL for good.
+        Ok(_) => unsafe { &*fresh },
+        Err(winner) => {
+            // Another thread of this process built one first: use it, and shut ours down
+            // (dropping a pool ends its threads).
+            // SAFETY: `fresh` never left this function, so this is its only owner.
+            drop(unsafe { Box::from_raw(fresh) });
+            // SAFETY: as above, `winner` came from `Box::into_raw` and is never freed.
+            unsafe { &*winner }
+        }
+    }
+}
+
+/// Runs `f` with [`pool`] as the pool of any parallel iterator inside it; the caller waits.
+pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    pool().install(f)
+}
+
+/// The number of threads of [`pool`].
+pub fn threads() -> usize {
+    pool().current_num_threads()
+}
+
+#[cfg(unix)]
+mod fork {
+    use std::sync::atomic::Ordering;
+    use std::sync::Once;
+
+    extern "C" {
+        fn pthread_atfork(
+            prepare: Option<unsafe extern "C" fn()>,
+            parent: Option<unsafe extern "C" fn()>,
+            child: Option<unsafe extern "C" fn()>,
+        ) -> i32;
+    }
+
+    /// Runs in a forked child before `fork` returns there: the parent's pool has no threads
+    /// in this process, so it is forgotten (leaked: its memory was copied, its threads were
+    /// not, and tearing it down would wait on them). One atomic store, as a fork handler
+    /// must be (async-signal-safe).
+    unsafe extern "C" fn forget_parent_pool() {
+        super::POOL.store(std::ptr::null_mut(), Ordering::Release);
+    }
+
+    /// Registers the handler, once per process tree (a child inherits it).
+    pub fn watch() {
+        static REGISTERED: Once = Once::new();
+        REGISTERED.call_once(|| {
+            // SAFETY: registers a handler that only stores a null pointer into an atomic;
+            // the function lives for the whole program.
+            let rc = unsafe { pthread_atfork(None, None, Some(forget_parent_pool)) };
+            // Without the handler a forked child could hang: refuse to run instead.
+            assert_eq!(rc, 0, "could not register the fork handler of the kernels' thread pool");
+        });
+    }
+}
+
+#[cfg(not(unix))]
+mod fork {
+    /// No fork on this platform.
+    pub fn watch() {}
+}
 
 /// Calls `f(row_index, row)` for each `row_len`-long chunk of `out`, in parallel when `work`
 /// (elements touched) is large enough.
@@ -18,7 +114,7 @@ where
     if work < PARALLEL_THRESHOLD {
         out.chunks_mut(row_len).enumerate().for_each(|(i, r)| f(i, r));
     } else {
-        out.par_chunks_mut(row_len).enumerate().for_each(|(i, r)| f(i, r));
+        install(|| out.par_chunks_mut(row_len).enumerate().for_each(|(i, r)| f(i, r)));
     }
 }
 
@@ -37,6 +133,60 @@ where
         let mut scratch = init();
         out.chunks_mut(row_len).enumerate().for_each(|(i, r)| f(&mut scratch, i, r));
     } else {
-        out.par_chunks_mut(row_len).enumerate().for_each_init(&init, |s, (i, r)| f(s, i, r));
+        install(|| out.par_chunks_mut(row_len).enumerate().for_each_init(&init, |s, (i, r)| f(s, i, r)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_pool_per_process_and_loops_run_on_it() {
+        let first = pool() as *const rayon::ThreadPool;
+        assert_eq!(first, pool() as *const _);
+        assert!(threads() >= 1);
+        let mut out = vec![0usize; PARALLEL_THRESHOLD * 2];
+        for_each_row(&mut out, 64, PARALLEL_THRESHOLD * 2, |i, r| {
+            // Parallel rows run on the kernels' pool, not on rayon's global one.
+            let on_pool = rayon::current_thread_index().is_some()
+                && std::thread::current().name().is_some_and(|n| n.starts_with("qalora-"));
+            r.fill(if on_pool { i + 1 } else { 0 });
+        });
+        assert!(out.chunks(64).enumerate().all(|(i, r)| r.iter().all(|&v| v == i + 1)));
+    }
+
+    /// Every kernel, at sizes that run in parallel, leaves rayon's global pool unbuilt: a
+    /// kernel that used it directly would hang in a forked child.
+    #[test]
+    fn no_kernel_uses_the_global_pool() {
+        use crate::qmatmul::{qmatmul_with, GroupParams};
+        use crate::testutil::{random_codes, random_f32};
+        use crate::{merge, pack, pool, q8, quant, Isa, ParamDtype, QuantLayout};
+
+        let (n, k, g) = (1024usize, 512usize, 32usize);
+        let layout = QuantLayout::new(n, k, 4, g).unwrap();
+        let w = random_f32(n * k, 1);
+        let mut packed = vec![0u8; layout.packed_len()];
+        let (mut s, mut m) = (vec![0f32; n * k / g], vec![0f32; n * k / g]);
+        quant::quantize(&w, layout, ParamDtype::F16, &mut packed, &mut s, &mut m).unwrap();
+        let mut dense = vec![0f32; n * k];
+        quant::dequantize(&packed, &s, &m, layout, &mut dense).unwrap();
+        let codes = random_codes(n * k, 4, 2);
+        pack::pack(&codes, n, k, 4, &mut packed).unwrap();
+        let mut unpacked = vec![0u8; n * k];
+        pack::unpack(&packed, n, k, 4, &mut unpacked).unwrap();
+        let mut pooled = vec![0f32; n * k / g];
+        pool::group_pool(&w, k, g, &mut pooled).unwrap();
+        pool::group_pool_backward(&pooled, k, g, &mut dense).unwrap();
+        let (a, b) = (random_f32(8 * k / g, 3), random_f32(n * 8, 4));
+        let mut merged = vec![0f32; n * k / g];
+        merge::merge_offsets(&m, n, k / g, &a, &b, 8, 0.5, g, &mut merged).unwrap();
+        let x = random_f32(4 * k, 5);
+        let mut y = vec![0f32; 4 * n];
+        let params = GroupParams::F32 { scales: &s, offsets: &m };
+        qmatmul_with(&x, 4, &packed, params, layout, &mut y, Isa::detect()).unwrap();
+        q8::qmatmul_int8_with(&x, 4, &packed, params, layout, &mut y, Isa::detect()).unwrap();
+        assert!(rayon::ThreadPoolBuilder::new().num_threads(1).build_global().is_ok());
     }
 }

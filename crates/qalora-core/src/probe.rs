@@ -1,5 +1,5 @@
 //! A streaming-read probe of the memory bandwidth, for the benchmarks: every byte of a
-//! buffer is loaded once, on all of rayon's threads (each takes contiguous chunks), with
+//! buffer is loaded once, on all of the kernels' pool threads (each takes contiguous chunks), with
 //! several independent 32-byte loads in flight per thread. A sum in torch measures the
 //! same thing less directly (its reduction does arithmetic per element), and reads slower.
 
@@ -13,7 +13,7 @@ const CHUNK: usize = 4 << 20;
 /// XOR of the buffer's 64-bit words (a checksum, so the loads cannot be dropped); the
 /// bytes past the last whole word are ignored.
 pub fn stream_read(buf: &[u8], isa: Isa) -> u64 {
-    buf.par_chunks(CHUNK).map(|c| read_chunk(c, isa)).reduce(|| 0, |a, b| a ^ b)
+    crate::parallel::install(|| buf.par_chunks(CHUNK).map(|c| read_chunk(c, isa)).reduce(|| 0, |a, b| a ^ b))
 }
 
 fn read_chunk(c: &[u8], isa: Isa) -> u64 {

@@ -13,7 +13,8 @@
 //! `error_is_within_the_documented_bound` checks. Blocks as large as the group (up to 128)
 //! let the integer sums run across a whole group before one conversion to float. It covers
 //! 4-bit weights with group sizes that are multiples of 32; any other layout is computed
-//! by the exact route.
+//! by the exact route, and so is any activation row holding a value that is not finite
+//! (its scale would be infinite), with a dense matmul's IEEE semantics.
 
 use crate::error::{KernelError, Result};
 use crate::isa::Isa;
@@ -212,6 +213,9 @@ pub fn qmatmul_int8_with(
     };
     let init = || (vec![0f32; groups], vec![0f32; groups], vec![0f32; na], vec![0f32; na * m]);
     crate::qmatmul::for_weight_rows(n, m, k, out, init, run_rows);
+    // Rows with an infinite, NaN or huge value: their int8 scale is not finite, so they are
+    // recomputed exactly, as a dense matmul does.
+    crate::qmatmul::dense_rows_where_needed(x, m, packed, params, layout, isa, out);
     Ok(())
 }
 

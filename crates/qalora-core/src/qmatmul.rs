@@ -6,12 +6,18 @@
 //! is computed once per call. Accumulation is exact f32 (no activation quantization).
 //! The AVX2/FMA kernels live in `x86.rs`, chosen at run time (`isa.rs`); [`row_scalar`] is
 //! their twin.
+//!
+//! The factored form is not a dense matmul for every input: an infinite x[k] meets code 0
+//! (0·Inf = NaN) and the offsets' term Σx, so a whole output row would turn NaN where a dense
+//! matmul gives ±Inf. Activation rows with a value that is not finite, or large enough for
+//! the partial sums to overflow, are recomputed the dense way ([`dense_rows_where_needed`]),
+//! on every route (int8 too), so results agree with `x @ W~ᵀ` in IEEE arithmetic.
 
 use rayon::prelude::*;
 
 use crate::error::{KernelError, Result};
 use crate::isa::Isa;
-use crate::layout::{size_product, QuantLayout};
+use crate::layout::{max_code, size_product, QuantLayout};
 use crate::pack::unpack_row;
 use crate::pool::group_sum;
 
@@ -221,6 +227,47 @@ pub(crate) fn group_sums(x: &[f32], m: usize, k: usize, g: usize) -> Vec<f32> {
     xsum
 }
 
+/// Whether activation row `x` leaves the factored form: a value that is not finite, or one
+/// so large that a group's partial sum Σ q·x (g codes of at most 2^bits − 1) could overflow
+/// f32 where the products W~·x of a dense matmul would not.
+#[allow(clippy::neg_cmp_op_on_partial_ord)] // the negation is the point: NaN must count
+pub(crate) fn needs_dense(x: &[f32], g: usize, bits: u32) -> bool {
+    let limit = f32::MAX / (g as f32 * max_code(bits) as f32);
+    // `!(|v| <= limit)` also holds for NaN; a fold without early exit vectorizes.
+    x.iter().fold(false, |bad, v| bad | !(v.abs() <= limit))
+}
+
+/// Recomputes, as a dense matmul does, the outputs of the activation rows that
+/// [`needs_dense`]: y[i,n] = Σ_k W~[n,k]·x[i,k] with W~ dequantized one row at a time, in
+/// IEEE f32 arithmetic, so an infinite input gives ±Inf where the weights it meets share a
+/// sign and NaN where it meets a zero weight or both signs, as `x @ W~ᵀ` does. Such rows
+/// are rare (an overflow upstream), so this runs on the calling thread.
+pub(crate) fn dense_rows_where_needed(
+    x: &[f32],
+    m: usize,
+    packed: &[u8],
+    params: GroupParams<'_>,
+    layout: QuantLayout,
+    isa: Isa,
+    out: &mut [f32],
+) {
+    let QuantLayout { n, k, bits, group_size: g } = layout;
+    let rows: Vec<usize> = (0..m).filter(|&i| needs_dense(&x[i * k..(i + 1) * k], g, bits)).collect();
+    if rows.is_empty() {
+        return;
+    }
+    let (groups, rb) = (layout.groups(), layout.row_bytes());
+    let one_row = QuantLayout { n: 1, ..layout };
+    let (mut s, mut mm, mut codes, mut w) = (vec![0f32; groups], vec![0f32; groups], vec![0u8; k], vec![0f32; k]);
+    for row in 0..n {
+        params.row_into(row, (0, groups), isa, &mut s, &mut mm);
+        crate::quant::dequantize_row(&packed[row * rb..(row + 1) * rb], &s, &mm, one_row, 0, &mut codes, &mut w);
+        for &i in &rows {
+            out[i * n + row] = w.iter().zip(&x[i * k..(i + 1) * k]).map(|(a, b)| a * b).sum();
+        }
+    }
+}
+
 /// Writes the (N, M) matrix `t` into `out` as (M, N).
 fn transpose_into(t: &[f32], n: usize, m: usize, out: &mut [f32]) {
     for (row, col) in t.chunks_exact(m).enumerate().take(n) {
@@ -272,6 +319,7 @@ pub fn qmatmul_with(
     #[cfg(target_arch = "x86_64")]
     if let Some(cpu) = crate::wide::route(isa, &layout) {
         crate::wide::qmatmul_wide(cpu, x, &group_sums(x, m, k, g), m, packed, params, layout, out, isa);
+        dense_rows_where_needed(x, m, packed, params, layout, isa, out);
         return Ok(());
     }
     let isa = isa.exact();
@@ -354,6 +402,7 @@ pub fn qmatmul_with(
         codes2: vec![0u8; k],
     };
     for_weight_rows(n, m, k, out, init, run_rows);
+    dense_rows_where_needed(x, m, packed, params, layout, isa, out);
     Ok(())
 }
 
@@ -378,12 +427,14 @@ pub(crate) fn for_weight_rows<S: Send>(
     } else {
         // A few chunks per thread balance the load; each keeps whole rows, an even number
         // of them (the exact M = 1 kernel takes rows in pairs).
-        let chunks = rayon::current_num_threads() * 4;
+        let chunks = crate::parallel::threads() * 4;
         let rows = (n.div_ceil(chunks).max(4) + 1) & !1;
-        out_t
-            .par_chunks_mut(rows * m)
-            .enumerate()
-            .for_each_init(init, |scratch, (c, o)| run_rows(c * rows, o, scratch));
+        crate::parallel::install(|| {
+            out_t
+                .par_chunks_mut(rows * m)
+                .enumerate()
+                .for_each_init(init, |scratch, (c, o)| run_rows(c * rows, o, scratch))
+        });
     }
     if m > 1 {
         transpose_into(&out_t_buf, n, m, out);
@@ -398,7 +449,7 @@ mod tests {
 
     #[test]
     fn matches_f64_reference() {
-        for bits in [2u32, 3, 4, 8] {
+        for bits in crate::SUPPORTED_BITS {
             let (n, k, g, m) = (37usize, 128usize, 32usize, 3usize);
             let layout = QuantLayout::new(n, k, bits, g).unwrap();
             let w = random_f32(n * k, 11);
@@ -435,9 +486,9 @@ mod tests {
             (3, 256, 128),
             (600, 512, 64), // parallel path (N*K above the threshold)
         ];
-        for &bits in &[2u32, 3, 4, 8] {
+        for bits in crate::SUPPORTED_BITS {
             for &(n, k, g) in cases {
-                if bits == 3 && g % 8 != 0 {
+                if !g.is_multiple_of(crate::layout::group_multiple(bits)) {
                     continue;
                 }
                 let layout = QuantLayout::new(n, k, bits, g).unwrap();
@@ -488,6 +539,83 @@ mod tests {
                                     y[t],
                                     want[t]
                                 );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rows with ±Inf, NaN or values large enough to overflow the factored partial sums give
+    /// what a dense matmul gives (IEEE: Inf·0 = NaN, Inf − Inf = NaN), on every instruction
+    /// set, both parameter dtypes and every route (int8, bf16, tiled); the finite rows of the same call are
+    /// untouched.
+    #[test]
+    fn non_finite_and_huge_inputs_follow_dense_semantics() {
+        let (n, k, g, m) = (24usize, 128usize, 32usize, 6usize);
+        for bits in [2u32, 3, 4, 8] {
+            let layout = QuantLayout::new(n, k, bits, g).unwrap();
+            let mut w = random_f32(n * k, 21);
+            w[5 * k..5 * k + g].fill(0.0); // a zero group: W~ = 0 exactly there
+            w[9 * k + 32..9 * k + 64].iter_mut().for_each(|v| *v = v.abs() + 0.5); // all positive
+            let mut p = vec![0u8; layout.packed_len()];
+            let (mut s, mut o) = (vec![0f32; n * 4], vec![0f32; n * 4]);
+            quantize(&w, layout, ParamDtype::F16, &mut p, &mut s, &mut o).unwrap();
+            let mut wq = vec![0f32; n * k];
+            dequantize(&p, &s, &o, layout, &mut wq).unwrap();
+            let s16: Vec<u16> = s.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+            let o16: Vec<u16> = o.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+            let mut x = random_f32(m * k, 22);
+            // Row 0: +Inf in group 0 (it meets the zero group of weight row 5). Row 1: −Inf
+            // in group 1 and +Inf in group 3. Row 2: NaN. Row 3: finite. Row 4: one value
+            // beyond the factored form's safe range, finite in a dense matmul. Row 5: +Inf
+            // in group 1 (all positive on weight row 9).
+            let huge = f32::MAX / (g as f32 * max_code(bits) as f32);
+            x[3] = f32::INFINITY;
+            x[k + 40] = f32::NEG_INFINITY;
+            x[k + 100] = f32::INFINITY;
+            x[2 * k + 7] = f32::NAN;
+            x[4 * k + 10] = -3.0 * huge;
+            x[5 * k + 50] = f32::INFINITY;
+            let want: Vec<f64> = (0..m * n)
+                .map(|t| {
+                    let (i, j) = (t / n, t % n);
+                    (0..k).map(|c| wq[j * k + c] as f64 * x[i * k + c] as f64).sum()
+                })
+                .collect();
+            assert!(want[5].is_nan() && want[n + 9].is_nan() && want[5 * n + 9] == f64::INFINITY);
+            for isa in Isa::available() {
+                for params in
+                    [GroupParams::F32 { scales: &s, offsets: &o }, GroupParams::F16 { scales: &s16, offsets: &o16 }]
+                {
+                    // Routes: exact, int8, bf16 activations, and (4-bit, f16) the tiled layout.
+                    for route in ["exact", "int8", "bf16", "tiled"] {
+                        let f16 = matches!(params, GroupParams::F16 { .. });
+                        if route == "tiled" && !(bits == 4 && f16) {
+                            continue;
+                        }
+                        let mut y = vec![0f32; m * n];
+                        match route {
+                            "exact" => qmatmul_with(&x, m, &p, params, layout, &mut y, isa).unwrap(),
+                            "int8" => crate::q8::qmatmul_int8_with(&x, m, &p, params, layout, &mut y, isa).unwrap(),
+                            "bf16" => crate::bf16::qmatmul_bf16_with(&x, m, &p, params, layout, &mut y, isa).unwrap(),
+                            _ => {
+                                let mut t = vec![0u8; crate::tiles::tiled_len(&layout)];
+                                crate::tiles::repack(&p, &s16, &o16, layout, &mut t).unwrap();
+                                crate::tiles::qmatmul_tiled_with(&x, m, &t, layout, &mut y, isa).unwrap();
+                            }
+                        }
+                        for t in 0..m * n {
+                            let (got, want) = (y[t] as f64, want[t]);
+                            let case = format!("bits={bits} {isa:?} route={route} row {} col {}", t / n, t % n);
+                            if t / n == 3 {
+                                // The finite row keeps its route's accuracy (int8: its own bound).
+                                assert!(got.is_finite(), "{case}");
+                            } else if want.is_finite() {
+                                assert!((got - want).abs() <= 1e-5 * want.abs().max(1e30), "{case}: {got} vs {want}");
+                            } else {
+                                assert!(got.is_nan() == want.is_nan() && (want.is_nan() || got == want), "{case}");
                             }
                         }
                     }

@@ -85,27 +85,29 @@ pub fn repack(packed: &[u8], scales: &[u16], offsets: &[u16], layout: QuantLayou
     }
     let (groups, g, rb) = (layout.groups(), layout.group_size, layout.row_bytes());
     let rec = record_bytes(g);
-    out.par_chunks_mut(groups * rec).enumerate().for_each(|(t, tile)| {
-        for (l, r) in tile.chunks_exact_mut(rec).enumerate() {
-            for j in 0..TILE_ROWS {
-                let row = t * TILE_ROWS + j;
-                r[2 * j..2 * j + 2].copy_from_slice(&scales[row * groups + l].to_le_bytes());
-                r[16 + 2 * j..16 + 2 * j + 2].copy_from_slice(&offsets[row * groups + l].to_le_bytes());
-            }
-            let codes = &mut r[PARAM_BYTES..];
-            codes.fill(0);
-            for b in 0..g / 32 {
+    crate::parallel::install(|| {
+        out.par_chunks_mut(groups * rec).enumerate().for_each(|(t, tile)| {
+            for (l, r) in tile.chunks_exact_mut(rec).enumerate() {
                 for j in 0..TILE_ROWS {
-                    let prow = &packed[(t * TILE_ROWS + j) * rb..];
-                    for u in 0..32 {
-                        let col = l * g + b * 32 + u;
-                        let q = (prow[col / 2] >> (4 * (col % 2))) & 0xF;
-                        let (pos, high) = code_position(b, j, u);
-                        codes[pos] |= if high { q << 4 } else { q };
+                    let row = t * TILE_ROWS + j;
+                    r[2 * j..2 * j + 2].copy_from_slice(&scales[row * groups + l].to_le_bytes());
+                    r[16 + 2 * j..16 + 2 * j + 2].copy_from_slice(&offsets[row * groups + l].to_le_bytes());
+                }
+                let codes = &mut r[PARAM_BYTES..];
+                codes.fill(0);
+                for b in 0..g / 32 {
+                    for j in 0..TILE_ROWS {
+                        let prow = &packed[(t * TILE_ROWS + j) * rb..];
+                        for u in 0..32 {
+                            let col = l * g + b * 32 + u;
+                            let q = (prow[col / 2] >> (4 * (col % 2))) & 0xF;
+                            let (pos, high) = code_position(b, j, u);
+                            codes[pos] |= if high { q << 4 } else { q };
+                        }
                     }
                 }
             }
-        }
+        })
     });
     Ok(())
 }
@@ -135,30 +137,32 @@ pub fn unrepack(
     let rec = record_bytes(g);
     let tile_packed = TILE_ROWS * rb;
     let params = scales.par_chunks_mut(TILE_ROWS * groups).zip(offsets.par_chunks_mut(TILE_ROWS * groups));
-    packed.par_chunks_mut(tile_packed).zip(params).enumerate().for_each(|(t, (pk, (sc, of)))| {
-        for l in 0..groups {
-            let r = &tiled[(t * groups + l) * rec..][..rec];
-            for j in 0..TILE_ROWS {
-                sc[j * groups + l] = u16::from_le_bytes([r[2 * j], r[2 * j + 1]]);
-                of[j * groups + l] = u16::from_le_bytes([r[16 + 2 * j], r[16 + 2 * j + 1]]);
-            }
-            let codes = &r[PARAM_BYTES..];
-            for b in 0..g / 32 {
+    crate::parallel::install(|| {
+        packed.par_chunks_mut(tile_packed).zip(params).enumerate().for_each(|(t, (pk, (sc, of)))| {
+            for l in 0..groups {
+                let r = &tiled[(t * groups + l) * rec..][..rec];
                 for j in 0..TILE_ROWS {
-                    for u in 0..32 {
-                        let (pos, high) = code_position(b, j, u);
-                        let q = if high { codes[pos] >> 4 } else { codes[pos] & 0xF };
-                        let col = l * g + b * 32 + u;
-                        let byte = &mut pk[j * rb + col / 2];
-                        if col % 2 == 0 {
-                            *byte = (*byte & 0xF0) | q;
-                        } else {
-                            *byte = (*byte & 0x0F) | (q << 4);
+                    sc[j * groups + l] = u16::from_le_bytes([r[2 * j], r[2 * j + 1]]);
+                    of[j * groups + l] = u16::from_le_bytes([r[16 + 2 * j], r[16 + 2 * j + 1]]);
+                }
+                let codes = &r[PARAM_BYTES..];
+                for b in 0..g / 32 {
+                    for j in 0..TILE_ROWS {
+                        for u in 0..32 {
+                            let (pos, high) = code_position(b, j, u);
+                            let q = if high { codes[pos] >> 4 } else { codes[pos] & 0xF };
+                            let col = l * g + b * 32 + u;
+                            let byte = &mut pk[j * rb + col / 2];
+                            if col % 2 == 0 {
+                                *byte = (*byte & 0xF0) | q;
+                            } else {
+                                *byte = (*byte & 0x0F) | (q << 4);
+                            }
                         }
                     }
                 }
             }
-        }
+        })
     });
     Ok(())
 }
@@ -277,8 +281,10 @@ pub fn qmatmul_tiled_with(
     if n * k < PARALLEL_MIN_WEIGHTS {
         run(0, out_t);
     } else {
-        let per = tiles.div_ceil(rayon::current_num_threads() * 4).max(1);
-        out_t.par_chunks_mut(per * TILE_ROWS * m).enumerate().for_each(|(c, o)| run(c * per, o));
+        let per = tiles.div_ceil(crate::parallel::threads() * 4).max(1);
+        crate::parallel::install(|| {
+            out_t.par_chunks_mut(per * TILE_ROWS * m).enumerate().for_each(|(c, o)| run(c * per, o))
+        });
     }
     if m > 1 {
         for (row, col) in out_t_buf.chunks_exact(m).enumerate() {
@@ -286,6 +292,16 @@ pub fn qmatmul_tiled_with(
                 out[i * n + row] = v;
             }
         }
+    }
+    // Rows with non-finite or huge values get a dense matmul's results, as on every other
+    // route; they are rare (an overflow upstream), so the canonical form is derived for them.
+    if (0..m).any(|i| crate::qmatmul::needs_dense(&x[i * k..(i + 1) * k], g, 4)) {
+        let groups = layout.groups();
+        let (mut packed, mut scales, mut offsets) =
+            (vec![0u8; n * layout.row_bytes()], vec![0u16; n * groups], vec![0u16; n * groups]);
+        unrepack(tiled, layout, &mut packed, &mut scales, &mut offsets)?;
+        let params = crate::qmatmul::GroupParams::F16 { scales: &scales, offsets: &offsets };
+        crate::qmatmul::dense_rows_where_needed(x, m, &packed, params, layout, isa, out);
     }
     Ok(())
 }

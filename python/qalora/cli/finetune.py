@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import warnings
 
 import torch
 
-from .. import datasets
-from ..checkpoint import save_adapter
+from .. import cli, datasets, distributed
+from ..checkpoint import save_adapter, save_pretrained
 from ..config import QALoRAConfig
-from ..io import atomic_write_json, atomic_write_text
-from ..loaders import load_model, save_for_reload
-from ..train import finetune, native_bf16, perplexity
-from ..wrapping import merge, summary, wrap
-from .report import plot_losses, report_markdown
+from ..errors import GroupSizeError, NoTargetModulesError
+from ..io import atomic_directory, atomic_write_json, atomic_write_text
+from ..layers import QALoRALinear, QuantLinear
+from ..loaders import load_model
+from ..state import state_of
+from ..targets import quantized_layers
+from ..train import finetune, perplexity
+from ..wrapping import _checked_targets, memory_bytes, merge, summary, wrap
+from .report import dense_parts, plot_losses, report_markdown
+
+CLI_HINT = "On the command line: --exclude NAME[,NAME...] leaves layers dense; --on-indivisible skip leaves every such layer dense."
 
 
 def token_splits(tokenizer, splits, block_size: int, eval_blocks: int, train_blocks: int):
@@ -23,86 +31,174 @@ def token_splits(tokenizer, splits, block_size: int, eval_blocks: int, train_blo
     return train, heldout
 
 
-def run_finetune(args) -> dict:
-    out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
-    torch.manual_seed(args.seed)
-    splits = datasets.load_dataset(args.data, args.heldout)  # bad data fails before the slow load
-    lm = load_model(args.model)
-    model, tok = lm.model, lm.tokenizer
-    train_blocks, heldout = token_splits(tok, splits, args.block_size, args.eval_blocks, args.steps * args.batch_size)
-    print(
-        f"qalora: model {lm.source} loaded in {lm.load_seconds:.1f}s; data {splits.name}: "
-        f"{len(train_blocks)} training and {len(heldout)} held-out blocks of {args.block_size} tokens"
-    )
-    ppl_dense = perplexity(model, heldout, batch_size=args.batch_size, desc="perplexity: dense model")
-    dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    config = QALoRAConfig(
+def check_settings_fit(model, config: QALoRAConfig) -> None:
+    """The layer checks :func:`qalora.wrap` makes, run before any evaluation or training so
+    that settings that cannot work fail at once, with the command-line options that help."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # wrap itself warns about skipped layers later
+            _checked_targets(model, config, None)
+    except (GroupSizeError, NoTargetModulesError) as e:
+        text = str(e).rstrip()
+        raise type(e)(f"{text}{'' if text.endswith('.') else '.'} {CLI_HINT}") from None
+
+
+def run_config(args) -> QALoRAConfig:
+    return QALoRAConfig(
         bits=args.bits,
         group_size=args.group_size,
         rank=args.rank,
         alpha=args.alpha,
         dropout=args.dropout,
         scale_dtype=args.scale_dtype,
-        on_indivisible="raise",
+        exclude_modules=args.exclude,
+        on_indivisible=args.on_indivisible,
+        quantizer=args.quantizer,
+        damp_percent=args.damp_percent,
+        act_order=args.act_order,
     )
-    wrap(model, config)
+
+
+def qalora_state_quantization(model) -> dict:
+    """The quantizer and, for GPTQ, its time and per-layer errors (from the model's state)."""
+    state = state_of(model)
+    return dict(state.quantization) if state is not None else {}
+
+
+def run_finetune(args) -> dict:
+    out = os.path.abspath(args.out)
+    writer = distributed.is_main_process()  # several processes: rank 0 prints and writes
+    torch.manual_seed(args.seed)
+    config = run_config(args)
+    splits = datasets.load_dataset(args.data, args.heldout)  # bad data fails before the slow load
+    # A GGUF model arrives with its layers already quantized (its own codes): wrap then only
+    # adds adapters, and --bits / --group-size apply to layers the file holds dense. GPTQ
+    # quantizes from the dense weights, so for it the file's layers are dequantized first.
+    lm = distributed.main_process_first(lambda: load_model(args.model, dense=args.quantizer == "gptq"))
+    model, tok = lm.model, lm.tokenizer
+    check_settings_fit(model, config)
+    loaded_quantized = any(isinstance(m, QuantLinear) for m in model.modules())
+    gguf_name = getattr(args, "gguf", None)
+    if gguf_name:
+        from ..formats.gguf_export import check_exportable
+
+        check_exportable(model, tok)  # refuse before training, not after
+    train_blocks, heldout = token_splits(tok, splits, args.block_size, args.eval_blocks, args.steps * args.batch_size)
+    if writer:
+        print(
+            f"qalora: model {lm.source} loaded in {lm.load_seconds:.1f}s; data {splits.name}: "
+            f"{len(train_blocks)} training and {len(heldout)} held-out blocks of {args.block_size} tokens"
+        )
+    ppl_dense = perplexity(
+        model,
+        heldout,
+        batch_size=args.batch_size,
+        desc="perplexity: model as loaded" if loaded_quantized else "perplexity: dense model",
+    )
+    loaded_bytes = memory_bytes(model)  # parameters and buffers (quantized layers included)
+    calibration = None
+    if args.quantizer == "gptq":  # GPTQ calibrates on blocks of the training data
+        calibration = datasets.token_blocks(tok, splits.train, args.block_size, max_blocks=args.calibration_blocks)
+    wrap(model, config, calibration=calibration)
     info = summary(model)
-    ppl_quant = perplexity(model, heldout, batch_size=args.batch_size, desc="perplexity: quantized base")
-    bf16 = native_bf16() if args.bf16 is None else args.bf16
+    imported = state_of(model).source.get("layers", {})
+    if imported and all(name in imported for name, _ in quantized_layers(model, QALoRALinear)):
+        ppl_quant = ppl_dense  # zero-initialised adapters on the file's own layers: nothing changed
+    else:
+        ppl_quant = perplexity(model, heldout, batch_size=args.batch_size, desc="perplexity: quantized base")
+    bf16 = bool(getattr(args, "bf16", False))
     result = finetune(
         model, train_blocks, args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, bf16=bf16
     )
     ppl_adapted = perplexity(model, heldout, batch_size=args.batch_size, desc="perplexity: with adapters")
-    adapter_dir = os.path.join(out, "adapter")
-    save_adapter(model, adapter_dir)
-    merge(model)
-    ppl_merged = perplexity(model, heldout, batch_size=args.batch_size, desc="perplexity: merged")
-    model_dir = os.path.join(out, "model")
-    save_for_reload(model, tok, model_dir)
-    merged_info = summary(model)
-    loss_png = os.path.join(out, "loss_curve.png")
-    plot_losses({"QA-LoRA": result.losses}, loss_png, f"{args.bits}-bit, group {args.group_size}, rank {args.rank}")
-    report = {
-        "model": lm.source,
-        "data": splits.name,
-        "config": config.to_dict(),
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "block_size": args.block_size,
-        "learning_rate": args.lr,
-        "bf16_autocast": bf16,
-        "heldout_blocks": len(heldout),
-        "heldout_perplexity": {
-            "dense_fp32": ppl_dense,
-            "quantized_base": ppl_quant,
-            "qalora_unmerged": ppl_adapted,
-            "qalora_merged": ppl_merged,
-        },
-        "merge_perplexity_change": ppl_merged / ppl_adapted - 1,
-        "trainable_params": info.trainable_params,
-        "total_params": info.total_params,
-        "memory_bytes": {"dense": dense_bytes, "wrapped": info.memory_bytes, "merged": merged_info.memory_bytes},
-        "seconds_per_step": result.seconds_per_step,
-        "final_loss": result.losses[-1],
-        "losses": result.losses,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "outputs": {
-            "model_dir": model_dir,
-            "adapter_dir": adapter_dir,
-            "loss_curve": loss_png,
-            "report_json": os.path.join(out, "report.json"),
-            "report_md": os.path.join(out, "report.md"),
-        },
+    outputs = {
+        "model_dir": os.path.join(out, "model"),
+        "adapter_dir": os.path.join(out, "adapter"),
+        "loss_curve": os.path.join(out, "loss_curve.png") if cli.plotting_available() else None,
+        "report_json": os.path.join(out, "report.json"),
+        "report_md": os.path.join(out, "report.md"),
+        "gguf": (gguf_name if os.path.isabs(gguf_name) else os.path.join(out, gguf_name)) if gguf_name else None,
     }
-    atomic_write_json(report["outputs"]["report_json"], report)
-    atomic_write_text(report["outputs"]["report_md"], report_markdown(report))
+    # Everything is written into a directory beside --out and swapped in at the end: a run
+    # that fails leaves --out as it was. Launched as several processes, every rank merges and
+    # evaluates (a shared computation) and rank 0 alone writes.
+    with atomic_directory(out) if writer else contextlib.nullcontext() as work:
+        if writer:
+            save_adapter(model, os.path.join(work, "adapter"))
+        merge(model)
+        ppl_merged = perplexity(model, heldout, batch_size=args.batch_size, desc="perplexity: merged")
+        if not writer:
+            return {"outputs": outputs}
+        save_pretrained(model, os.path.join(work, "model"), tokenizer=tok)
+        gguf_report = None
+        if outputs["gguf"]:
+            from .export import write_gguf
+
+            inside = not os.path.isabs(gguf_name)  # written with the rest, or where the user asked
+            gguf_report = write_gguf(
+                model, tok, os.path.join(work, gguf_name) if inside else gguf_name, other_type=args.other_type
+            )
+            print(gguf_report.summary())
+        merged_info = summary(model)
+        if outputs["loss_curve"]:
+            plot_losses(
+                {"QA-LoRA": result.losses},
+                os.path.join(work, "loss_curve.png"),
+                f"{args.bits}-bit, group {args.group_size}, rank {args.rank}",
+            )
+        report = {
+            "model": lm.source,
+            "data": splits.name,
+            "config": config.to_dict(),
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "block_size": args.block_size,
+            "learning_rate": args.lr,
+            "bf16_autocast": bf16,
+            "heldout_blocks": len(heldout),
+            "loaded_quantized": loaded_quantized,
+            "heldout_perplexity": {
+                "dense_fp32": ppl_dense,
+                "quantized_base": ppl_quant,
+                "qalora_unmerged": ppl_adapted,
+                "qalora_merged": ppl_merged,
+            },
+            "merge_perplexity_change": ppl_merged / ppl_adapted - 1,
+            "quantization": qalora_state_quantization(model),
+            "trainable_params": info.trainable_params,
+            "total_params": info.total_params,
+            "memory_bytes": {"loaded": loaded_bytes, "wrapped": info.memory_bytes, "merged": merged_info.memory_bytes},
+            "dense_parts": dense_parts(model),
+            "excluded_layers": list(config.exclude_modules or []),
+            "skipped_layers": list(state_of(model).skipped),
+            "seconds_per_step": result.seconds_per_step,
+            "final_loss": result.losses[-1],
+            "losses": result.losses,
+            "machine": {
+                "platform": platform.platform(),
+                "cpus": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(),
+                "processes": distributed.rank_and_world()[1],
+            },
+            "outputs": outputs,
+        }
+        if gguf_report is not None:
+            report["gguf"] = {
+                "path": outputs["gguf"],
+                "summary": gguf_report.summary(),
+                "bytes": gguf_report.bytes,
+                "tensors": {h: gguf_report.count(h) for h in ("copied", "exact", "rounded", "converted", "dense")},
+                "max_param_rel_change": gguf_report.max_param_rel_change,
+                "max_rel_error": gguf_report.max_rel_error,
+            }
+        atomic_write_json(os.path.join(work, "report.json"), report)
+        atomic_write_text(os.path.join(work, "report.md"), report_markdown(report))
     print(report_markdown(report))
     return report
 
 
 def run_eval(args) -> float:
     splits = datasets.load_dataset(args.data, args.heldout)
-    lm = load_model(args.model)
+    lm = distributed.main_process_first(lambda: load_model(args.model))
     heldout = datasets.token_blocks(lm.tokenizer, splits.heldout, args.block_size, max_blocks=args.eval_blocks)
     return perplexity(lm.model, heldout, batch_size=args.batch_size)

@@ -7,59 +7,161 @@ import os
 from ..io import atomic_path
 
 
+def smoothed(losses: list[float], weight: float = 0.8) -> list[float]:
+    """Exponential moving average (the raw per-step loss is noisy at small batch sizes)."""
+    out, acc = [], losses[0] if losses else 0.0
+    for v in losses:
+        acc = weight * acc + (1 - weight) * v
+        out.append(acc)
+    return out
+
+
 def plot_losses(curves: dict[str, list[float]], path: str, title: str) -> None:
+    """One faint line per curve for the per-step loss and a solid one for its moving
+    average, each in the legend; axes labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
     for label, losses in curves.items():
         steps = range(1, len(losses) + 1)
-        (line,) = ax.plot(steps, losses, label=label, alpha=0.35 if len(losses) > 10 else 0.9)
-        if len(losses) > 10:  # the raw curve is noisy at small batch sizes: overlay a moving average
-            smooth, acc = [], losses[0]
-            for v in losses:
-                acc = 0.8 * acc + 0.2 * v
-                smooth.append(acc)
-            ax.plot(steps, smooth, color=line.get_color(), linewidth=2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+        (line,) = ax.plot(steps, losses, alpha=0.35, linewidth=1, label=f"{label}: loss per step")
+        ax.plot(steps, smoothed(losses), color=line.get_color(), linewidth=2, label=f"{label}: moving average (0.8)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("training step")
+    ax.set_ylabel("training loss (cross-entropy, nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if len(curves) > 1:
-        ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
 
 
+def dense_parts(model) -> list[dict]:
+    """The tensors a wrapped or merged model keeps dense (outside qalora's quantized layers),
+    grouped by module, with a note on why each kind stays dense."""
+    from torch import nn
+
+    from ..layers import QALoRALinear, QuantLinear
+    from ..targets import is_linear_like, output_head_names
+
+    heads = output_head_names(model)
+    quantized = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QALoRALinear))]
+    seen: dict[int, str] = {}
+    parts = []
+    other_params = other_bytes = 0
+    for name, module in model.named_modules():
+        if any(name == q or name.startswith(q + ".") for q in quantized):
+            continue
+        own = [p for p in module.parameters(recurse=False)]
+        if not own:
+            continue
+        size = sum(p.numel() for p in own)
+        nbytes = sum(p.numel() * p.element_size() for p in own)
+        key = own[0].data_ptr()
+        if isinstance(module, nn.Embedding) or (is_linear_like(module) and name in heads):
+            kind = "embedding" if isinstance(module, nn.Embedding) else "output head"
+            tied = seen.get(key)
+            seen.setdefault(key, name)
+            parts.append(
+                {
+                    "name": name,
+                    "kind": kind,
+                    "shape": list(own[0].shape),
+                    "dtype": str(own[0].dtype).replace("torch.", ""),
+                    "params": 0 if tied else size,
+                    "bytes": 0 if tied else nbytes,
+                    "tied_to": tied,
+                }
+            )
+        elif is_linear_like(module):
+            parts.append(
+                {
+                    "name": name,
+                    "kind": "linear left dense (excluded or indivisible)",
+                    "shape": list(own[0].shape),
+                    "dtype": str(own[0].dtype).replace("torch.", ""),
+                    "params": size,
+                    "bytes": nbytes,
+                    "tied_to": None,
+                }
+            )
+        else:
+            other_params += size
+            other_bytes += nbytes
+    if other_params:
+        parts.append(
+            {
+                "name": "(norms, biases and other small tensors)",
+                "kind": "other",
+                "shape": None,
+                "dtype": None,
+                "params": other_params,
+                "bytes": other_bytes,
+                "tied_to": None,
+            }
+        )
+    return parts
+
+
+WHY_DENSE = (
+    "qalora quantizes linear layers. The embedding table is a lookup, not a matmul, and the output head "
+    "(tied to the embedding table in many small models, so one matrix serves both) is left out by default "
+    "because its rounding error goes straight into the logits; norms and biases are tiny."
+)
+
+
 def report_markdown(r: dict) -> str:
     p = r["heldout_perplexity"]
     mib = 1 << 20
     c = r["config"]
-    return "\n".join(
-        [
-            "# qalora fine-tuning report",
-            "",
-            f"Model `{os.path.basename(r['model'])}`, data `{r['data']}`, {c['bits']}-bit, group size {c['group_size']}, "
-            f"rank {c['rank']}, alpha {c['alpha']}, {r['steps']} steps of {r['batch_size']}×{r['block_size']} tokens, lr {r['learning_rate']}.",
-            "",
-            "| held-out perplexity | value |",
-            "| --- | --- |",
-            f"| dense fp32 model | {p['dense_fp32']:.3f} |",
-            f"| quantized base (RTN) | {p['quantized_base']:.3f} |",
-            f"| QA-LoRA, adapters unmerged | {p['qalora_unmerged']:.3f} |",
-            f"| QA-LoRA, merged into the low-bit weights | {p['qalora_merged']:.3f} |",
-            "",
-            f"Merge changed perplexity by {100 * r['merge_perplexity_change']:+.4f}% (fp16 rounding of the offsets only).",
-            "",
-            f"- trainable parameters: {r['trainable_params']:,} of {r['total_params']:,}",
-            f"- memory: dense {r['memory_bytes']['dense'] / mib:.1f} MiB, wrapped {r['memory_bytes']['wrapped'] / mib:.1f} MiB, "
-            f"merged {r['memory_bytes']['merged'] / mib:.1f} MiB",
-            f"- time per step: {r['seconds_per_step']:.2f} s ({r['machine']['cpus']} CPUs, {r['machine']['torch_threads']} torch threads)",
-            f"- final training loss: {r['final_loss']:.3f}",
-            "",
-        ]
+    base_label = (
+        "the loaded codes, adapters at zero" if r.get("loaded_quantized") else c.get("quantizer", "rtn").upper()
     )
+    lines = [
+        "# qalora fine-tuning report",
+        "",
+        f"Model `{os.path.basename(r['model'])}`, data `{r['data']}`, {c['bits']}-bit, group size {c['group_size']}, "
+        f"rank {c['rank']}, alpha {c['alpha']}, {r['steps']} steps of {r['batch_size']}×{r['block_size']} tokens, lr {r['learning_rate']}.",
+        "",
+        "| held-out perplexity | value |",
+        "| --- | --- |",
+        f"| {'model as loaded (its own quantized layers)' if r.get('loaded_quantized') else 'dense fp32 model'} "
+        f"| {p['dense_fp32']:.3f} |",
+        f"| quantized base ({base_label}) | {p['quantized_base']:.3f} |",
+        f"| QA-LoRA, adapters unmerged | {p['qalora_unmerged']:.3f} |",
+        f"| QA-LoRA, merged into the low-bit weights | {p['qalora_merged']:.3f} |",
+        "",
+        f"Merge changed perplexity by {100 * r['merge_perplexity_change']:+.4f}% (rounding of the merged offsets to "
+        f"their {c['scale_dtype']} storage only).",
+        "",
+        f"- trainable parameters: {r['trainable_params']:,} of {r['total_params']:,}",
+        f"- memory: as loaded {r['memory_bytes']['loaded'] / mib:.1f} MiB, wrapped {r['memory_bytes']['wrapped'] / mib:.1f} MiB, "
+        f"merged {r['memory_bytes']['merged'] / mib:.1f} MiB",
+        f"- time per step: {r['seconds_per_step']:.2f} s ({r['machine']['cpus']} CPUs, {r['machine']['torch_threads']} torch threads)",
+        f"- final training loss: {r['final_loss']:.3f}",
+        *([f"- GGUF: {r['gguf']['summary']}"] if r.get("gguf") else []),
+    ]
+    if r.get("skipped_layers"):
+        lines.append(f"- layers left dense as indivisible by the group size: {', '.join(r['skipped_layers'])}")
+    parts = r.get("dense_parts") or []
+    if parts:
+        lines += [
+            "",
+            "## What stays dense in the merged model",
+            "",
+            "| tensor | kind | shape | dtype | MiB |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for part in parts:
+            shape = "×".join(map(str, part["shape"])) if part["shape"] else "-"
+            size = f"tied to `{part['tied_to']}`" if part["tied_to"] else f"{part['bytes'] / mib:.1f}"
+            lines.append(f"| `{part['name']}` | {part['kind']} | {shape} | {part['dtype'] or '-'} | {size} |")
+        lines += ["", WHY_DENSE]
+    lines.append("")
+    return "\n".join(lines)

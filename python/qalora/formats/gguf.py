@@ -1,0 +1,355 @@
+"""GGUF in: a llama.cpp model file straight into a PyTorch model whose linear layers are
+:class:`qalora.QuantLinear`, without a dense copy of the quantized weights.
+
+The model skeleton is built from the file's config on the meta device (no memory), the
+config and tokenizer come from transformers' GGUF support (cached after the first load),
+and every quantized linear weight goes from the file's blocks into a QuantLinear's packed
+codes, scales and offsets a slice of rows at a time (see :mod:`.gguf_blocks` for the
+exactness argument). Embeddings, norms, biases and F32/F16/BF16 linear weights are dense.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import ops
+from ..errors import FormatError, ModelLoadError
+from ..layers import QuantLinear
+from ..loaders import LoadedModel, cache_root
+from ..progress import progress
+from ..state import QALoRAState, attach_state
+from ..targets import replace_module
+from . import gguf_arch, gguf_blocks
+from .gguf_file import GGUFHeader, TensorEntry, TensorReader, read_header
+
+#: Weights decoded per slice of rows (bounds the import's temporary memory).
+CHUNK_WEIGHTS = 1 << 21
+
+_TORCH = {np.float16: torch.float16, np.float32: torch.float32}
+
+
+@dataclass
+class ImportedLayer:
+    """How one GGUF tensor became a qalora layer (for reports and the exporter)."""
+
+    gguf_name: str
+    module: str
+    ggml_type: str
+    bits: int  # code width of the GGUF type
+    stored_bits: int  # bits of the QuantLinear's packed codes
+    group_size: int
+    rope_heads: int | None
+
+
+def _file_key(path: str) -> str:
+    st = os.stat(path)
+    return hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+
+
+def _require_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ModelLoadError(
+            "loading a GGUF file needs transformers and gguf: pip install 'transformers>=5' gguf accelerate"
+        ) from None
+    return transformers
+
+
+def config_and_tokenizer(path: str):
+    """The Hugging Face config and tokenizer of a GGUF file (transformers' GGUF support),
+    cached as a small directory (config + tokenizer files) so later loads skip the parse.
+    Returns (config, tokenizer, whether the cache already held them)."""
+    transformers = _require_transformers()
+    stem = os.path.splitext(os.path.basename(path))[0].lower()
+    cache = os.path.join(cache_root(), "gguf-meta", f"{stem}-{_file_key(path)}")
+    cached = os.path.isfile(os.path.join(cache, "config.json"))
+    if not cached:
+        directory, name = os.path.split(os.path.abspath(path))
+        config = transformers.AutoConfig.from_pretrained(directory, gguf_file=name)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".meta-", dir=os.path.dirname(cache))
+        try:
+            config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if os.path.exists(cache):
+                shutil.rmtree(cache)
+            os.replace(tmp, cache)
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
+    config = transformers.AutoConfig.from_pretrained(cache)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(cache)
+    return config, tokenizer, cached
+
+
+def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
+    """The causal LM of ``config`` with every parameter on the meta device (no memory);
+    buffers (rotary frequencies) are real."""
+    transformers = _require_transformers()
+    try:
+        from accelerate import init_empty_weights
+    except ImportError:
+        raise ModelLoadError("loading a GGUF file needs accelerate: pip install accelerate") from None
+    with init_empty_weights(include_buffers=False):
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _row_slices(rows: int, k: int):
+    step = max(1, CHUNK_WEIGHTS // max(k, 1))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def _dense_rows(reader: TensorReader, entry: TensorEntry, out: torch.Tensor, order: np.ndarray | None) -> None:
+    """Decodes a tensor into the preallocated float tensor ``out`` (rows, ne0), slice by slice."""
+    k = entry.shape[0]
+    for a, b in _row_slices(entry.rows, k):
+        raw = reader.rows(entry, a, b)
+        values = gguf_blocks.decode_dense(entry.ggml_type, raw, entry.name).reshape(b - a, k)
+        dst = slice(a, b) if order is None else torch.from_numpy(order[a:b])
+        out[dst] = torch.from_numpy(values).to(out.dtype)
+
+
+def _quant_layer(
+    reader: TensorReader, entry: TensorEntry, bias: bool, order: np.ndarray | None, module: str
+) -> tuple[QuantLinear, ImportedLayer]:
+    """A QuantLinear holding a quantized GGUF tensor, filled a slice of rows at a time.
+
+    The buffers are numpy arrays handed to torch without a copy: numpy fills them on one
+    thread, which is as fast as a memory copy gets and does not compete with torch's pool."""
+    fmt = gguf_blocks.format_of(entry.ggml_type, entry.name)
+    k, n = entry.shape[0], entry.rows
+    stored = fmt.bits if fmt.bits in ops.SUPPORTED_BITS else 8
+    groups = k // fmt.group_size
+    packed = np.empty((n, k * stored // 8), dtype=np.uint8)
+    scales = np.empty((n, groups), dtype=fmt.param_dtype)
+    offsets = np.empty((n, groups), dtype=np.float32)
+    offset_dtype = fmt.param_dtype
+    for a, b in _row_slices(n, k):
+        dec = gguf_blocks.decode_rows(entry.ggml_type, reader.rows(entry, a, b), k, entry.name)
+        if gguf_blocks.storage_dtypes(entry.ggml_type, dec)[1] is np.float32:
+            offset_dtype = np.float32  # an implied -8d overflowed float16
+        dst = slice(a, b) if order is None else order[a:b]
+        packed[dst] = dec.codes if stored == 8 else ops.pack(dec.codes, stored)
+        scales[dst] = dec.scales
+        offsets[dst] = dec.offsets
+    # Built on the meta device, then given the filled buffers: nothing is allocated twice.
+    layer = QuantLinear(
+        k, n, stored, fmt.group_size, False, _TORCH[fmt.param_dtype], "meta", module, offset_dtype=_TORCH[offset_dtype]
+    )
+    layer.packed = torch.from_numpy(packed)
+    layer.scales = torch.from_numpy(scales)
+    layer.offsets = torch.from_numpy(offsets if offset_dtype is np.float32 else offsets.astype(np.float16))
+    if bias:
+        layer.bias = nn.Parameter(torch.zeros(n), requires_grad=False)
+    info = ImportedLayer(entry.name, module, fmt.name, fmt.bits, stored, fmt.group_size, None)
+    return layer, info
+
+
+def _set_dense(module: nn.Module, attr: str, reader: TensorReader, entry: TensorEntry, order, what: str) -> None:
+    """Fills a dense parameter of ``module`` (embedding, norm, bias, F32/F16/BF16 weight) from
+    the tensor, in the module's dtype, rows in Hugging Face order."""
+    old = getattr(module, attr, None)
+    if not isinstance(old, torch.Tensor):
+        raise FormatError(f"{what}: the model has no such parameter for tensor {entry.name!r}")
+    shape = tuple(reversed(entry.shape)) if len(entry.shape) > 1 else (entry.shape[0],)
+    if tuple(old.shape) != shape:
+        raise FormatError(f"{what} has shape {tuple(old.shape)} in the config, the file holds {shape}")
+    value = torch.empty(shape, dtype=old.dtype)
+    if len(shape) == 1:
+        raw = gguf_blocks.decode_dense(entry.ggml_type, reader.raw(entry), entry.name)
+        value.copy_(torch.from_numpy(raw if order is None else raw[order_inverse(order)]))
+    else:
+        _dense_rows(reader, entry, value, order)
+    if isinstance(module, QuantLinear):
+        module.bias = nn.Parameter(value.to(torch.float32), requires_grad=False)  # a quantized layer's bias
+    else:
+        setattr(module, attr, nn.Parameter(value, requires_grad=False))
+
+
+def apply_rope_freqs(model: nn.Module, config, factors, path: str) -> None:
+    """Llama 3.1-style files carry per-frequency divisors of the rotary angles
+    (``rope_freqs``); fold them into the rotary embedding's inverse frequencies. The source
+    record keeps them, so a model rebuilt from a checkpoint gets them again."""
+    factors = np.asarray(factors, dtype=np.float32)
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise FormatError(f"{path}: rope_freqs together with rope type {rope.get('rope_type')!r} is not supported")
+    divisor = torch.from_numpy(factors.astype(np.float32))
+    found = False
+    for m in model.modules():
+        inv = getattr(m, "inv_freq", None)
+        if isinstance(inv, torch.Tensor) and inv.shape == divisor.shape:
+            m.inv_freq = inv / divisor
+            if isinstance(getattr(m, "original_inv_freq", None), torch.Tensor):
+                m.original_inv_freq = m.original_inv_freq / divisor
+            found = True
+    if not found:
+        raise FormatError(
+            f"{path}: rope_freqs has {divisor.numel()} entries, which fits no rotary embedding of this model"
+        )
+
+
+@dataclass
+class Imported:
+    model: nn.Module
+    tokenizer: object
+    header: GGUFHeader
+    layers: list[ImportedLayer]
+    cached: bool  # the config and tokenizer came from the cache
+    rope_freqs: np.ndarray | None
+
+
+def import_gguf(path, *, dtype: torch.dtype = torch.float32, show_progress: bool | None = None) -> Imported:
+    """Reads a GGUF file into a model and its tokenizer; see :func:`load_gguf`."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"GGUF file {path} does not exist")
+    header = read_header(path)
+    arch = gguf_arch.architecture(header.architecture, path)
+    for name, entry in header.tensors.items():  # refuse unreadable tensors before any work
+        if entry.ggml_type not in gguf_blocks.FORMATS and entry.ggml_type not in gguf_blocks.DENSE_TYPES:
+            raise FormatError(
+                f"{path}: tensor {name!r} has GGUF type {gguf_blocks.type_name(entry.ggml_type)}, which qalora cannot read; "
+                f"supported: {gguf_blocks.supported_types()}"
+            )
+    config, tokenizer, cached = config_and_tokenizer(path)
+    model = build_skeleton(config, dtype)
+    n_head = int(header.require(f"{arch.gguf_name}.attention.head_count"))
+    n_head_kv = int(header.get(f"{arch.gguf_name}.attention.head_count_kv", n_head))
+    modules = dict(model.named_modules())
+    layers: list[ImportedLayer] = []
+    rope_freqs = None
+    # Weights first, so a bias (Qwen2) finds its layer already converted.
+    entries = sorted(header.tensors.values(), key=lambda e: (not e.name.endswith(".weight"), e.offset))
+    with TensorReader(path) as reader:
+        for entry in progress(entries, desc="qalora: importing GGUF tensors", enabled=show_progress, min_items=20):
+            heads = gguf_arch.rope_heads(entry.name, arch, n_head, n_head_kv)
+            rows = entry.rows if len(entry.shape) > 1 else entry.shape[0]
+            order = None if heads is None else gguf_arch.rope_order(rows, heads)
+            name = gguf_arch.hf_name(entry.name)
+            if name is None:
+                if entry.name != "rope_freqs.weight":
+                    raise FormatError(f"{path}: tensor {entry.name!r} has no place in a {arch.gguf_name} model")
+                rope_freqs = gguf_blocks.decode_dense(entry.ggml_type, reader.raw(entry), entry.name)
+                apply_rope_freqs(model, config, rope_freqs, path)
+                continue
+            module_name, _, attr = name.rpartition(".")
+            module = modules.get(module_name)
+            if module is None:
+                raise FormatError(
+                    f"{path}: tensor {entry.name!r} maps to {module_name!r}, which this model's config does not have"
+                )
+            if isinstance(module, nn.Linear) and attr == "weight" and entry.ggml_type in gguf_blocks.FORMATS:
+                if (entry.shape[0], entry.rows) != (module.in_features, module.out_features):
+                    raise FormatError(
+                        f"{path}: {entry.name} is {entry.shape[0]} x {entry.rows} (in x out), the config makes "
+                        f"{module_name} {module.in_features} x {module.out_features}"
+                    )
+                layer, info = _quant_layer(reader, entry, module.bias is not None, order, module_name)
+                info.rope_heads = heads
+                replace_module(model, module_name, layer)
+                modules[module_name] = layer
+                layers.append(info)
+            else:
+                _set_dense(module, attr, reader, entry, order, f"{path}: {name}")
+    if getattr(config, "tie_word_embeddings", False) and "output.weight" not in header.tensors:
+        model.tie_weights()
+    leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
+    if leftover:
+        raise FormatError(
+            f"{path}: the file has no tensor for {', '.join(leftover[:8])}{' ...' if len(leftover) > 8 else ''}"
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    return Imported(model, tokenizer, header, layers, cached, rope_freqs)
+
+
+def load_gguf(path, *, dtype: torch.dtype = torch.float32, show_progress: bool | None = None) -> LoadedModel:
+    """Load a llama.cpp GGUF model: its quantized linear layers become :class:`qalora.QuantLinear`
+    straight from the file's blocks, with no dense copy of them ever made.
+
+    Each imported layer keeps the file's code width and group size (Q4_0/Q4_1/Q4_K: 4 bits,
+    Q5_x: 5, Q6_K: 6, Q8_0: 8, Q2_K: 2, Q3_K: 3; groups of 32, or 16 for Q2_K/Q3_K/Q6_K), and
+    ``layer.dequantize()`` in float32 equals ``gguf.quants.dequantize`` of the tensor (after
+    undoing llama.cpp's rope row order of attn_q / attn_k). :func:`qalora.wrap` then puts
+    adapters on these layers without re-quantizing them, each pooling over its own groups;
+    ``config.bits`` / ``group_size`` apply only to layers the file stores dense
+    (F32/F16/BF16). The model remembers the file (``model.qalora_state.source``), so
+    :func:`qalora.export_gguf` can copy unchanged tensors from it byte for byte.
+
+    Args:
+        path: a ``.gguf`` file of a supported architecture (llama family: Llama 2/3,
+            TinyLlama, SmolLM2, Mistral; Qwen2).
+        dtype: dtype of the dense tensors (embeddings, norms, F32/F16/BF16 layers).
+        show_progress: progress bar over tensors (default: for files of 20 tensors or more).
+
+    Returns:
+        :class:`qalora.LoadedModel` with ``.model`` (in eval mode, every parameter frozen)
+        and ``.tokenizer``.
+
+    Raises:
+        ModelLoadError: the file does not exist, or transformers / gguf / accelerate are missing.
+        FormatError: not a GGUF file, an unsupported architecture or tensor type (named),
+            or tensors that do not fit the file's own config.
+    """
+    start = time.perf_counter()
+    got = import_gguf(path, dtype=dtype, show_progress=show_progress)
+    source = source_record(got.header, got.layers, got.rope_freqs)
+    tokenizer_dir = getattr(got.tokenizer, "name_or_path", None)
+    if tokenizer_dir and os.path.isdir(tokenizer_dir):
+        source["tokenizer"] = tokenizer_dir  # the cached copy, saved with the model by save_pretrained
+    attach_state(got.model, QALoRAState(config=None, source=source))
+    return LoadedModel(got.model, got.tokenizer, got.header.path, time.perf_counter() - start, from_cache=got.cached)
+
+
+def order_inverse(order: np.ndarray) -> np.ndarray:
+    return np.argsort(order, kind="stable")
+
+
+def source_record(header: GGUFHeader, layers: list[ImportedLayer], rope_freqs=None) -> dict:
+    """What a model remembers about the GGUF file it came from (JSON-serializable)."""
+    st = os.stat(header.path)
+    record = {
+        "format": "gguf",
+        "path": header.path,
+        "size": st.st_size,
+        "mtime": int(st.st_mtime),
+        "architecture": header.architecture,
+        "layers": {
+            info.module: {
+                "tensor": info.gguf_name,
+                "type": info.ggml_type,
+                "bits": info.bits,
+                "stored_bits": info.stored_bits,
+                "group_size": info.group_size,
+            }
+            for info in layers
+        },
+    }
+    if rope_freqs is not None:
+        record["rope_freqs"] = [float(v) for v in rope_freqs]
+    return record
+
+
+def restore_from_source(model: nn.Module) -> None:
+    """Re-applies what a rebuilt model (e.g. from a checkpoint) cannot get from its config:
+    the rotary divisors of a file with ``rope_freqs``."""
+    from ..state import state_of
+
+    state = state_of(model)
+    factors = state.source.get("rope_freqs") if state is not None else None
+    if factors:
+        apply_rope_freqs(model, model.config, factors, state.source.get("path", "checkpoint"))

@@ -1,0 +1,614 @@
+"""GGUF out: a qalora model written as a llama.cpp GGUF file.
+
+Per tensor (in the order of the source file when the model came from one):
+
+* unchanged since the model was imported from a GGUF file: the source's bytes, copied;
+* a quantized layer (merged or never adapted) with codes of at most 4 bits (5 bits) and a
+  group size that is a multiple of 32: Q4_1 (Q5_1), whose per-block float16 ``d`` and ``m``
+  are the layer's scale and offset, so the codes are written as they are (a layer whose
+  scales and offsets are float16 is written exactly; float32 ones are rounded to float16
+  and the report gives the largest relative change). A QA-LoRA layer that is not merged yet
+  is written as it would be merged (the model itself is not changed);
+* any other weight (6- or 8-bit codes, groups of 16, dense layers and embeddings):
+  ``other_type`` (Q8_0 or F16), with its measured error in the report;
+* norms and biases: F32.
+
+Metadata: from the source GGUF (all of it, tokenizer included) when there is one; otherwise
+from the Hugging Face config and the given tokenizer (see :mod:`.gguf_vocab`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import ops
+from ..errors import FormatError, MergeError
+from ..io import atomic_path
+from ..layers import QuantLinear
+from ..progress import progress
+from ..state import state_of
+from ..targets import quantized_layers
+from . import gguf_arch, gguf_blocks
+from .gguf_file import FLOAT32, STRING, UINT32, GGUFHeader, TensorEntry, TensorReader, read_header
+from .gguf_vocab import KeyValue, tokenizer_metadata
+
+OTHER_TYPES = {"q8_0": gguf_blocks.Q8_0, "f16": gguf_blocks.F16}
+_SKIPPED_KEYS = {"general.architecture", "general.alignment"}  # the writer sets both itself
+# llama.cpp's "mostly <type>" file type numbers, for general.file_type.
+_FILE_TYPES = {
+    gguf_blocks.F32: 0,
+    gguf_blocks.F16: 1,
+    gguf_blocks.Q4_0: 2,
+    gguf_blocks.Q4_1: 3,
+    gguf_blocks.Q8_0: 7,
+    gguf_blocks.Q5_0: 8,
+    gguf_blocks.Q5_1: 9,
+    gguf_blocks.Q2_K: 10,
+    gguf_blocks.Q3_K: 12,
+    gguf_blocks.Q4_K: 15,
+    gguf_blocks.Q5_K: 17,
+    gguf_blocks.Q6_K: 18,
+    gguf_blocks.BF16: 32,
+}
+_ROWS_PER_SLICE = 1 << 21
+
+
+@dataclass
+class TensorReport:
+    """How one tensor was written.
+
+    ``how``: "copied" (the source's bytes), "exact" (codes, scales and offsets written as
+    they are), "rounded" (float32 scales/offsets rounded to float16), "converted" (written as
+    another type; see the errors) or "dense" (norms and biases, float32).
+    ``param_rel_change``: largest relative change of a scale or offset by float16 rounding
+    (over values in float16's normal range, |x| >= 2^-14, where it is at most 2^-11).
+    ``max_abs_error`` / ``rel_error``: the written weight against the model's float32
+    weight: largest absolute difference and ||written - model|| / ||model||."""
+
+    name: str
+    type: str
+    how: str
+    shape: tuple[int, ...]
+    param_rel_change: float = 0.0
+    max_abs_error: float = 0.0
+    rel_error: float = 0.0
+
+
+@dataclass
+class ExportReport:
+    path: str
+    source: str
+    architecture: str
+    bytes: int = 0
+    tensors: list[TensorReport] = field(default_factory=list)
+
+    def count(self, how: str) -> int:
+        return sum(1 for t in self.tensors if t.how == how)
+
+    @property
+    def max_param_rel_change(self) -> float:
+        return max((t.param_rel_change for t in self.tensors), default=0.0)
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((t.rel_error for t in self.tensors), default=0.0)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["summary"] = self.summary()
+        return d
+
+    def summary(self) -> str:
+        types: dict[str, int] = {}
+        for t in self.tensors:
+            types[t.type] = types.get(t.type, 0) + 1
+        kinds = ", ".join(
+            f"{n} {k}"
+            for k, n in ((k, self.count(k)) for k in ("copied", "exact", "rounded", "converted", "dense"))
+            if n
+        )
+        text = (
+            f"{self.path}: {len(self.tensors)} tensors ({kinds}); types: "
+            + ", ".join(f"{k} x{v}" for k, v in sorted(types.items()))
+            + f"; {self.bytes / (1 << 20):.1f} MiB"
+        )
+        if self.count("rounded"):
+            text += f"; largest relative change of a scale/offset by float16 rounding: {self.max_param_rel_change:.3g}"
+        converted = [t for t in self.tensors if t.how == "converted"]
+        if converted:
+            worst = max(converted, key=lambda t: t.rel_error)
+            text += f"; converted tensors' largest relative error: {worst.rel_error:.3g} ({worst.name}, {worst.type})"
+        return text
+
+
+# --------------------------------------------------------------------------- what the model holds
+
+
+@dataclass
+class _Item:
+    """One tensor to write: a quantized layer's weight, or a dense parameter."""
+
+    gguf: str
+    shape: tuple[int, ...]  # GGUF ne (ne0 first)
+    layer: QuantLinear | None = None
+    tensor: torch.Tensor | None = None
+    order: np.ndarray | None = None  # gguf row r = model row order[r]
+
+    @property
+    def rows(self) -> int:
+        return self.shape[1] if len(self.shape) > 1 else 1
+
+
+def _merged_view(name: str, layer: nn.Module) -> QuantLinear:
+    if isinstance(layer, QuantLinear):
+        return layer
+    if layer.adapter != "qalora":
+        raise MergeError(
+            f"layer {name!r} holds a dense LoRA adapter (adapter='lora'), which no GGUF block type can hold exactly; "
+            "call qalora.merge_requantize(model) first if a re-quantized model is what you want"
+        )
+    return layer.merged()
+
+
+def _model_items(model: nn.Module, arch: gguf_arch.Architecture, n_head: int, n_head_kv: int) -> list[_Item]:
+    """Every tensor of the model under its GGUF name, in module order (tied parameters once)."""
+    items: list[_Item] = []
+    unmapped: list[str] = []
+    seen = set()
+
+    def order_for(gname: str, rows: int) -> np.ndarray | None:
+        heads = gguf_arch.rope_heads(gname, arch, n_head, n_head_kv)
+        return None if heads is None else gguf_arch.rope_order(rows, heads)
+
+    def add(hf: str, shape, **kw) -> None:
+        gname = gguf_arch.gguf_name(hf)
+        if gname is None:
+            unmapped.append(hf)
+        else:
+            items.append(_Item(gname, shape, order=order_for(gname, shape[1] if len(shape) > 1 else shape[0]), **kw))
+
+    layers = dict(quantized_layers(model))
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if name in layers:
+            inside.append(name)
+            base = _merged_view(name, module)
+            add(name + ".weight", (base.in_features, base.out_features), layer=base)
+            if base.bias is not None:
+                add(name + ".bias", (base.out_features,), tensor=base.bias.detach())
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue  # tied to a parameter already listed (the embeddings)
+            seen.add(id(param))
+            add(f"{name}.{pname}" if name else pname, tuple(reversed(param.shape)), tensor=param.detach())
+    if unmapped:
+        raise FormatError(
+            f"these parameters have no GGUF tensor in a {arch.gguf_name} model: {', '.join(unmapped[:8])}"
+        )
+    return items
+
+
+# --------------------------------------------------------------------------- comparing with the source
+
+
+def _slices(rows: int, k: int) -> Iterator[tuple[int, int]]:
+    step = max(1, _ROWS_PER_SLICE // max(k, 1))
+    for a in range(0, rows, step):
+        yield a, min(rows, a + step)
+
+
+def _model_rows(item: _Item, a: int, b: int):
+    return slice(a, b) if item.order is None else torch.from_numpy(item.order[a:b])
+
+
+def _dense_values(item: _Item, a: int, b: int) -> np.ndarray:
+    """Rows [a, b) of the item's float32 weight in GGUF row order."""
+    rows = _model_rows(item, a, b)
+    if item.layer is not None:
+        layer = item.layer
+        g = layer.group_size
+        return ops.dequantize(
+            layer.packed[rows].cpu(), layer.scales[rows].cpu(), layer.offsets[rows].cpu(), layer.bits, g
+        ).numpy()
+    t = item.tensor
+    if t.dim() == 1:
+        t = t.reshape(1, -1) if item.order is None else t[torch.from_numpy(item.order)].reshape(1, -1)
+        return t.detach().float().cpu().numpy()
+    return t[rows].detach().float().cpu().numpy()
+
+
+def _unchanged(reader: TensorReader, entry: TensorEntry, item: _Item) -> bool:
+    if tuple(entry.shape) != item.shape:
+        return False
+    k = entry.shape[0]
+    if item.layer is not None:
+        fmt = gguf_blocks.FORMATS.get(entry.ggml_type)
+        layer = item.layer
+        stored = None if fmt is None else (fmt.bits if fmt.bits in ops.SUPPORTED_BITS else 8)
+        if fmt is None or (stored, fmt.group_size) != (layer.bits, layer.group_size):
+            return False
+        for a, b in _slices(entry.rows, k):
+            dec = gguf_blocks.decode_rows(entry.ggml_type, reader.rows(entry, a, b), k, entry.name)
+            rows = _model_rows(item, a, b)
+            packed = dec.codes if stored == 8 else ops.pack(dec.codes, stored)
+            if not (
+                np.array_equal(layer.packed[rows].cpu().numpy(), packed)
+                and np.array_equal(layer.scales[rows].float().cpu().numpy(), dec.scales)
+                and np.array_equal(layer.offsets[rows].float().cpu().numpy(), dec.offsets)
+            ):
+                return False
+        return True
+    if entry.ggml_type not in gguf_blocks.FORMATS and entry.ggml_type not in gguf_blocks.DENSE_TYPES:
+        return False
+    rows = entry.rows if len(entry.shape) > 1 else 1
+    for a, b in _slices(rows, k):
+        source = gguf_blocks.decode_dense(entry.ggml_type, reader.rows(entry, a, b), entry.name).reshape(b - a, -1)
+        if not np.array_equal(_dense_values(item, a, b).reshape(b - a, -1), source):
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------- choosing and encoding
+
+
+def _choose(item: _Item, other: int) -> int:
+    if item.layer is not None:
+        layer = item.layer
+        if layer.group_size % 32 == 0 and layer.bits <= 5:
+            return gguf_blocks.Q4_1 if layer.bits <= 4 else gguf_blocks.Q5_1
+        return other
+    if len(item.shape) == 1:
+        return gguf_blocks.F32
+    return other if (other != gguf_blocks.Q8_0 or item.shape[0] % 32 == 0) else gguf_blocks.F16
+
+
+def _nbytes(ggml_type: int, shape: tuple[int, ...]) -> int:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    count = int(np.prod(shape))
+    return count // block * size
+
+
+class _Errors:
+    def __init__(self) -> None:
+        self.max_abs = 0.0
+        self.diff2 = 0.0
+        self.ref2 = 0.0
+        self.param = 0.0
+
+    def add(self, written: np.ndarray, model: np.ndarray) -> None:
+        d = written.astype(np.float64) - model.astype(np.float64)
+        if d.size:
+            self.max_abs = max(self.max_abs, float(np.abs(d).max()))
+        self.diff2 += float((d * d).sum())
+        self.ref2 += float((model.astype(np.float64) ** 2).sum())
+
+    def add_param(self, rounded: np.ndarray, exact: np.ndarray) -> None:
+        # Relative change where float16 keeps its 11 significant bits (at most 2^-11); below
+        # 2^-14 it keeps fewer, and the weights' absolute error (also reported) says more.
+        nz = np.abs(exact) >= 2.0**-14
+        if nz.any():
+            rel = np.abs(rounded[nz].astype(np.float64) - exact[nz]) / np.abs(exact[nz].astype(np.float64))
+            self.param = max(self.param, float(rel.max()))
+
+    @property
+    def rel(self) -> float:
+        return (self.diff2 / self.ref2) ** 0.5 if self.ref2 > 0 else (0.0 if self.diff2 == 0 else float("inf"))
+
+
+def _encode(item: _Item, ggml_type: int, errors: _Errors) -> Iterator[np.ndarray]:
+    """The item's bytes as ``ggml_type``, a slice of rows at a time."""
+    k = item.shape[0]
+    if ggml_type in (gguf_blocks.Q4_1, gguf_blocks.Q5_1):
+        layer = item.layer
+        g = layer.group_size
+        for a, b in _slices(item.rows, k):
+            rows = _model_rows(item, a, b)
+            codes = ops.unpack(layer.packed[rows].cpu(), layer.bits, k).numpy()
+            s = layer.scales[rows].float().cpu().numpy()
+            m = layer.offsets[rows].float().cpu().numpy()
+            d16, m16 = s.astype(np.float16), m.astype(np.float16)
+            if not (np.isfinite(d16).all() and np.isfinite(m16).all()):
+                raise FormatError(
+                    f"{item.gguf}: a scale or offset exceeds float16's range; export with other_type='f16' is not possible either"
+                )
+            errors.add_param(d16.astype(np.float32), s)
+            errors.add_param(m16.astype(np.float32), m)
+            written = gguf_blocks.fma_dequantize(codes, d16, m16, g)
+            errors.add(written, gguf_blocks.fma_dequantize(codes, s, m, g))
+            d32 = np.repeat(d16, g // 32, axis=1)
+            m32 = np.repeat(m16, g // 32, axis=1)
+            encode = gguf_blocks.encode_q4_1 if ggml_type == gguf_blocks.Q4_1 else gguf_blocks.encode_q5_1
+            yield encode(codes, d32, m32, item.gguf)
+        return
+    rows = item.rows
+    for a, b in _slices(rows, k):
+        dense = _dense_values(item, a, b).reshape(b - a, -1)
+        raw = gguf_blocks.encode_dense(dense, ggml_type, item.gguf)
+        errors.add(gguf_blocks.decode_dense(ggml_type, raw, item.gguf).reshape(dense.shape), dense)
+        yield raw
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def _metadata_from_source(header: GGUFHeader) -> list[KeyValue]:
+    return [
+        KeyValue(key, v.type, v.value, v.element_type) for key, v in header.metadata.items() if key not in _SKIPPED_KEYS
+    ]
+
+
+def _rope_type(config) -> str:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+
+
+def _rope_theta(config) -> float:
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        return float(rope["rope_theta"])
+    return float(getattr(config, "rope_theta", 10000.0))
+
+
+def _metadata_from_config(
+    model: nn.Module, arch: gguf_arch.Architecture, tokenizer, n_vocab: int, pre_tokenizer
+) -> list[KeyValue]:
+    config = model.config
+    if _rope_type(config) != "default":
+        raise FormatError(
+            f"rope type {_rope_type(config)!r} is not written by qalora's GGUF export (only the default rope)"
+        )
+    if tokenizer is None:
+        raise FormatError(
+            "this model did not come from a GGUF file, so its tokenizer must be given: export_gguf(model, path, tokenizer=tok)"
+        )
+    a = arch.gguf_name
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    name = os.path.basename(str(getattr(config, "_name_or_path", "") or "model").rstrip("/")) or "model"
+    kv = [
+        KeyValue("general.name", STRING, name),
+        KeyValue(f"{a}.context_length", UINT32, int(config.max_position_embeddings)),
+        KeyValue(f"{a}.embedding_length", UINT32, int(config.hidden_size)),
+        KeyValue(f"{a}.block_count", UINT32, int(config.num_hidden_layers)),
+        KeyValue(f"{a}.feed_forward_length", UINT32, int(config.intermediate_size)),
+        KeyValue(f"{a}.attention.head_count", UINT32, heads),
+        KeyValue(f"{a}.attention.head_count_kv", UINT32, int(getattr(config, "num_key_value_heads", heads) or heads)),
+        KeyValue(f"{a}.rope.freq_base", FLOAT32, _rope_theta(config)),
+        KeyValue(f"{a}.attention.layer_norm_rms_epsilon", FLOAT32, float(config.rms_norm_eps)),
+        KeyValue(f"{a}.rope.dimension_count", UINT32, head_dim),
+        KeyValue(f"{a}.vocab_size", UINT32, n_vocab),
+    ]
+    if head_dim * heads != config.hidden_size:
+        kv += [
+            KeyValue(f"{a}.attention.key_length", UINT32, head_dim),
+            KeyValue(f"{a}.attention.value_length", UINT32, head_dim),
+        ]
+    kv.append(KeyValue("general.quantization_version", UINT32, 2))
+    return kv + tokenizer_metadata(tokenizer, n_vocab, pre_tokenizer)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _source_header(model: nn.Module, source) -> GGUFHeader | None:
+    if source is not None:
+        return read_header(source)
+    state = state_of(model)
+    record = state.source if state is not None else {}
+    if record.get("format") != "gguf":
+        return None
+    path = record.get("path", "")
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise FormatError(
+            f"the model came from {path}, which no longer exists; pass source= the same file, or tokenizer= to write "
+            "the metadata from the model's config"
+        ) from None
+    if (st.st_size, int(st.st_mtime)) != (record.get("size"), record.get("mtime")):
+        raise FormatError(f"{path} has changed since the model was loaded from it; pass source= to use it anyway")
+    return read_header(path)
+
+
+def _prepare(model: nn.Module, tokenizer, source, pre_tokenizer):
+    """(source header or None, architecture, tensors to write, metadata): everything the
+    export decides before it reads a weight."""
+    header = _source_header(model, source)
+    config = getattr(model, "config", None)
+    if header is not None:
+        arch = gguf_arch.architecture(header.architecture, header.path)
+        n_head = int(header.require(f"{arch.gguf_name}.attention.head_count"))
+        n_head_kv = int(header.get(f"{arch.gguf_name}.attention.head_count_kv", n_head))
+    else:
+        if config is None:
+            raise FormatError(
+                "the model has no Hugging Face config and did not come from a GGUF file; qalora writes GGUF for "
+                "llama-family and Qwen2 models loaded with qalora.load_gguf or from a Hugging Face directory"
+            )
+        arch = gguf_arch.architecture_for_hf(getattr(config, "model_type", None), "export_gguf")
+        n_head = int(config.num_attention_heads)
+        n_head_kv = int(getattr(config, "num_key_value_heads", n_head) or n_head)
+    items = _model_items(model, arch, n_head, n_head_kv)
+    if header is not None:
+        missing = [i.gguf for i in items if i.gguf not in header.tensors]
+        if missing:
+            raise FormatError(f"the model has tensors its source {header.path} lacks: {', '.join(missing[:8])}")
+        position = {name: i for i, name in enumerate(header.tensors)}
+        items.sort(key=lambda i: position[i.gguf])
+    embed = next((i for i in items if i.gguf == "token_embd.weight"), None)
+    if embed is None:
+        raise FormatError("the model has no token embedding (token_embd.weight)")
+    n_vocab = embed.shape[1]
+    metadata = (
+        _metadata_from_source(header)
+        if header is not None
+        else _metadata_from_config(model, arch, tokenizer, n_vocab, pre_tokenizer)
+    )
+    return header, arch, items, metadata
+
+
+def check_exportable(model: nn.Module, tokenizer=None, *, source=None, pre_tokenizer: str | None = None) -> None:
+    """Raises what :func:`export_gguf` would raise about the model's architecture, names,
+    source file or tokenizer, without writing anything (so a run can refuse before it trains)."""
+    _prepare(model, tokenizer, source, pre_tokenizer)
+
+
+def export_gguf(
+    model: nn.Module,
+    path,
+    *,
+    tokenizer=None,
+    other_type: str = "q8_0",
+    source=None,
+    pre_tokenizer: str | None = None,
+    show_progress: bool | None = None,
+) -> ExportReport:
+    """Write ``model`` as a llama.cpp GGUF file (atomically), for llama.cpp, Ollama, LM Studio.
+
+    A merged QA-LoRA layer becomes Q4_1 (codes of at most 4 bits) or Q5_1 (5 bits) with the
+    layer's own codes and its scales and offsets as the blocks' float16 ``d`` and ``m``: no
+    re-quantization, so llama.cpp computes with exactly the weights qalora computed with
+    (when the offsets are float16, qalora's default). Tensors that did not change since the
+    model was loaded from a GGUF file are copied from it byte for byte; other weights are
+    written as ``other_type``. See the module documentation for the rules.
+
+    Args:
+        model: a model loaded with :func:`qalora.load_gguf` (wrapped, trained, merged or
+            not), or a Hugging Face llama-family / Qwen2 model (e.g. wrapped and merged).
+        path: the ``.gguf`` file to write.
+        tokenizer: the model's tokenizer, needed when the model did not come from a GGUF
+            file (whose tokenizer metadata is copied otherwise).
+        other_type: "q8_0" (default) or "f16": how weights that Q4_1 / Q5_1 cannot hold
+            exactly are written.
+        source: a GGUF file to take metadata and unchanged tensors from (default: the file
+            the model was loaded from).
+        pre_tokenizer: llama.cpp's pre-tokenizer name, when writing a tokenizer qalora does
+            not recognise (see :mod:`qalora.formats.gguf_vocab`).
+        show_progress: progress bar over tensors.
+
+    Returns:
+        :class:`ExportReport`: per tensor its type, how it was written and its error.
+
+    Raises:
+        FormatError: unsupported architecture or tokenizer, a missing tokenizer, a parameter
+            with no GGUF name, or a source file that changed since the model was loaded.
+        MergeError: the model holds dense LoRA adapters (``adapter="lora"``).
+    """
+    from gguf import GGUFWriter
+
+    if other_type not in OTHER_TYPES:
+        raise FormatError(f"other_type: got {other_type!r}, allowed: {', '.join(OTHER_TYPES)}")
+    other = OTHER_TYPES[other_type]
+    header, arch, items, metadata = _prepare(model, tokenizer, source, pre_tokenizer)
+
+    # Decide every tensor's type first: the file's directory precedes the data.
+    reader = TensorReader(header.path) if header is not None else None
+    plans: list[tuple[_Item, int, bool]] = []  # (item, type, copied)
+    try:
+        with torch.no_grad():
+            for item in progress(items, desc="qalora: planning GGUF tensors", enabled=show_progress, min_items=20):
+                entry = header.tensors.get(item.gguf) if header is not None else None
+                if entry is not None and _unchanged(reader, entry, item):
+                    plans.append((item, entry.ggml_type, True))
+                else:
+                    plans.append((item, _choose(item, other), False))
+            auxiliary = (
+                [e for name, e in header.tensors.items() if name in gguf_arch.AUXILIARY] if header is not None else []
+            )
+            weights: dict[int, int] = {}
+            for item, t, _ in plans:
+                if len(item.shape) > 1:
+                    weights[t] = weights.get(t, 0) + int(np.prod(item.shape))
+            mostly = max(weights, key=weights.get) if weights else gguf_blocks.F32
+            file_type = _FILE_TYPES.get(mostly, 1024)
+            if header is not None and all(copied for _, _, copied in plans):
+                file_type = header.get("general.file_type", file_type)
+
+            report = ExportReport(
+                os.path.abspath(os.fspath(path)), header.path if header is not None else "config", arch.gguf_name
+            )
+            with atomic_path(path) as tmp:
+                writer = GGUFWriter(tmp, arch.gguf_name)
+                try:
+                    _write(writer, metadata, file_type, auxiliary, plans, reader, header, report, show_progress)
+                finally:
+                    writer.close()
+                report.bytes = os.path.getsize(tmp)
+    finally:
+        if reader is not None:
+            reader.close()
+    return report
+
+
+def _write(writer, metadata, file_type, auxiliary, plans, reader, header, report, show_progress) -> None:
+    # general.file_type keeps the source's place in the metadata (an untouched export is then
+    # the source file byte for byte); its value says which type most weights now have.
+    for kv in metadata:
+        if kv.key == "general.file_type":
+            kv = KeyValue(kv.key, UINT32, int(file_type))
+        sub = _writer_type(kv.element_type) if kv.element_type is not None else None
+        writer.add_key_value(kv.key, kv.value, _writer_type(kv.type), sub)
+    if not any(kv.key == "general.file_type" for kv in metadata):
+        writer.add_key_value("general.file_type", int(file_type), _writer_type(UINT32))
+    for entry in auxiliary:
+        writer.add_tensor_info(
+            entry.name, (entry.nbytes,), np.dtype(np.uint8), entry.nbytes, raw_dtype=_qtype(entry.ggml_type)
+        )
+    for item, t, _ in plans:
+        nbytes = _nbytes(t, item.shape)
+        byte_shape = (*reversed(item.shape[1:]), nbytes // max(item.rows, 1))
+        writer.add_tensor_info(item.gguf, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=_qtype(t))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for entry in auxiliary:
+        writer.write_tensor_data(reader.raw(entry))
+        report.tensors.append(
+            TensorReport(entry.name, gguf_blocks.type_name(entry.ggml_type), "copied", tuple(entry.shape))
+        )
+    for item, t, copied in progress(plans, desc="qalora: writing GGUF tensors", enabled=show_progress, min_items=20):
+        tr = TensorReport(item.gguf, gguf_blocks.type_name(t), "copied", item.shape)
+        if copied:
+            data = reader.raw(header.tensors[item.gguf])
+        else:
+            errors = _Errors()
+            data = np.concatenate([chunk.reshape(-1) for chunk in _encode(item, t, errors)])
+            tr.max_abs_error, tr.rel_error, tr.param_rel_change = errors.max_abs, errors.rel, errors.param
+            if len(item.shape) == 1 and t == gguf_blocks.F32:
+                tr.how = "dense"
+            elif t in (gguf_blocks.Q4_1, gguf_blocks.Q5_1):
+                tr.how = "rounded" if errors.param > 0 else "exact"
+            else:
+                tr.how = "converted"
+        writer.write_tensor_data(data)
+        report.tensors.append(tr)
+
+
+def _writer_type(t: int):
+    from gguf import GGUFValueType
+
+    return GGUFValueType(t)
+
+
+def _qtype(t: int):
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType(t)
+
+
+def save_report(report: ExportReport, path) -> None:
+    from ..io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(report.to_dict(), indent=2) + "\n")

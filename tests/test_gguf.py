@@ -1,0 +1,412 @@
+"""GGUF in and out on synthetic files (every supported type, llama and qwen2): the import is
+exact against gguf.quants.dequantize and against transformers' own GGUF loader, adapters
+follow each layer's groups, and the export writes what the model computes with."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import qalora
+import torch
+from qalora.formats import gguf_arch, gguf_blocks
+from qalora.formats.gguf_file import TensorReader, read_header
+from qalora.targets import quantized_layers
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("accelerate")
+import gguf_synthetic as syn  # noqa: E402
+from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
+
+ALL_TYPES = syn.EVERY_TYPE
+#: A small llama: 2 layers, hidden 256, MLP 512, untied head.
+SMALL = dict(hidden=256, layers=2, heads=4, kv_heads=2, ffn=512, vocab=300, tied=False)
+LEGACY_TYPES = {
+    "attn_q": "Q4_1",
+    "attn_k": "Q4_0",
+    "attn_v": "Q5_1",
+    "attn_output": "F16",
+    "ffn_gate": "Q4_1",
+    "ffn_up": "BF16",
+    "ffn_down": "Q4_1",
+    "token_embd": "Q8_0",
+    "output": "Q6_K",
+}
+
+
+def write(tmp_path_factory, name, **kw):
+    path = tmp_path_factory.mktemp("gguf") / f"{name}.gguf"
+    spec = syn.SyntheticSpec(**kw)
+    syn.write_synthetic_gguf(path, spec, seed=len(name))
+    return str(path), spec
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    return write(tmp_path_factory, "mixed", **SMALL, types=ALL_TYPES)
+
+
+@pytest.fixture(scope="module")
+def legacy(tmp_path_factory):
+    return write(tmp_path_factory, "legacy", **{**SMALL, "heads": 8, "vocab": 320}, types=LEGACY_TYPES)
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    types = {"default": "Q4_1", "ffn_down": "Q6_K", "token_embd": "Q8_0"}
+    return write(tmp_path_factory, "qwen", arch="qwen2", **{**SMALL, "tied": True}, types=types)
+
+
+def open_bytes(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def gguf_reference(path, name, spec):
+    """gguf.quants.dequantize of a tensor, rows in the Hugging Face order."""
+    reader = gguf.GGUFReader(path)
+    t = next(t for t in reader.tensors if t.name == name)
+    ref = gguf_dequantize(t.data, t.tensor_type)
+    heads = gguf_arch.rope_heads(name, gguf_arch.ARCHITECTURES[spec.arch], spec.heads, spec.kv_heads)
+    if heads is not None:
+        ref = ref[gguf_arch.rope_order_inverse(ref.shape[0], heads)]
+    return ref
+
+
+def test_import_is_exact_for_every_type(mixed):
+    path, spec = mixed
+    lm = qalora.load_gguf(path)
+    model = lm.model
+    header = read_header(path)
+    expect = {
+        "Q2_K": (2, 16),
+        "Q3_K": (3, 16),
+        "Q4_K": (4, 32),
+        "Q5_K": (5, 32),
+        "Q6_K": (6, 16),
+        "Q8_0": (8, 32),
+        "Q5_0": (5, 32),
+        "Q5_1": (5, 32),
+    }
+    n_quant = 0
+    for name, entry in header.tensors.items():
+        hf = gguf_arch.hf_name(name)
+        module = model.get_submodule(hf.rpartition(".")[0])
+        ref = gguf_reference(path, name, spec)
+        if isinstance(module, qalora.QuantLinear):
+            n_quant += 1
+            ours = module.dequantize(torch.float32).numpy()
+            assert np.array_equal(ours, ref), name  # equal as floats (signed zeros aside)
+            type_name = gguf_blocks.type_name(entry.ggml_type)
+            if type_name in expect:
+                assert (module.bits, module.group_size) == expect[type_name], name
+            k_quant = type_name.endswith("_K")
+            assert module.scales.dtype == (torch.float32 if k_quant else torch.float16), name
+        else:
+            value = model.get_parameter(hf).detach().numpy()
+            assert np.array_equal(value.reshape(ref.shape), ref), name
+    assert n_quant == 2 * 7 + 1  # every linear layer and the untied output head
+    # no dense copy of a quantized layer: the model is its buffers plus embeddings and norms
+    dense = sum(p.numel() * p.element_size() for n, p in model.named_parameters())
+    quant = sum(b.numel() * b.element_size() for _, m in quantized_layers(model) for b in m.buffers())
+    rotary = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "rotary_emb" in n)
+    assert qalora.memory_bytes(model) == dense + quant + rotary
+    assert dense < 0.5 * qalora.memory_bytes(model) + model.model.embed_tokens.weight.numel() * 4
+    source = qalora.state_of(model).source
+    assert source["format"] == "gguf" and source["path"] == os.path.abspath(path)
+    assert source["layers"]["model.layers.0.self_attn.v_proj"]["type"] == "Q6_K"
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+
+
+@pytest.mark.parametrize("which", ["mixed", "legacy", "qwen"])
+def test_import_matches_transformers_gguf_loader(which, request):
+    path, spec = request.getfixturevalue(which)
+    ours = qalora.load_gguf(path).model
+    directory, name = os.path.split(path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+    ids = torch.randint(3, spec.vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
+    assert ((a - b).norm() / b.norm()).item() < 1e-5  # float32 summation order only
+    if which == "qwen":
+        q = ours.model.layers[0].self_attn.q_proj
+        assert isinstance(q, qalora.QuantLinear) and q.bias is not None
+        assert torch.equal(q.bias, theirs.model.layers[0].self_attn.q_proj.bias)
+
+
+def test_load_model_routes_gguf_through_the_importer(legacy):
+    path, _ = legacy
+    lm = qalora.load_model(path)
+    assert isinstance(lm.model.model.layers[0].mlp.down_proj, qalora.QuantLinear)
+    assert isinstance(lm.model.model.layers[0].self_attn.o_proj, nn.Linear)  # stored F16 in the file
+    dense = qalora.load_model(path, dense=True)
+    layer = dense.model.model.layers[0].mlp.down_proj
+    assert type(layer) is nn.Linear
+    assert torch.equal(layer.weight, lm.model.model.layers[0].mlp.down_proj.dequantize())
+
+
+def test_refuses_unsupported_architecture_and_types(tmp_path_factory, tmp_path):
+    path, _ = write(
+        tmp_path_factory,
+        "iq",
+        hidden=64,
+        heads=2,
+        kv_heads=1,
+        ffn=128,
+        layers=1,
+        vocab=270,
+        types={"default": "IQ4_NL"},
+    )
+    with pytest.raises(qalora.FormatError, match=r"IQ4_NL.*supported: Q4_0"):
+        qalora.load_gguf(path)
+    bad = tmp_path / "gemma.gguf"
+    bad.write_bytes(open_bytes(path).replace(b"llama", b"gemm2"))  # the architecture name, same length
+    with pytest.raises(qalora.FormatError, match=r"'gemm2' is not supported.*llama, qwen2"):
+        qalora.load_gguf(bad)
+    with pytest.raises(qalora.ModelLoadError, match="does not exist"):
+        qalora.load_gguf(tmp_path / "none.gguf")
+
+
+def test_rope_freqs_divide_the_rotary_frequencies(tmp_path_factory, tmp_path):
+    path, spec = write(
+        tmp_path_factory, "rope", hidden=128, heads=2, kv_heads=1, ffn=256, layers=1, vocab=270, rope_freqs=True
+    )
+    model = qalora.load_gguf(path).model
+    header = read_header(path)
+    with TensorReader(path) as r:
+        factors = gguf_blocks.decode_dense(0, r.raw(header.tensors["rope_freqs.weight"]))
+    dim = spec.head_dim
+    base = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    assert torch.allclose(model.model.rotary_emb.inv_freq, base / torch.from_numpy(factors), rtol=1e-6)
+    # a checkpoint of the model gets them back on load, and the export carries the tensor on
+    lm = qalora.load_gguf(path)
+    qalora.wrap(lm.model, qalora.QALoRAConfig(rank=2))
+    qalora.merge(lm.model)
+    from qalora.loaders import save_for_reload
+
+    save_for_reload(lm.model, lm.tokenizer, str(tmp_path / "ckpt"))
+    again = qalora.load_model(str(tmp_path / "ckpt")).model
+    assert torch.equal(again.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
+    report = qalora.export_gguf(again, tmp_path / "rope.gguf")
+    assert {t.name: t.how for t in report.tensors}["rope_freqs.weight"] == "copied"
+
+
+# --------------------------------------------------------------------------- adapters on imported layers
+
+
+def random_update(model, seed=0, std=0.02):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, qalora.QALoRALinear):
+            with torch.no_grad():
+                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * std)
+
+
+def test_wrap_adapts_imported_layers_in_their_own_groups(mixed, legacy):
+    path, _ = mixed
+    model = qalora.load_gguf(path).model
+    before = {n: (m.packed.clone(), m.bits, m.group_size) for n, m in quantized_layers(model)}
+    qalora.wrap(model, qalora.QALoRAConfig(bits=4, group_size=64, rank=4))
+    for name, layer in quantized_layers(model, qalora.QALoRALinear):
+        packed, bits, g = before[name]
+        assert layer.base_layer.bits == bits and layer.base_layer.group_size == g  # not re-quantized
+        assert torch.equal(layer.base_layer.packed, packed)
+        assert layer.lora_A.in_features == layer.in_features // g  # pools over the layer's groups
+    assert isinstance(model.lm_head, qalora.QuantLinear)  # the output head is not adapted
+    assert qalora.state_of(model).source["format"] == "gguf"  # wrap keeps where the model came from
+    # F16 / BF16 layers of the file are dense: the config quantizes them
+    model = qalora.load_gguf(legacy[0]).model
+    qalora.wrap(model, qalora.QALoRAConfig(bits=3, group_size=64, rank=4))
+    o = model.model.layers[0].self_attn.o_proj.base_layer
+    assert (o.bits, o.group_size) == (3, 64)
+    x = torch.randn(2, 5, 256)
+    q = model.model.layers[0].self_attn.q_proj
+    random_update(model)
+    with torch.no_grad():
+        unmerged = q(x)
+        merged = q.merged(torch.float32)(x)
+    assert ((merged - unmerged).norm() / unmerged.norm()).item() < 1e-5  # exact merge in each layer's groups
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_then_import(model, path, **kw):
+    report = qalora.export_gguf(model, path, **kw)
+    return report, qalora.load_gguf(path).model
+
+
+def assert_same_layers(a, b, names=None):
+    la, lb = dict(quantized_layers(a)), dict(quantized_layers(b))
+    for name in names or la:
+        for key in ("packed", "scales", "offsets"):
+            x, y = getattr(la[name], key), getattr(lb[name], key)
+            assert x.dtype == y.dtype and torch.equal(x, y), (name, key)
+
+
+def test_export_untouched_copies_every_tensor(legacy, tmp_path):
+    path, _ = legacy
+    model = qalora.load_gguf(path).model
+    out = tmp_path / "copy.gguf"
+    report = qalora.export_gguf(model, out)
+    assert report.count("copied") == len(report.tensors) == len(read_header(path).tensors)
+    a, b = read_header(path), read_header(out)
+    assert list(a.tensors) == list(b.tensors) and a.metadata == b.metadata
+    with TensorReader(path) as ra, TensorReader(out) as rb:
+        for name in a.tensors:
+            assert np.array_equal(ra.raw(a.tensors[name]), rb.raw(b.tensors[name])), name
+    assert open_bytes(out) == open_bytes(path)  # the whole file, metadata layout included
+
+
+def test_export_merged_model_legacy_types(legacy, tmp_path):
+    path, spec = legacy
+    model = qalora.load_gguf(path).model
+    qalora.wrap(model, qalora.QALoRAConfig(bits=4, group_size=32, rank=4))
+    random_update(model)
+    qalora.merge(model)
+    report, back = export_then_import(model, tmp_path / "merged.gguf")
+    by_name = {t.name: t for t in report.tensors}
+    assert by_name["blk.0.attn_q.weight"].how == "exact" and by_name["blk.0.attn_q.weight"].type == "Q4_1"
+    assert by_name["blk.0.attn_k.weight"].type == "Q4_1"  # Q4_0 base + merged offsets: now Q4_1
+    assert by_name["blk.0.attn_output.weight"].type == "Q4_1"  # F16 in the file, quantized by wrap
+    assert by_name["output.weight"].how == "copied"  # the head did not change
+    assert by_name["token_embd.weight"].how == "copied"
+    assert by_name["blk.0.attn_norm.weight"].how == "copied"
+    assert by_name["blk.0.attn_q.weight"].max_abs_error == 0.0
+    # Q4_1-exported layers come back bit for bit (float16 scales and offsets, same codes)
+    exact = [n for n, m in quantized_layers(model) if by_name[gguf_arch.gguf_name(n + ".weight")].how == "exact"]
+    assert len(exact) >= 2 * 5
+    assert_same_layers(model, back, exact)
+    ids = torch.randint(3, spec.vocab, (1, 10), generator=torch.Generator().manual_seed(1))
+    directory, name = os.path.split(tmp_path / "merged.gguf")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits, theirs(input_ids=ids).logits
+    assert ((a - b).norm() / b.norm()).item() < 1e-5  # every layer written exactly: float32 rounding only
+    v = by_name["blk.0.attn_v.weight"]  # 5-bit codes (a Q5_1 base): written back as Q5_1
+    assert (v.type, v.how) == ("Q5_1", "exact")
+
+
+def test_export_kquant_model_reports_rounding_and_conversions(mixed, tmp_path):
+    path, _ = mixed
+    model = qalora.load_gguf(path).model
+    qalora.wrap(model, qalora.QALoRAConfig(rank=4))
+    random_update(model)
+    qalora.merge(model)
+    report, back = export_then_import(model, tmp_path / "k.gguf", other_type="f16")
+    by_name = {t.name: t for t in report.tensors}
+    gate = by_name["blk.0.ffn_gate.weight"]  # Q4_K: float32 d*sc rounded to float16
+    assert gate.type == "Q4_1" and gate.how == "rounded" and 0 < gate.param_rel_change <= 2.0**-11
+    q6 = by_name["blk.0.attn_v.weight"]  # Q6_K: 6-bit codes in groups of 16
+    assert q6.type == "F16" and q6.how == "converted" and 0 < q6.rel_error < 1e-3
+    assert "largest relative change" in report.summary()
+    # what was written is what the report describes: the Q4_1 layer decodes to the rounded params
+    lb = back.model.layers[0].mlp.gate_proj
+    la = model.model.layers[0].mlp.gate_proj
+    assert torch.equal(lb.packed, la.packed)
+    assert torch.equal(lb.scales.float(), la.scales.half().float())
+
+
+def test_export_options_and_refusals(legacy, tmp_path):
+    path, _ = legacy
+    model = qalora.load_gguf(path).model
+    with pytest.raises(qalora.FormatError, match="other_type"):
+        qalora.export_gguf(model, tmp_path / "x.gguf", other_type="q4_k")
+    lora = qalora.load_gguf(path).model
+    qalora.wrap(lora, qalora.QALoRAConfig(adapter="lora", rank=2))
+    with pytest.raises(qalora.MergeError, match="merge_requantize"):
+        qalora.export_gguf(lora, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+    # an unmerged QA-LoRA model is written as it would be merged, and is not changed itself
+    wrapped = qalora.load_gguf(path).model
+    qalora.wrap(wrapped, qalora.QALoRAConfig(rank=2))
+    random_update(wrapped)
+    report = qalora.export_gguf(wrapped, tmp_path / "unmerged.gguf")
+    assert report.count("exact") > 0 and any(isinstance(m, qalora.QALoRALinear) for m in wrapped.modules())
+    merged = qalora.merge(wrapped)
+    report2 = qalora.export_gguf(merged, tmp_path / "merged.gguf")
+    assert (tmp_path / "unmerged.gguf").read_bytes() == (tmp_path / "merged.gguf").read_bytes()
+    assert [t.how for t in report.tensors] == [t.how for t in report2.tensors]
+
+
+def test_export_refuses_a_changed_source_and_failure_leaves_no_file(legacy, tmp_path, monkeypatch):
+    src = tmp_path / "src.gguf"
+    src.write_bytes(open_bytes(legacy[0]))
+    model = qalora.load_gguf(src).model
+    os.utime(src, (1, 1))
+    with pytest.raises(qalora.FormatError, match="has changed since"):
+        qalora.export_gguf(model, tmp_path / "a.gguf")
+    report = qalora.export_gguf(model, tmp_path / "a.gguf", source=src)
+    assert report.count("copied") == len(report.tensors)
+    from qalora.formats import gguf_export
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    qalora.wrap(model, qalora.QALoRAConfig(rank=2))
+    random_update(model)
+    monkeypatch.setattr(gguf_export.gguf_blocks, "encode_q4_1", boom)
+    with pytest.raises(RuntimeError):
+        qalora.export_gguf(model, tmp_path / "b.gguf", source=src)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "src.gguf"]  # no partial or temp file
+
+
+def test_export_from_a_hugging_face_model(legacy, tmp_path):
+    """A model that did not come from a GGUF file: metadata and tokenizer from its config."""
+    path, spec = legacy
+    directory, name = os.path.split(path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    with pytest.raises(qalora.FormatError, match="tokenizer must be given"):
+        qalora.export_gguf(hf, tmp_path / "x.gguf")
+    qalora.wrap(hf, qalora.QALoRAConfig(rank=4))
+    random_update(hf)
+    qalora.merge(hf)
+    out = tmp_path / "hf.gguf"
+    report = qalora.export_gguf(hf, out, tokenizer=tok)
+    assert report.source == "config" and report.count("copied") == 0
+    a, b = read_header(path), read_header(out)
+    for key in (
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.pre",
+        "llama.block_count",
+        "llama.attention.head_count_kv",
+        "llama.feed_forward_length",
+    ):
+        assert a.get(key) == b.get(key), key
+    back = qalora.load_gguf(out).model
+    layers = [n for n, _ in quantized_layers(hf)]
+    assert_same_layers(hf, back, layers)
+    ids = torch.randint(3, spec.vocab, (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a_, b_ = hf(input_ids=ids).logits, back(input_ids=ids).logits
+    assert ((a_ - b_).norm() / a_.norm()).item() < 1e-2  # embeddings and head went to Q8_0
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(qalora.FormatError, match="type 'gpt2'"):
+        qalora.export_gguf(gpt2, tmp_path / "g.gguf", tokenizer=tok)
+
+
+def test_export_command_and_check_exportable(legacy, tmp_path, capsys):
+    from qalora.cli import main
+    from qalora.formats.gguf_export import check_exportable
+
+    path, _ = legacy
+    out = tmp_path / "cli.gguf"
+    assert main(["export", "--model", path, "--out", str(out), "--other-type", "f16"]) == 0
+    printed = capsys.readouterr().out
+    assert f"llama-cli -m {out}" in printed and "Modelfile" in printed
+    assert open_bytes(out) == open_bytes(path)  # an untouched model is written back as the same file
+    assert (tmp_path / "Modelfile").read_text() == "FROM ./cli.gguf\n"
+    assert '"copied"' in (tmp_path / "cli.gguf.report.json").read_text()
+    assert main(["export", "--model", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "y.gguf")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(qalora.FormatError, match="type 'gpt2'"):
+        check_exportable(gpt2, None)
+    check_exportable(qalora.load_gguf(path).model)  # a GGUF model needs no tokenizer

@@ -1,0 +1,247 @@
+"""GGUF block codecs, the rope row order and the header reader, against the ``gguf``
+package (its numpy dequantizer mirrors ggml's reference) and transformers' GGUF loader."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import qalora
+import torch
+from qalora import ops
+from qalora.formats import gguf_arch, gguf_blocks
+from qalora.formats.gguf_file import TensorReader, read_header
+
+gguf = pytest.importorskip("gguf")
+import gguf_synthetic  # noqa: E402
+from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
+
+TYPES = sorted(gguf_blocks.FORMATS, key=lambda t: gguf_blocks.FORMATS[t].name)
+
+
+def random_blocks(rng, ggml_type, rows, blocks_per_row):
+    """Random block bytes (every code / sub-scale pattern), with finite float16 scale fields."""
+    name = gguf_blocks.FORMATS[ggml_type].name
+    fmt = gguf_blocks.FORMATS[ggml_type]
+    raw = rng.integers(0, 256, size=(rows * blocks_per_row, fmt.block_bytes), dtype=np.uint8)
+    fields = gguf_synthetic._SCALE_FIELDS[name][0]
+    fields = fields + ((2,) if name in ("Q4_1", "Q5_1") else ())
+    for at in fields:
+        # both signs, magnitudes over many binades, subnormals included
+        mag = np.exp(rng.uniform(np.log(1e-7), np.log(2.0), raw.shape[0]))
+        v = (mag * rng.choice([-1.0, 1.0], raw.shape[0])).astype(np.float16)
+        raw[:, at : at + 2] = v.view(np.uint8).reshape(-1, 2)
+    return raw.reshape(rows, -1)
+
+
+def qalora_dequantize(dec, fmt):
+    """Dense float32 weight through qalora's own kernels (pack + dequantize)."""
+    stored = fmt.bits if fmt.bits in ops.SUPPORTED_BITS else 8
+    codes = torch.from_numpy(dec.codes)
+    packed = codes if stored == 8 else ops.pack(codes, stored)
+    s_dtype, o_dtype = gguf_blocks.storage_dtypes(fmt.ggml_type, dec)
+    scales = torch.from_numpy(dec.scales.astype(s_dtype))
+    offsets = torch.from_numpy(dec.offsets.astype(o_dtype))
+    return ops.dequantize(packed, scales, offsets, stored, fmt.group_size).numpy()
+
+
+def assert_same_floats(ours, ref):
+    """Equal as float32 values; bit patterns may differ only in the sign of a zero."""
+    assert ours.dtype == ref.dtype == np.float32 and ours.shape == ref.shape
+    assert np.array_equal(ours, ref)
+    differ = ours.view(np.uint32) != ref.view(np.uint32)
+    assert not (differ & (ours != 0)).any()
+
+
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: gguf_blocks.FORMATS[t].name)
+def test_decode_matches_gguf_dequantize_bit_for_bit(ggml_type):
+    fmt = gguf_blocks.FORMATS[ggml_type]
+    rng = np.random.default_rng(ggml_type)
+    for rows, per_row in ((1, 1), (5, 3), (3, 40)):
+        raw = random_blocks(rng, ggml_type, rows, per_row)
+        k = per_row * fmt.block_weights
+        dec = gguf_blocks.decode_rows(ggml_type, raw, k)
+        assert dec.codes.shape == (rows, k) and dec.codes.dtype == np.uint8
+        assert dec.scales.shape == dec.offsets.shape == (rows, k // fmt.group_size)
+        assert int(dec.codes.max()) < 1 << fmt.bits
+        if rows == 3:  # random blocks reach the top code
+            assert int(dec.codes.max()) == (1 << fmt.bits) - 1
+        ref = gguf_dequantize(raw, gguf.GGMLQuantizationType(ggml_type))
+        # numpy float32 in this module, and qalora's Rust dequantize on packed codes:
+        assert_same_floats(gguf_blocks.fma_dequantize(dec.codes, dec.scales, dec.offsets, fmt.group_size), ref)
+        assert_same_floats(qalora_dequantize(dec, fmt), ref)
+
+
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: gguf_blocks.FORMATS[t].name)
+def test_storage_dtypes_hold_the_parameters_exactly(ggml_type):
+    rng = np.random.default_rng(100 + ggml_type)
+    raw = random_blocks(rng, ggml_type, 4, 2)
+    fmt = gguf_blocks.FORMATS[ggml_type]
+    dec = gguf_blocks.decode_rows(ggml_type, raw, 2 * fmt.block_weights)
+    s_dtype, o_dtype = gguf_blocks.storage_dtypes(ggml_type, dec)
+    assert np.array_equal(dec.scales.astype(s_dtype).astype(np.float32), dec.scales)
+    assert np.array_equal(dec.offsets.astype(o_dtype).astype(np.float32), dec.offsets)
+    if fmt.name.endswith("_K"):
+        # d * sc needs more than float16's 11 bits somewhere in random blocks
+        assert not np.array_equal(dec.scales.astype(np.float16).astype(np.float32), dec.scales)
+
+
+def test_implied_offset_overflowing_float16_gets_float32_offsets():
+    raw = np.zeros((1, 18), dtype=np.uint8)
+    raw[0, 0:2] = np.array([10000.0], dtype=np.float16).view(np.uint8)  # -8 d = -80000
+    dec = gguf_blocks.decode_rows(gguf_blocks.Q4_0, raw, 32)
+    assert gguf_blocks.storage_dtypes(gguf_blocks.Q4_0, dec) == (np.float16, np.float32)
+    assert dec.offsets[0, 0] == -80000.0
+
+
+def test_decode_refuses_bad_input():
+    with pytest.raises(qalora.FormatError, match="IQ4_NL"):
+        gguf_blocks.decode_rows(20, np.zeros((1, 18), np.uint8), 32)
+    with pytest.raises(qalora.FormatError, match="Q4_1 row of 64 weights is 40 bytes"):
+        gguf_blocks.decode_rows(gguf_blocks.Q4_1, np.zeros((2, 20), np.uint8), 64)
+    raw = np.zeros((1, 20), np.uint8)
+    raw[0, 0:2] = np.array([np.inf], dtype=np.float16).view(np.uint8)
+    with pytest.raises(qalora.InvalidValueError, match="non-finite"):
+        gguf_blocks.decode_rows(gguf_blocks.Q4_1, raw, 32)
+
+
+@pytest.mark.parametrize(
+    "bits,encode,qtype", [(4, gguf_blocks.encode_q4_1, "Q4_1"), (5, gguf_blocks.encode_q5_1, "Q5_1")]
+)
+def test_encode_offset_blocks_round_trip(bits, encode, qtype):
+    rng = np.random.default_rng(bits)
+    rows, k = 7, 96
+    codes = rng.integers(0, 1 << bits, size=(rows, k), dtype=np.uint8)
+    d = rng.standard_normal((rows, k // 32)).astype(np.float16)
+    m = rng.standard_normal((rows, k // 32)).astype(np.float16)
+    raw = encode(codes, d, m)
+    assert raw.shape == (rows, k // 32 * gguf_blocks.FORMATS[getattr(gguf_blocks, qtype)].block_bytes)
+    ref = gguf_dequantize(raw, gguf.GGMLQuantizationType[qtype])
+    # float64 reference: d*q is exact, + m rounds once to float32
+    expect = (codes.astype(np.float64) * np.repeat(d, 32, 1).astype(np.float64) + np.repeat(m, 32, 1)).astype(
+        np.float32
+    )
+    assert_same_floats(ref, expect)
+    dec = gguf_blocks.decode_rows(getattr(gguf_blocks, qtype), raw, k)
+    assert np.array_equal(dec.codes, codes)
+    assert np.array_equal(dec.scales, d.astype(np.float32)) and np.array_equal(dec.offsets, m.astype(np.float32))
+    with pytest.raises(qalora.InvalidValueError, match=f"above the {(1 << bits) - 1}"):
+        encode(codes | np.uint8(1 << bits), d, m)
+    with pytest.raises(qalora.ShapeError):
+        encode(codes, d.astype(np.float32), m)
+
+
+def test_encode_dense_types():
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((5, 64)).astype(np.float32)
+    q8 = gguf_blocks.encode_dense(w, gguf_blocks.Q8_0)
+    assert q8.shape == (5, 2 * 34)
+    back = gguf_dequantize(q8, gguf.GGMLQuantizationType.Q8_0)
+    assert np.abs(back - w).max() <= np.abs(w).max() / 127  # half a step of the largest block
+    f16 = gguf_blocks.encode_dense(w, gguf_blocks.F16)
+    assert np.array_equal(f16.view(np.float16), w.astype(np.float16))
+    with pytest.raises(qalora.FormatError):
+        gguf_blocks.encode_dense(w, gguf_blocks.Q4_K)
+
+
+def test_bf16_and_f16_decode():
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal(64).astype(np.float32)
+    bf = (w.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    assert np.array_equal(
+        gguf_blocks.decode_dense(gguf_blocks.BF16, bf), gguf_dequantize(bf, gguf.GGMLQuantizationType.BF16).reshape(-1)
+    )
+    h = w.astype(np.float16).view(np.uint8)
+    assert np.array_equal(gguf_blocks.decode_dense(gguf_blocks.F16, h), w.astype(np.float16).astype(np.float32))
+
+
+# --------------------------------------------------------------------------- rope row order
+
+
+def converter_permute(w, n_head):
+    """llama.cpp's HF -> GGUF reordering, written from its description: per head, split the
+    rows into the two rope halves and interleave them."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.mark.parametrize("rows,n_head", [(576, 9), (192, 3), (64, 1), (4096, 32), (24, 6)])
+def test_rope_order_matches_the_converter_and_transformers(rows, n_head):
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    w = np.random.default_rng(rows).standard_normal((rows, 3))
+    order = gguf_arch.rope_order(rows, n_head)
+    assert np.array_equal(w[order], converter_permute(w, n_head))
+    inverse = gguf_arch.rope_order_inverse(rows, n_head)
+    assert np.array_equal(w[order][inverse], w)
+    undone = LlamaTensorProcessor()._reverse_permute_weights(w[order], n_head)  # transformers' own reader
+    assert np.array_equal(undone, w)
+
+
+def test_rope_order_refuses_odd_heads():
+    with pytest.raises(qalora.FormatError):
+        gguf_arch.rope_order(10, 4)
+
+
+def test_tensor_names_map_both_ways():
+    for name in (
+        "blk.3.attn_q.weight",
+        "blk.0.ffn_down.weight",
+        "blk.11.attn_k.bias",
+        "token_embd.weight",
+        "output.weight",
+        "output_norm.weight",
+        "blk.2.ffn_norm.weight",
+    ):
+        assert gguf_arch.gguf_name(gguf_arch.hf_name(name)) == name
+    assert gguf_arch.hf_name("blk.0.attn_q.weight") == "model.layers.0.self_attn.q_proj.weight"
+    assert gguf_arch.hf_name("blk.0.ssm_conv.weight") is None
+    with pytest.raises(qalora.FormatError, match="'gemma2' is not supported"):
+        gguf_arch.architecture("gemma2", "x.gguf")
+
+
+# --------------------------------------------------------------------------- header reader
+
+
+@pytest.fixture(scope="module")
+def mixed_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "mixed.gguf"
+    spec = gguf_synthetic.SyntheticSpec(
+        hidden=256, layers=1, ffn=512, vocab=300, tied=False, types=gguf_synthetic.EVERY_TYPE
+    )
+    gguf_synthetic.write_synthetic_gguf(path, spec)
+    return path
+
+
+def test_header_matches_gguf_reader(mixed_file):
+    header = read_header(mixed_file)
+    reader = gguf.GGUFReader(mixed_file)
+    assert set(header.tensors) == {t.name for t in reader.tensors}
+    with TensorReader(mixed_file) as tr:
+        for t in reader.tensors:
+            e = header.tensors[t.name]
+            assert (e.offset, e.nbytes, e.shape) == (t.data_offset, t.n_bytes, tuple(int(x) for x in t.shape))
+            assert np.array_equal(tr.raw(e), np.asarray(t.data).view(np.uint8).reshape(-1))
+    for key, field in reader.fields.items():
+        if not key.startswith("GGUF."):
+            assert header.get(key) == pytest.approx(field.contents()), key
+
+
+def test_header_refuses_malformed_files(tmp_path, mixed_file):
+    data = mixed_file.read_bytes()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGML" + data[4:])
+    with pytest.raises(qalora.FormatError, match="not a GGUF file"):
+        read_header(bad)
+    bad.write_bytes(data[:4] + struct.pack("<I", 1) + data[8:])
+    with pytest.raises(qalora.FormatError, match="version 1"):
+        read_header(bad)
+    bad.write_bytes(data[:2000])
+    with pytest.raises(qalora.FormatError, match=r"truncated|past the end"):
+        read_header(bad)
+    bad.write_bytes(data[: len(data) - 100])  # the last tensor's data is cut
+    with pytest.raises(qalora.FormatError, match="runs past the end of the file"):
+        read_header(bad)
+    with pytest.raises(qalora.FormatError, match="cannot open"):
+        read_header(tmp_path / "missing.gguf")

@@ -1,0 +1,204 @@
+"""GGUF in and out on the real SmolLM2-135M-Instruct file (Q4_1 layers, a Q8_0 embedding),
+checked by outside readers: the gguf package, transformers' GGUF loader, and llama.cpp
+(through llama-cpp-python; those tests skip where it is not installed, CI installs it)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import qalora
+import torch
+from qalora import datasets, train
+from qalora.formats.gguf_file import TensorReader, read_header
+from qalora.targets import quantized_layers
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+try:
+    from qalora.loaders import bundled_gguf_path
+
+    SMOLLM2 = bundled_gguf_path()
+except qalora.ModelLoadError as e:  # pragma: no cover - depends on the machine
+    pytest.skip(str(e), allow_module_level=True)
+
+
+def llama_cpp_or_skip():
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (CI installs it)")
+
+
+@pytest.fixture(scope="module")
+def original():
+    return qalora.load_gguf(SMOLLM2)
+
+
+@pytest.fixture(scope="module")
+def blocks(original):
+    ds = datasets.bundled_dataset()
+    tok = original.tokenizer
+    return datasets.token_blocks(tok, ds.train, 32, max_blocks=4), datasets.token_blocks(
+        tok, ds.heldout, 64, max_blocks=8
+    )
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """transformers' own reading of the original file (dequantized float32 weights)."""
+    directory, name = os.path.split(SMOLLM2)
+    return transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def finetuned(original, blocks, tmp_path_factory):
+    """SmolLM2 fine-tuned with QA-LoRA (a few steps), merged (float16 offsets), exported."""
+    model = copy.deepcopy(original.model)
+    qalora.wrap(model, qalora.QALoRAConfig(rank=8, alpha=16))
+    train.finetune(model, blocks[0], 2, batch_size=2, lr=5e-3, show_progress=False)
+    qalora.merge(model)
+    model.eval()
+    path = tmp_path_factory.mktemp("export") / "model.gguf"
+    report = qalora.export_gguf(model, path)
+    return model, str(path), report
+
+
+def test_untouched_import_export_is_byte_identical(original, tmp_path):
+    out = tmp_path / "same.gguf"
+    report = qalora.export_gguf(original.model, out)
+    assert report.count("copied") == 272
+    a, b = read_header(SMOLLM2), read_header(out)
+    assert a.metadata == b.metadata and list(a.tensors) == list(b.tensors)
+    with TensorReader(SMOLLM2) as ra, TensorReader(out) as rb:
+        for name in a.tensors:
+            assert a.tensors[name].ggml_type == b.tensors[name].ggml_type
+            assert np.array_equal(ra.raw(a.tensors[name]), rb.raw(b.tensors[name])), name
+    with open(SMOLLM2, "rb") as fa, open(out, "rb") as fb:
+        assert fa.read() == fb.read()  # the whole file, metadata layout included
+
+
+def test_finetuned_export_reimports_bit_identical(original, finetuned):
+    model, path, report = finetuned
+    assert report.count("exact") == 210 and report.count("copied") == 62  # embeddings and norms unchanged
+    assert report.max_param_rel_change == 0.0 and report.max_rel_error == 0.0
+    back = qalora.load_gguf(path).model
+    changed = 0
+    for (name, a), (_, b), (_, o) in zip(
+        quantized_layers(model), quantized_layers(back), quantized_layers(original.model)
+    ):
+        for key in ("packed", "scales", "offsets"):
+            x, y = getattr(a, key), getattr(b, key)
+            assert x.dtype == y.dtype and torch.equal(x, y), (name, key)
+        changed += not torch.equal(a.offsets, o.offsets)
+    assert changed == 210  # training moved every layer's offsets
+
+
+def test_transformers_reads_the_export(finetuned, blocks):
+    model, path, _ = finetuned
+    directory, name = os.path.split(path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+    ids = blocks[1][:2]
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits, theirs(input_ids=ids).logits
+    assert ((a - b).norm() / b.norm()).item() < 1e-5  # float32 summation order only
+
+
+def _llama(path, **kw):
+    # verbose=True: llama.cpp logs to stderr (pytest captures it); the quiet mode leaks file handles.
+    llama_cpp = llama_cpp_or_skip()
+    return llama_cpp.Llama(model_path=str(path), n_ctx=128, verbose=True, n_threads=2, seed=0, **kw)
+
+
+def _llama_cpp_logits(path, blocks):
+    llm = _llama(path, logits_all=True)
+    try:
+        out = []
+        for b in blocks:
+            llm.reset()
+            llm.eval(b.tolist())
+            out.append(np.array(llm.scores[: len(b)], dtype=np.float32))  # a copy: the buffer is reused
+        return np.stack(out)
+    finally:
+        llm.close()
+
+
+def _llama_cpp_argmax(path, blocks):
+    return _llama_cpp_logits(path, blocks).argmax(-1)
+
+
+def _logits(model, blocks):
+    with torch.no_grad():
+        return model(input_ids=blocks).logits.numpy()
+
+
+def _argmax(model, blocks):
+    return _logits(model, blocks).argmax(-1)
+
+
+def _agreement(cpp, ref):
+    """(share of positions with the same greedy next token, relative logit difference)."""
+    return float((cpp.argmax(-1) == ref.argmax(-1)).mean()), float(np.linalg.norm(cpp - ref) / np.linalg.norm(ref))
+
+
+def test_llama_cpp_runs_the_export_as_qalora_does(finetuned, blocks, reference):
+    """llama.cpp rounds activations to 8 bits, so it differs from any float32 reader; the
+    original file calibrates by how much (against transformers). The export must fare as well
+    against qalora: greedy next tokens over 8 x 64 held-out positions agree at least as often,
+    up to one percentage point (5 positions: the two models' own top-2 margins differ, which
+    moves the count by a few positions either way), and the logits differ no more (up to 25%)."""
+    llama_cpp_or_skip()
+    model, path, _ = finetuned
+    heldout = blocks[1]
+    base_agree, base_rel = _agreement(_llama_cpp_logits(SMOLLM2, heldout), _logits(reference, heldout))
+    exp_agree, exp_rel = _agreement(_llama_cpp_logits(path, heldout), _logits(model, heldout))
+    print(
+        f"llama.cpp vs float32: original file vs transformers: greedy agreement {base_agree:.4f}, logits rel diff "
+        f"{base_rel:.4f}; export vs qalora: {exp_agree:.4f}, {exp_rel:.4f}"
+    )
+    assert base_agree > 0.8
+    assert exp_agree >= base_agree - 0.01
+    assert exp_rel <= 1.25 * base_rel
+    assert (_argmax(model, heldout) != _argmax(reference, heldout)).any()  # the export is not the original
+
+
+TEXTS = ("To be, or not to be", "ROMEO. O, she doth teach the torches to burn bright!", "x = 12345 + 67;\n\tdone")
+
+
+def digit_splitting(tokenizer):
+    """The same vocabulary with single digits split off before the byte-level regex."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [{"type": "Digits", "individual_digits": True}, spec["pre_tokenizer"]],
+    }
+    special = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), **special)
+
+
+def test_llama_cpp_reads_an_export_written_from_a_hugging_face_model(original, blocks, tmp_path):
+    """No GGUF source: metadata and tokenizer written from the config and tokenizer."""
+    llama_cpp_or_skip()
+    model = qalora.load_model(dense=True).model
+    qalora.state_of(model).source = {}  # forget the file: a plain Hugging Face model
+    qalora.wrap(model, qalora.QALoRAConfig(rank=4))
+    qalora.merge(model)
+    for tok, pre in ((original.tokenizer, "gpt-2"), (digit_splitting(original.tokenizer), "smollm")):
+        out = tmp_path / f"from_hf_{pre}.gguf"
+        report = qalora.export_gguf(model, out, tokenizer=tok)
+        assert report.source == "config" and report.count("exact") == 210
+        a, b = read_header(SMOLLM2), read_header(out)
+        assert b.get("tokenizer.ggml.pre") == pre
+        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"):
+            assert a.get(key) == b.get(key), key
+        llm = _llama(out)
+        try:
+            for text in TEXTS:
+                assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text).input_ids, (pre, text)
+        finally:
+            llm.close()
+    assert b.get("tokenizer.chat_template") is None  # the second tokenizer was built without one
+    heldout = blocks[1][:4]
+    assert (_llama_cpp_argmax(out, heldout) == _argmax(model, heldout)).mean() > 0.8
