@@ -65,28 +65,29 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer timed steps")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per model and precision")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per model and precision (default 2)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     steps = args.steps or (3 if args.quick else 6)
     print(f"machine: {machine()}")
-    lm = load_model("smollm2")
+    lm = load_model("smollm2", dense=True)  # dense fp32 layers (the bundled file is Q4_1)
     blocks = datasets.token_blocks(lm.tokenizer, datasets.bundled_dataset().train, BLOCK, max_blocks=BATCH * 8)
     batches = blocks.view(-1, BATCH, BLOCK)
     models = {"PEFT LoRA (dense)": peft_model(lm.model), "qalora 4-bit g32": qalora_model(lm.model)}
     print(
         f"SmolLM2-135M, rank {RANK} on {len(TARGETS)} projections x {lm.model.config.num_hidden_layers} layers, "
         f"batch {BATCH}x{BLOCK} tokens, AdamW, {torch.get_num_threads()} torch threads; "
-        f"median of {steps} steps after 2 warm-up steps\n"
+        f"median of {steps} steps after {args.warmup} warm-up steps\n"
     )
     print(f"{'precision':<10} {'PEFT LoRA (dense)':>18} {'qalora 4-bit g32':>17} {'qalora / PEFT':>14}")
     results = {}
     for bf16 in (False, True):
         fns = {name: make_step(m, batches, bf16) for name, m in models.items()}
         times = {name: [] for name in fns}
-        for i in range(2 + steps):
+        for i in range(args.warmup + steps):
             for name, fn in fns.items():
                 t = fn(i)
-                if i >= 2:
+                if i >= args.warmup:
                     times[name].append(t)
         med = {name: statistics.median(ts) for name, ts in times.items()}
         peft_t, q_t = med["PEFT LoRA (dense)"], med["qalora 4-bit g32"]

@@ -283,3 +283,43 @@ def test_stream_read_checksum():
     assert _core.stream_read(buf) == int(np.bitwise_xor.reduce(words))
     with pytest.raises(qalora.DTypeError, match="buf"):
         _core.stream_read(torch.zeros(8))
+
+
+# ---------------------------------------------------------------- generation set-up
+
+
+def test_prepare_for_generation_quantizes_the_head_and_generates():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    qalora.wrap(model, qalora.QALoRAConfig(bits=4, group_size=32, rank=4))
+    qalora.merge(model)
+    head_weight = model.get_output_embeddings().weight.detach().clone()
+    ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids).last_hidden_state
+    assert qalora.prepare_for_generation(model, activations="bf16", head_bits=4) is model
+    head = model.get_output_embeddings()
+    assert isinstance(head, QuantLinear) and not model.config.tie_word_embeddings
+    # The embedding keeps its dense weight; the head is its 4-bit RTN quantization.
+    assert torch.equal(model.get_input_embeddings().weight, head_weight)
+    w64 = ops.dequantize(head.packed, head.scales, head.offsets, 4, 32, torch.float64)
+    assert (w64 - head_weight.double()).abs().max() <= (head_weight.abs().max() * 2 / 15).item()
+    with torch.no_grad():
+        logits = head(hidden)
+    want = hidden.double() @ w64.T
+    np.testing.assert_allclose(logits.double().numpy(), want.numpy(), rtol=1e-2, atol=1e-2 * want.abs().max().item())
+    out = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert out.shape == (1, 14) and torch.equal(out[:, :8], ids)
+    with pytest.raises(qalora.ConfigError):
+        qalora.quantize_head(torch.nn.Sequential(torch.nn.Linear(64, 8)))
