@@ -66,7 +66,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     runs = args.runs or (2 if args.quick else 3)
     print(f"machine: {machine()}")
-    lm = load_model("smollm2")
+    lm = load_model("smollm2", dense=True)  # dense fp32 layers (the bundled file is Q4_1)
     dense = lm.model.eval()
     text = " ".join(datasets.bundled_dataset().heldout)
     prompt = lm.tokenizer(text, return_tensors="pt").input_ids[:, :PROMPT_TOKENS]

@@ -75,9 +75,9 @@ def targets(out: dict[str, str]) -> None:
 
     for m in (1, 8):
         v = vs(m, 1)
-        rows.append((f"bf16 route >= 1.0x torch int4, M = {m}", span(v), v and min(v) >= 1.0))
+        rows.append((f"bf16 route >= 1.0x torch int4, M = {m}", span(v), min(v) >= 1.0 if v else None))
     v = vs(1, 3)
-    rows.append(("int8 route (tiled) >= 1.5x torch int4, M = 1", span(v), v and min(v) >= 1.5))
+    rows.append(("int8 route (tiled) >= 1.5x torch int4, M = 1", span(v), min(v) >= 1.5 if v else None))
     v = vs(1, 0)
     rows.append(("exact route vs torch int4, M = 1 (no target)", span(v), None))
     bw = floats(r"^\s*\d+x\d+\s+\d+\s+1 \|.*\|\s+(\S+)%\s+(\S+)%\s+(\S+)%\s+(\S+)%\s+(\S+)%\s+\|", q)
