@@ -54,6 +54,10 @@ def _samples():
         cases["merge_offsets_out"].append(
             (offs, torch.randn(3, 2), torch.randn(12, 3), 0.5, 32, backend, torch.empty_like(offs))
         )
+    p, s, m = _weight(16, 64, 4, 32)
+    tiled = qalora._core.repack_tiles(p, s, m, 4, 32)
+    for x in (torch.randn(3, 64), torch.randn(2, 1, 64, dtype=torch.bfloat16)):
+        cases["qmatmul_tiled"].append((x, tiled, 16, 32))
     return cases
 
 
@@ -95,6 +99,7 @@ def test_public_functions_go_through_the_custom_ops():
         ops.merge_offsets(m.clone(), torch.randn(2, 2), torch.randn(8, 2), 1.0, 32, out=torch.empty_like(m))
         m2 = m.clone()
         ops.merge_offsets(m2, torch.randn(2, 2), torch.randn(8, 2), 1.0, 32, out=m2)
+        ops.qmatmul_tiled(x.detach(), qalora._core.repack_tiles(p, s, m, 4, 32), 8, 32)
         (y.sum() + z.sum()).backward()
     names = {op.split(".")[1] for op in log.ops if op.startswith("qalora.")}
     assert names == set(ops.CUSTOM_OPS), names
@@ -221,3 +226,15 @@ def test_merged_model_compiles_and_exports_and_matches_eager():
     other = torch.randint(0, 96, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(other), model(input_ids=other).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_tiled_int8_model_compiles_without_graph_breaks_and_matches_eager():
+    model = qalora.merge(wrapped_llama()).eval()
+    assert qalora.set_activations(model, "int8") > 0
+    assert any(getattr(m, "is_tiled", False) for m in model.modules())
+    ids = torch.randint(0, 96, (1, 6))  # 6 rows: the tiled route
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        got = torch.compile(model, fullgraph=True)(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()

@@ -185,7 +185,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _autocast_input(x)
         if self.is_tiled and _tiled_route_applies(x, self.in_features):
-            y = _core.qmatmul_tiled(x, self._buffers["tiled"], self.out_features, self.group_size)
+            y = ops.qmatmul_tiled(x, self._buffers["tiled"], self.out_features, self.group_size)
         else:
             y = ops.qmatmul(
                 x, self.packed, self.scales, self.offsets, self.bits, self.group_size, activations=self.activations

@@ -132,6 +132,7 @@ _group_pool_op = _custom_op("group_pool", "(Tensor x, int group_size, str backen
 _group_pool_backward_op = _custom_op(
     "group_pool_backward", "(Tensor grad_output, int group_size, str backend) -> Tensor"
 )
+_qmatmul_tiled_op = _custom_op("qmatmul_tiled", "(Tensor x, Tensor tiled, int out_features, int group_size) -> Tensor")
 _merge_offsets_op = _custom_op(
     "merge_offsets",
     "(Tensor offsets, Tensor lora_A, Tensor lora_B, float scaling, int group_size, str backend) -> Tensor",
@@ -211,6 +212,11 @@ def _(x, group_size, backend):
 @_group_pool_backward_op.register_fake
 def _(grad_output, group_size, backend):
     return grad_output.new_empty(_last(grad_output.shape, grad_output.shape[-1] * group_size))
+
+
+@_qmatmul_tiled_op.register_fake
+def _(x, tiled, out_features, group_size):
+    return x.new_empty(_last(x.shape, out_features))
 
 
 @_merge_offsets_op.register_fake
@@ -421,6 +427,14 @@ def qmatmul(
         pass of a bfloat16 gradient likewise.
     """
     return _call("qmatmul", "ttttiiss", x, packed, scales, offsets, bits, group_size, backend, activations)
+
+
+def qmatmul_tiled(x: torch.Tensor, tiled: torch.Tensor, out_features: int, group_size: int) -> torch.Tensor:
+    """``x @ W.T`` with int8 activations on a weight stored in the tiled int8 layout
+    (:meth:`qalora.QuantLinear.tile_`); x of shape (..., K) with at most 16 rows in all, on
+    CPU. The arithmetic of ``qmatmul(..., activations="int8")``; no gradient.
+    """
+    return _call("qmatmul_tiled", "ttii", x, _frozen(tiled), out_features, group_size)
 
 
 def group_pool(x: torch.Tensor, group_size: int, *, backend: str = "auto") -> torch.Tensor:
