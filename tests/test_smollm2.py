@@ -169,7 +169,7 @@ def test_real_model_gptq_base_exports_and_reloads_as_gptq_checkpoint(smollm2, tm
     from qalora.formats.gptq import export_gptq
 
     lm, train_blocks, heldout = smollm2
-    model = copy.deepcopy(lm.model)
+    model = qalora.loaders.dequantized(copy.deepcopy(lm.model))  # GPTQ starts from dense weights
     cfg = qalora.QALoRAConfig(
         bits=3, group_size=32, rank=4, quantizer="gptq", target_modules=r"model\.layers\.[01]\..*"
     )

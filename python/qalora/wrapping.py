@@ -186,6 +186,12 @@ def wrap(
     # non-finite weight, say) then leaves the model untouched.
     calibrated, report = {}, None
     dense = [(name, m) for name, m in keep if not isinstance(m, QuantLinear)]
+    if config.quantizer == "gptq" and keep and not dense:
+        raise ConfigError(
+            "quantizer='gptq' quantizes dense layers, but every targeted layer is already quantized (e.g. "
+            "imported from a GGUF file): load the model with qalora.load_model(path, dense=True), or use "
+            "quantizer='rtn' to train on the layers as they are"
+        )
     if config.quantizer == "gptq" and dense:
         calibrated, report = gptq.quantize_model(
             model,
