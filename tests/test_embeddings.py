@@ -353,3 +353,38 @@ def test_saved_directory_is_smaller(tmp_path):
         qalora.save_pretrained(model, tmp_path / str(on))
         sizes[on] = os.path.getsize(tmp_path / str(on) / "model.safetensors")
     assert sizes[False] - sizes[True] > 101 * 64 * 4 // 2
+
+
+def test_dequantized_keeps_the_tie():
+    from qalora.loaders import dequantized
+
+    model = qalora.merge(qalora.wrap(tiny_llama(), QALoRAConfig(group_size=16, quantize_embeddings=True)))
+    table = model.get_submodule(EMBED).dequantize(torch.float32)
+    ids = torch.randint(0, 101, (1, 7))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    dequantized(model)
+    emb = model.get_submodule(EMBED)
+    assert type(emb) is nn.Embedding and model.lm_head.weight is emb.weight
+    assert torch.equal(emb.weight, table)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, want, atol=1e-4)
+
+
+def test_dtype_conversion_and_deepcopy_keep_the_tie():
+    import copy
+
+    model = qalora.wrap(tiny_llama(), QALoRAConfig(group_size=16, quantize_embeddings=True))
+    ids = torch.randint(0, 101, (1, 6))
+    twin = copy.deepcopy(model)
+    assert_tied(twin)
+    assert twin.get_submodule(EMBED).packed is not model.get_submodule(EMBED).packed
+    model.to(torch.bfloat16)
+    assert_tied(model)
+    assert model.get_submodule(EMBED).scales.dtype == torch.bfloat16
+    assert model.get_submodule(EMBED)(ids).dtype == torch.bfloat16
+    with torch.no_grad():
+        assert model(input_ids=ids).logits.dtype == torch.bfloat16
+    model.float()
+    assert_tied(model)
+    assert model.get_submodule(EMBED)(ids).dtype == torch.float32

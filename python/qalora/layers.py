@@ -281,6 +281,9 @@ class QuantEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.bits, self.group_size = bits, group_size
         self.dtype, self.padding_idx = dtype, padding_idx
+        # Heads holding this table's tensors (a plain list, not submodules: they belong where
+        # the model put them). Kept so that .to() / .half() / .cuda() leave them sharing.
+        self._tied_heads: list[QuantLinear] = []
         groups = embedding_dim // group_size
         self.register_buffer(
             "packed", torch.zeros(num_embeddings, embedding_dim * bits // 8, dtype=torch.uint8, device=device)
@@ -350,6 +353,18 @@ class QuantEmbedding(nn.Module):
         """Makes ``head`` hold this table's tensors (the same objects)."""
         for name in ("packed", "scales", "offsets"):
             head._buffers[name] = self._buffers[name]
+        if not any(h is head for h in self._tied_heads):
+            self._tied_heads.append(head)
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module converts each module's buffers on its own, which would give a tied head
+        # converted copies of its own: hand it the table's converted tensors again (a head
+        # converted later gets them back unchanged, .to() of a converted tensor is itself).
+        out = super()._apply(fn, recurse)
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype  # the lookup follows .half() etc.
+        for head in self._tied_heads:
+            self.share_into(head)
+        return out
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense (num_embeddings, embedding_dim) table (for tests and exports)."""
