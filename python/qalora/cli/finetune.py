@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from .. import cli, datasets, distributed
+from .. import cli, datasets, distributed, embeddings
 from ..checkpoint import save_adapter, save_pretrained
 from ..config import QALoRAConfig
 from ..errors import GroupSizeError, NoTargetModulesError
@@ -37,10 +37,11 @@ def check_settings_fit(model, config: QALoRAConfig) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # wrap itself warns about skipped layers later
-            _checked_targets(model, config, None)
+            keep, _ = _checked_targets(model, config, None)
     except (GroupSizeError, NoTargetModulesError) as e:
         text = str(e).rstrip()
         raise type(e)(f"{text}{'' if text.endswith('.') else '.'} {CLI_HINT}") from None
+    embeddings.plan(model, config, keep)  # --quantize-embeddings: its messages name the option
 
 
 def run_config(args) -> QALoRAConfig:
@@ -56,6 +57,7 @@ def run_config(args) -> QALoRAConfig:
         quantizer=args.quantizer,
         damp_percent=args.damp_percent,
         act_order=args.act_order,
+        quantize_embeddings=getattr(args, "quantize_embeddings", False),
     )
 
 
@@ -102,7 +104,8 @@ def run_finetune(args) -> dict:
     wrap(model, config, calibration=calibration)
     info = summary(model)
     imported = state_of(model).source.get("layers", {})
-    if imported and all(name in imported for name, _ in quantized_layers(model, QALoRALinear)):
+    unchanged = imported and all(name in imported for name, _ in quantized_layers(model, QALoRALinear))
+    if unchanged and not config.quantize_embeddings:
         ppl_quant = ppl_dense  # zero-initialised adapters on the file's own layers: nothing changed
     else:
         ppl_quant = perplexity(model, heldout, batch_size=args.batch_size, desc="perplexity: quantized base")
