@@ -232,8 +232,9 @@ pub(crate) fn group_sums(x: &[f32], m: usize, k: usize, g: usize) -> Vec<f32> {
 /// f32 where the products W~·x of a dense matmul would not.
 fn needs_dense(x: &[f32], g: usize, bits: u32) -> bool {
     let limit = f32::MAX / (g as f32 * max_code(bits) as f32);
-    // `!(|v| <= limit)` also holds for NaN; a fold without early exit vectorizes.
-    x.iter().fold(false, |bad, v| bad | !(v.abs() <= limit))
+    // NaN compares false with everything, so it is tested on its own; a fold without early
+    // exit vectorizes.
+    x.iter().fold(false, |bad, v| bad | v.is_nan() | (v.abs() > limit))
 }
 
 /// Recomputes, as a dense matmul does, the outputs of the activation rows that
