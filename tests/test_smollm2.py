@@ -138,6 +138,7 @@ def test_demo_command_smoke_and_eval(tmp_path):
     assert gguf_file.exists() and (out / "Modelfile").read_text() == "FROM ./model.gguf\n"
     assert f"llama-cli -m {gguf_file}" in demo.stdout
     assert report["gguf"]["tensors"]["exact"] + report["gguf"]["tensors"]["copied"] == 272
+    assert str(gguf_file) in report["gguf"]["summary"] and ".qalora-tmp-" not in report["gguf"]["summary"]
     assert oct(gguf_file.stat().st_mode & 0o777) != "0o600"  # readable by an Ollama server
     # qalora export from the saved checkpoint writes the same file (the source GGUF is remembered)
     again = out / "again.gguf"

@@ -138,7 +138,9 @@ def run_finetune(args) -> dict:
             gguf_report = write_gguf(
                 model, tok, os.path.join(work, gguf_name) if inside else gguf_name, other_type=args.other_type
             )
-            print(gguf_report.summary())
+            # The file is written inside the temporary sibling of --out: name its final place.
+            gguf_summary = gguf_report.summary().replace(work, out)
+            print(gguf_summary)
         merged_info = summary(model)
         if outputs["loss_curve"]:
             plot_losses(
@@ -184,7 +186,7 @@ def run_finetune(args) -> dict:
         if gguf_report is not None:
             report["gguf"] = {
                 "path": outputs["gguf"],
-                "summary": gguf_report.summary(),
+                "summary": gguf_summary,
                 "bytes": gguf_report.bytes,
                 "tensors": {h: gguf_report.count(h) for h in ("copied", "exact", "rounded", "converted", "dense")},
                 "max_param_rel_change": gguf_report.max_param_rel_change,
