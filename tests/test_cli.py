@@ -280,3 +280,27 @@ def test_saved_tiny_llama_stands_on_its_own_in_a_fresh_process(tiny_dir, tmp_pat
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])["heldout_perplexity"] > 1
+
+
+def test_finetune_quantize_embeddings(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("QALORA_NO_PROGRESS", "1")
+    out = tmp_path / "run"
+    assert main(args(tiny_dir, out, "--quantize-embeddings", "--group-size", "16")) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["quantize_embeddings"] is True
+    dense = [p["name"] for p in report["dense_parts"]]
+    assert "model.embed_tokens" not in dense and "lm_head" in dense  # this Llama's head is not tied
+    saved = json.loads((out / "model" / "qalora_config.json").read_text())
+    assert saved["layers"]["model.embed_tokens"]["type"] == "QuantEmbedding"
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out / "model"), "--block-size", "32", "--eval-blocks", "2"]) == 0
+    ppl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["heldout_perplexity"]
+    assert ppl == pytest.approx(report["heldout_perplexity"]["qalora_merged"], rel=1e-6)
+
+
+def test_quantize_embeddings_help():
+    parser = qalora.cli.build_parser()
+    for command in ("finetune", "demo"):
+        sub = parser._subparsers._group_actions[0].choices[command]
+        action = next(a for a in sub._actions if "--quantize-embeddings" in a.option_strings)
+        assert action.default is False and "token embedding" in action.help

@@ -468,3 +468,20 @@ def test_command_line_quantizer_options(capsys):
         main(["compare", "--quantizers", "rtn,awq"])
     assert info.value.code == 2
     assert "--quantizers" in capsys.readouterr().err
+
+
+def test_gptq_refuses_layers_that_are_already_quantized():
+    """A model whose targeted layers are all QuantLinear (a GGUF import) has no dense weights
+    for GPTQ: refused with the way out, and the model is left as it was."""
+    from qalora.layers import QuantLinear
+
+    dense = [nn.Linear(32, 16), nn.Linear(16, 8)]
+    model = nn.Sequential(
+        *(QuantLinear.from_weight(d.weight.detach(), d.bias.detach(), 4, 16, torch.float16, "") for d in dense)
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = qalora.QALoRAConfig(bits=4, group_size=16, rank=2, quantizer="gptq")
+    with pytest.raises(qalora.ConfigError, match="dense=True"):
+        qalora.wrap(model, cfg, calibration=torch.randn(4, 32))
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -138,6 +138,7 @@ def test_demo_command_smoke_and_eval(tmp_path):
     assert gguf_file.exists() and (out / "Modelfile").read_text() == "FROM ./model.gguf\n"
     assert f"llama-cli -m {gguf_file}" in demo.stdout
     assert report["gguf"]["tensors"]["exact"] + report["gguf"]["tensors"]["copied"] == 272
+    assert str(gguf_file) in report["gguf"]["summary"] and ".qalora-tmp-" not in report["gguf"]["summary"]
     assert oct(gguf_file.stat().st_mode & 0o777) != "0o600"  # readable by an Ollama server
     # qalora export from the saved checkpoint writes the same file (the source GGUF is remembered)
     again = out / "again.gguf"
@@ -169,7 +170,7 @@ def test_real_model_gptq_base_exports_and_reloads_as_gptq_checkpoint(smollm2, tm
     from qalora.formats.gptq import export_gptq
 
     lm, train_blocks, heldout = smollm2
-    model = copy.deepcopy(lm.model)
+    model = qalora.loaders.dequantized(copy.deepcopy(lm.model))  # GPTQ starts from dense weights
     cfg = qalora.QALoRAConfig(
         bits=3, group_size=32, rank=4, quantizer="gptq", target_modules=r"model\.layers\.[01]\..*"
     )

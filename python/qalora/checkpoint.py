@@ -36,9 +36,10 @@ import torch
 from torch import nn
 
 from .config import QALoRAConfig
+from .embeddings import quantized_embeddings, tied_heads
 from .errors import AdapterMismatchError, CheckpointError, ConfigError, QALoRAError, QALoRAWarning
 from .io import DirectoryError, atomic_directory, recover_directory
-from .layers import QALoRALinear, QuantLinear, check_group_size, scale_dtype_of
+from .layers import QALoRALinear, QuantEmbedding, QuantLinear, check_group_size, scale_dtype_of
 from .state import QALoRAState, attach_state, config_of, require_state, state_of
 from .targets import dense_weight, linear_like_modules, quantized_layers, replace_module
 
@@ -60,7 +61,7 @@ MAX_HEADER_BYTES = 100 << 20
 MAX_FEATURES = 1 << 31
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32")
-_LAYER_TYPES = ("QuantLinear", "QALoRALinear")
+_LAYER_TYPES = ("QuantLinear", "QALoRALinear", "QuantEmbedding")
 _ADAPTERS = ("qalora", "lora")
 # safetensors dtype names -> torch dtypes (the ones a qalora model can hold).
 _ST_DTYPES = {
@@ -307,6 +308,19 @@ class _Fields:
             field + ".offset_dtype",
             _FLOAT_DTYPES,
         )
+        if out["type"] == "QuantEmbedding":
+            # in_features = embedding_dim, out_features = vocabulary size (a tied head's view)
+            if out["bias"]:
+                raise self.fail(field + ".bias", "an embedding has no bias; expected false")
+            out["dtype"] = self.choice(self.get(meta, "dtype", field + ".dtype"), field + ".dtype", _FLOAT_DTYPES)
+            pad = self.get(meta, "padding_idx", field + ".padding_idx", None)
+            out["padding_idx"] = (
+                None if pad is None else self.int(pad, field + ".padding_idx", 0, out["out_features"] - 1)
+            )
+        if "tied_to" in meta:
+            if out["type"] != "QuantLinear":
+                raise self.fail(field + ".tied_to", f"only a QuantLinear head can be tied, this is a {out['type']}")
+            out["tied_to"] = self.str(meta["tied_to"], field + ".tied_to")
         if out["type"] == "QALoRALinear":
             out["adapter"] = self.choice(self.get(meta, "adapter", field + ".adapter"), field + ".adapter", _ADAPTERS)
             out["rank"] = self.int(self.get(meta, "rank", field + ".rank"), field + ".rank", 1, MAX_FEATURES)
@@ -315,7 +329,23 @@ class _Fields:
 
     def layers(self, data: dict) -> dict[str, dict]:
         raw = self.dict(self.get(data, "layers", "layers"), "layers")
-        return {name: self.layer(name, meta) for name, meta in raw.items()}
+        layers = {name: self.layer(name, meta) for name, meta in raw.items()}
+        for name, meta in layers.items():
+            if "tied_to" in meta:
+                self.tie(name, meta, layers)
+        return layers
+
+    def tie(self, name: str, meta: dict, layers: dict) -> None:
+        """A head tied to a quantized embedding holds the table's tensors: same layout."""
+        field = f"layers.{name}.tied_to"
+        table = layers.get(meta["tied_to"])
+        if table is None or table["type"] != "QuantEmbedding":
+            raise self.fail(field, f"{_short(meta['tied_to'])} is not a QuantEmbedding layer of this file")
+        for key in ("in_features", "out_features", "bits", "group_size", "scale_dtype", "offset_dtype"):
+            if meta[key] != table[key]:
+                raise self.fail(
+                    field, f"the head has {key} = {meta[key]!r}, the embedding {meta['tied_to']!r} has {table[key]!r}"
+                )
 
 
 def _short(value: Any) -> str:
@@ -427,6 +457,8 @@ def _layer_tensor_specs(name: str, meta: dict) -> dict[str, tuple[Any, tuple[int
     """Tensors a layer holds: key -> (dtype or "float", shape)."""
     in_f, out_f, g = meta["in_features"], meta["out_features"], meta["group_size"]
     prefix = f"{name}.base_layer." if meta["type"] == "QALoRALinear" else f"{name}."
+    if "tied_to" in meta:  # its codes are the embedding's, stored (and checked) under that name
+        return {prefix + "bias": ("float", (out_f,))} if meta["bias"] else {}
     specs: dict[str, tuple[Any, tuple[int, ...]]] = {
         prefix + "packed": (torch.uint8, (out_f, in_f * meta["bits"] // 8)),
         prefix + "scales": (scale_dtype_of(meta["scale_dtype"]), (out_f, in_f // g)),
@@ -483,13 +515,24 @@ def _layer_meta(layer: nn.Module) -> dict:
         "out_features": base.out_features,
         "bits": base.bits,
         "group_size": base.group_size,
-        "bias": base.bias is not None,
+        "bias": getattr(base, "bias", None) is not None,
         "scale_dtype": str(base.scales.dtype).replace("torch.", ""),
         "offset_dtype": str(base.offsets.dtype).replace("torch.", ""),
     }
     if isinstance(layer, QALoRALinear):
         meta.update(adapter=layer.adapter, rank=layer.rank, alpha=layer.alpha)
+    if isinstance(layer, QuantEmbedding):
+        meta.update(dtype=str(layer.dtype).replace("torch.", ""), padding_idx=layer.padding_idx)
     return meta
+
+
+def _model_layer_metas(model: nn.Module) -> dict[str, dict]:
+    """Every quantized layer's metadata, quantized embeddings and tied heads included."""
+    layers = {name: _layer_meta(layer) for name, layer in quantized_layers(model)}
+    layers.update({name: _layer_meta(table) for name, table in quantized_embeddings(model)})
+    for head, table in tied_heads(model).items():
+        layers[head]["tied_to"] = table
+    return layers
 
 
 def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -576,10 +619,11 @@ def save_pretrained(model: nn.Module, directory, *, tokenizer=None) -> None:
     replaced (a file, or a directory holding subdirectories).
     """
     state = require_state(model)
-    layers = {name: _layer_meta(layer) for name, layer in quantized_layers(model)}
+    layers = _model_layer_metas(model)
     arch = _architecture_of(model)
     tok = tokenizer if tokenizer is not None else _remembered_tokenizer(model)
     tensors, tied = _unique_state(model)
+    _table_first(tensors, tied, model)
     owned = set(MODEL_FILES) | _old_manifest_files(directory, MODEL_CONFIG)
 
     def write(tmp: str) -> None:
@@ -622,6 +666,18 @@ def save_pretrained(model: nn.Module, directory, *, tokenizer=None) -> None:
 
 
 def _build_layer(meta: dict, device) -> nn.Module:
+    if meta["type"] == "QuantEmbedding":
+        return QuantEmbedding(
+            meta["out_features"],
+            meta["in_features"],
+            meta["bits"],
+            meta["group_size"],
+            scale_dtype_of(meta["scale_dtype"]),
+            device,
+            offset_dtype=scale_dtype_of(meta["offset_dtype"]),
+            dtype=scale_dtype_of(meta["dtype"]),
+            padding_idx=meta["padding_idx"],
+        )
     base = QuantLinear(
         meta["in_features"],
         meta["out_features"],
@@ -635,6 +691,50 @@ def _build_layer(meta: dict, device) -> nn.Module:
     if meta["type"] == "QALoRALinear":
         return QALoRALinear(base, meta["rank"], meta["alpha"], 0.0, meta["adapter"])
     return base
+
+
+def _layer_sites(model: nn.Module) -> dict[str, nn.Module]:
+    """Where a checkpoint's layers may go: the linear-like modules and the embeddings."""
+    sites = dict(linear_like_modules(model))
+    sites.update((n, m) for n, m in model.named_modules() if n and isinstance(m, (nn.Embedding, QuantEmbedding)))
+    return sites
+
+
+def _site_kind(meta: dict) -> str:
+    return "token embedding" if meta["type"] == "QuantEmbedding" else "linear layer"
+
+
+def _site(sites: dict[str, nn.Module], name: str, meta: dict) -> nn.Module | None:
+    module = sites.get(name)
+    is_table = isinstance(module, (nn.Embedding, QuantEmbedding))
+    return module if module is not None and is_table == (meta["type"] == "QuantEmbedding") else None
+
+
+def _site_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of a layer site; an embedding's (vocabulary, dimension)."""
+    if isinstance(module, QuantEmbedding):
+        return module.num_embeddings, module.embedding_dim
+    if isinstance(module, nn.Embedding):
+        return tuple(module.weight.shape)
+    return tuple(dense_weight(module)[0].shape)
+
+
+def _tie_heads(model: nn.Module, layers: dict[str, dict]) -> None:
+    """Makes each head recorded as tied hold its embedding's tensors (the same objects)."""
+    for name, meta in layers.items():
+        if "tied_to" in meta:
+            model.get_submodule(meta["tied_to"]).share_into(model.get_submodule(name))
+
+
+def _table_first(tensors: dict[str, torch.Tensor], tied: dict[str, str], model: nn.Module) -> None:
+    """Stores a tied head's codes under the embedding's name (where the loader looks)."""
+    for head, table in tied_heads(model).items():
+        for part in ("packed", "scales", "offsets"):
+            h, t = f"{head}.{part}", f"{table}.{part}"
+            if h in tensors and tied.get(t) == h:
+                tensors[t] = tensors.pop(h)
+                del tied[t]
+                tied[h] = t
 
 
 def _storage_groups(state: dict[str, torch.Tensor]) -> dict[str, list]:
@@ -808,12 +908,14 @@ def from_pretrained(directory, base_model: nn.Module | None = None, *, dropout: 
         _check_declared(header, _layer_tensor_specs(name, layer_meta), weights, MODEL_CONFIG)
     if base_model is None:
         model = _build_architecture(directory, meta, len(header))
-        present = dict(linear_like_modules(model))
+        present = _layer_sites(model)
         for name, layer_meta in meta["layers"].items():
-            module = present.get(name)
+            module = _site(present, name, layer_meta)
             if module is None:
-                raise CheckpointError(f"{cfg_path}: field 'layers.{name}': the architecture has no linear layer there")
-            out_f, in_f = dense_weight(module)[0].shape
+                raise CheckpointError(
+                    f"{cfg_path}: field 'layers.{name}': the architecture has no {_site_kind(layer_meta)} there"
+                )
+            out_f, in_f = _site_shape(module)
             if (in_f, out_f) != (layer_meta["in_features"], layer_meta["out_features"]):
                 raise CheckpointError(
                     f"{cfg_path}: field 'layers.{name}': (in, out) = ({layer_meta['in_features']}, "
@@ -825,6 +927,7 @@ def from_pretrained(directory, base_model: nn.Module | None = None, *, dropout: 
             if dropout and isinstance(layer, QALoRALinear):
                 layer.lora_dropout = nn.Dropout(dropout)
             replace_module(model, name, layer)
+        _tie_heads(model, meta["layers"])
         _assign_tensors(model, tensors, meta["tied"], weights)
         leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
         if leftover:
@@ -862,18 +965,18 @@ def from_pretrained(directory, base_model: nn.Module | None = None, *, dropout: 
 def _load_into(base_model: nn.Module, meta: dict, tensors: dict, weights: str, dropout) -> nn.Module:
     """The two-argument form: swap the layers into the caller's model, check every tensor
     name and shape, swap the old layers back if anything does not fit, then copy."""
-    present = dict(linear_like_modules(base_model))
+    present = _layer_sites(base_model)
     params = list(base_model.parameters())
     device = params[0].device if params else torch.device("cpu")
     new_layers = {}
     for name, layer_meta in meta["layers"].items():
-        module = present.get(name)
+        module = _site(present, name, layer_meta)
         if module is None:
             raise AdapterMismatchError(
-                f"layer {name!r} of the checkpoint is not a linear layer of this model; "
+                f"layer {name!r} of the checkpoint is not a {_site_kind(layer_meta)} of this model; "
                 f"is it the same architecture? (linear layers here: {', '.join(list(present)[:20])} ...)"
             )
-        out_f, in_f = dense_weight(module)[0].shape
+        out_f, in_f = _site_shape(module)
         if (in_f, out_f) != (layer_meta["in_features"], layer_meta["out_features"]):
             raise AdapterMismatchError(
                 f"layer {name!r}: checkpoint has (in, out) = ({layer_meta['in_features']}, "
@@ -883,6 +986,9 @@ def _load_into(base_model: nn.Module, meta: dict, tensors: dict, weights: str, d
         if dropout and isinstance(layer, QALoRALinear):
             layer.lora_dropout = nn.Dropout(dropout)
         new_layers[name] = layer
+    for name, layer_meta in meta["layers"].items():
+        if "tied_to" in layer_meta:
+            new_layers[layer_meta["tied_to"]].share_into(new_layers[name])
     originals = {name: base_model.get_submodule(name) for name in new_layers}
     for name, layer in new_layers.items():
         replace_module(base_model, name, layer)

@@ -55,6 +55,14 @@ class QALoRAConfig:
             with static groups (every group's scale and offset computed from the
             unquantized weights first), so groups stay contiguous and aligned with the
             adapter's pooling. Off by default.
+        quantize_embeddings: also quantize the token embedding (the model's
+            ``get_input_embeddings()``) with ``bits`` / ``group_size`` (RTN, whatever the
+            ``quantizer``) as a frozen :class:`qalora.layers.QuantEmbedding`, and an output
+            head tied to it as a :class:`qalora.QuantLinear` sharing the very same tensors
+            (the tie is kept; the table is stored once). Neither gets an adapter. An untied
+            head is not touched (name it in ``target_modules`` to quantize and adapt it).
+            Off by default: the embedding/head is the most sensitive matrix of a small model
+            (see README, Configuration).
         version: format version of this config.
     """
 
@@ -71,6 +79,7 @@ class QALoRAConfig:
     quantizer: str = "rtn"
     damp_percent: float = 0.01
     act_order: bool = False
+    quantize_embeddings: bool = False
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -142,6 +151,8 @@ class QALoRAConfig:
             raise ConfigError(f"damp_percent: got {self.damp_percent!r}, it must be in (0, 1] (0.01 = 1%)")
         if not isinstance(self.act_order, bool):
             raise ConfigError(f"act_order: got {self.act_order!r}, it must be True or False")
+        if not isinstance(self.quantize_embeddings, bool):
+            raise ConfigError(f"quantize_embeddings: got {self.quantize_embeddings!r}, it must be True or False")
         if not is_int(self.version) or not 1 <= self.version <= CONFIG_VERSION:
             raise ConfigError(
                 f"version: got {self.version!r}; this qalora reads config versions 1..{CONFIG_VERSION} (upgrade qalora for newer files)"
@@ -150,7 +161,12 @@ class QALoRAConfig:
     # ------------------------------------------------------------------ JSON
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not self.quantize_embeddings:
+            # Left out at its default, so files of models that do not use it stay readable
+            # by qalora releases that predate the field.
+            del data["quantize_embeddings"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QALoRAConfig:

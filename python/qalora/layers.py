@@ -354,3 +354,141 @@ class QALoRALinear(nn.Module):
 
 def scale_dtype_of(name: str) -> torch.dtype:
     return _DTYPES[name]
+
+
+class QuantEmbedding(nn.Module):
+    """A frozen embedding table stored like a :class:`QuantLinear` weight: row ``i`` of the
+    (num_embeddings, embedding_dim) table is quantized in groups of ``group_size`` columns.
+
+    Buffers ``packed`` (V, D*bits/8), ``scales`` and ``offsets`` (V, D/group_size): the
+    layout of a ``QuantLinear(in_features=D, out_features=V)``, so a head tied to this table
+    can be a ``QuantLinear`` holding the very same tensors. A lookup gathers the rows of the
+    ids asked for and dequantizes only those (the table is never made dense). ``dtype`` is
+    the dtype of the vectors returned (the one the dense table had).
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        bits: int,
+        group_size: int,
+        scale_dtype: torch.dtype = torch.float16,
+        device=None,
+        layer_name: str = "",
+        offset_dtype: torch.dtype | None = None,
+        dtype: torch.dtype = torch.float32,
+        padding_idx: int | None = None,
+    ) -> None:
+        super().__init__()
+        check_group_size(embedding_dim, bits, group_size, layer_name or "QuantEmbedding")
+        offset_dtype = offset_dtype or scale_dtype
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.bits, self.group_size = bits, group_size
+        self.dtype, self.padding_idx = dtype, padding_idx
+        # Heads holding this table's tensors (a plain list, not submodules: they belong where
+        # the model put them). Kept so that .to() / .half() / .cuda() leave them sharing.
+        self._tied_heads: list[QuantLinear] = []
+        groups = embedding_dim // group_size
+        self.register_buffer(
+            "packed", torch.zeros(num_embeddings, embedding_dim * bits // 8, dtype=torch.uint8, device=device)
+        )
+        self.register_buffer("scales", torch.zeros(num_embeddings, groups, dtype=scale_dtype, device=device))
+        self.register_buffer("offsets", torch.zeros(num_embeddings, groups, dtype=offset_dtype, device=device))
+
+    # The names a QuantLinear over the same table has (its in/out features): the GGUF
+    # writer and the tied head read them.
+    @property
+    def in_features(self) -> int:
+        return self.embedding_dim
+
+    @property
+    def out_features(self) -> int:
+        return self.num_embeddings
+
+    @classmethod
+    def from_embedding(
+        cls,
+        embedding: nn.Embedding,
+        bits: int,
+        group_size: int,
+        scale_dtype: torch.dtype = torch.float16,
+        layer_name: str = "",
+    ) -> QuantEmbedding:
+        """Quantizes ``embedding.weight`` with min-max RTN (as :meth:`QuantLinear.from_weight`)."""
+        weight = embedding.weight
+        layer = cls(
+            weight.shape[0],
+            weight.shape[1],
+            bits,
+            group_size,
+            scale_dtype,
+            weight.device,
+            layer_name,
+            dtype=weight.dtype,
+            padding_idx=embedding.padding_idx,
+        )
+        with torch.no_grad():
+            packed, scales, offsets = ops.quantize(weight.detach(), bits, group_size, scale_dtype)
+            layer.packed.copy_(packed)
+            layer.scales.copy_(scales)
+            layer.offsets.copy_(offsets)
+        return layer
+
+    def tied_head(self, bias: torch.Tensor | None = None) -> QuantLinear:
+        """A :class:`QuantLinear` output head (hidden -> vocabulary logits) that holds this
+        table's own ``packed``/``scales``/``offsets`` tensors: no second copy, and the tie
+        stays a tie."""
+        head = QuantLinear(
+            self.embedding_dim,
+            self.num_embeddings,
+            self.bits,
+            self.group_size,
+            bias is not None,
+            self.scales.dtype,
+            "meta",
+            offset_dtype=self.offsets.dtype,
+        )
+        self.share_into(head)
+        if bias is not None:
+            head.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return head
+
+    def share_into(self, head: QuantLinear) -> None:
+        """Makes ``head`` hold this table's tensors (the same objects)."""
+        for name in ("packed", "scales", "offsets"):
+            head._buffers[name] = self._buffers[name]
+        if not any(h is head for h in self._tied_heads):
+            self._tied_heads.append(head)
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module converts each module's buffers on its own, which would give a tied head
+        # converted copies of its own: hand it the table's converted tensors again (a head
+        # converted later gets them back unchanged, .to() of a converted tensor is itself).
+        out = super()._apply(fn, recurse)
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype  # the lookup follows .half() etc.
+        for head in self._tied_heads:
+            self.share_into(head)
+        return out
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense (num_embeddings, embedding_dim) table (for tests and exports)."""
+        return ops.dequantize(self.packed, self.scales, self.offsets, self.bits, self.group_size, dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = ops.dequantize(
+            self.packed.index_select(0, flat),
+            self.scales.index_select(0, flat),
+            self.offsets.index_select(0, flat),
+            self.bits,
+            self.group_size,
+            self.dtype,
+        )
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}, "
+            f"scale_dtype={self.scales.dtype}, offset_dtype={self.offsets.dtype}, dtype={self.dtype}"
+        )

@@ -70,8 +70,12 @@ def dequantized(model, dtype=None):
     from .layers import QuantLinear
 
     dtype = dtype or torch.float32
+    from .embeddings import tied_heads
     from .targets import quantized_layers, replace_module
 
+    heads: dict[str, list[str]] = {}
+    for head_name, table_name in tied_heads(model).items():
+        heads.setdefault(table_name, []).append(head_name)
     for name, layer in list(quantized_layers(model, QuantLinear)):
         dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype)
         with torch.no_grad():
@@ -80,6 +84,17 @@ def dequantized(model, dtype=None):
                 dense.bias.copy_(layer.bias)
         dense.requires_grad_(False)
         replace_module(model, name, dense)
+    # A quantized token embedding becomes an nn.Embedding again; a head that shared its
+    # codes (replaced above) shares its dense weight, so the tie is kept.
+    from .embeddings import quantized_embeddings
+
+    for name, table in list(quantized_embeddings(model)):
+        weight = nn.Parameter(table.dequantize(torch.float32).to(dtype), requires_grad=False)
+        embedding = nn.Embedding(table.num_embeddings, table.embedding_dim, table.padding_idx, _weight=weight)
+        embedding.weight = weight
+        for head_name in heads.get(name, []):
+            model.get_submodule(head_name).weight = weight
+        replace_module(model, name, embedding)
     return model
 
 

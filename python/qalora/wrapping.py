@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import gptq
+from . import embeddings, gptq
 from .config import QALoRAConfig
 from .errors import (
     ConfigError,
@@ -24,7 +24,14 @@ from .errors import (
     NoTargetModulesError,
     QALoRAWarning,
 )
-from .layers import ACTIVATION_MODES, QALoRALinear, QuantLinear, check_group_size, scale_dtype_of
+from .layers import (
+    ACTIVATION_MODES,
+    QALoRALinear,
+    QuantEmbedding,
+    QuantLinear,
+    check_group_size,
+    scale_dtype_of,
+)
 from .progress import progress
 from .state import QALoRAState, attach_state, require_state, state_of
 from .targets import FilterFn, dense_weight, quantized_layers, replace_module, select_targets
@@ -54,6 +61,7 @@ class ModelSummary:
     memory_bytes_before_wrap: int | None
     quantized_layers: int
     adapter_layers: int
+    quantized_embeddings: int = 0
 
     @property
     def trainable_fraction(self) -> float:
@@ -64,8 +72,11 @@ class ModelSummary:
         text = (
             f"trainable params: {self.trainable_params:,} of {self.total_params:,} "
             f"({100 * self.trainable_fraction:.3f}%) | quantized layers: {self.quantized_layers} "
-            f"(with adapter: {self.adapter_layers}) | memory: {self.memory_bytes / mib:.2f} MiB"
+            f"(with adapter: {self.adapter_layers})"
         )
+        if self.quantized_embeddings:
+            text += f" | quantized embeddings: {self.quantized_embeddings}"
+        text += f" | memory: {self.memory_bytes / mib:.2f} MiB"
         if self.memory_bytes_before_wrap:
             text += (
                 f" (before wrap: {self.memory_bytes_before_wrap / mib:.2f} MiB, "
@@ -79,14 +90,18 @@ def summary(model: nn.Module) -> ModelSummary:
     params = {id(p): p for p in model.parameters()}.values()
     quant = [m for _, m in quantized_layers(model, QuantLinear)]
     quant += [m.base_layer for _, m in quantized_layers(model, QALoRALinear)]
+    tables = [m for m in model.modules() if isinstance(m, QuantEmbedding)]
+    # A head tied to a quantized embedding holds the table's tensors: count them once.
+    stored = {id(m.packed): m.in_features * m.out_features for m in [*quant, *tables]}
     state = state_of(model)
     return ModelSummary(
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
-        total_params=sum(p.numel() for p in params) + sum(m.in_features * m.out_features for m in quant),
+        total_params=sum(p.numel() for p in params) + sum(stored.values()),
         memory_bytes=memory_bytes(model),
         memory_bytes_before_wrap=state.memory_before_wrap if state else None,
         quantized_layers=len(quant),
         adapter_layers=sum(1 for _ in quantized_layers(model, QALoRALinear)),
+        quantized_embeddings=len(tables),
     )
 
 
@@ -160,6 +175,11 @@ def wrap(
     if filter_fn is not None and not callable(filter_fn):
         raise ConfigError(f"filter_fn: expected a callable (module, name) -> bool, got {type(filter_fn).__name__}")
     previous = state_of(model)
+    if config.quantize_embeddings and previous is not None and previous.merged:
+        raise ConfigError(
+            "quantize_embeddings: this model is merged already; quantize the embedding when wrapping the original "
+            "model (dense, or as imported)"
+        )
     if (previous is not None and previous.config is not None) or any(
         True for _ in quantized_layers(model, QALoRALinear)
     ):
@@ -179,6 +199,7 @@ def wrap(
             f"calibration is only used by quantizer='gptq'; this config has quantizer={config.quantizer!r}"
         )
     keep, skipped = _checked_targets(model, config, filter_fn)
+    embedding_plan = embeddings.plan(model, config, keep)
 
     before = memory_bytes(model)
     scale_dtype = scale_dtype_of(config.scale_dtype)
@@ -186,6 +207,12 @@ def wrap(
     # non-finite weight, say) then leaves the model untouched.
     calibrated, report = {}, None
     dense = [(name, m) for name, m in keep if not isinstance(m, QuantLinear)]
+    if config.quantizer == "gptq" and keep and not dense:
+        raise ConfigError(
+            "quantizer='gptq' quantizes dense layers, but every targeted layer is already quantized (e.g. "
+            "imported from a GGUF file): load the model with qalora.load_model(path, dense=True), or use "
+            "quantizer='rtn' to train on the layers as they are"
+        )
     if config.quantizer == "gptq" and dense:
         calibrated, report = gptq.quantize_model(
             model,
@@ -210,12 +237,15 @@ def wrap(
             base = QuantLinear.from_weight(weight, bias, config.bits, config.group_size, scale_dtype, name)
         # Adapters are created in float32 whatever the model's dtype: they are what trains.
         new_layers.append((name, QALoRALinear(base, config.rank, config.alpha, config.dropout, config.adapter)))
+    table = embeddings.build(embedding_plan, config, scale_dtype) if embedding_plan is not None else None
     for p in model.parameters():
         p.requires_grad_(False)
     for name, layer in new_layers:
         replace_module(model, name, layer)
         for p in (layer.lora_A.weight, layer.lora_B.weight):
             p.requires_grad_(True)
+    if table is not None:
+        embeddings.apply(model, embedding_plan, *table)
     attach_state(
         model,
         QALoRAState(
@@ -369,9 +399,13 @@ def set_activations(model: nn.Module, mode: str, *, tile: bool = True) -> int:
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     if not layers:
         raise ConfigError("this model holds no qalora layer; wrap it with qalora.wrap first")
+    # A head tied to a quantized embedding shares its codes with the table; tiling it would
+    # hold the weight twice and untie it in saved files.
+    heads = embeddings.tied_heads(model)
+    tied = {id(m) for name, m in model.named_modules() if name in heads}
     for m in layers:
         m.activations = mode
-        if mode == "int8" and tile:
+        if mode == "int8" and tile and id(m) not in tied:
             m.tile_()
         else:
             m.untile_()

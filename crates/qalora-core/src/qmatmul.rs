@@ -233,8 +233,9 @@ pub(crate) fn group_sums(x: &[f32], m: usize, k: usize, g: usize) -> Vec<f32> {
 #[allow(clippy::neg_cmp_op_on_partial_ord)] // the negation is the point: NaN must count
 pub(crate) fn needs_dense(x: &[f32], g: usize, bits: u32) -> bool {
     let limit = f32::MAX / (g as f32 * max_code(bits) as f32);
-    // `!(|v| <= limit)` also holds for NaN; a fold without early exit vectorizes.
-    x.iter().fold(false, |bad, v| bad | !(v.abs() <= limit))
+    // NaN compares false with everything, so it is tested on its own; a fold without early
+    // exit vectorizes.
+    x.iter().fold(false, |bad, v| bad | v.is_nan() | (v.abs() > limit))
 }
 
 /// Recomputes, as a dense matmul does, the outputs of the activation rows that

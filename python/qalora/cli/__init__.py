@@ -183,6 +183,13 @@ def _add_run_options(p: argparse.ArgumentParser, out_default: str | None) -> Non
         "(default: none excluded)",
     )
     p.add_argument(
+        "--quantize-embeddings",
+        action="store_true",
+        help="also quantize the token embedding (and an output head tied to it, sharing the same codes) with "
+        "--bits / --group-size, frozen, without adapters; smaller model, slightly higher perplexity "
+        "(default: off, both stay dense)",
+    )
+    p.add_argument(
         "--on-indivisible",
         default="raise",
         choices=["raise", "skip"],

@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from .. import cli, datasets, distributed
+from .. import cli, datasets, distributed, embeddings
 from ..checkpoint import save_adapter, save_pretrained
 from ..config import QALoRAConfig
 from ..errors import GroupSizeError, NoTargetModulesError
@@ -37,10 +37,11 @@ def check_settings_fit(model, config: QALoRAConfig) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # wrap itself warns about skipped layers later
-            _checked_targets(model, config, None)
+            keep, _ = _checked_targets(model, config, None)
     except (GroupSizeError, NoTargetModulesError) as e:
         text = str(e).rstrip()
         raise type(e)(f"{text}{'' if text.endswith('.') else '.'} {CLI_HINT}") from None
+    embeddings.plan(model, config, keep)  # --quantize-embeddings: its messages name the option
 
 
 def run_config(args) -> QALoRAConfig:
@@ -56,6 +57,7 @@ def run_config(args) -> QALoRAConfig:
         quantizer=args.quantizer,
         damp_percent=args.damp_percent,
         act_order=args.act_order,
+        quantize_embeddings=getattr(args, "quantize_embeddings", False),
     )
 
 
@@ -102,7 +104,8 @@ def run_finetune(args) -> dict:
     wrap(model, config, calibration=calibration)
     info = summary(model)
     imported = state_of(model).source.get("layers", {})
-    if imported and all(name in imported for name, _ in quantized_layers(model, QALoRALinear)):
+    unchanged = imported and all(name in imported for name, _ in quantized_layers(model, QALoRALinear))
+    if unchanged and not config.quantize_embeddings:
         ppl_quant = ppl_dense  # zero-initialised adapters on the file's own layers: nothing changed
     else:
         ppl_quant = perplexity(model, heldout, batch_size=args.batch_size, desc="perplexity: quantized base")
@@ -138,7 +141,9 @@ def run_finetune(args) -> dict:
             gguf_report = write_gguf(
                 model, tok, os.path.join(work, gguf_name) if inside else gguf_name, other_type=args.other_type
             )
-            print(gguf_report.summary())
+            # The file is written inside the temporary sibling of --out: name its final place.
+            gguf_summary = gguf_report.summary().replace(work, out)
+            print(gguf_summary)
         merged_info = summary(model)
         if outputs["loss_curve"]:
             plot_losses(
@@ -185,7 +190,7 @@ def run_finetune(args) -> dict:
         if gguf_report is not None:
             report["gguf"] = {
                 "path": outputs["gguf"],
-                "summary": gguf_report.summary(),
+                "summary": gguf_summary,
                 "bytes": gguf_report.bytes,
                 "tensors": {h: gguf_report.count(h) for h in ("copied", "exact", "rounded", "converted", "dense")},
                 "max_param_rel_change": gguf_report.max_param_rel_change,

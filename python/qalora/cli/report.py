@@ -112,7 +112,11 @@ def dense_parts(model) -> list[dict]:
 WHY_DENSE = (
     "qalora quantizes linear layers. The embedding table is a lookup, not a matmul, and the output head "
     "(tied to the embedding table in many small models, so one matrix serves both) is left out by default "
-    "because its rounding error goes straight into the logits; norms and biases are tiny."
+    "because its rounding error goes straight into the logits; norms and biases are tiny. "
+    "`--quantize-embeddings` (`QALoRAConfig(quantize_embeddings=True)`) stores the embedding at the run's bits "
+    "and group size, and a head tied to it shares those codes (no second copy); it makes the model much "
+    "smaller at some cost in perplexity (about +10% on SmolLM2-135M at 4-bit g32). An untied head stays dense "
+    "unless named in the target modules."
 )
 
 

@@ -29,9 +29,10 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..embeddings import quantized_embeddings, tied_heads
 from ..errors import FormatError, MergeError
 from ..io import atomic_path
-from ..layers import QuantLinear
+from ..layers import QuantEmbedding, QuantLinear
 from ..progress import progress
 from ..state import state_of
 from ..targets import quantized_layers
@@ -137,7 +138,7 @@ class _Item:
 
     gguf: str
     shape: tuple[int, ...]  # GGUF ne (ne0 first)
-    layer: QuantLinear | None = None
+    layer: QuantLinear | QuantEmbedding | None = None
     tensor: torch.Tensor | None = None
     order: np.ndarray | None = None  # gguf row r = model row order[r]
 
@@ -146,8 +147,8 @@ class _Item:
         return self.shape[1] if len(self.shape) > 1 else 1
 
 
-def _merged_view(name: str, layer: nn.Module) -> QuantLinear:
-    if isinstance(layer, QuantLinear):
+def _merged_view(name: str, layer: nn.Module) -> QuantLinear | QuantEmbedding:
+    if isinstance(layer, (QuantLinear, QuantEmbedding)):
         return layer
     if layer.adapter != "qalora":
         raise MergeError(
@@ -175,15 +176,25 @@ def _model_items(model: nn.Module, arch: gguf_arch.Architecture, n_head: int, n_
             items.append(_Item(gname, shape, order=order_for(gname, shape[1] if len(shape) > 1 else shape[0]), **kw))
 
     layers = dict(quantized_layers(model))
+    # A quantized token embedding is written like a quantized layer (its rows are the
+    # layout's rows); a head holding its tensors is not written again: without
+    # output.weight, readers use token_embd.weight for the logits.
+    layers.update(quantized_embeddings(model))
+    heads = tied_heads(model)
     inside: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
+            continue
+        if name in heads:
+            if module.bias is not None:
+                raise FormatError(f"{name!r}: a head tied to the token embedding with a bias has no GGUF form")
+            inside.append(name)
             continue
         if name in layers:
             inside.append(name)
             base = _merged_view(name, module)
             add(name + ".weight", (base.in_features, base.out_features), layer=base)
-            if base.bias is not None:
+            if getattr(base, "bias", None) is not None:
                 add(name + ".bias", (base.out_features,), tensor=base.bias.detach())
             continue
         for pname, param in module.named_parameters(recurse=False):
