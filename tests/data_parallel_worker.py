@@ -19,22 +19,13 @@ import transformers
 from qalora import distributed
 from qalora.train import finetune
 from safetensors.torch import save_file
+from tiny_models import tiny_llama
 
 STEPS, GLOBAL_BATCH, SEQ, LR = 3, 4, 16, 1e-2
 
 
 def wrapped_llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = transformers.LlamaForCausalLM(cfg)
+    model = tiny_llama(0)
     return qalora.wrap(model, qalora.QALoRAConfig(bits=4, group_size=32, rank=4, alpha=8, dropout=0.0))
 
 

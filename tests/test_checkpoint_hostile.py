@@ -19,24 +19,11 @@ from ckpt_tools import resign
 from qalora import QALoRAConfig
 from qalora.ops import SUPPORTED_BITS
 from safetensors.torch import load_file, save_file
+from tiny_models import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
 LAYER = "model.layers.0.self_attn.q_proj"
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg)
 
 
 @contextmanager

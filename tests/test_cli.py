@@ -8,7 +8,6 @@ import json
 import os
 import pathlib
 import stat
-import string
 import subprocess
 import sys
 
@@ -17,6 +16,7 @@ import qalora
 import qalora.cli.finetune
 import torch
 from qalora.cli import build_parser, main
+from tiny_models import tiny_model_dir
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -24,34 +24,10 @@ tokenizers = pytest.importorskip("tokenizers")
 REPO = pathlib.Path(__file__).parent.parent
 
 
-def char_tokenizer():
-    chars = [c for c in string.printable if c not in "\x0b\x0c"]
-    vocab = {"<eos>": 0, "<unk>": 1}
-    for c in chars:
-        vocab.setdefault(c, len(vocab))
-    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex("."), behavior="isolated")
-    tk.decoder = tokenizers.decoders.Fuse()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", unk_token="<unk>")
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A Hugging Face model directory: a tiny Llama and a character tokenizer."""
-    d = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=100,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    char_tokenizer().save_pretrained(d)
-    return d
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture

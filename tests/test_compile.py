@@ -6,6 +6,7 @@ import pytest
 import qalora
 import torch
 from qalora import QALoRAConfig, ops
+from tiny_models import tiny_llama as _tiny_llama
 from torch.utils._python_dispatch import TorchDispatchMode
 
 transformers = pytest.importorskip("transformers")
@@ -154,17 +155,7 @@ def test_bad_arguments_the_schema_cannot_carry_keep_their_typed_errors():
 
 
 def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg)
+    return _tiny_llama(seed, layers=1)
 
 
 def wrapped_llama():

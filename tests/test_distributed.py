@@ -20,6 +20,7 @@ import pytest
 import qalora
 import torch
 from safetensors.torch import load_file
+from tiny_models import tiny_model_dir
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -61,22 +62,7 @@ def test_two_processes_train_the_adapters_one_process_would(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from test_cli import char_tokenizer
-
-    d = tmp_path_factory.mktemp("tiny-llama-dp")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=100,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    char_tokenizer().save_pretrained(d)
-    return d
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny-llama-dp"))
 
 
 def _finetune_args(tiny_dir, out):

@@ -17,6 +17,7 @@ import torch
 from ckpt_tools import resign
 from qalora import QALoRAConfig
 from qalora.layers import QuantEmbedding, QuantLinear
+from tiny_models import tiny_llama as _tiny_llama
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
@@ -26,18 +27,7 @@ GROUPS = {2: (16, 32), 3: (8, 32), 4: (16, 32), 5: (8, 32), 6: (4, 32), 8: (16, 
 
 
 def tiny_llama(seed=0, tie=True, vocab=101, hidden=64):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = _tiny_llama(seed, tie=tie, vocab=vocab, hidden=hidden).eval()
     with torch.no_grad():  # a spread of values, no constant rows
         model.get_input_embeddings().weight.normal_(0.0, 0.5)
     return model

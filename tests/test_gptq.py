@@ -12,6 +12,7 @@ import qalora
 import reference as ref
 import torch
 from qalora import QALoRAConfig, gptq, ops
+from tiny_models import tiny_llama
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
@@ -237,20 +238,6 @@ def test_bad_layer_inputs():
 
 
 # --------------------------------------------------------------------------- models
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg)
 
 
 def tiny_gpt2(seed=0):

@@ -16,6 +16,7 @@ import torch
 from qalora import QALoRAConfig, ops
 from qalora.formats import gptq as fmt_gptq
 from safetensors.torch import load_file, save_file
+from tiny_models import tiny_llama as _tiny_llama
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -151,18 +152,7 @@ def test_malformed_layers_are_refused():
 
 
 def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    return transformers.LlamaForCausalLM(cfg)
+    return _tiny_llama(seed, tie=True)
 
 
 def write_hand_checkpoint(directory, bits=4, g=32, seed=0, act_order_layer=None):

@@ -19,6 +19,7 @@ import pytest
 import qalora
 import torch
 from qalora import QALoRAConfig
+from tiny_models import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 pytestmark = [
@@ -127,20 +128,6 @@ ZYGOTE = textwrap.dedent(
     print(json.dumps({"trials": trials, "window_s": window, "counts": counts, "bad": bad, "leftovers": leftovers}))
     """
 )
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg)
 
 
 def two_checkpoints(tmp_path):

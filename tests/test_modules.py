@@ -12,25 +12,11 @@ import pytest
 import qalora
 import torch
 from qalora import QALoRAConfig
+from tiny_models import tiny_llama
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def tiny_llama(seed=0, tie=False):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-    )
-    return transformers.LlamaForCausalLM(cfg)
 
 
 def tiny_gpt2(seed=0):

@@ -7,24 +7,11 @@ import pytest
 import qalora
 import torch
 from qalora import QALoRAConfig
+from tiny_models import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
 LATE = "model.layers.1.mlp.down_proj"
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg)
 
 
 def trained(adapter="qalora"):

@@ -11,22 +11,9 @@ import torch
 from ckpt_tools import resign
 from qalora import QALoRAConfig
 from qalora.targets import select_targets
+from tiny_models import tiny_llama
 
 transformers = pytest.importorskip("transformers")
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg)
 
 
 def snapshot(model):

@@ -710,6 +710,21 @@ def _site(sites: dict[str, nn.Module], name: str, meta: dict) -> nn.Module | Non
     return module if module is not None and is_table == (meta["type"] == "QuantEmbedding") else None
 
 
+def _fitting_site(sites: dict[str, nn.Module], name: str, meta: dict, error) -> nn.Module:
+    """The module a checkpoint layer goes to, checked for kind and (in, out); ``error(msg)``
+    makes the exception each caller raises (the one-argument form blames the file, the
+    two-argument form the model)."""
+    module = _site(sites, name, meta)
+    if module is None:
+        raise error(f"the model has no {_site_kind(meta)} there")
+    out_f, in_f = _site_shape(module)
+    if (in_f, out_f) != (meta["in_features"], meta["out_features"]):
+        raise error(
+            f"(in, out) = ({meta['in_features']}, {meta['out_features']}) in the checkpoint, ({in_f}, {out_f}) in the model"
+        )
+    return module
+
+
 def _site_shape(module: nn.Module) -> tuple[int, int]:
     """(out, in) of a layer site; an embedding's (vocabulary, dimension)."""
     if isinstance(module, QuantEmbedding):
@@ -910,17 +925,12 @@ def from_pretrained(directory, base_model: nn.Module | None = None, *, dropout: 
         model = _build_architecture(directory, meta, len(header))
         present = _layer_sites(model)
         for name, layer_meta in meta["layers"].items():
-            module = _site(present, name, layer_meta)
-            if module is None:
-                raise CheckpointError(
-                    f"{cfg_path}: field 'layers.{name}': the architecture has no {_site_kind(layer_meta)} there"
-                )
-            out_f, in_f = _site_shape(module)
-            if (in_f, out_f) != (layer_meta["in_features"], layer_meta["out_features"]):
-                raise CheckpointError(
-                    f"{cfg_path}: field 'layers.{name}': (in, out) = ({layer_meta['in_features']}, "
-                    f"{layer_meta['out_features']}), the architecture has ({in_f}, {out_f})"
-                )
+            _fitting_site(
+                present,
+                name,
+                layer_meta,
+                lambda msg, name=name: CheckpointError(f"{cfg_path}: field 'layers.{name}': {msg}"),
+            )
         tensors = _load_tensors(weights, header)
         for name, layer_meta in meta["layers"].items():
             layer = _build_layer(layer_meta, "meta")
@@ -970,18 +980,15 @@ def _load_into(base_model: nn.Module, meta: dict, tensors: dict, weights: str, d
     device = params[0].device if params else torch.device("cpu")
     new_layers = {}
     for name, layer_meta in meta["layers"].items():
-        module = _site(present, name, layer_meta)
-        if module is None:
-            raise AdapterMismatchError(
-                f"layer {name!r} of the checkpoint is not a {_site_kind(layer_meta)} of this model; "
-                f"is it the same architecture? (linear layers here: {', '.join(list(present)[:20])} ...)"
-            )
-        out_f, in_f = _site_shape(module)
-        if (in_f, out_f) != (layer_meta["in_features"], layer_meta["out_features"]):
-            raise AdapterMismatchError(
-                f"layer {name!r}: checkpoint has (in, out) = ({layer_meta['in_features']}, "
-                f"{layer_meta['out_features']}), the model has ({in_f}, {out_f})"
-            )
+        _fitting_site(
+            present,
+            name,
+            layer_meta,
+            lambda msg, name=name: AdapterMismatchError(
+                f"layer {name!r} of the checkpoint: {msg}; is it the same architecture? "
+                f"(layer sites here: {', '.join(list(present)[:20])} ...)"
+            ),
+        )
         layer = _build_layer(layer_meta, device)
         if dropout and isinstance(layer, QALoRALinear):
             layer.lora_dropout = nn.Dropout(dropout)
