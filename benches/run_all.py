@@ -63,8 +63,8 @@ def floats(pattern: str, text: str) -> list[tuple[str, ...]]:
 def targets(out: dict[str, str]) -> None:
     rows = []
     q = out.get("qmatmul", "")
-    # Rows: N x K, g, M | exact bf16 int8 tiled int4 dense ms | ... %BW | vs int4: exact bf16 int8 tiled
-    row_re = r"^\s*(\d+x\d+)\s+(\d+)\s+(\d+) \|.*\| vs int4:\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s*$"
+    # Rows: N x K, g, M | exact bf16 int8 tiled int4 dense ms | ... %BW | exact bf16 int8 tiled (x int4)
+    row_re = r"^\s*(\d+x\d+)\s+(\d+)\s+(\d+) \|.*\|\s+(\S+x)\s+(\S+)\s+(\S+)\s+(\S+)\s*$"
     qrows = floats(row_re, q)
 
     def vs(m: int, col: int) -> list[float]:
