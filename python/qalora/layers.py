@@ -148,6 +148,13 @@ class QuantLinear(nn.Module):
     def _canonical(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _core.unrepack_tiles(self._buffers["tiled"], self.out_features, self.in_features, self.group_size)
 
+    def canonical(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(packed, scales, offsets)``: the buffers themselves, or for a tiled layer one
+        derived copy of all three (reading the attributes one by one derives each anew)."""
+        if self.is_tiled:
+            return self._canonical()
+        return self.packed, self.scales, self.offsets
+
     def __getattr__(self, name: str):
         # A tiled layer derives its canonical tensors on request (see tile_).
         if name in _CANONICAL and "tiled" in self.__dict__.get("_buffers", {}):
@@ -180,25 +187,27 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense (out, in) weight this layer computes with."""
-        return ops.dequantize(self.packed, self.scales, self.offsets, self.bits, self.group_size, dtype)
+        return ops.dequantize(*self.canonical(), self.bits, self.group_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _autocast_input(x)
         if self.is_tiled and _tiled_route_applies(x, self.in_features):
             y = ops.qmatmul_tiled(x, self._buffers["tiled"], self.out_features, self.group_size)
         else:
-            y = ops.qmatmul(
-                x, self.packed, self.scales, self.offsets, self.bits, self.group_size, activations=self.activations
-            )
+            y = ops.qmatmul(x, *self.canonical(), self.bits, self.group_size, activations=self.activations)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
 
     def extra_repr(self) -> str:
+        # A tiled layer holds float16 scales and offsets (see can_tile); printing derives nothing.
+        scale_dtype, offset_dtype = (
+            (torch.float16, torch.float16) if self.is_tiled else (self.scales.dtype, self.offsets.dtype)
+        )
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-            f"group_size={self.group_size}, bias={self.bias is not None}, scale_dtype={self.scales.dtype}, "
-            f"offset_dtype={self.offsets.dtype}"
+            f"group_size={self.group_size}, bias={self.bias is not None}, scale_dtype={scale_dtype}, "
+            f"offset_dtype={offset_dtype}"
         )
 
 
@@ -303,22 +312,23 @@ class QALoRALinear(nn.Module):
                 "into the offsets; use qalora.merge_requantize(model), which re-quantizes the merged weight"
             )
         base = self.base_layer
-        offset_dtype = offset_dtype or base.offsets.dtype
+        packed, scales, offsets = base.canonical()
+        offset_dtype = offset_dtype or offsets.dtype
         out = QuantLinear(
             base.in_features,
             base.out_features,
             base.bits,
             base.group_size,
             base.bias is not None,
-            base.scales.dtype,
-            base.packed.device,
+            scales.dtype,
+            packed.device,
             offset_dtype=offset_dtype,
         )
-        out.packed.copy_(base.packed)
-        out.scales.copy_(base.scales)
+        out.packed.copy_(packed)
+        out.scales.copy_(scales)
         # Straight into the new layer's offsets: no intermediate (N, L) tensor.
         ops.merge_offsets(
-            base.offsets.to(offset_dtype),
+            offsets.to(offset_dtype),
             self.lora_A.weight.detach(),
             self.lora_B.weight.detach(),
             self.scaling,
