@@ -11,6 +11,7 @@ import reference as ref
 import torch
 from qalora import _core, ops
 from qalora.layers import QuantLinear
+from tiny_models import tiny_llama
 
 
 def rng(seed):
@@ -289,19 +290,8 @@ def test_stream_read_checksum():
 
 
 def test_prepare_for_generation_quantizes_the_head_and_generates():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    pytest.importorskip("transformers")
+    model = tiny_llama(0, tie=True).eval()
     qalora.wrap(model, qalora.QALoRAConfig(bits=4, group_size=32, rank=4))
     qalora.merge(model)
     head_weight = model.get_output_embeddings().weight.detach().clone()
@@ -323,3 +313,14 @@ def test_prepare_for_generation_quantizes_the_head_and_generates():
     assert out.shape == (1, 14) and torch.equal(out[:, :8], ids)
     with pytest.raises(qalora.ConfigError):
         qalora.quantize_head(torch.nn.Sequential(torch.nn.Linear(64, 8)))
+
+
+def test_prepare_for_generation_refuses_a_bad_route_before_changing_the_head():
+    pytest.importorskip("transformers")
+    model = tiny_llama(0, tie=True).eval()
+    qalora.wrap(model, qalora.QALoRAConfig(bits=4, group_size=32, rank=4))
+    qalora.merge(model)
+    head = model.get_output_embeddings()
+    with pytest.raises(qalora.errors.InvalidValueError, match="allowed: 'exact', 'int8', 'bf16'"):
+        qalora.prepare_for_generation(model, activations="fp8", head_bits=4)
+    assert model.get_output_embeddings() is head and model.config.tie_word_embeddings

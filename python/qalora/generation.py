@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .layers import QuantLinear
+from .layers import QuantLinear, check_activations
 from .wrapping import set_activations
 
 
@@ -72,6 +72,7 @@ def prepare_for_generation(
     Returns:
         The same model.
     """
+    check_activations(activations)  # refused before the head is changed
     if head_bits is not None:
         quantize_head(model, head_bits, head_group_size)
     set_activations(model, activations)

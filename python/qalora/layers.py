@@ -16,12 +16,20 @@ import torch
 from torch import nn
 
 from . import _core, ops
-from .errors import GroupSizeError, MergeError, ShapeError
+from .errors import GroupSizeError, InvalidValueError, MergeError, ShapeError
 
 #: How a quantized layer can multiply small CPU batches (see :func:`qalora.ops.qmatmul`).
 ACTIVATION_MODES = ("exact", "int8", "bf16")
 #: Rows of x up to which the small-batch routes (and the tiled layout's kernel) run.
 SMALL_BATCH_ROWS = 16
+
+
+def check_activations(mode: str) -> None:
+    """Raises InvalidValueError unless ``mode`` is one of :data:`ACTIVATION_MODES`."""
+    if mode not in ACTIVATION_MODES:
+        raise InvalidValueError(f"mode: got {mode!r}, allowed: " + ", ".join(repr(m) for m in ACTIVATION_MODES))
+
+
 _CANONICAL = ("packed", "scales", "offsets")
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

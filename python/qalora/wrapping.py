@@ -19,16 +19,15 @@ from .errors import (
     ConfigError,
     DTypeError,
     GroupSizeError,
-    InvalidValueError,
     MergeError,
     NoTargetModulesError,
     QALoRAWarning,
 )
 from .layers import (
-    ACTIVATION_MODES,
     QALoRALinear,
     QuantEmbedding,
     QuantLinear,
+    check_activations,
     check_group_size,
     scale_dtype_of,
 )
@@ -394,8 +393,7 @@ def set_activations(model: nn.Module, mode: str, *, tile: bool = True) -> int:
         InvalidValueError: ``mode`` is not one of ``"exact"``, ``"int8"``, ``"bf16"``.
         ConfigError: the model holds no qalora layer.
     """
-    if mode not in ACTIVATION_MODES:
-        raise InvalidValueError(f"mode: got {mode!r}, allowed: " + ", ".join(repr(m) for m in ACTIVATION_MODES))
+    check_activations(mode)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     if not layers:
         raise ConfigError("this model holds no qalora layer; wrap it with qalora.wrap first")
