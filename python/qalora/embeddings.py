@@ -24,7 +24,7 @@ from .config import QALoRAConfig
 from .errors import ConfigError, GroupSizeError, ShapeError
 from .layers import QuantEmbedding, QuantLinear
 from .ops import check_layout
-from .targets import replace_module
+from .targets import model_embedding, replace_module
 
 
 @dataclass
@@ -38,13 +38,7 @@ class EmbeddingPlan:
 
 
 def _input_embedding(model: nn.Module) -> nn.Module:
-    get_in = getattr(model, "get_input_embeddings", None)
-    embedding = None
-    if callable(get_in):
-        try:
-            embedding = get_in()
-        except (AttributeError, NotImplementedError):
-            embedding = None
+    embedding = model_embedding(model, "get_input_embeddings")
     if embedding is None:
         raise ConfigError(
             "quantize_embeddings: the model does not expose its token embedding through get_input_embeddings() "

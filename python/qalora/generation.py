@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .layers import QuantLinear, check_activations
+from .targets import model_embedding
 from .wrapping import set_activations
 
 
@@ -32,8 +33,7 @@ def quantize_head(model: nn.Module, bits: int = 4, group_size: int = 32) -> Quan
             ``nn.Linear``.
         GroupSizeError: the head's in_features is not divisible by ``group_size``.
     """
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
+    head = model_embedding(model, "get_output_embeddings")
     if isinstance(head, QuantLinear):
         return head
     if not isinstance(head, nn.Linear):

@@ -35,7 +35,7 @@ from . import _core, ops
 from .errors import DTypeError, InvalidValueError, QALoRAWarning, ShapeError
 from .layers import QuantLinear
 from .progress import progress
-from .targets import dense_weight, replace_module
+from .targets import dense_weight, model_embedding, replace_module
 
 # --------------------------------------------------------------------------- one layer
 
@@ -175,8 +175,7 @@ def check_calibration(model: nn.Module, calibration) -> torch.Tensor:
     if calibration.dim() < 2 or calibration.shape[0] == 0 or calibration.numel() == 0:
         raise ShapeError(f"calibration: got shape {tuple(calibration.shape)}, expected (batch, seq) with batch >= 1")
     if not calibration.is_floating_point():
-        get_emb = getattr(model, "get_input_embeddings", None)
-        emb = get_emb() if callable(get_emb) else None
+        emb = model_embedding(model, "get_input_embeddings")
         vocab = getattr(emb, "num_embeddings", None)
         lo, hi = int(calibration.min()), int(calibration.max())
         if lo < 0 or (vocab is not None and hi >= vocab):

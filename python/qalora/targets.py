@@ -49,16 +49,22 @@ def linear_like_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
+def model_embedding(model: nn.Module, getter: str) -> nn.Module | None:
+    """``model.get_input_embeddings()`` / ``get_output_embeddings()`` (``getter``), or None
+    where the model has no such method or its base class leaves it unimplemented."""
+    get = getattr(model, getter, None)
+    if not callable(get):
+        return None
+    try:
+        return get()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
 def output_head_names(model: nn.Module) -> set:
     """The output projection (LM head) and any linear whose weight is tied to an embedding."""
     heads = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = None
-    if callable(get_out):
-        try:
-            head = get_out()
-        except (AttributeError, NotImplementedError):
-            head = None
+    head = model_embedding(model, "get_output_embeddings")
     embedding_ptrs = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
     for name, m in model.named_modules():
         if m is head or name.split(".")[-1] == "lm_head":
