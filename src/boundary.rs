@@ -354,17 +354,69 @@ impl Fresh {
             return &mut [];
         }
         // SAFETY: as in `slice`; and nothing else touches this storage while `self` is
-        // mutably borrowed: `Fresh` never shares its tensor, and the view `with_rows` lends
-        // lives only inside that call.
+        // mutably borrowed: `Fresh` never shares its tensor.
         unsafe { std::slice::from_raw_parts_mut(self.0.data_ptr() as *mut T, n) }
-    }
-
-    /// Calls `f` with a tensor of the first `rows` rows (sharing storage), for torch to read.
-    pub fn with_rows<R>(&self, rows: usize, f: impl FnOnce(&Tensor) -> R) -> R {
-        f(&self.0.narrow(0, 0, rows as i64))
     }
 
     pub fn into_tensor(self) -> Tensor {
         self.0
+    }
+}
+
+/// A per-thread buffer for transient tiles (the large-M path's dequantized rows): reused
+/// from call to call, so a tile is neither allocated nor page-faulted in anew each time
+/// (in a training step of SmolLM2-135M that cost more than dequantizing it, measured).
+/// It holds at most one tile per thread (16 MiB at the largest).
+pub struct Scratch {
+    words: Vec<u64>,
+    shape: [i64; 2],
+    kind: Kind,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Vec<u64>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+impl Scratch {
+    /// Lends this thread's buffer, grown to hold `shape` of `kind`, to `f`. A call nested
+    /// inside `f` gets a buffer of its own (the lent one is out of the cell meanwhile).
+    pub fn with<R>(shape: [usize; 2], kind: Kind, f: impl FnOnce(&mut Scratch) -> R) -> R {
+        let bytes = shape[0] * shape[1] * kind.elt_size_in_bytes();
+        let mut words = SCRATCH.with(|c| c.take());
+        if words.len() * 8 < bytes {
+            words = vec![0u64; bytes.div_ceil(8)];
+        }
+        let mut s = Scratch { words, shape: [shape[0] as i64, shape[1] as i64], kind };
+        let r = f(&mut s);
+        SCRATCH.with(|c| c.set(s.words));
+        r
+    }
+
+    /// The first rows*cols elements, to fill.
+    pub fn data_mut<T: Plain>(&mut self) -> &mut [T] {
+        assert_eq!(std::mem::size_of::<T>(), self.kind.elt_size_in_bytes(), "scratch viewed at another width");
+        let n = (self.shape[0] * self.shape[1]) as usize;
+        // SAFETY: the buffer holds at least n elements of T (grown in `with`; u64 words are
+        // aligned for every Plain type), `T: Plain` accepts any bits, and `&mut self` makes
+        // this the only view while it lives.
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr() as *mut T, n) }
+    }
+
+    /// Calls `f` with a tensor of the first `rows` rows over the buffer, for torch to read.
+    /// The tensor does not own the memory: `f` must not keep it (torch's GEMMs do not).
+    pub fn with_rows<R>(&self, rows: usize, f: impl FnOnce(&Tensor) -> R) -> R {
+        let cols = self.shape[1];
+        // SAFETY: the view covers rows*cols elements of `kind` inside the buffer, which
+        // outlives the tensor (dropped at the end of this call, before `self` can change).
+        let t = unsafe {
+            Tensor::from_blob(
+                self.words.as_ptr() as *const u8,
+                &[rows as i64, cols],
+                &[cols, 1],
+                self.kind,
+                Device::Cpu,
+            )
+        };
+        f(&t)
     }
 }

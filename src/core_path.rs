@@ -4,7 +4,9 @@ use qalora_core::{bf16, merge, pack, pool, q8, qmatmul, quant, tiles, GroupParam
 use tch::{Device, Kind, Tensor};
 
 use crate::args::{Activations, CodeDType, QuantWeight};
-use crate::boundary::{allocation_error, contiguous, dense, kind_name, slice, slice_mut, Fresh, KResult, Plain};
+use crate::boundary::{
+    allocation_error, contiguous, dense, kind_name, slice, slice_mut, Fresh, KResult, Plain, Scratch,
+};
 
 /// Below or at this many activation rows the fused kernel wins; above it, dequantizing a
 /// tile and calling torch's GEMM does.
@@ -137,47 +139,49 @@ fn for_each_tile(w: &QuantWeight, kind: Kind, mut f: impl FnMut(usize, &Tensor))
     let packed = slice::<u8>(&w.packed);
     if kind == Kind::BFloat16 {
         let params = Params::of(w);
-        let mut buf = Fresh::empty(&[rows as i64, k as i64], Kind::BFloat16)?;
         let mut scratch = bf16::DequantScratch::new(&w.layout);
+        return Scratch::with([rows, k], Kind::BFloat16, |buf| {
+            let mut row0 = 0;
+            while row0 < n {
+                let r = rows.min(n - row0);
+                // The kernel writes bf16 bits.
+                let out = &mut buf.data_mut::<u16>()[..r * k];
+                bf16::dequantize_rows_bf16(
+                    packed,
+                    params.view(),
+                    w.layout,
+                    (row0, r),
+                    out,
+                    &mut scratch,
+                    Isa::detect_best(),
+                )?;
+                buf.with_rows(r, |tile| f(row0, tile));
+                row0 += r;
+            }
+            Ok(())
+        });
+    }
+    let (s, o) = w.params_f32();
+    let (sf, of) = (slice::<f32>(&s), slice::<f32>(&o));
+    let mut codes = vec![0u8; k];
+    Scratch::with([rows, k], Kind::Float, |buf| {
         let mut row0 = 0;
         while row0 < n {
             let r = rows.min(n - row0);
-            // The kernel writes bf16 bits.
-            let out = &mut buf.data_mut::<u16>()[..r * k];
-            bf16::dequantize_rows_bf16(
-                packed,
-                params.view(),
-                w.layout,
-                (row0, r),
-                out,
-                &mut scratch,
-                Isa::detect_best(),
-            )?;
-            buf.with_rows(r, |tile| f(row0, tile));
+            for (i, out_row) in buf.data_mut::<f32>()[..r * k].chunks_exact_mut(k).enumerate() {
+                quant::dequantize_row(packed, sf, of, w.layout, row0 + i, &mut codes, out_row);
+            }
+            buf.with_rows(r, |tile| {
+                if kind == Kind::Float {
+                    f(row0, tile);
+                } else {
+                    f(row0, &tile.to_kind(kind));
+                }
+            });
             row0 += r;
         }
-        return Ok(());
-    }
-    let (s, o) = w.params_f32();
-    let mut buf = Fresh::empty(&[rows as i64, k as i64], Kind::Float)?;
-    let (sf, of) = (slice::<f32>(&s), slice::<f32>(&o));
-    let mut codes = vec![0u8; k];
-    let mut row0 = 0;
-    while row0 < n {
-        let r = rows.min(n - row0);
-        for (i, out_row) in buf.data_mut::<f32>()[..r * k].chunks_exact_mut(k).enumerate() {
-            quant::dequantize_row(packed, sf, of, w.layout, row0 + i, &mut codes, out_row);
-        }
-        buf.with_rows(r, |tile| {
-            if kind == Kind::Float {
-                f(row0, tile);
-            } else {
-                f(row0, &tile.to_kind(kind));
-            }
-        });
-        row0 += r;
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// The kind the large-M path computes in for inputs of `kind`: bf16 GEMMs on bf16 tiles for

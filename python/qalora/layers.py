@@ -283,6 +283,17 @@ class QALoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.base_layer.out_features
 
+    def _fused_route_applies(self, x: torch.Tensor) -> bool:
+        # A QA-LoRA adapter without dropout on an untiled base, run eagerly (hooks on
+        # base_layer, lora_A and lora_B do not fire on this route).
+        return (
+            self.adapter == "qalora"
+            and isinstance(self.lora_dropout, nn.Identity)
+            and not self.base_layer.is_tiled
+            and x.dim() >= 1
+            and ops.eager_route_applies(x, self.lora_A.weight, self.lora_B.weight)
+        )
+
     def adapter_input(self, x: torch.Tensor) -> torch.Tensor:
         x = self.lora_dropout(x)
         if self.adapter == "qalora":
@@ -290,6 +301,25 @@ class QALoRALinear(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        if self._fused_route_applies(x):
+            # One autograd node for the whole layer (ops.qalora_linear); same arithmetic.
+            x = _autocast_input(x)
+            autocast = torch.is_autocast_enabled(x.device.type)
+            y = ops.qalora_linear(
+                x,
+                base.packed,
+                base.scales,
+                base.offsets,
+                base.bits,
+                base.group_size,
+                self.lora_A.weight,
+                self.lora_B.weight,
+                self.scaling,
+                activations=base.activations,
+                adapter_dtype=torch.get_autocast_dtype(x.device.type) if autocast else None,
+            )
+            return y if base.bias is None else y + base.bias.to(y.dtype)
         y = self.base_layer(x)
         x = _autocast_input(x)
         a_in = self.adapter_input(x)

@@ -15,6 +15,12 @@ use rayon::prelude::*;
 /// Below this many elements of work a loop runs on the calling thread.
 pub const PARALLEL_THRESHOLD: usize = 1 << 15;
 
+/// The same for streaming loops (a load and a store or two per element, e.g. pooling): one
+/// core streams a 512 x 1536 activation in about 0.1 ms, while waking the pool's workers
+/// right after a torch op (whose OpenMP threads still spin on every core) was measured at
+/// 0.3-0.5 ms a call inside a training step.
+pub const STREAMING_THRESHOLD: usize = 1 << 22;
+
 /// This process's pool; null until first use, and again in a freshly forked child.
 static POOL: AtomicPtr<rayon::ThreadPool> = AtomicPtr::new(ptr::null_mut());
 
@@ -108,10 +114,19 @@ where
     T: Send,
     F: Fn(usize, &mut [T]) + Sync + Send,
 {
+    for_each_row_above(out, row_len, work, PARALLEL_THRESHOLD, f)
+}
+
+/// [`for_each_row`] with its own threshold: parallel from `threshold` elements of work.
+pub fn for_each_row_above<T, F>(out: &mut [T], row_len: usize, work: usize, threshold: usize, f: F)
+where
+    T: Send,
+    F: Fn(usize, &mut [T]) + Sync + Send,
+{
     if row_len == 0 {
         return;
     }
-    if work < PARALLEL_THRESHOLD {
+    if work < threshold {
         out.chunks_mut(row_len).enumerate().for_each(|(i, r)| f(i, r));
     } else {
         install(|| out.par_chunks_mut(row_len).enumerate().for_each(|(i, r)| f(i, r)));

@@ -3,7 +3,7 @@
 
 use crate::error::{KernelError, Result};
 use crate::layout::check_group_size;
-use crate::parallel::for_each_row;
+use crate::parallel::{for_each_row_above, STREAMING_THRESHOLD};
 
 fn check(len: usize, k: usize, g: usize, what: &str) -> Result<usize> {
     check_group_size(k, None, g)?;
@@ -36,7 +36,7 @@ pub fn group_pool(x: &[f32], k: usize, g: usize, out: &mut [f32]) -> Result<()> 
         return Err(KernelError::internal("group_pool output has the wrong length"));
     }
     let inv = 1.0 / g as f32;
-    for_each_row(out, groups, x.len(), |r, o| {
+    for_each_row_above(out, groups, x.len(), STREAMING_THRESHOLD, |r, o| {
         let xr = &x[r * k..(r + 1) * k];
         for (l, v) in o.iter_mut().enumerate() {
             *v = group_sum(&xr[l * g..(l + 1) * g]) * inv;
@@ -56,7 +56,7 @@ pub fn group_pool_backward(grad: &[f32], k: usize, g: usize, out: &mut [f32]) ->
         )));
     }
     let inv = 1.0 / g as f32;
-    for_each_row(out, k, out.len(), |r, o| {
+    for_each_row_above(out, k, out.len(), STREAMING_THRESHOLD, |r, o| {
         for (l, chunk) in o.chunks_exact_mut(g).enumerate() {
             chunk.fill(grad[r * groups + l] * inv);
         }
