@@ -1,6 +1,8 @@
 //! Ops on CPU tensors through the tch-free Rust core (rayon inside).
 
-use qalora_core::{bf16, merge, pack, pool, q8, qmatmul, quant, tiles, GroupParams, Isa, ParamDtype, QuantLayout};
+use qalora_core::{
+    bf16, merge, pack, parallel, pool, q8, qmatmul, quant, tiles, GroupParams, Isa, ParamDtype, QuantLayout,
+};
 use tch::{Device, Kind, Tensor};
 
 use crate::args::{Activations, CodeDType, QuantWeight};
@@ -130,31 +132,37 @@ impl Params {
 /// buffer, in `kind`: f32 or f64 (dequantized in f32), or bf16 (dequantized straight to
 /// bf16, for bf16 GEMMs).
 ///
-/// Tiles are dequantized on the calling thread (SIMD, a few ms per 16M weights) rather than
-/// on rayon's pool: right after a torch GEMM, torch's OpenMP threads still spin on both
-/// cores, and waking rayon workers against them was measured to cost more than the work.
+/// Tiles are dequantized on torch's OpenMP team when the kernels run on it (its threads are
+/// awake right after a GEMM), else on the calling thread: waking rayon's workers against
+/// torch's spinning OpenMP threads was measured to cost more than the work.
 fn for_each_tile(w: &QuantWeight, kind: Kind, mut f: impl FnMut(usize, &Tensor)) -> KResult<()> {
-    let (n, k) = (w.layout.n, w.layout.k);
-    let rows = tile_rows(w.layout);
+    let (n, k, layout) = (w.layout.n, w.layout.k, w.layout);
+    let rows = tile_rows(layout);
     let packed = slice::<u8>(&w.packed);
+    let team = parallel::has_executor();
+    // Rows per task when the tile is split among the team's threads.
+    let per = |r: usize| if team { r.div_ceil(parallel::parallel_threads() * 2).max(1) } else { r };
     if kind == Kind::BFloat16 {
         let params = Params::of(w);
-        let mut scratch = bf16::DequantScratch::new(&w.layout);
+        let view = params.view();
+        let failed = std::sync::Mutex::new(None);
         return Scratch::with([rows, k], Kind::BFloat16, |buf| {
             let mut row0 = 0;
             while row0 < n {
                 let r = rows.min(n - row0);
+                let chunk = per(r);
                 // The kernel writes bf16 bits.
-                let out = &mut buf.data_mut::<u16>()[..r * k];
-                bf16::dequantize_rows_bf16(
-                    packed,
-                    params.view(),
-                    w.layout,
-                    (row0, r),
-                    out,
-                    &mut scratch,
-                    Isa::detect_best(),
-                )?;
+                parallel::for_each_chunk(&mut buf.data_mut::<u16>()[..r * k], chunk * k, |c, out| {
+                    let mut scratch = bf16::DequantScratch::new(&layout);
+                    let part = (row0 + c * chunk, out.len() / k);
+                    let isa = Isa::detect_best();
+                    if let Err(e) = bf16::dequantize_rows_bf16(packed, view, layout, part, out, &mut scratch, isa) {
+                        failed.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+                    }
+                });
+                if let Some(e) = failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    return Err(e);
+                }
                 buf.with_rows(r, |tile| f(row0, tile));
                 row0 += r;
             }
@@ -163,14 +171,17 @@ fn for_each_tile(w: &QuantWeight, kind: Kind, mut f: impl FnMut(usize, &Tensor))
     }
     let (s, o) = w.params_f32();
     let (sf, of) = (slice::<f32>(&s), slice::<f32>(&o));
-    let mut codes = vec![0u8; k];
     Scratch::with([rows, k], Kind::Float, |buf| {
         let mut row0 = 0;
         while row0 < n {
             let r = rows.min(n - row0);
-            for (i, out_row) in buf.data_mut::<f32>()[..r * k].chunks_exact_mut(k).enumerate() {
-                quant::dequantize_row(packed, sf, of, w.layout, row0 + i, &mut codes, out_row);
-            }
+            let chunk = per(r);
+            parallel::for_each_chunk(&mut buf.data_mut::<f32>()[..r * k], chunk * k, |c, out| {
+                let mut codes = vec![0u8; k];
+                for (i, out_row) in out.chunks_exact_mut(k).enumerate() {
+                    quant::dequantize_row(packed, sf, of, layout, row0 + c * chunk + i, &mut codes, out_row);
+                }
+            });
             buf.with_rows(r, |tile| {
                 if kind == Kind::Float {
                     f(row0, tile);

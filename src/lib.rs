@@ -7,6 +7,7 @@ mod args;
 mod boundary;
 mod core_path;
 mod gptq;
+mod openmp;
 mod torch_path;
 
 use pyo3::prelude::*;
@@ -610,8 +611,32 @@ fn gptq_quantize(
     Ok((wrap_tensor(py, r.packed)?, wrap_tensor(py, r.scales)?, wrap_tensor(py, r.offsets)?, r.damp))
 }
 
+/// The thread pool of the kernels' parallel loops: "openmp" (torch's own OpenMP team) or
+/// "rayon" (the kernels' pool).
+#[pyfunction]
+fn thread_pool() -> &'static str {
+    if qalora_core::parallel::has_executor() {
+        "openmp"
+    } else {
+        "rayon"
+    }
+}
+
+/// Runs the kernels' parallel loops on `pool`: "openmp" or "rayon".
+#[pyfunction]
+fn set_thread_pool(py: Python<'_>, pool: &str) -> PyResult<()> {
+    if openmp::use_pool(pool) {
+        return Ok(());
+    }
+    let why = if pool == "openmp" { ": this process has no OpenMP runtime (libgomp)" } else { "" };
+    Err(to_py_err(py, KernelError::value(format!("pool: got {pool:?}, allowed: 'openmp', 'rayon'{why}"))))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    openmp::choose_default();
+    m.add_function(wrap_pyfunction!(thread_pool, m)?)?;
+    m.add_function(wrap_pyfunction!(set_thread_pool, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("SUPPORTED_BITS", qalora_core::SUPPORTED_BITS.to_vec())?;
     m.add_function(wrap_pyfunction!(boundary::register_errors, m)?)?;

@@ -45,6 +45,7 @@ def run_kernels():
 
 
 WANT = run_kernels()  # the parent's pool has run
+POOL = qalora._core.thread_pool()  # torch's OpenMP team where torch uses libgomp
 
 
 class Kernels(torch.utils.data.Dataset):
@@ -52,6 +53,8 @@ class Kernels(torch.utils.data.Dataset):
         return 4
 
     def __getitem__(self, i):
+        # A forked child never runs on the parent's OpenMP team: rayon, its own pool.
+        assert qalora._core.thread_pool() == "rayon"
         return run_kernels()
 
 
@@ -88,11 +91,14 @@ def child():
     # The child builds its own pool, then forks a grandchild, which must build another.
     if not torch.equal(run_kernels(), WANT):
         return 2
+    if qalora._core.thread_pool() != "rayon":
+        return 5
     return 0 if in_child(lambda: 0 if torch.equal(run_kernels(), WANT) else 3) == 0 else 4
 
 
 print("fork and grandchild:", in_child(child), flush=True)
 assert torch.equal(run_kernels(), WANT)  # the parent's pool still works
+assert qalora._core.thread_pool() == POOL
 print("parent ok")
 """
 

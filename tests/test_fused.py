@@ -213,5 +213,5 @@ def test_fused_route_is_not_taken_with_dropout_and_has_no_double_backward():
     lyr = layer(32, 64, 32, 4, seed=8)
     x = tensor((6, 64), 1).requires_grad_()
     (gx,) = torch.autograd.grad(lyr(x).square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+    with pytest.raises(RuntimeError, match=r"once_differentiable|twice"):
         gx.sum().backward()

@@ -324,3 +324,64 @@ def test_prepare_for_generation_refuses_a_bad_route_before_changing_the_head():
     with pytest.raises(qalora.errors.InvalidValueError, match="allowed: 'exact', 'int8', 'bf16'"):
         qalora.prepare_for_generation(model, activations="fp8", head_bits=4)
     assert model.get_output_embeddings() is head and model.config.tie_word_embeddings
+
+
+# ---------------------------------------------------------------- the kernels' thread pool
+
+
+@pytest.fixture
+def pool_restored():
+    before = _core.thread_pool()
+    yield
+    _core.set_thread_pool(before)
+
+
+def test_openmp_is_the_default_pool_where_torch_uses_it():
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch does not run on OpenMP here")
+    assert _core.thread_pool() == "openmp"
+
+
+def test_both_thread_pools_give_the_same_bits(pool_restored):
+    """Every parallel loop (sizes above each kernel's threshold) on torch's OpenMP team and
+    on rayon: identical results."""
+    torch.manual_seed(0)
+    w = torch.randn(1536, 1024) * 0.05
+    x1, x8, x40 = torch.randn(1, 1024), torch.randn(8, 1024), torch.randn(40, 1024)
+    a, b = torch.randn(8, 32), torch.randn(1536, 8)
+    big = torch.randn(1024, 4096 + 32)
+
+    def run_all():
+        p, s, m = ops.quantize(w, 4, 32)
+        layer = QuantLinear.from_weight(w, None, 4, 32)
+        layer.tile_()
+        with torch.no_grad():
+            tiled = [layer(x) for x in (x1, x8)]
+        out = [p, s, m, ops.unpack(p, 4, 1024), ops.pack(ops.unpack(p, 4, 1024), 4)]
+        out += [ops.dequantize(p, s, m, 4, 32), ops.merge_offsets(m, a, b, 2.0, 32)]
+        for x in (x1, x8, x40):
+            out += [ops.qmatmul(x, p, s, m, 4, 32), ops.qmatmul(x, p, s, m, 4, 32, activations="int8")]
+            out += [ops.qmatmul(x.bfloat16(), p, s, m, 4, 32)]
+        out += [
+            _core.qmatmul_grad_input(
+                torch.randn(40, 1536, generator=torch.Generator().manual_seed(2)), p, s, m, 4, 32, "auto"
+            )
+        ]
+        out += [ops.group_pool(big, 32), *tiled]
+        return out
+
+    results = {}
+    for pool in ("rayon", "openmp"):
+        if pool == "openmp" and "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+            continue
+        _core.set_thread_pool(pool)
+        assert _core.thread_pool() == pool
+        results[pool] = run_all()
+    if len(results) == 2:
+        for got, want in zip(results["openmp"], results["rayon"]):
+            assert torch.equal(got, want)
+
+
+def test_set_thread_pool_refuses_other_names():
+    with pytest.raises(qalora.InvalidValueError, match="allowed: 'openmp', 'rayon'"):
+        _core.set_thread_pool("tbb")

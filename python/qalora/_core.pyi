@@ -27,7 +27,9 @@ __all__ = [
     "quantize",
     "register_errors",
     "repack_tiles",
+    "set_thread_pool",
     "stream_read",
+    "thread_pool",
     "unpack",
     "unrepack_tiles",
 ]
@@ -154,3 +156,10 @@ def gptq_quantize(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """GPTQ for one layer -> (packed, scales, offsets, dampening used); float64 when the
     Hessian is float64."""
+
+def thread_pool() -> str:
+    """The thread pool of the kernels' parallel loops: ``"openmp"`` (torch's own OpenMP team,
+    the default where torch uses libgomp) or ``"rayon"`` (``QALORA_THREAD_POOL=rayon``)."""
+
+def set_thread_pool(pool: str) -> None:
+    """Run the kernels' parallel loops on ``pool``, ``"openmp"`` or ``"rayon"``."""

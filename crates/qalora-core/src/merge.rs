@@ -52,29 +52,44 @@ impl OffsetElem for bf16 {
 /// (rows × L) stays in L1/L2 for typical L.
 const BLOCK_ROWS: usize = 32;
 /// Output columns kept in registers while the rank loop runs (4 AVX2 vectors).
-const COLS: usize = 32;
+/// m[l..l + W] += factor * Σ_t b[t] * a[t, l..l + W] for one row: W independent sums in
+/// registers, so the adds of consecutive t overlap (a wide W hides the add latency).
+#[inline(always)]
+fn merge_cols<const W: usize>(mrow: &mut [f32], brow: &[f32], a: &[f32], groups: usize, l: usize, factor: f32) {
+    let mut acc = [0f32; W];
+    for (t, &bt) in brow.iter().enumerate() {
+        let at: &[f32; W] = a[t * groups + l..t * groups + l + W].try_into().unwrap();
+        for j in 0..W {
+            acc[j] += bt * at[j];
+        }
+    }
+    let dst: &mut [f32; W] = (&mut mrow[l..l + W]).try_into().unwrap();
+    for j in 0..W {
+        dst[j] += factor * acc[j];
+    }
+}
 
 /// m[i, :] += factor * Σ_t b[i, t] * a[t, :] for every row i of `m` (rows of `groups`).
 ///
 /// Each element is `m + factor * s` with s summed over t in order, with separate multiplies
-/// and adds (no FMA), so every instruction set gives the same bits.
+/// and adds (no FMA), so every instruction set and every column blocking gives the same
+/// bits. Columns go in blocks of `WIDE` (as many as the vector registers hold), then 32,
+/// then 8, then one at a time.
 #[inline(always)]
-fn merge_rows(m: &mut [f32], b: &[f32], a: &[f32], rank: usize, groups: usize, factor: f32) {
+fn merge_rows<const WIDE: usize>(m: &mut [f32], b: &[f32], a: &[f32], rank: usize, groups: usize, factor: f32) {
     for (mrow, brow) in m.chunks_exact_mut(groups).zip(b.chunks_exact(rank)) {
         let mut l = 0;
-        while l + COLS <= groups {
-            let mut acc = [0f32; COLS];
-            for (t, &bt) in brow.iter().enumerate() {
-                let at: &[f32; COLS] = a[t * groups + l..t * groups + l + COLS].try_into().unwrap();
-                for j in 0..COLS {
-                    acc[j] += bt * at[j];
-                }
-            }
-            let dst: &mut [f32; COLS] = (&mut mrow[l..l + COLS]).try_into().unwrap();
-            for j in 0..COLS {
-                dst[j] += factor * acc[j];
-            }
-            l += COLS;
+        while l + WIDE <= groups {
+            merge_cols::<WIDE>(mrow, brow, a, groups, l, factor);
+            l += WIDE;
+        }
+        while l + 32 <= groups {
+            merge_cols::<32>(mrow, brow, a, groups, l, factor);
+            l += 32;
+        }
+        while l + 8 <= groups {
+            merge_cols::<8>(mrow, brow, a, groups, l, factor);
+            l += 8;
         }
         for (j, v) in mrow.iter_mut().enumerate().skip(l) {
             let mut s = 0f32;
@@ -90,7 +105,8 @@ fn merge_rows(m: &mut [f32], b: &[f32], a: &[f32], rank: usize, groups: usize, f
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn merge_rows_avx2(m: &mut [f32], b: &[f32], a: &[f32], rank: usize, groups: usize, factor: f32) {
-    merge_rows(m, b, a, rank, groups, factor)
+    // 8 of the 16 ymm registers hold sums.
+    merge_rows::<64>(m, b, a, rank, groups, factor)
 }
 
 /// [`merge_rows`] compiled for AVX-512 (16-wide vectors; separate multiplies and adds as
@@ -98,7 +114,8 @@ fn merge_rows_avx2(m: &mut [f32], b: &[f32], a: &[f32], rank: usize, groups: usi
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,avx512f")]
 fn merge_rows_avx512(m: &mut [f32], b: &[f32], a: &[f32], rank: usize, groups: usize, factor: f32) {
-    merge_rows(m, b, a, rank, groups, factor)
+    // 8 of the 32 zmm registers hold sums.
+    merge_rows::<128>(m, b, a, rank, groups, factor)
 }
 
 fn merge_rows_with(isa: Isa, m: &mut [f32], b: &[f32], a: &[f32], rank: usize, groups: usize, factor: f32) {
@@ -113,7 +130,7 @@ fn merge_rows_with(isa: Isa, m: &mut [f32], b: &[f32], a: &[f32], rank: usize, g
         return unsafe { merge_rows_avx2(m, b, a, rank, groups, factor) };
     }
     let _ = isa;
-    merge_rows(m, b, a, rank, groups, factor)
+    merge_rows::<32>(m, b, a, rank, groups, factor)
 }
 
 /// offsets: (N, L); lora_a: (r, L); lora_b: (N, r). Writes merged offsets (N, L) in the
@@ -276,6 +293,9 @@ mod tests {
             (1031, 128, 16),
             (300, 97, 8),
             (40, 64, 0),
+            // Every column block of every instruction set (128, 64, 32, 8) and a tail.
+            (17, 128 + 64 + 32 + 8 + 3, 16),
+            (6, 448, 5),
         ] {
             let (g, c) = (32usize, 1.75f32);
             let seed = (n * 1000 + l * 10 + r) as u64;

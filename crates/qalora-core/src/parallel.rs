@@ -1,6 +1,11 @@
 //! The kernels' thread pool, and row-parallel loops with a work threshold, so small tensors
 //! do not pay rayon's start-up.
 //!
+//! The hot loops run as tasks on an [`Executor`] when the host registered one (the binding
+//! registers torch's own OpenMP team, whose threads are already awake right after a torch
+//! op: waking rayon's sleeping workers there was measured at 0.1-0.5 ms a call), else on
+//! rayon.
+//!
 //! All parallel work runs on [`pool`], never on rayon's global pool: a process forked after
 //! a pool has run (a `DataLoader` worker, `multiprocessing` with the fork start method)
 //! inherits the pool's state but none of its threads, so the first parallel call in the
@@ -8,7 +13,7 @@
 //! parent's pool in the child, which builds its own on first use.
 
 use std::ptr;
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
@@ -82,10 +87,11 @@ mod fork {
 
     /// Runs in a forked child before `fork` returns there: the parent's pool has no threads
     /// in this process, so it is forgotten (leaked: its memory was copied, its threads were
-    /// not, and tearing it down would wait on them). One atomic store, as a fork handler
-    /// must be (async-signal-safe).
+    /// not, and tearing it down would wait on them), and so is a registered executor. Two
+    /// atomic operations, as a fork handler must be (async-signal-safe).
     unsafe extern "C" fn forget_parent_pool() {
         super::POOL.store(std::ptr::null_mut(), Ordering::Release);
+        super::FORKS.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Registers the handler, once per process tree (a child inherits it).
@@ -105,6 +111,102 @@ mod fork {
 mod fork {
     /// No fork on this platform.
     pub fn watch() {}
+}
+
+/// Another thread pool the kernels may run on: `run(tasks, job)` calls `job(t)` once for
+/// every t in 0..tasks on up to `threads()` threads (the caller among them) and returns when
+/// all calls have returned. `job` never unwinds out of `run` (it catches panics itself).
+#[derive(Clone, Copy)]
+pub struct Executor {
+    pub threads: fn() -> usize,
+    pub run: fn(tasks: usize, job: &(dyn Fn(usize) + Sync)),
+}
+
+/// The registered executor (a leaked Box), or null for rayon.
+static EXECUTOR: AtomicPtr<Executor> = AtomicPtr::new(ptr::null_mut());
+/// Bumped by the fork handler: a forked child runs on rayon (its own pool), never on an
+/// executor registered before the fork (an OpenMP team does not survive fork).
+static FORKS: AtomicUsize = AtomicUsize::new(0);
+static EXECUTOR_EPOCH: AtomicUsize = AtomicUsize::new(0);
+
+/// Registers `executor` for the parallel loops of this process (None: back to rayon).
+pub fn set_executor(executor: Option<Executor>) {
+    fork::watch();
+    let fresh = executor.map_or(ptr::null_mut(), |e| Box::into_raw(Box::new(e)));
+    EXECUTOR_EPOCH.store(FORKS.load(Ordering::Acquire), Ordering::Release);
+    // The previous one is leaked: another thread may still be reading it.
+    EXECUTOR.store(fresh, Ordering::Release);
+}
+
+fn executor() -> Option<Executor> {
+    let e = EXECUTOR.load(Ordering::Acquire);
+    if e.is_null() || EXECUTOR_EPOCH.load(Ordering::Acquire) != FORKS.load(Ordering::Acquire) {
+        return None;
+    }
+    // SAFETY: non-null values come from `Box::into_raw` in `set_executor` and are never freed.
+    Some(unsafe { *e })
+}
+
+/// Whether the parallel loops run on a registered executor (not rayon).
+pub fn has_executor() -> bool {
+    executor().is_some()
+}
+
+/// Threads the parallel loops run on (the executor's, else rayon's pool's).
+pub fn parallel_threads() -> usize {
+    executor().map_or_else(threads, |e| (e.threads)()).max(1)
+}
+
+/// Calls `job(t)` for every t in 0..tasks, in parallel, and returns when all are done.
+pub fn for_each_task(tasks: usize, job: impl Fn(usize) + Sync) {
+    if tasks <= 1 {
+        (0..tasks).for_each(job);
+        return;
+    }
+    match executor() {
+        Some(e) => (e.run)(tasks, &job),
+        None => install(|| (0..tasks).into_par_iter().for_each(&job)),
+    }
+}
+
+/// A raw pointer that tasks share; each task touches only its own disjoint range.
+struct Shared<T>(*mut T);
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Shared<T> {}
+impl<T> Shared<T> {
+    // A method, so closures capture the whole (Sync) wrapper rather than its raw field.
+    fn ptr(self) -> *mut T {
+        self.0
+    }
+}
+// SAFETY: used only by `for_each_chunk`, whose tasks write disjoint ranges of one
+// exclusively borrowed slice of `T: Send`.
+unsafe impl<T: Send> Send for Shared<T> {}
+// SAFETY: as above.
+unsafe impl<T: Send> Sync for Shared<T> {}
+
+/// Calls `f(c, chunk)` for each `chunk_len`-long chunk of `out` (the last may be shorter),
+/// one task per chunk, in parallel.
+pub fn for_each_chunk<T: Send>(out: &mut [T], chunk_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let (len, chunk_len) = (out.len(), chunk_len.max(1));
+    let base = Shared(out.as_mut_ptr());
+    for_each_task(len.div_ceil(chunk_len), |c| {
+        let start = c * chunk_len;
+        let end = (start + chunk_len).min(len);
+        // SAFETY: each task has its own c, so the ranges [start, end) are disjoint and lie
+        // inside `out`, which this call borrows exclusively until every task has returned.
+        let chunk = unsafe { std::slice::from_raw_parts_mut(base.ptr().add(start), end - start) };
+        f(c, chunk)
+    });
+}
+
+/// Rows per task for `rows` rows: a few tasks per thread balance the load.
+fn rows_per_task(rows: usize) -> usize {
+    rows.div_ceil(parallel_threads() * 4).max(1)
 }
 
 /// Calls `f(row_index, row)` for each `row_len`-long chunk of `out`, in parallel when `work`
@@ -129,7 +231,10 @@ where
     if work < threshold {
         out.chunks_mut(row_len).enumerate().for_each(|(i, r)| f(i, r));
     } else {
-        install(|| out.par_chunks_mut(row_len).enumerate().for_each(|(i, r)| f(i, r)));
+        let per = rows_per_task(out.len().div_ceil(row_len));
+        for_each_chunk(out, per * row_len, |c, rows| {
+            rows.chunks_mut(row_len).enumerate().for_each(|(i, r)| f(c * per + i, r))
+        });
     }
 }
 
@@ -148,7 +253,11 @@ where
         let mut scratch = init();
         out.chunks_mut(row_len).enumerate().for_each(|(i, r)| f(&mut scratch, i, r));
     } else {
-        install(|| out.par_chunks_mut(row_len).enumerate().for_each_init(&init, |s, (i, r)| f(s, i, r)));
+        let per = rows_per_task(out.len().div_ceil(row_len));
+        for_each_chunk(out, per * row_len, |c, rows| {
+            let mut scratch = init();
+            rows.chunks_mut(row_len).enumerate().for_each(|(i, r)| f(&mut scratch, c * per + i, r))
+        });
     }
 }
 
@@ -169,6 +278,62 @@ mod tests {
             r.fill(if on_pool { i + 1 } else { 0 });
         });
         assert!(out.chunks(64).enumerate().all(|(i, r)| r.iter().all(|&v| v == i + 1)));
+    }
+
+    /// An executor of three scoped threads pulling tasks from a counter (what the binding's
+    /// OpenMP executor does), counting its calls.
+    static EXECUTOR_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+    fn three_threads(tasks: usize, job: &(dyn Fn(usize) + Sync)) {
+        EXECUTOR_CALLS.fetch_add(1, Ordering::Relaxed);
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..3 {
+                s.spawn(|| loop {
+                    let t = next.fetch_add(1, Ordering::Relaxed);
+                    if t >= tasks {
+                        break;
+                    }
+                    job(t);
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn loops_run_on_a_registered_executor_with_the_same_results() {
+        let rows = |out: &mut Vec<usize>| {
+            for_each_row(out, 7, PARALLEL_THRESHOLD * 2, |i, r| {
+                r.iter_mut().enumerate().for_each(|(j, v)| *v = i * 7 + j)
+            });
+        };
+        let with = |out: &mut Vec<usize>| {
+            for_each_row_with(
+                out,
+                5,
+                PARALLEL_THRESHOLD * 2,
+                || vec![1usize; 5],
+                |s, i, r| r.iter_mut().zip(s.iter()).for_each(|(v, one)| *v = i + one),
+            );
+        };
+        let len = PARALLEL_THRESHOLD * 2 + 3; // a partial last row and last task
+        let (mut a, mut b) = (vec![0usize; len - len % 7], vec![0usize; len - len % 5]);
+        rows(&mut a);
+        with(&mut b);
+        set_executor(Some(Executor { threads: || 3, run: three_threads }));
+        assert!(has_executor() && parallel_threads() == 3);
+        let (mut a2, mut b2) = (vec![0usize; a.len()], vec![0usize; b.len()]);
+        rows(&mut a2);
+        with(&mut b2);
+        let mut chunks = vec![0usize; 1000];
+        for_each_chunk(&mut chunks, 64, |c, o| o.iter_mut().for_each(|v| *v = c));
+        set_executor(None);
+        assert!(!has_executor());
+        assert!(EXECUTOR_CALLS.load(Ordering::Relaxed) >= 3);
+        assert_eq!(a, a2);
+        assert_eq!(b, b2);
+        assert!(a.iter().enumerate().all(|(i, &v)| v == i));
+        assert!(chunks.iter().enumerate().all(|(i, &c)| c == i / 64));
     }
 
     /// Every kernel, at sizes that run in parallel, leaves rayon's global pool unbuilt: a

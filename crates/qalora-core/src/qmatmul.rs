@@ -13,8 +13,6 @@
 //! the partial sums to overflow, are recomputed the dense way ([`dense_rows_where_needed`]),
 //! on every route (int8 too), so results agree with `x @ W~ᵀ` in IEEE arithmetic.
 
-use rayon::prelude::*;
-
 use crate::error::{KernelError, Result};
 use crate::isa::Isa;
 use crate::layout::{max_code, size_product, QuantLayout};
@@ -408,7 +406,7 @@ pub fn qmatmul_with(
 }
 
 /// Runs `run_rows(row0, outputs, scratch)` over chunks of the N weight rows, each chunk's
-/// outputs laid out (rows, M), on rayon when the layer has at least
+/// outputs laid out (rows, M), in parallel when the layer has at least
 /// [`PARALLEL_MIN_WEIGHTS`] weights, and leaves `out` as (M, N). `init` makes one scratch
 /// per worker.
 pub(crate) fn for_weight_rows<S: Send>(
@@ -428,14 +426,9 @@ pub(crate) fn for_weight_rows<S: Send>(
     } else {
         // A few chunks per thread balance the load; each keeps whole rows, an even number
         // of them (the exact M = 1 kernel takes rows in pairs).
-        let chunks = crate::parallel::threads() * 4;
+        let chunks = crate::parallel::parallel_threads() * 4;
         let rows = (n.div_ceil(chunks).max(4) + 1) & !1;
-        crate::parallel::install(|| {
-            out_t
-                .par_chunks_mut(rows * m)
-                .enumerate()
-                .for_each_init(init, |scratch, (c, o)| run_rows(c * rows, o, scratch))
-        });
+        crate::parallel::for_each_chunk(out_t, rows * m, |c, o| run_rows(c * rows, o, &mut init()));
     }
     if m > 1 {
         transpose_into(&out_t_buf, n, m, out);

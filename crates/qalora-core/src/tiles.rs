@@ -281,10 +281,8 @@ pub fn qmatmul_tiled_with(
     if n * k < PARALLEL_MIN_WEIGHTS {
         run(0, out_t);
     } else {
-        let per = tiles.div_ceil(crate::parallel::threads() * 4).max(1);
-        crate::parallel::install(|| {
-            out_t.par_chunks_mut(per * TILE_ROWS * m).enumerate().for_each(|(c, o)| run(c * per, o))
-        });
+        let per = tiles.div_ceil(crate::parallel::parallel_threads() * 4).max(1);
+        crate::parallel::for_each_chunk(out_t, per * TILE_ROWS * m, |c, o| run(c * per, o));
     }
     if m > 1 {
         for (row, col) in out_t_buf.chunks_exact(m).enumerate() {
