@@ -13,6 +13,7 @@ import os
 import torch
 from _common import machine, median_time, stream_bandwidth
 from bench_qmatmul import make_weights, rotate_bytes, route_call, weight_bytes
+from qalora import _core
 
 
 def main() -> None:
@@ -20,7 +21,9 @@ def main() -> None:
     threads = torch.get_num_threads()
     print(f"machine: {machine()}")
     print(f"read bandwidth (streaming-read kernel, {threads} threads): {stream_bandwidth():.1f} GB/s")
-    rayon = os.environ.get("RAYON_NUM_THREADS", "all")
+    # The kernels' pool: torch's OpenMP team (torch's thread count) or rayon.
+    pool = _core.thread_pool()
+    pool += f" {threads}" if pool == "openmp" else " " + os.environ.get("RAYON_NUM_THREADS", "all")
     gen = torch.Generator().manual_seed(0)
     for n, k in [(4096, 4096), (4096, 14336)]:
         wb = weight_bytes(n, k, g)
@@ -48,8 +51,8 @@ def main() -> None:
                 q, tiled, _ = ws[i % copies if rotate else 0]
                 return route_call(route, x, q, tiled, g)
 
-            report(f"qalora {route}, rayon {rayon} threads, rotating copies", median_time(lambda i: run(i, True), reps))
-            report(f"qalora {route}, rayon {rayon} threads, one copy", median_time(lambda i: run(i, False), reps))
+            report(f"qalora {route}, {pool} threads, rotating copies", median_time(lambda i: run(i, True), reps))
+            report(f"qalora {route}, {pool} threads, one copy", median_time(lambda i: run(i, False), reps))
         ws = None  # free the copies before the next shape
 
 
