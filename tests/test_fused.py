@@ -215,3 +215,15 @@ def test_fused_route_is_not_taken_with_dropout_and_has_no_double_backward():
     (gx,) = torch.autograd.grad(lyr(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match=r"once_differentiable|twice"):
         gx.sum().backward()
+
+
+def test_qalora_linear_refuses_adapters_that_do_not_fit():
+    lyr = layer(32, 64, 32, 4, seed=9)
+    base, x = lyr.base_layer, tensor((3, 64), 1)
+    args = (base.packed, base.scales, base.offsets, 4, 32)
+    a, b = lyr.lora_A.weight, lyr.lora_B.weight
+    for bad_a, bad_b in [(a.T, b), (a, b.T), (a[:, :1], b), (a, b[:5])]:
+        with pytest.raises(qalora.ShapeError, match=r"expected \(rank, K/group_size\) = \(rank, 2\)"):
+            ops.qalora_linear(x, *args, bad_a, bad_b, 2.0)
+    with pytest.raises(qalora.ShapeError, match="x"):
+        ops.qalora_linear(tensor((3, 65), 1), *args, a, b, 2.0)

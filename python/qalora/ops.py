@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from . import _core
-from .errors import DTypeError, InternalError
+from .errors import DTypeError, InternalError, ShapeError
 
 __all__ = [
     "CUSTOM_OPS",
@@ -414,7 +414,18 @@ def qalora_linear(
 
     Returns:
         (..., N) in x's dtype. No double backward.
+
+    Raises:
+        ShapeError: lora_A or lora_B do not fit the layer; the kernels' own errors for x and
+            the quantized weight.
     """
+    groups = x.shape[-1] // group_size if x.dim() and group_size > 0 else 0
+    rank = lora_A.shape[0] if lora_A.dim() == 2 else -1
+    if lora_A.dim() != 2 or lora_A.shape[1] != groups or tuple(lora_B.shape) != (packed.shape[0], rank):
+        raise ShapeError(
+            f"lora_A, lora_B: got shapes {tuple(lora_A.shape)} and {tuple(lora_B.shape)}, expected "
+            f"(rank, K/group_size) = (rank, {groups}) and (out_features, rank) = ({packed.shape[0]}, rank)"
+        )
     dtype = adapter_dtype or lora_A.dtype
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
     y = _QALoRALinear.apply(x2, lora_A, lora_B, packed, scales, offsets, bits, group_size, scaling, activations, dtype)
