@@ -207,9 +207,59 @@ def test_fused_layer_gradients_only_where_needed():
     assert rel(gx, want[1]) < 2e-6
 
 
-def test_fused_route_is_not_taken_with_dropout_and_has_no_double_backward():
-    lyr = layer(32, 64, 32, 4, seed=8, dropout=0.1)
-    assert run(lyr, tensor((6, 64), 1).requires_grad_(), tensor((6, 32), 2))[4] != "_QALoRALinearBackward"
+@pytest.mark.parametrize("rows", [3, 40])
+def test_fused_layer_with_dropout_matches_the_composed_ops(rows):
+    """The same random stream gives the same mask on both routes (nn.Dropout and the fused
+    node both draw it with native dropout), so outputs and gradients agree; in eval mode
+    the dropout is off on both."""
+    lyr = layer(48, 128, 32, 4, seed=rows + 1, dropout=0.25)
+    x, gy = tensor((rows, 128), 1).requires_grad_(), tensor((rows, 48), 2)
+    torch.manual_seed(7)
+    fused = run(lyr, x, gy)
+    torch.manual_seed(7)
+    composed = run(lyr, x, gy, dispatcher=True)
+    assert fused[4] == "_QALoRALinearBackward" and composed[4] != fused[4]
+    for a, b in zip(fused[:4], composed[:4]):
+        assert rel(a, b) < 1e-6
+    # The mask mattered: without dropout the results differ.
+    assert rel(fused[0], run(layer(48, 128, 32, 4, seed=rows + 1), x, gy)[0]) > 1e-3
+    lyr.eval()
+    evaluated = run(lyr, x, gy)
+    assert evaluated[4] == "_QALoRALinearBackward"
+    want = reference_layer(lyr, x.detach(), gy)
+    assert all(rel(got, exp) < 2e-6 for got, exp in zip(evaluated[:4], want))
+
+
+def test_fused_dropout_gradient_against_float64():
+    """grad_x through the mask: drawn by the fused node, then replayed in float64."""
+    lyr = layer(24, 64, 32, 4, seed=11, dropout=0.5)
+    x, gy = tensor((10, 64), 1).requires_grad_(), tensor((10, 24), 2)
+    torch.manual_seed(3)
+    y, gx, ga, gb, _ = run(lyr, x, gy)
+    torch.manual_seed(3)
+    _, mask = torch.native_dropout(x.detach(), 0.5, True)
+    base, s = lyr.base_layer, lyr.scaling
+    w = base.dequantize(torch.float64)
+    x64 = x.detach().double().requires_grad_()
+    a64 = lyr.lora_A.weight.detach().double().requires_grad_()
+    b64 = lyr.lora_B.weight.detach().double().requires_grad_()
+    pooled = (x64 * mask.double() * 2.0).unflatten(-1, (-1, 32)).mean(-1)
+    y64 = x64 @ w.T + s * (pooled @ a64.T) @ b64.T
+    y64.backward(gy.double())
+    for got, exp in [(y, y64.detach()), (gx, x64.grad), (ga, a64.grad), (gb, b64.grad)]:
+        assert rel(got, exp) < 2e-6
+
+
+def test_ops_qalora_linear_refuses_a_bad_dropout():
+    lyr = layer(32, 64, 32, 4, seed=8)
+    base = lyr.base_layer
+    with pytest.raises(qalora.InvalidValueError, match="dropout"):
+        ops.qalora_linear(
+            tensor((3, 64), 1), *base.canonical(), 4, 32, lyr.lora_A.weight, lyr.lora_B.weight, 2.0, dropout=1.0
+        )
+
+
+def test_fused_route_has_no_double_backward():
     lyr = layer(32, 64, 32, 4, seed=8)
     x = tensor((6, 64), 1).requires_grad_()
     (gx,) = torch.autograd.grad(lyr(x).square().sum(), x, create_graph=True)

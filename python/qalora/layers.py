@@ -284,11 +284,11 @@ class QALoRALinear(nn.Module):
         return self.base_layer.out_features
 
     def _fused_route_applies(self, x: torch.Tensor) -> bool:
-        # A QA-LoRA adapter without dropout on an untiled base, run eagerly (hooks on
-        # base_layer, lora_A and lora_B do not fire on this route).
+        # A QA-LoRA adapter on an untiled base, run eagerly (hooks on base_layer, lora_A,
+        # lora_B and lora_dropout do not fire on this route).
         return (
             self.adapter == "qalora"
-            and isinstance(self.lora_dropout, nn.Identity)
+            and type(self.lora_dropout) in (nn.Identity, nn.Dropout)
             and not self.base_layer.is_tiled
             and x.dim() >= 1
             and ops.eager_route_applies(x, self.lora_A.weight, self.lora_B.weight)
@@ -318,6 +318,7 @@ class QALoRALinear(nn.Module):
                 self.scaling,
                 activations=base.activations,
                 adapter_dtype=torch.get_autocast_dtype(x.device.type) if autocast else None,
+                dropout=getattr(self.lora_dropout, "p", 0.0) if self.lora_dropout.training else 0.0,
             )
             return y if base.bias is None else y + base.bias.to(y.dtype)
         y = self.base_layer(x)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from . import _core
-from .errors import DTypeError, InternalError, ShapeError
+from .errors import DTypeError, InternalError, InvalidValueError, ShapeError
 
 __all__ = [
     "CUSTOM_OPS",
@@ -352,24 +352,33 @@ class _QALoRALinear(torch.autograd.Function):
     """``qalora_linear`` as one autograd node (no double backward)."""
 
     @staticmethod
-    def forward(ctx, x2, lora_A, lora_B, packed, scales, offsets, bits, group_size, scaling, activations, dtype):
+    def forward(
+        ctx, x2, lora_A, lora_B, packed, scales, offsets, bits, group_size, scaling, activations, dtype, dropout
+    ):
         y = _core.qmatmul(x2, packed, scales, offsets, bits, group_size, "auto", activations)
-        pooled = _core.group_pool(x2, group_size, "auto").to(dtype)
+        mask = None
+        if dropout > 0:
+            # The adapter reads dropout(x), as nn.Dropout gives it (same random stream).
+            dropped, mask = torch.native_dropout(x2, dropout, True)
+            pooled = _core.group_pool(dropped, group_size, "auto").to(dtype)
+            del dropped
+        else:
+            pooled = _core.group_pool(x2, group_size, "auto").to(dtype)
         a, b = lora_A.to(dtype), lora_B.to(dtype)
         h = pooled @ a.t()
         if y.dtype == dtype:
             y.addmm_(h, b.t(), alpha=scaling)  # y is this call's own fresh tensor
         else:
             y += (h @ b.t()).mul_(scaling).to(y.dtype)
-        ctx.save_for_backward(pooled, h, a, b, packed, scales, offsets)
-        ctx.layout = (bits, group_size, scaling, lora_A.dtype, lora_B.dtype)
+        ctx.save_for_backward(pooled, h, a, b, packed, scales, offsets, mask)
+        ctx.layout = (bits, group_size, scaling, lora_A.dtype, lora_B.dtype, dropout)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        pooled, h, a, b, packed, scales, offsets = ctx.saved_tensors
-        bits, group_size, scaling, a_dtype, b_dtype = ctx.layout
+        pooled, h, a, b, packed, scales, offsets, mask = ctx.saved_tensors
+        bits, group_size, scaling, a_dtype, b_dtype, dropout = ctx.layout
         g = grad_y.to(h.dtype)
         grad_h = (g @ b).mul_(scaling)
         grad_x = grad_a = grad_b = None
@@ -378,13 +387,17 @@ class _QALoRALinear(torch.autograd.Function):
             # The adapter's share, the pooling's backward: each group's gradient spread over
             # its columns, added in place (no second (M, K) tensor, no separate add).
             rows, k = grad_x.shape
-            spread = (grad_h @ a).div_(group_size).to(grad_x.dtype)
-            grad_x.view(rows, k // group_size, group_size).add_(spread.unsqueeze(-1))
+            spread = (grad_h @ a).div_(group_size).to(grad_x.dtype).unsqueeze(-1)
+            grouped = grad_x.view(rows, k // group_size, group_size)
+            if mask is None:
+                grouped.add_(spread)
+            else:  # through the dropout: kept inputs only, scaled as they were
+                grouped.addcmul_(spread, mask.view(grouped.shape), value=1.0 / (1.0 - dropout))
         if ctx.needs_input_grad[1]:
             grad_a = (grad_h.t() @ pooled).to(a_dtype)
         if ctx.needs_input_grad[2]:
             grad_b = (g.t() @ h).mul_(scaling).to(b_dtype)
-        return grad_x, grad_a, grad_b, None, None, None, None, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None, None, None, None, None
 
 
 def qalora_linear(
@@ -400,9 +413,10 @@ def qalora_linear(
     *,
     activations: str = "exact",
     adapter_dtype: torch.dtype | None = None,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
-    """``qmatmul(x, ...) + scaling * group_pool(x) @ lora_A.T @ lora_B.T`` as one autograd
-    node: a QA-LoRA layer without dropout, in eager mode (callers check
+    """``qmatmul(x, ...) + scaling * group_pool(dropout(x)) @ lora_A.T @ lora_B.T`` as one
+    autograd node: a QA-LoRA layer in eager mode (callers check
     :func:`eager_route_applies`). The backward adds the pooling's gradient into the base
     product's in place and computes the adapter's gradients directly, where the composed
     ops make four autograd nodes and two extra (M, K) tensors per layer.
@@ -411,6 +425,8 @@ def qalora_linear(
         x: (..., K). lora_A: (rank, K/group_size). lora_B: (N, rank).
         adapter_dtype: the dtype the adapter product runs in (default: lora_A's; the
             autocast dtype under autocast); its gradients come back in the weights' dtypes.
+        dropout: probability of zeroing an input of the adapter (as ``nn.Dropout`` in
+            training mode; 0 for none). Its mask (M×K bytes) is kept for the backward.
 
     Returns:
         (..., N) in x's dtype. No double backward.
@@ -428,7 +444,11 @@ def qalora_linear(
         )
     dtype = adapter_dtype or lora_A.dtype
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-    y = _QALoRALinear.apply(x2, lora_A, lora_B, packed, scales, offsets, bits, group_size, scaling, activations, dtype)
+    if not 0.0 <= dropout < 1.0:
+        raise InvalidValueError(f"dropout: got {dropout}, allowed: 0 <= dropout < 1")
+    y = _QALoRALinear.apply(
+        x2, lora_A, lora_B, packed, scales, offsets, bits, group_size, scaling, activations, dtype, dropout
+    )
     return y.view(*x.shape[:-1], y.shape[-1]) if x.dim() != 2 else y
 
 
