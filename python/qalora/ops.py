@@ -322,8 +322,9 @@ _EAGER: dict[str, Any] = {
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _eager(args: tuple[Any, ...]) -> bool:
-    """Whether the kernels may run without the dispatcher: plain tensors, nothing tracing."""
+def eager_route_applies(*args: Any) -> bool:
+    """Whether the ops run on ``args`` take the eager route (see above): no tracing,
+    compiling, dispatch or torch-function mode, functorch transform, and plain tensors."""
     if (
         torch.compiler.is_compiling()
         or torch.jit.is_tracing()
@@ -337,15 +338,9 @@ def _eager(args: tuple[Any, ...]) -> bool:
 
 def _run(name: str, kinds: str, *args: Any) -> Any:
     """One of the per-step ops: the eager route when it applies, else the custom op."""
-    if _eager(args):
+    if eager_route_applies(*args):
         return _EAGER[name](*args)
     return _call(name, kinds, *args)
-
-
-def eager_route_applies(*args: Any) -> bool:
-    """Whether the ops run on ``args`` would take the eager route (see above): no tracing,
-    compiling, dispatch or torch-function mode, functorch transform, and plain tensors."""
-    return _eager(args)
 
 
 class _QALoRALinear(torch.autograd.Function):
