@@ -4,6 +4,8 @@ and the bandwidth probe."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import qalora
@@ -385,3 +387,14 @@ def test_both_thread_pools_give_the_same_bits(pool_restored):
 def test_set_thread_pool_refuses_other_names():
     with pytest.raises(qalora.InvalidValueError, match="allowed: 'openmp', 'rayon'"):
         _core.set_thread_pool("tbb")
+
+
+def test_an_unknown_thread_pool_setting_is_said():
+    import subprocess
+    import sys
+
+    code = "import warnings; warnings.simplefilter('always'); import qalora.ops"
+    env = dict(os.environ, QALORA_THREAD_POOL="tbb")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "QALORA_THREAD_POOL: got 'tbb', allowed: 'openmp', 'rayon'" in r.stderr

@@ -26,6 +26,8 @@ the kernel's own typed error.
 from __future__ import annotations
 
 import operator
+import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -51,6 +53,15 @@ __all__ = [
 
 #: Bit widths the kernels store.
 SUPPORTED_BITS: tuple[int, ...] = tuple(_core.SUPPORTED_BITS)
+
+# The extension chose its thread pool at import (QALORA_THREAD_POOL=rayon, else torch's
+# OpenMP team where present); a value it does not know is said, not silently ignored.
+if os.environ.get("QALORA_THREAD_POOL", "") not in ("", "openmp", "rayon"):
+    warnings.warn(
+        f"QALORA_THREAD_POOL: got {os.environ['QALORA_THREAD_POOL']!r}, allowed: 'openmp', 'rayon'; "
+        f"the kernels use {_core.thread_pool()!r}",
+        stacklevel=2,
+    )
 
 ArrayOrTensor = torch.Tensor | np.ndarray
 
@@ -430,7 +441,9 @@ def qalora_linear(
         ShapeError: lora_A or lora_B do not fit the layer; the kernels' own errors for x and
             the quantized weight.
     """
-    groups = x.shape[-1] // group_size if x.dim() and group_size > 0 else 0
+    # The layer's own width (x is checked against it by the kernel).
+    k = packed.shape[-1] * 8 // bits if packed.dim() == 2 and bits in SUPPORTED_BITS else 0
+    groups = k // group_size if group_size > 0 else 0
     rank = lora_A.shape[0] if lora_A.dim() == 2 else -1
     if lora_A.dim() != 2 or lora_A.shape[1] != groups or tuple(lora_B.shape) != (packed.shape[0], rank):
         raise ShapeError(
