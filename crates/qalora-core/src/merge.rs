@@ -18,9 +18,47 @@ pub trait OffsetElem: Copy + Send + Sync {
     fn load(src: &[Self], dst: &mut [f32]);
     /// Rounds to nearest, ties to even (as torch's casts do).
     fn store(src: &[f32], dst: &mut [Self]);
+    /// The AVX-512 merge of `rows` rows of this dtype (see `avx512::merge_rows`).
+    ///
+    /// # Safety
+    /// AVX-512 F; `src` and `out` hold rows × groups values, `b` rows × rank, `a` rank × groups.
+    #[cfg(target_arch = "x86_64")]
+    #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn merge_rows_avx512(
+        src: *const Self,
+        out: *mut Self,
+        rows: usize,
+        b: &[f32],
+        a: &[f32],
+        rank: usize,
+        groups: usize,
+        factor: f32,
+    );
+}
+
+/// Each dtype's [`OffsetElem::merge_rows_avx512`]: the generic kernel at that dtype.
+macro_rules! merge_rows_avx512_of {
+    ($t:ty) => {
+        #[cfg(target_arch = "x86_64")]
+        unsafe fn merge_rows_avx512(
+            src: *const $t,
+            out: *mut $t,
+            rows: usize,
+            b: &[f32],
+            a: &[f32],
+            rank: usize,
+            groups: usize,
+            factor: f32,
+        ) {
+            // SAFETY: the caller's contract.
+            unsafe { avx512::merge_rows::<$t>(src, out, rows, b, a, rank, groups, factor) }
+        }
+    };
 }
 
 impl OffsetElem for f32 {
+    merge_rows_avx512_of!(f32);
     fn load(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src)
     }
@@ -30,6 +68,7 @@ impl OffsetElem for f32 {
 }
 
 impl OffsetElem for f16 {
+    merge_rows_avx512_of!(f16);
     // half's slice conversions use F16C when the CPU has it (detected once per call).
     fn load(src: &[f16], dst: &mut [f32]) {
         src.convert_to_f32_slice(dst)
@@ -40,6 +79,7 @@ impl OffsetElem for f16 {
 }
 
 impl OffsetElem for bf16 {
+    merge_rows_avx512_of!(bf16);
     fn load(src: &[bf16], dst: &mut [f32]) {
         src.convert_to_f32_slice(dst)
     }
@@ -51,30 +91,31 @@ impl OffsetElem for bf16 {
 /// Rows per work item: enough to amortise scheduling, few enough that the f32 scratch
 /// (rows × L) stays in L1/L2 for typical L.
 const BLOCK_ROWS: usize = 32;
-/// Output columns kept in registers while the rank loop runs (4 AVX2 vectors).
-/// m[l..l + W] += factor * Σ_t b[t] * a[t, l..l + W] for one row: W independent sums in
-/// registers, so the adds of consecutive t overlap (a wide W hides the add latency).
+
+/// m[l..l + W] = factor * s + m[l..l + W], s = Σ_t b[t] * a[t, l..l + W] for one row: W
+/// independent sums in registers, so the fused multiply-adds of consecutive t overlap.
 #[inline(always)]
 fn merge_cols<const W: usize>(mrow: &mut [f32], brow: &[f32], a: &[f32], groups: usize, l: usize, factor: f32) {
     let mut acc = [0f32; W];
     for (t, &bt) in brow.iter().enumerate() {
         let at: &[f32; W] = a[t * groups + l..t * groups + l + W].try_into().unwrap();
         for j in 0..W {
-            acc[j] += bt * at[j];
+            acc[j] = bt.mul_add(at[j], acc[j]);
         }
     }
     let dst: &mut [f32; W] = (&mut mrow[l..l + W]).try_into().unwrap();
     for j in 0..W {
-        dst[j] += factor * acc[j];
+        dst[j] = factor.mul_add(acc[j], dst[j]);
     }
 }
 
 /// m[i, :] += factor * Σ_t b[i, t] * a[t, :] for every row i of `m` (rows of `groups`).
 ///
-/// Each element is `m + factor * s` with s summed over t in order, with separate multiplies
-/// and adds (no FMA), so every instruction set and every column blocking gives the same
-/// bits. Columns go in blocks of `WIDE` (as many as the vector registers hold), then 32,
-/// then 8, then one at a time.
+/// Each element is fma(factor, s, m) with s = fma(b[t], a[t], s) over t in order from 0:
+/// fused multiply-adds (one rounding each) on every instruction set, the scalar twin
+/// included, so every instruction set and every column blocking gives the same bits.
+/// Columns go in blocks of `WIDE` (as many as the vector registers hold), then 32, then 8,
+/// then one at a time.
 #[inline(always)]
 fn merge_rows<const WIDE: usize>(m: &mut [f32], b: &[f32], a: &[f32], rank: usize, groups: usize, factor: f32) {
     for (mrow, brow) in m.chunks_exact_mut(groups).zip(b.chunks_exact(rank)) {
@@ -94,39 +135,191 @@ fn merge_rows<const WIDE: usize>(m: &mut [f32], b: &[f32], a: &[f32], rank: usiz
         for (j, v) in mrow.iter_mut().enumerate().skip(l) {
             let mut s = 0f32;
             for (t, &bt) in brow.iter().enumerate() {
-                s += bt * a[t * groups + j];
+                s = bt.mul_add(a[t * groups + j], s);
             }
-            *v += factor * s;
+            *v = factor.mul_add(s, *v);
         }
     }
 }
 
-/// [`merge_rows`] compiled for AVX2 (8-wide vectors).
+/// [`merge_rows`] compiled for AVX2 + FMA (8-wide vectors).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 fn merge_rows_avx2(m: &mut [f32], b: &[f32], a: &[f32], rank: usize, groups: usize, factor: f32) {
     // 8 of the 16 ymm registers hold sums.
     merge_rows::<64>(m, b, a, rank, groups, factor)
 }
 
-/// [`merge_rows`] compiled for AVX-512 (16-wide vectors; separate multiplies and adds as
-/// everywhere, so the bits stay the same).
+/// The AVX-512 merge: offsets are converted from and to their storage dtype in registers
+/// (no f32 scratch pass), with the arithmetic of [`merge_rows`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,avx512f")]
-fn merge_rows_avx512(m: &mut [f32], b: &[f32], a: &[f32], rank: usize, groups: usize, factor: f32) {
-    // 8 of the 32 zmm registers hold sums.
-    merge_rows::<128>(m, b, a, rank, groups, factor)
+mod avx512 {
+    use core::arch::x86_64::*;
+
+    use half::{bf16, f16};
+
+    /// 16 offsets of a storage dtype to and from one f32 vector, rounding as torch's casts
+    /// (and `half`'s conversions, which the scalar path uses) do.
+    pub(super) trait Lanes: Copy + Default {
+        /// # Safety
+        /// `p` is valid for reading 16 values; the CPU has AVX-512 F.
+        unsafe fn load16(p: *const Self) -> __m512;
+        /// # Safety
+        /// `p` is valid for writing 16 values; the CPU has AVX-512 F.
+        unsafe fn store16(p: *mut Self, v: __m512);
+    }
+
+    impl Lanes for f32 {
+        #[inline(always)]
+        unsafe fn load16(p: *const f32) -> __m512 {
+            // SAFETY: the caller's contract.
+            unsafe { _mm512_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn store16(p: *mut f32, v: __m512) {
+            // SAFETY: the caller's contract.
+            unsafe { _mm512_storeu_ps(p, v) }
+        }
+    }
+
+    impl Lanes for f16 {
+        #[inline(always)]
+        unsafe fn load16(p: *const f16) -> __m512 {
+            // SAFETY: the caller's contract (16 f16 are the 32 bytes read).
+            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+        }
+        #[inline(always)]
+        unsafe fn store16(p: *mut f16, v: __m512) {
+            // Round to nearest even, as F16C (which `half` uses) does.
+            // SAFETY: the caller's contract.
+            unsafe {
+                let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+                _mm256_storeu_si256(p as *mut __m256i, h)
+            }
+        }
+    }
+
+    impl Lanes for bf16 {
+        #[inline(always)]
+        unsafe fn load16(p: *const bf16) -> __m512 {
+            // SAFETY: the caller's contract; bf16 is the high half of an f32.
+            unsafe {
+                let w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w))
+            }
+        }
+        #[inline(always)]
+        unsafe fn store16(p: *mut bf16, v: __m512) {
+            // Round to nearest even by adding 0x7fff plus the kept lowest bit; a NaN keeps
+            // its high bits with the quiet bit set (what `half::bf16::from_f32` gives).
+            // SAFETY: the caller's contract.
+            unsafe {
+                let x = _mm512_castps_si512(v);
+                let hi = _mm512_srli_epi32::<16>(x);
+                let lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+                let rounded =
+                    _mm512_srli_epi32::<16>(_mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))));
+                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+                let quiet = _mm512_or_si512(hi, _mm512_set1_epi32(0x40));
+                let bits = _mm512_mask_blend_epi32(nan, rounded, quiet);
+                _mm256_storeu_si256(p as *mut __m256i, _mm512_cvtepi32_epi16(bits))
+            }
+        }
+    }
+
+    /// One row's columns l..l + 16·V: sums over the rank in V registers, then
+    /// fma(factor, s, m) stored in the row's dtype. `tail` < 16 marks a last, partial
+    /// vector (V = 1), staged through a 16-value buffer so nothing past the row is touched.
+    ///
+    /// # Safety
+    /// AVX-512 F; `src` and `out` hold `groups` values; l + 16·V ≤ groups unless `tail`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn merge_cols<T: Lanes, const V: usize>(
+        src: *const T,
+        out: *mut T,
+        brow: &[f32],
+        a: &[f32],
+        groups: usize,
+        l: usize,
+        tail: Option<usize>,
+        factor: __m512,
+    ) {
+        // SAFETY: loads of `a` stay within row t (masked on a tail); offsets by the contract.
+        unsafe {
+            let mask: __mmask16 = match tail {
+                Some(rem) => ((1u32 << rem) - 1) as __mmask16,
+                None => 0xffff,
+            };
+            let mut acc = [_mm512_setzero_ps(); V];
+            for (t, &bt) in brow.iter().enumerate() {
+                let bt = _mm512_set1_ps(bt);
+                let at = a.as_ptr().add(t * groups + l);
+                for (v, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_fmadd_ps(bt, _mm512_maskz_loadu_ps(mask, at.add(16 * v)), *acc);
+                }
+            }
+            match tail {
+                None => {
+                    for (v, acc) in acc.iter().enumerate() {
+                        let m = T::load16(src.add(l + 16 * v));
+                        T::store16(out.add(l + 16 * v), _mm512_fmadd_ps(factor, *acc, m));
+                    }
+                }
+                Some(rem) => {
+                    let mut buf = [T::default(); 16];
+                    core::ptr::copy_nonoverlapping(src.add(l), buf.as_mut_ptr(), rem);
+                    let m = T::load16(buf.as_ptr());
+                    T::store16(buf.as_mut_ptr(), _mm512_fmadd_ps(factor, acc[0], m));
+                    core::ptr::copy_nonoverlapping(buf.as_ptr(), out.add(l), rem);
+                }
+            }
+        }
+    }
+
+    /// `rows` rows: out[i, :] = fma(factor, Σ_t b[i, t] a[t, :], src[i, :]); `src` may be
+    /// `out` itself (each vector is read before it is written).
+    ///
+    /// # Safety
+    /// AVX-512 F; `src` and `out` hold rows × groups values, `b` rows × rank, `a` rank × groups.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn merge_rows<T: Lanes>(
+        src: *const T,
+        out: *mut T,
+        rows: usize,
+        b: &[f32],
+        a: &[f32],
+        rank: usize,
+        groups: usize,
+        factor: f32,
+    ) {
+        let factor = _mm512_set1_ps(factor);
+        for (i, brow) in b.chunks_exact(rank).take(rows).enumerate() {
+            // SAFETY: row i lies within `src` and `out` by the contract; columns as checked.
+            unsafe {
+                let (s, o) = (src.add(i * groups), out.add(i * groups));
+                let mut l = 0;
+                while l + 128 <= groups {
+                    merge_cols::<T, 8>(s, o, brow, a, groups, l, None, factor);
+                    l += 128;
+                }
+                while l + 16 <= groups {
+                    merge_cols::<T, 1>(s, o, brow, a, groups, l, None, factor);
+                    l += 16;
+                }
+                if l < groups {
+                    merge_cols::<T, 1>(s, o, brow, a, groups, l, Some(groups - l), factor);
+                }
+            }
+        }
+    }
 }
 
 fn merge_rows_with(isa: Isa, m: &mut [f32], b: &[f32], a: &[f32], rank: usize, groups: usize, factor: f32) {
     #[cfg(target_arch = "x86_64")]
-    if isa.avx512_vnni().is_some() {
-        // SAFETY: `avx512_vnni()` proves AVX-512 F (the body is safe code, bounds-checked).
-        return unsafe { merge_rows_avx512(m, b, a, rank, groups, factor) };
-    }
-    #[cfg(target_arch = "x86_64")]
     if isa.avx2().is_some() {
-        // SAFETY: `avx2()` proves the CPU has AVX2 (the body is safe code, bounds-checked).
+        // SAFETY: `avx2()` proves the CPU has AVX2 and FMA (the body is safe code, bounds-checked).
         return unsafe { merge_rows_avx2(m, b, a, rank, groups, factor) };
     }
     let _ = isa;
@@ -234,13 +427,26 @@ fn merge_impl<T: OffsetElem>(
         |scratch, blk, o| {
             let rows = o.len() / groups;
             let row0 = blk * BLOCK_ROWS;
+            let b = &lora_b[row0 * rank..(row0 + rows) * rank];
+            #[cfg(target_arch = "x86_64")]
+            if rank > 0 && isa.avx512_vnni().is_some() {
+                let op = o.as_mut_ptr();
+                let sp = match src {
+                    Some(src) => src[row0 * groups..(row0 + rows) * groups].as_ptr(),
+                    None => op as *const T,
+                };
+                // SAFETY: `avx512_vnni()` proves AVX-512 F; `sp` and `op` hold rows × groups
+                // values (the same rows of `src` or `out` itself), `b` rows × rank, and
+                // lora_a rank × groups (checked above).
+                return unsafe { T::merge_rows_avx512(sp, op, rows, b, lora_a, rank, groups, factor) };
+            }
             let s = &mut scratch[..o.len()];
             match src {
                 Some(src) => T::load(&src[row0 * groups..(row0 + rows) * groups], s),
                 None => T::load(o, s),
             }
             if rank > 0 {
-                merge_rows_with(isa, s, &lora_b[row0 * rank..(row0 + rows) * rank], lora_a, rank, groups, factor);
+                merge_rows_with(isa, s, b, lora_a, rank, groups, factor);
             }
             T::store(s, o);
         },
@@ -279,6 +485,56 @@ mod tests {
         assert!(merge_offsets(&m, n, l, &a, &b, r, f32::NAN, g, &mut out).is_err());
     }
 
+    /// Rounding edges of the f16 / bf16 stores on every instruction set: ties (to even),
+    /// f16 subnormals and overflow to infinity, bf16 overflow, NaN, signed zero, and a
+    /// partial last vector. With rank 1, b = 1 and factor 1 each result is m + a rounded
+    /// once to f32, then once to the storage dtype, exactly as `half` rounds it.
+    #[test]
+    fn storage_rounding_matches_half_on_every_path() {
+        let deltas = [
+            2f32.powi(-8),        // bf16 tie at 1.0: stays 1.0
+            3.0 * 2f32.powi(-8),  // bf16 tie: rounds up to the even 1.015625
+            2f32.powi(-11),       // f16 tie at 1.0
+            3.0 * 2f32.powi(-11), // f16 tie, rounds up
+            -1.0 + 1e-7,          // f16 subnormal result
+            -1.0 + 3e-8,          // below f16's smallest subnormal's half: rounds to 0
+            65519.0,              // f16 rounds to its largest finite
+            65520.0,              // f16 overflows to infinity
+            3.4e38,               // bf16 rounds to infinity
+            -2.0,                 // -1.0
+            -1.0,                 // +0.0
+            f32::NAN,
+            f32::INFINITY,
+            0.1,
+            -0.3,
+            1.0e-3,
+            7.25,
+        ];
+        let l = deltas.len();
+        let m32 = vec![1f32; l];
+        let (b, factor_g) = (vec![1f32], 32usize);
+        for isa in Isa::available() {
+            let m16: Vec<f16> = m32.iter().map(|&v| f16::from_f32(v)).collect();
+            let mut o16 = vec![f16::ZERO; l];
+            merge_offsets_with(&m16, 1, l, &deltas, &b, 1, factor_g as f32, factor_g, &mut o16, isa).unwrap();
+            let mut in16 = m16.clone();
+            merge_offsets_in_place(&mut in16, 1, l, &deltas, &b, 1, factor_g as f32, factor_g, isa).unwrap();
+            let mb: Vec<bf16> = m32.iter().map(|&v| bf16::from_f32(v)).collect();
+            let mut ob = vec![bf16::ZERO; l];
+            merge_offsets_with(&mb, 1, l, &deltas, &b, 1, factor_g as f32, factor_g, &mut ob, isa).unwrap();
+            let mut inb = mb.clone();
+            merge_offsets_in_place(&mut inb, 1, l, &deltas, &b, 1, factor_g as f32, factor_g, isa).unwrap();
+            for j in 0..l {
+                let exact = 1f32 + deltas[j];
+                let (w16, wb) = (f16::from_f32(exact), bf16::from_f32(exact));
+                assert_eq!(o16[j].to_bits(), w16.to_bits(), "f16 {isa:?} delta {}", deltas[j]);
+                assert_eq!(in16[j].to_bits(), w16.to_bits(), "f16 in place {isa:?} delta {}", deltas[j]);
+                assert_eq!(ob[j].to_bits(), wb.to_bits(), "bf16 {isa:?} delta {}", deltas[j]);
+                assert_eq!(inb[j].to_bits(), wb.to_bits(), "bf16 in place {isa:?} delta {}", deltas[j]);
+            }
+        }
+    }
+
     /// Odd shapes (L below, at and above the register block, with tails), the parallel path
     /// (above the work threshold, a partial last block), every instruction set, and the
     /// three storage dtypes: all within f32 / one-rounding error of an f64 reference, and
@@ -293,9 +549,11 @@ mod tests {
             (1031, 128, 16),
             (300, 97, 8),
             (40, 64, 0),
-            // Every column block of every instruction set (128, 64, 32, 8) and a tail.
+            // Every column block of every instruction set (128, 64, 32, 16, 8) and a tail.
             (17, 128 + 64 + 32 + 8 + 3, 16),
             (6, 448, 5),
+            (3, 128 + 16 + 16 + 15, 2),
+            (4, 15, 7),
         ] {
             let (g, c) = (32usize, 1.75f32);
             let seed = (n * 1000 + l * 10 + r) as u64;
@@ -328,11 +586,18 @@ mod tests {
             merge_offsets_with(&mb16_f32, n, l, &a, &b, r, c, g, &mut wantb16, Isa::Scalar).unwrap();
             let mut o16 = vec![f16::ZERO; n * l];
             let mut ob16 = vec![bf16::ZERO; n * l];
-            merge_offsets(&m16, n, l, &a, &b, r, c, g, &mut o16).unwrap();
-            merge_offsets(&mb16, n, l, &a, &b, r, c, g, &mut ob16).unwrap();
-            for i in 0..n * l {
-                assert_eq!(o16[i], f16::from_f32(want16[i]), "f16 n={n} l={l} r={r} i={i}");
-                assert_eq!(ob16[i], bf16::from_f32(wantb16[i]), "bf16 n={n} l={l} r={r} i={i}");
+            for isa in Isa::available() {
+                merge_offsets_with(&m16, n, l, &a, &b, r, c, g, &mut o16, isa).unwrap();
+                merge_offsets_with(&mb16, n, l, &a, &b, r, c, g, &mut ob16, isa).unwrap();
+                let (mut in16, mut inb16) = (m16.clone(), mb16.clone());
+                merge_offsets_in_place(&mut in16, n, l, &a, &b, r, c, g, isa).unwrap();
+                merge_offsets_in_place(&mut inb16, n, l, &a, &b, r, c, g, isa).unwrap();
+                for i in 0..n * l {
+                    assert_eq!(o16[i], f16::from_f32(want16[i]), "f16 n={n} l={l} r={r} i={i} {isa:?}");
+                    assert_eq!(ob16[i], bf16::from_f32(wantb16[i]), "bf16 n={n} l={l} r={r} i={i} {isa:?}");
+                    assert_eq!(in16[i], o16[i], "f16 in place n={n} l={l} r={r} i={i} {isa:?}");
+                    assert_eq!(inb16[i], ob16[i], "bf16 in place n={n} l={l} r={r} i={i} {isa:?}");
+                }
             }
         }
     }
