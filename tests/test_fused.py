@@ -278,3 +278,26 @@ def test_qalora_linear_refuses_adapters_that_do_not_fit():
     for width in (63, 65):  # x's own error, not the adapters'
         with pytest.raises(qalora.ShapeError, match=r"^(?!lora_A).*\bx\b"):
             ops.qalora_linear(tensor((3, width), 1), *args, a, b, 2.0)
+
+
+def test_calls_without_gradients_skip_the_autograd_node_and_give_the_same_bits():
+    """Inference (no_grad, or no input that requires grad) calls the binding itself, without
+    an autograd node: the same bits as the differentiable call, and no grad_fn."""
+    lyr = layer(24, 64, 32, 4, 71, bias=True)
+    x = tensor((3, 64), 72)
+    base = lyr.base_layer
+    weight = (base.packed, base.scales, base.offsets, base.bits, base.group_size)
+    with_grad = ops.qmatmul(x.clone().requires_grad_(), *weight)
+    assert with_grad.grad_fn is not None
+    for context in (torch.no_grad, torch.enable_grad):
+        with context():
+            plain = ops.qmatmul(x, *weight)
+            pooled = ops.group_pool(x, 32)
+        assert plain.grad_fn is None and pooled.grad_fn is None
+        assert torch.equal(plain, with_grad.detach())
+        assert torch.equal(pooled, ops.group_pool(x.clone().requires_grad_(), 32).detach())
+    want = lyr(x.clone().requires_grad_()).detach()
+    with torch.no_grad():
+        got = lyr(x)
+    assert got.grad_fn is None
+    assert torch.equal(got, want)

@@ -347,11 +347,44 @@ def eager_route_applies(*args: Any) -> bool:
     return all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor))
 
 
+# The bindings themselves, for eager calls with nothing to differentiate: an autograd
+# Function's apply costs about 20 us a call, as much as a small layer's kernel.
+_KERNELS: dict[str, Any] = {name: getattr(_core, name) for name in _EAGER}
+
+
+def _needs_grad(args: tuple) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
 def _run(name: str, kinds: str, *args: Any) -> Any:
-    """One of the per-step ops: the eager route when it applies, else the custom op."""
+    """One of the per-step ops: the eager route when it applies (the binding itself when no
+    input needs a gradient), else the custom op."""
     if eager_route_applies(*args):
-        return _EAGER[name](*args)
+        return (_EAGER if _needs_grad(args) else _KERNELS)[name](*args)
     return _call(name, kinds, *args)
+
+
+def _qalora_forward(
+    x2, lora_A, lora_B, packed, scales, offsets, bits, group_size, scaling, activations, dtype, dropout
+):
+    """The fused layer's forward: y and what its backward needs (pooled input, h, the
+    adapters in the compute dtype, the dropout's mask)."""
+    y = _core.qmatmul(x2, packed, scales, offsets, bits, group_size, "auto", activations)
+    mask = None
+    if dropout > 0:
+        # The adapter reads dropout(x), as nn.Dropout gives it (same random stream).
+        dropped, mask = torch.native_dropout(x2, dropout, True)
+        pooled = _core.group_pool(dropped, group_size, "auto").to(dtype)
+        del dropped
+    else:
+        pooled = _core.group_pool(x2, group_size, "auto").to(dtype)
+    a, b = lora_A.to(dtype), lora_B.to(dtype)
+    h = pooled @ a.t()
+    if y.dtype == dtype:
+        y.addmm_(h, b.t(), alpha=scaling)  # y is this call's own fresh tensor
+    else:
+        y += (h @ b.t()).mul_(scaling).to(y.dtype)
+    return y, (pooled, h, a, b, mask)
 
 
 class _QALoRALinear(torch.autograd.Function):
@@ -361,21 +394,9 @@ class _QALoRALinear(torch.autograd.Function):
     def forward(
         ctx, x2, lora_A, lora_B, packed, scales, offsets, bits, group_size, scaling, activations, dtype, dropout
     ):
-        y = _core.qmatmul(x2, packed, scales, offsets, bits, group_size, "auto", activations)
-        mask = None
-        if dropout > 0:
-            # The adapter reads dropout(x), as nn.Dropout gives it (same random stream).
-            dropped, mask = torch.native_dropout(x2, dropout, True)
-            pooled = _core.group_pool(dropped, group_size, "auto").to(dtype)
-            del dropped
-        else:
-            pooled = _core.group_pool(x2, group_size, "auto").to(dtype)
-        a, b = lora_A.to(dtype), lora_B.to(dtype)
-        h = pooled @ a.t()
-        if y.dtype == dtype:
-            y.addmm_(h, b.t(), alpha=scaling)  # y is this call's own fresh tensor
-        else:
-            y += (h @ b.t()).mul_(scaling).to(y.dtype)
+        y, (pooled, h, a, b, mask) = _qalora_forward(
+            x2, lora_A, lora_B, packed, scales, offsets, bits, group_size, scaling, activations, dtype, dropout
+        )
         ctx.save_for_backward(pooled, h, a, b, packed, scales, offsets, mask)
         ctx.layout = (bits, group_size, scaling, lora_A.dtype, lora_B.dtype, dropout)
         return y
@@ -454,9 +475,9 @@ def qalora_linear(
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
     if not 0.0 <= dropout < 1.0:
         raise InvalidValueError(f"dropout: got {dropout}, allowed: 0 <= dropout < 1")
-    y = _QALoRALinear.apply(
-        x2, lora_A, lora_B, packed, scales, offsets, bits, group_size, scaling, activations, dtype, dropout
-    )
+    args = (x2, lora_A, lora_B, packed, scales, offsets, bits, group_size, scaling, activations, dtype, dropout)
+    # Nothing to differentiate (inference, no_grad): the forward without an autograd node.
+    y = _QALoRALinear.apply(*args) if _needs_grad(args) else _qalora_forward(*args)[0]
     return y.view(*x.shape[:-1], y.shape[-1]) if x.dim() != 2 else y
 
 
