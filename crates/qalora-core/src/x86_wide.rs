@@ -14,6 +14,7 @@
 use std::arch::x86_64::*;
 
 use crate::isa::HasAvx512Vnni;
+use crate::x86::PREFETCH_AHEAD;
 
 /// Activation rows one pass over a weight row takes at most (32 registers).
 pub const PASS_ROWS: usize = 8;
@@ -92,6 +93,10 @@ unsafe fn block_wide<const MB: usize, const T: usize>(
         let mut j = l * g;
         let end = j + g;
         while j < end {
+            if j.is_multiple_of(128) {
+                // Once per 64-byte line of codes.
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(j / 2 + PREFETCH_AHEAD) as *const i8);
+            }
             let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(row.add(j / 2) as *const __m128i));
             let lo = _mm512_permutexvar_ps(v, lut);
             let hi = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(v), lut);
