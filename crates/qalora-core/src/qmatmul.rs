@@ -466,8 +466,8 @@ mod tests {
 
     /// Every instruction set and both parameter dtypes against a float64 reference built from
     /// unpacked codes, on odd shapes: M = 1..=16 (all block splits), N not a multiple of the
-    /// chunking, group sizes with and without a SIMD path, and a layer large enough to run
-    /// in parallel.
+    /// chunking, K in several chunks, group sizes with and without a SIMD path, and a layer
+    /// large enough to run in parallel.
     #[test]
     fn simd_and_scalar_twins_match_f64_reference() {
         let mut rng = SplitMix::new(99);
@@ -479,6 +479,10 @@ mod tests {
             (9, 24, 24),
             (3, 256, 128),
             (600, 512, 64), // parallel path (N*K above the threshold)
+            // The 512-bit route's K chunks for M > 1 (16 KiB of x: 512 columns at M = 8,
+            // 256 at M = 16) with a short last chunk, and row blocks of 16 with a remainder.
+            (37, 1120, 32),
+            (21, 640, 128),
         ];
         for bits in crate::SUPPORTED_BITS {
             for &(n, k, g) in cases {

@@ -8,6 +8,11 @@ use crate::isa::Isa;
 use crate::layout::QuantLayout;
 use crate::qmatmul::{for_weight_rows, GroupParams};
 
+/// Weight rows that share each chunk of x when M > 1.
+const ROW_BLOCK: usize = 16;
+/// Bytes of x (M rows of a chunk of columns) kept in L1 while a block of rows uses them.
+const X_CHUNK_BYTES: usize = 16 << 10;
+
 /// The proof token when this call can take the wide route.
 #[cfg(target_arch = "x86_64")]
 pub fn route(isa: Isa, layout: &QuantLayout) -> Option<crate::isa::HasAvx512Vnni> {
@@ -48,14 +53,27 @@ pub(crate) fn qmatmul_wide(
     let QuantLayout { n, k, group_size: g, .. } = layout;
     let (groups, rb) = (layout.groups(), layout.row_bytes());
     let xp = nibble_order(x);
+    // M > 1: blocks of weight rows share each chunk of x that fits L1 (16 KiB of it).
+    let kc = if m == 1 { k } else { ((X_CHUNK_BYTES / (4 * m)) / g * g).max(g) };
+    let block = if m == 1 { 1 } else { ROW_BLOCK };
     // Weight rows from row0 against all M activation rows; `o` is (rows, M).
     let run_rows = |row0: usize, o: &mut [f32], (s, mm): &mut (Vec<f32>, Vec<f32>)| {
-        for (r, orow) in o.chunks_exact_mut(m).enumerate() {
-            let row = row0 + r;
-            params.prefetch_row(row + 4, groups);
-            params.row_into(row, (0, groups), isa, s, mm);
-            crate::x86_wide::row_wide(cpu, &packed[row * rb..(row + 1) * rb], &xp, k, xsum, s, mm, g, orow);
+        for (b, ob) in o.chunks_mut(block * m).enumerate() {
+            let (r0, nr) = (row0 + b * block, ob.len() / m);
+            for r in 0..nr {
+                params.prefetch_row(r0 + r + 4, groups);
+                let span = r * groups..(r + 1) * groups;
+                params.row_into(r0 + r, (0, groups), isa, &mut s[span.clone()], &mut mm[span]);
+            }
+            let (sb, mb) = (&s[..nr * groups], &mm[..nr * groups]);
+            let rows = &packed[r0 * rb..(r0 + nr) * rb];
+            if m == 1 {
+                crate::x86_wide::row_wide(cpu, rows, &xp, k, xsum, sb, mb, g, ob);
+            } else {
+                crate::x86_wide::rows_wide(cpu, rows, &xp, k, xsum, sb, mb, g, kc, ob);
+            }
         }
     };
-    for_weight_rows(n, m, k, out, || (vec![0f32; groups], vec![0f32; groups]), run_rows);
+    let scratch = || (vec![0f32; block * groups], vec![0f32; block * groups]);
+    for_weight_rows(n, m, k, out, scratch, run_rows);
 }
