@@ -204,8 +204,8 @@ pub fn for_each_chunk<T: Send>(out: &mut [T], chunk_len: usize, f: impl Fn(usize
     });
 }
 
-/// Rows per task for `rows` rows: a few tasks per thread balance the load.
-fn rows_per_task(rows: usize) -> usize {
+/// Rows (or tiles) per task for `rows` of them: a few tasks per thread balance the load.
+pub fn rows_per_task(rows: usize) -> usize {
     rows.div_ceil(parallel_threads() * 4).max(1)
 }
 

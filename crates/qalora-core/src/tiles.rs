@@ -281,7 +281,7 @@ pub fn qmatmul_tiled_with(
     if n * k < PARALLEL_MIN_WEIGHTS {
         run(0, out_t);
     } else {
-        let per = tiles.div_ceil(crate::parallel::parallel_threads() * 4).max(1);
+        let per = crate::parallel::rows_per_task(tiles);
         crate::parallel::for_each_chunk(out_t, per * TILE_ROWS * m, |c, o| run(c * per, o));
     }
     if m > 1 {

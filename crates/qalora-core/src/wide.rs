@@ -65,12 +65,13 @@ pub(crate) fn qmatmul_wide(
                 let span = r * groups..(r + 1) * groups;
                 params.row_into(r0 + r, (0, groups), isa, &mut s[span.clone()], &mut mm[span]);
             }
-            let (sb, mb) = (&s[..nr * groups], &mm[..nr * groups]);
+            // The block's scales and offsets (nr rows of L), converted above.
+            let (s_rows, mm_rows) = (&s[..nr * groups], &mm[..nr * groups]);
             let rows = &packed[r0 * rb..(r0 + nr) * rb];
             if m == 1 {
-                crate::x86_wide::row_wide(cpu, rows, &xp, k, xsum, sb, mb, g, ob);
+                crate::x86_wide::row_wide(cpu, rows, &xp, k, xsum, s_rows, mm_rows, g, ob);
             } else {
-                crate::x86_wide::rows_wide(cpu, rows, &xp, k, xsum, sb, mb, g, kc, ob);
+                crate::x86_wide::rows_wide(cpu, rows, &xp, k, xsum, s_rows, mm_rows, g, kc, ob);
             }
         }
     };
