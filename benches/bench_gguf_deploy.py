@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import json
-import math
 import os
 import tempfile
 import time
@@ -39,6 +37,7 @@ import torch
 from _common import machine
 from qalora import datasets
 from qalora.cli.compare import _dense_lora
+from qalora.formats import llama_cpp_eval
 from qalora.targets import replace_module
 from qalora.train import finetune, perplexity
 
@@ -48,31 +47,11 @@ def llama(path: str, **kw) -> llama_cpp.Llama:
 
 
 def llama_perplexity(path: str, blocks: torch.Tensor) -> float:
-    """exp(mean next-token NLL) over every predicted token of the blocks, from llama.cpp's logits
-    (the same tokens and the same average as qalora.train.perplexity)."""
-    llm = llama(path, logits_all=True)
-    nll, count = 0.0, 0
-    try:
-        for ids in blocks.tolist():
-            llm.reset()
-            llm.eval(ids)
-            logits = np.array(llm.scores[: len(ids) - 1], dtype=np.float64)
-            top = logits.max(-1, keepdims=True)
-            logz = top[:, 0] + np.log(np.exp(logits - top).sum(-1))
-            nll += float((logz - logits[np.arange(len(ids) - 1), ids[1:]]).sum())
-            count += len(ids) - 1
-    finally:
-        llm.close()
-    return math.exp(nll / count)
+    return llama_cpp_eval.perplexity(path, blocks)
 
 
-def quantize_with_llama_cpp(src: str, dst: str, ftype: int) -> None:
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = 2
-    rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
-    if rc != 0:
-        raise RuntimeError(f"llama_model_quantize failed ({rc}) for {dst}")
+def quantize_with_llama_cpp(src: str, dst: str, type_name: str) -> None:
+    llama_cpp_eval.quantize(src, dst, type_name)
 
 
 def qalora_tokens_per_s(model, prompt: torch.Tensor, new: int) -> float:
@@ -179,9 +158,9 @@ def main() -> None:
     f16 = os.path.join(out, "dense-lora-f16.gguf")
     qalora.export_gguf(dense, f16, tokenizer=tok, other_type="f16", pre_tokenizer="smollm")
     row("dense LoRA merged, F16 GGUF", "llama.cpp", llama_perplexity(f16, heldout))
-    for label, ftype in (("Q4_1", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1), ("Q4_K_M", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)):
+    for label in ("Q4_1", "Q4_K_M"):
         path = os.path.join(out, f"dense-lora-{label.lower()}.gguf")
-        quantize_with_llama_cpp(f16, path, ftype)
+        quantize_with_llama_cpp(f16, path, label)
         row(f"dense LoRA merged, re-quantized by llama.cpp to {label}", "llama.cpp", llama_perplexity(path, heldout))
 
     speeds = speeds_of(model, tok, export, args.new_tokens)

@@ -273,6 +273,49 @@ pub fn qmatmul_grad_input(g2: &Tensor, w: &QuantWeight) -> KResult<Tensor> {
     Ok(gx.to_kind(out_kind))
 }
 
+/// The scales' gradient of y = x W~^T (`qalora_core::group_grad`): P = grad^T x is formed a
+/// tile of weight rows at a time with torch's GEMM (f32, or bf16 GEMMs accumulating in f32
+/// for bf16 inputs) into one reused buffer, and reduced against the codes by the core.
+pub fn qmatmul_grad_scales(g2: &Tensor, x2: &Tensor, w: &QuantWeight) -> KResult<Tensor> {
+    let (n, k, layout) = (w.layout.n, w.layout.k, w.layout);
+    let groups = layout.groups();
+    let mut out = Fresh::empty(&[n as i64, groups as i64], Kind::Float)?;
+    if x2.size()[0] == 0 {
+        out.data_mut::<f32>().fill(0.0);
+        return Ok(out.into_tensor());
+    }
+    let ck = if g2.kind() == Kind::BFloat16 && x2.kind() == Kind::BFloat16 { Kind::BFloat16 } else { Kind::Float };
+    let (gc, xc) = (dense(g2, ck)?, dense(x2, ck)?);
+    let rows = tile_rows(layout);
+    let packed = slice::<u8>(&w.packed);
+    let dst = out.data_mut::<f32>();
+    Scratch::with([rows, k], Kind::Float, |buf| {
+        let mut row0 = 0;
+        while row0 < n {
+            let r = rows.min(n - row0);
+            buf.with_rows(r, |tile| {
+                let part = gc.narrow(1, row0 as i64, r as i64).tr();
+                if ck == Kind::Float {
+                    let _ = part.mm_out(tile, &xc);
+                } else {
+                    let _ = tile.shallow_clone().f_copy_(&part.mm(&xc)).map(|_| ());
+                }
+            });
+            let prod = &buf.data_mut::<f32>()[..r * k];
+            qalora_core::group_grad::scale_grad_rows(
+                packed,
+                layout,
+                row0,
+                prod,
+                &mut dst[row0 * groups..(row0 + r) * groups],
+            )?;
+            row0 += r;
+        }
+        Ok(())
+    })?;
+    Ok(out.into_tensor())
+}
+
 pub fn group_pool(x: &Tensor, lead: &[i64], k: usize, g: usize) -> KResult<Tensor> {
     let xc = dense(x, Kind::Float)?;
     let mut shape = lead.to_vec();

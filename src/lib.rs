@@ -243,6 +243,45 @@ fn qmatmul_grad_input(
     wrap_tensor(py, out)
 }
 
+/// The scales' gradient of y = x W~^T: (N, K/g), f32 (f64 when an input is f64). `grad_output` (..., N) and `x` (..., K) have the same leading dimensions.
+#[pyfunction]
+#[pyo3(signature = (grad_output, x, packed, scales, offsets, bits, group_size, backend=BackendArg::Auto))]
+#[allow(clippy::too_many_arguments)]
+fn qmatmul_grad_scales(
+    py: Python<'_>,
+    grad_output: &Bound<'_, PyAny>,
+    x: &Bound<'_, PyAny>,
+    packed: &Bound<'_, PyAny>,
+    scales: &Bound<'_, PyAny>,
+    offsets: &Bound<'_, PyAny>,
+    bits: &Bound<'_, PyAny>,
+    group_size: &Bound<'_, PyAny>,
+    backend: BackendArg,
+) -> PyResult<PyObject> {
+    let g = tensor_arg(grad_output, "grad_output")?;
+    let x = tensor_arg(x, "x")?;
+    let (p, s, o) = (tensor_arg(packed, "packed")?, tensor_arg(scales, "scales")?, tensor_arg(offsets, "offsets")?);
+    let (bits, group_size) = (int_arg(bits, "bits")?, int_arg(group_size, "group_size")?);
+    let out = run(py, move || {
+        let k = x.size().last().map(|&k| k as usize);
+        let w = QuantWeight::new(p, s, o, bits, group_size, k)?;
+        let (glead, g2) = matmul_operands(&g, "grad_output", &w, false)?;
+        let (xlead, x2) = matmul_operands(&x, "x", &w, true)?;
+        if glead != xlead {
+            return Err(KernelError::shape(format!(
+                "grad_output, x: got leading dimensions {glead:?} and {xlead:?}; they must be equal"
+            )));
+        }
+        // float64 inputs are summed in float64 (the torch expressions), as qmatmul does.
+        let wide = g2.kind() == Kind::Double || x2.kind() == Kind::Double;
+        Ok(match backend.resolve(w.device, true)? {
+            Backend::Core if !wide => core_path::qmatmul_grad_scales(&g2, &x2, &w)?,
+            _ => torch_path::qmatmul_grad_scales(&g2, &x2, &w),
+        })
+    })?;
+    wrap_tensor(py, out)
+}
+
 /// The leading dimensions of `t` (all but the last), their product and the last dimension,
 /// which must be at least 1.
 fn leading(t: &Tensor, name: &str) -> KResult<(Vec<i64>, usize, usize)> {
@@ -647,6 +686,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(qmatmul, m)?)?;
     m.add_function(wrap_pyfunction!(qmatmul_grad_input, m)?)?;
+    m.add_function(wrap_pyfunction!(qmatmul_grad_scales, m)?)?;
     m.add_function(wrap_pyfunction!(group_pool, m)?)?;
     m.add_function(wrap_pyfunction!(group_pool_backward, m)?)?;
     m.add_function(wrap_pyfunction!(merge_offsets, m)?)?;

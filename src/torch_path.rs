@@ -141,6 +141,16 @@ pub fn qmatmul_grad_input(g2: &Tensor, w: &QuantWeight) -> Tensor {
     g2.to_kind(ck).matmul(&dequantize(w, ck)).to_kind(g2.kind())
 }
 
+/// The scales' gradient of y = x W~^T: the group sums of codes * (grad^T x), in f32 (f64
+/// for f64 inputs).
+pub fn qmatmul_grad_scales(g2: &Tensor, x2: &Tensor, w: &QuantWeight) -> Tensor {
+    let l = w.layout;
+    let ck = if g2.kind() == Kind::Double || x2.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+    let codes = unpack(&w.packed, l.bits, l.k).to_kind(ck);
+    let prod = g2.to_kind(ck).tr().matmul(&x2.to_kind(ck));
+    (codes * prod).view([l.n as i64, l.groups() as i64, l.group_size as i64]).sum_dim_intlist(-1, false, ck)
+}
+
 pub fn group_pool(x: &Tensor, k: usize, g: usize) -> Tensor {
     x.unflatten(-1, [(k / g) as i64, g as i64]).mean_dim(-1, false, x.kind())
 }

@@ -31,6 +31,7 @@ def _samples():
         cases["dequantize"].append((p, s, m, bits, g, torch.float32, "auto"))
         cases["qmatmul"].append((torch.randn(3, 64, **grad), p, s, m, bits, g, "auto", "exact"))
         cases["qmatmul_grad_input"].append((torch.randn(3, 12, **grad), p, s, m, bits, g, "auto"))
+        cases["qmatmul_grad_scales"].append((torch.randn(3, 12), torch.randn(3, 64), p, s, m, bits, g, "auto"))
     p, s, m = _weight(12, 64, 4, 32, torch.float32)
     cases["pack"].append((torch.randint(0, 16, (5, 64), dtype=torch.uint8), 4, "torch"))
     cases["unpack"].append((p, 4, 64, "torch"))
@@ -42,6 +43,13 @@ def _samples():
         (torch.randn(1, 64, dtype=torch.float64, **grad), p, s, m, 4, 32, "torch", "exact"),
         (torch.randn(2, 64, **grad), p, s, m, 4, 32, "core", "int8"),
         (torch.randn(2, 64, **grad), p, s, m, 4, 32, "core", "bf16"),
+        # trained group parameters: gradients for float32 scales and offsets too
+        (torch.randn(3, 64, **grad), p, s.clone().requires_grad_(), m.clone().requires_grad_(), 4, 32, "auto", "exact"),
+        (torch.randn(40, 64), p, s.clone().requires_grad_(), m, 4, 32, "auto", "exact"),
+    ]
+    cases["qmatmul_grad_scales"] += [
+        (torch.randn(2, 20, 12), torch.randn(2, 20, 64), p, s, m, 4, 32, "auto"),  # M = 40: tiles
+        (torch.randn(3, 12, dtype=torch.float64), torch.randn(3, 64, dtype=torch.float64), p, s, m, 4, 32, "torch"),
     ]
     for g in (1, 8, 64):
         cases["group_pool"].append((torch.randn(3, 64, **grad), g, "auto"))
@@ -102,7 +110,9 @@ def test_public_functions_go_through_the_custom_ops():
         m2 = m.clone()
         ops.merge_offsets(m2, torch.randn(2, 2), torch.randn(8, 2), 1.0, 32, out=m2)
         ops.qmatmul_tiled(x.detach(), qalora._core.repack_tiles(p, s, m, 4, 32), 8, 32)
-        (y.sum() + z.sum()).backward()
+        trained_scales = s.float().requires_grad_()  # a trained group parameter's gradient
+        y2 = ops.qmatmul(x, p, trained_scales, m, 4, 32)
+        (y.sum() + z.sum() + y2.sum()).backward()
     names = {op.split(".")[1] for op in log.ops if op.startswith("qalora.")}
     assert names == set(ops.CUSTOM_OPS), names
 

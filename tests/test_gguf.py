@@ -404,6 +404,20 @@ def test_export_command_and_check_exportable(legacy, tmp_path, capsys):
     assert open_bytes(out) == open_bytes(path)  # an untouched model is written back as the same file
     assert (tmp_path / "Modelfile").read_text() == "FROM ./cli.gguf\n"
     assert '"copied"' in (tmp_path / "cli.gguf.report.json").read_text()
+    # A second export into the same folder: the Modelfile names the new file, never the old.
+    out2 = tmp_path / "second.gguf"
+    assert main(["export", "--model", path, "--out", str(out2)]) == 0
+    printed = capsys.readouterr().out
+    assert (tmp_path / "Modelfile").read_text() == "FROM ./second.gguf\n"
+    assert "Modelfile beside it says FROM ./second.gguf" in printed and "ollama create" in printed
+    # A Modelfile the user wrote is kept; the export writes its own beside it and says which.
+    (tmp_path / "Modelfile").write_text("FROM ./second.gguf\nPARAMETER temperature 0.2\n")
+    out3 = tmp_path / "third.gguf"
+    assert main(["export", "--model", path, "--out", str(out3)]) == 0
+    printed = capsys.readouterr().out
+    assert (tmp_path / "Modelfile").read_text().endswith("temperature 0.2\n")
+    assert (tmp_path / "third.Modelfile").read_text() == "FROM ./third.gguf\n"
+    assert "-f third.Modelfile" in printed and "llama_cpp import Llama" in printed
     assert main(["export", "--model", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "y.gguf")]) == 2
     assert "does not exist" in capsys.readouterr().err
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))

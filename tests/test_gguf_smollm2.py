@@ -17,13 +17,14 @@ from qalora.formats.gguf_file import TensorReader, read_header
 from qalora.targets import quantized_layers
 
 transformers = pytest.importorskip("transformers")
-pytest.importorskip("gguf")
+gguf = pytest.importorskip("gguf")
 try:
     from qalora.loaders import bundled_gguf_path
 
     SMOLLM2 = bundled_gguf_path()
 except qalora.ModelLoadError as e:  # pragma: no cover - depends on the machine
     pytest.skip(str(e), allow_module_level=True)
+from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 
 
 def llama_cpp_or_skip():
@@ -204,3 +205,40 @@ def test_llama_cpp_reads_an_export_written_from_a_hugging_face_model(original, b
     assert b.get("tokenizer.chat_template") is None  # the second tokenizer was built without one
     heldout = blocks[1][:4]
     assert (_llama_cpp_argmax(out, heldout) == _argmax(model, heldout)).mean() > 0.8
+
+
+def test_export_of_every_trained_group_parameter_is_exact_and_runs_in_llama_cpp(original, blocks, reference, tmp_path):
+    """A fine-tune that trains scales, offsets, norms and the pooled adapter, merged: every
+    quantized layer is written exactly as Q4_1 (the gguf package decodes the very weights
+    qalora computes with), the trained norms as F32 bit for bit, and llama.cpp runs it as
+    closely to qalora as it runs the original file to transformers."""
+    llama_cpp_or_skip()
+    model = copy.deepcopy(original.model)
+    qalora.wrap(
+        model,
+        qalora.QALoRAConfig(
+            rank=4, alpha=8, train_scales=True, train_offsets=True, train_norms=True, group_lr_scale=10
+        ),
+    )
+    train.finetune(model, blocks[0], 2, batch_size=2, lr=5e-3, show_progress=False)
+    qalora.merge(model)
+    model.eval()
+    path = tmp_path / "trained.gguf"
+    report = qalora.export_gguf(model, path)
+    by_name = {t.name: t for t in report.tensors}
+    assert report.count("exact") == 210
+    reader = gguf.GGUFReader(str(path))
+    written = {t.name: t for t in reader.tensors}
+    norm = model.model.layers[3].input_layernorm.weight.detach()
+    assert not torch.equal(norm, torch.ones_like(norm))  # it trained
+    t = written["blk.3.attn_norm.weight"]
+    assert by_name["blk.3.attn_norm.weight"].type == "F32"
+    assert np.array_equal(np.asarray(t.data, dtype=np.float32).reshape(-1), norm.numpy())
+    layer = model.model.layers[3].mlp.down_proj  # no rope permutation: rows as written
+    t = written["blk.3.ffn_down.weight"]
+    decoded = gguf_dequantize(t.data, t.tensor_type).reshape(layer.out_features, layer.in_features)
+    assert np.array_equal(decoded, layer.dequantize().numpy())
+    heldout = blocks[1][:4]
+    base_agree, base_rel = _agreement(_llama_cpp_logits(SMOLLM2, heldout), _logits(reference, heldout))
+    agree, rel = _agreement(_llama_cpp_logits(path, heldout), _logits(model, heldout))
+    assert agree >= base_agree - 0.05 and rel <= 1.25 * base_rel

@@ -23,6 +23,7 @@ __all__ = [
     "pack",
     "qmatmul",
     "qmatmul_grad_input",
+    "qmatmul_grad_scales",
     "qmatmul_tiled",
     "quantize",
     "register_errors",
@@ -105,6 +106,18 @@ def qmatmul_grad_input(
     backend: _Backend = ...,
 ) -> torch.Tensor:
     """``grad_output @ W`` for grad_output of shape (..., N): the backward of qmatmul."""
+
+def qmatmul_grad_scales(
+    grad_output: torch.Tensor,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    bits: int,
+    group_size: int,
+    backend: _Backend = ...,
+) -> torch.Tensor:
+    """The gradient of ``x @ W.T`` with respect to the scales: (N, K/g), float32 (float64 if an input is)."""
 
 def group_pool(x: torch.Tensor, group_size: int, backend: _Backend = ...) -> torch.Tensor:
     """Mean over each contiguous group of ``group_size`` along the last dimension."""

@@ -42,6 +42,7 @@ from .io import DirectoryError, atomic_directory, recover_directory
 from .layers import QALoRALinear, QuantEmbedding, QuantLinear, check_group_size, scale_dtype_of
 from .state import QALoRAState, attach_state, config_of, require_state, state_of
 from .targets import dense_weight, linear_like_modules, quantized_layers, replace_module
+from .wrapping import norm_parameters
 
 #: Version written; files of versions in READABLE_VERSIONS load.
 FORMAT_VERSION = 2
@@ -325,6 +326,8 @@ class _Fields:
             out["adapter"] = self.choice(self.get(meta, "adapter", field + ".adapter"), field + ".adapter", _ADAPTERS)
             out["rank"] = self.int(self.get(meta, "rank", field + ".rank"), field + ".rank", 1, MAX_FEATURES)
             out["alpha"] = self.number(self.get(meta, "alpha", field + ".alpha"), field + ".alpha")
+            for key in ("train_scales", "train_offsets"):  # absent in files of earlier releases
+                out[key] = self.bool(self.get(meta, key, f"{field}.{key}", False), f"{field}.{key}")
         return out
 
     def layers(self, data: dict) -> dict[str, dict]:
@@ -397,7 +400,19 @@ def _validate_adapter_config(data: dict, path: str) -> dict:
     for name, meta in layers.items():
         if meta["type"] != "QALoRALinear":
             raise f.fail(f"layers.{name}.type", f"got {meta['type']!r}; an adapter file describes QALoRALinear layers")
-    return {"config": f.config(data), "layers": layers, "files": f.files(data) if version >= 2 else None}
+    norms = f.dict(f.get(data, "norms", "norms", {}), "norms")
+    for key, shape in norms.items():
+        if not (
+            isinstance(shape, list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= MAX_FEATURES for d in shape)
+        ):
+            raise f.fail(f"norms.{key}", f"got {_short(shape)}, expected a list of positive sizes")
+    return {
+        "config": f.config(data),
+        "layers": layers,
+        "files": f.files(data) if version >= 2 else None,
+        "norms": list(norms),
+    }
 
 
 # ---------------------------------------------------------------- safetensors, checked first
@@ -470,6 +485,9 @@ def _layer_tensor_specs(name: str, meta: dict) -> dict[str, tuple[Any, tuple[int
         adapter_in = in_f // g if meta["adapter"] == "qalora" else in_f
         specs[f"{name}.lora_A.weight"] = ("float", (meta["rank"], adapter_in))
         specs[f"{name}.lora_B.weight"] = ("float", (out_f, meta["rank"]))
+        for key in ("scales", "offsets"):  # trained group parameters
+            if meta.get(f"train_{key}"):
+                specs[f"{name}.delta_{key}"] = ("float", (out_f, in_f // g))
     return specs
 
 
@@ -521,6 +539,12 @@ def _layer_meta(layer: nn.Module) -> dict:
     }
     if isinstance(layer, QALoRALinear):
         meta.update(adapter=layer.adapter, rank=layer.rank, alpha=layer.alpha)
+        # Written only when set, so files without trained group parameters stay readable by
+        # releases that predate them.
+        if layer.delta_scales is not None:
+            meta["train_scales"] = True
+        if layer.delta_offsets is not None:
+            meta["train_offsets"] = True
     if isinstance(layer, QuantEmbedding):
         meta.update(dtype=str(layer.dtype).replace("torch.", ""), padding_idx=layer.padding_idx)
     return meta
@@ -689,7 +713,15 @@ def _build_layer(meta: dict, device) -> nn.Module:
         offset_dtype=scale_dtype_of(meta["offset_dtype"]),
     )
     if meta["type"] == "QALoRALinear":
-        return QALoRALinear(base, meta["rank"], meta["alpha"], 0.0, meta["adapter"])
+        return QALoRALinear(
+            base,
+            meta["rank"],
+            meta["alpha"],
+            0.0,
+            meta["adapter"],
+            train_scales=meta.get("train_scales", False),
+            train_offsets=meta.get("train_offsets", False),
+        )
     return base
 
 
@@ -887,11 +919,29 @@ def _assign_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], tied: di
             (module._parameters if is_param else module._buffers)[attr] = value
 
 
-def _set_trainable(model: nn.Module) -> None:
+def _adapter_parameters(layer: QALoRALinear) -> dict[str, nn.Parameter]:
+    """What an adapter layer trains, by its key under the layer's name."""
+    out = {"lora_A.weight": layer.lora_A.weight, "lora_B.weight": layer.lora_B.weight}
+    for key in ("delta_scales", "delta_offsets"):
+        if getattr(layer, key) is not None:
+            out[key] = getattr(layer, key)
+    return out
+
+
+def _norm_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The model's normalization parameters by qualified name (what ``train_norms`` trains)."""
+    wanted = {id(p) for p in norm_parameters(model)}
+    return {name: p for name, p in model.named_parameters() if id(p) in wanted}
+
+
+def _set_trainable(model: nn.Module, config: QALoRAConfig | None = None) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     for _, layer in quantized_layers(model, QALoRALinear):
-        for p in (layer.lora_A.weight, layer.lora_B.weight):
+        for p in _adapter_parameters(layer).values():
+            p.requires_grad_(True)
+    if config is not None and config.train_norms and any(True for _ in quantized_layers(model, QALoRALinear)):
+        for p in norm_parameters(model):
             p.requires_grad_(True)
 
 
@@ -958,7 +1008,7 @@ def from_pretrained(directory, base_model: nn.Module | None = None, *, dropout: 
     else:
         tensors = _load_tensors(weights, header)
         model = _load_into(base_model, meta, tensors, weights, dropout)
-    _set_trainable(model)
+    _set_trainable(model, meta["config"])
     source = dict(meta["source"])
     if meta["tokenizer_files"]:
         source["tokenizer"] = directory
@@ -1042,8 +1092,11 @@ def save_adapter(model: nn.Module, directory) -> None:
         raise AdapterMismatchError("the model holds no adapters (was it merged?)")
     tensors = {}
     for name, layer in layers.items():
-        tensors[f"{name}.lora_A.weight"] = layer.lora_A.weight.detach().to("cpu").contiguous().clone()
-        tensors[f"{name}.lora_B.weight"] = layer.lora_B.weight.detach().to("cpu").contiguous().clone()
+        for key, p in _adapter_parameters(layer).items():
+            tensors[f"{name}.{key}"] = p.detach().to("cpu").contiguous().clone()
+    # Trained norms are part of what training changed (config.train_norms).
+    norms = _norm_tensors(model) if config.train_norms else {}
+    tensors.update({k: v.detach().to("cpu").contiguous().clone() for k, v in norms.items()})
     metas = {name: _layer_meta(layer) for name, layer in layers.items()}
     owned = set(ADAPTER_FILES) | _old_manifest_files(directory, ADAPTER_CONFIG)
 
@@ -1059,6 +1112,8 @@ def save_adapter(model: nn.Module, directory) -> None:
             "layers": metas,
             "files": _manifest(tmp),
         }
+        if norms:
+            data["norms"] = {k: list(v.shape) for k, v in norms.items()}
         with open(os.path.join(tmp, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
             f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -1093,7 +1148,18 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
         )
     for name, layer_meta in saved.items():
         mine = _layer_meta(layers[name])
-        for key in ("in_features", "out_features", "bits", "group_size", "adapter", "rank"):
+        mine.setdefault("train_scales", False)
+        mine.setdefault("train_offsets", False)
+        for key in (
+            "in_features",
+            "out_features",
+            "bits",
+            "group_size",
+            "adapter",
+            "rank",
+            "train_scales",
+            "train_offsets",
+        ):
             if layer_meta[key] != mine[key]:
                 raise AdapterMismatchError(
                     f"layer {name!r}: the adapter file has {key} = {layer_meta[key]!r}, the model has {mine[key]!r}"
@@ -1101,19 +1167,28 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     weights = _safe_file(directory, ADAPTER_WEIGHTS, "adapter weights")
     header = _read_header(weights)
     for name, layer_meta in saved.items():
-        specs = {k: v for k, v in _layer_tensor_specs(name, layer_meta).items() if ".lora_" in k}
+        specs = {k: v for k, v in _layer_tensor_specs(name, layer_meta).items() if ".lora_" in k or ".delta_" in k}
         _check_declared(header, specs, weights, ADAPTER_CONFIG)
+    norms = _norm_tensors(model)
+    saved_norms = meta["norms"]
+    if saved_norms and set(saved_norms) != set(norms):
+        raise AdapterMismatchError(
+            f"the adapter file holds trained norms {sorted(saved_norms)[:5]}..., the model's norms are "
+            f"{sorted(norms)[:5]}...: not the same architecture"
+        )
+    _check_declared(header, {k: ("float", tuple(norms[k].shape)) for k in saved_norms}, weights, ADAPTER_CONFIG)
     tensors = _load_tensors(weights, header)
     updates = []
-    for name, layer in layers.items():
-        for part in ("lora_A", "lora_B"):
-            key = f"{name}.{part}.weight"
-            target = getattr(layer, part).weight
-            if tensors[key].shape != target.shape:
-                raise AdapterMismatchError(
-                    f"{key}: the file has shape {tuple(tensors[key].shape)}, the model has {tuple(target.shape)}"
-                )
-            updates.append((target, tensors[key]))
+    targets = [(f"{name}.{key}", p) for name, layer in layers.items() for key, p in _adapter_parameters(layer).items()]
+    targets += [(key, norms[key]) for key in saved_norms]
+    for key, target in targets:
+        if key not in tensors:
+            raise AdapterMismatchError(f"{key}: the model trains it, the adapter file does not hold it")
+        if tensors[key].shape != target.shape:
+            raise AdapterMismatchError(
+                f"{key}: the file has shape {tuple(tensors[key].shape)}, the model has {tuple(target.shape)}"
+            )
+        updates.append((target, tensors[key]))
     with torch.no_grad():
         for target, value in updates:
             target.copy_(value)

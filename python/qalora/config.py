@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from . import defaults
 from .errors import ConfigError, QALoRAError, UnsupportedBitsError
 from .io import atomic_write_text
 from .ops import check_layout
@@ -19,6 +20,15 @@ _SCALE_DTYPES = ("float16", "bfloat16", "float32")
 _ADAPTERS = ("qalora", "lora")
 _ON_INDIVISIBLE = ("raise", "skip")
 _QUANTIZERS = ("rtn", "gptq")
+# Fields added after the first release, with the values older releases behave as (see
+# to_dict): written only when a config differs from them.
+_LATER_FIELDS = {
+    "quantize_embeddings": False,
+    "train_scales": False,
+    "train_offsets": False,
+    "train_norms": False,
+    "group_lr_scale": 1.0,
+}
 
 
 @dataclass
@@ -63,6 +73,17 @@ class QALoRAConfig:
             head is not touched (name it in ``target_modules`` to quantize and adapt it).
             Off by default: the embedding/head is the most sensitive matrix of a small model
             (see README, Configuration).
+        train_scales: also train every quantized layer's per-group scales (a relative
+            change ``s·(1 + delta)`` per group, float32 while training). The deployed format
+            stores the scales, so the merge stays exact: the trained values rounded once to
+            the scale dtype.
+        train_offsets: also train the per-group offsets at full rank (``m + s·delta`` per
+            group, in steps of the group's code grid), beside the pooled adapter, whose
+            update is the rank-r part of the same offsets. Exact after the merge likewise.
+        train_norms: also train the weights (and biases) of the model's normalization
+            layers, which every deployed format stores as they are.
+        group_lr_scale: the learning rate of trained scales and offsets relative to the
+            adapters' (their units are a relative scale change and a code step).
         version: format version of this config.
     """
 
@@ -80,6 +101,10 @@ class QALoRAConfig:
     damp_percent: float = 0.01
     act_order: bool = False
     quantize_embeddings: bool = False
+    train_scales: bool = defaults.TRAIN_SCALES
+    train_offsets: bool = defaults.TRAIN_OFFSETS
+    train_norms: bool = defaults.TRAIN_NORMS
+    group_lr_scale: float = defaults.GROUP_LR_SCALE
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -153,6 +178,12 @@ class QALoRAConfig:
             raise ConfigError(f"act_order: got {self.act_order!r}, it must be True or False")
         if not isinstance(self.quantize_embeddings, bool):
             raise ConfigError(f"quantize_embeddings: got {self.quantize_embeddings!r}, it must be True or False")
+        for name in ("train_scales", "train_offsets", "train_norms"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: got {getattr(self, name)!r}, it must be True or False")
+        lr_scale = self.group_lr_scale
+        if isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or not 0 < lr_scale < float("inf"):
+            raise ConfigError(f"group_lr_scale: got {lr_scale!r}, it must be a finite positive number")
         if not is_int(self.version) or not 1 <= self.version <= CONFIG_VERSION:
             raise ConfigError(
                 f"version: got {self.version!r}; this qalora reads config versions 1..{CONFIG_VERSION} (upgrade qalora for newer files)"
@@ -162,10 +193,11 @@ class QALoRAConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        if not self.quantize_embeddings:
-            # Left out at its default, so files of models that do not use it stay readable
-            # by qalora releases that predate the field.
-            del data["quantize_embeddings"]
+        # Fields added after the first release are left out at their defaults, so files of
+        # models that do not use them stay readable by qalora releases that predate them.
+        for name, default in _LATER_FIELDS.items():
+            if data[name] == default:
+                del data[name]
         return data
 
     @classmethod

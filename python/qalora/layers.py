@@ -262,6 +262,8 @@ class QALoRALinear(nn.Module):
         alpha: float,
         dropout: float = 0.0,
         adapter: str = "qalora",
+        train_scales: bool = False,
+        train_offsets: bool = False,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -274,6 +276,32 @@ class QALoRALinear(nn.Module):
         self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, device=device)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        # Trained group parameters (docs/design.md §1), float32, zero at the start:
+        #   scales  s' = s·(1 + delta_scales)          (a relative change)
+        #   offsets m' = m + s·delta_offsets            (in steps of the group's code grid)
+        # Both are what the deployed layout stores, so the merge folds them in exactly.
+        shape = (base_layer.out_features, base_layer.in_features // base_layer.group_size)
+        self.delta_scales = nn.Parameter(torch.zeros(shape, device=device)) if train_scales else None
+        self.delta_offsets = nn.Parameter(torch.zeros(shape, device=device)) if train_offsets else None
+
+    @property
+    def trains_group_params(self) -> bool:
+        return self.delta_scales is not None or self.delta_offsets is not None
+
+    def group_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scales and offsets the layer computes with: the base layer's, or with trained
+        group parameters the float32 ``s·(1 + delta_scales)`` and ``m + s·delta_offsets``
+        (differentiable in the deltas)."""
+        _, scales, offsets = self.base_layer.canonical()
+        if not self.trains_group_params:
+            return scales, offsets
+        s = scales.float()
+        m = offsets.float()
+        if self.delta_offsets is not None:
+            m = m + s * self.delta_offsets
+        if self.delta_scales is not None:
+            s = s + s * self.delta_scales
+        return s, m
 
     @property
     def in_features(self) -> int:
@@ -291,8 +319,11 @@ class QALoRALinear(nn.Module):
             and type(self.lora_dropout) in (nn.Identity, nn.Dropout)
             and not self.base_layer.is_tiled
             and x.dim() >= 1
-            and ops.eager_route_applies(x, self.lora_A.weight, self.lora_B.weight)
+            and ops.eager_route_applies(x, self.lora_A.weight, self.lora_B.weight, *self._deltas())
         )
+
+    def _deltas(self) -> list[torch.Tensor]:
+        return [d for d in (self.delta_scales, self.delta_offsets) if d is not None]
 
     def adapter_input(self, x: torch.Tensor) -> torch.Tensor:
         x = self.lora_dropout(x)
@@ -306,11 +337,12 @@ class QALoRALinear(nn.Module):
             # One autograd node for the whole layer (ops.qalora_linear); same arithmetic.
             x = _autocast_input(x)
             autocast = torch.is_autocast_enabled(x.device.type)
+            scales, offsets = self.group_params()
             y = ops.qalora_linear(
                 x,
                 base.packed,
-                base.scales,
-                base.offsets,
+                scales,
+                offsets,
                 base.bits,
                 base.group_size,
                 self.lora_A.weight,
@@ -321,7 +353,14 @@ class QALoRALinear(nn.Module):
                 dropout=getattr(self.lora_dropout, "p", 0.0) if self.lora_dropout.training else 0.0,
             )
             return y if base.bias is None else y + base.bias.to(y.dtype)
-        y = self.base_layer(x)
+        if self.trains_group_params:
+            # The base product with the trained scales/offsets (qmatmul differentiates them).
+            x = _autocast_input(x)
+            y = ops.qmatmul(x, base.canonical()[0], *self.group_params(), base.bits, base.group_size)
+            if base.bias is not None:
+                y = y + base.bias.to(y.dtype)
+        else:
+            y = self.base_layer(x)
         x = _autocast_input(x)
         a_in = self.adapter_input(x)
         if not torch.is_autocast_enabled(x.device.type):
@@ -351,32 +390,48 @@ class QALoRALinear(nn.Module):
                 "into the offsets; use qalora.merge_requantize(model), which re-quantizes the merged weight"
             )
         base = self.base_layer
-        packed, scales, offsets = base.canonical()
-        offset_dtype = offset_dtype or offsets.dtype
+        packed, stored_scales, stored_offsets = base.canonical()
+        offset_dtype = offset_dtype or stored_offsets.dtype
         out = QuantLinear(
             base.in_features,
             base.out_features,
             base.bits,
             base.group_size,
             base.bias is not None,
-            scales.dtype,
+            stored_scales.dtype,
             packed.device,
             offset_dtype=offset_dtype,
         )
         out.packed.copy_(packed)
-        out.scales.copy_(scales)
-        # Straight into the new layer's offsets: no intermediate (N, L) tensor.
-        ops.merge_offsets(
-            offsets.to(offset_dtype),
-            self.lora_A.weight.detach(),
-            self.lora_B.weight.detach(),
-            self.scaling,
-            base.group_size,
-            out=out.offsets,
-        )
+        scales, offsets = self.group_params()
+        out.scales.copy_(scales)  # trained scales: rounded once to their storage dtype
+        a, b = self.lora_A.weight.detach(), self.lora_B.weight.detach()
+        if self.trains_group_params:
+            # Trained offsets are float32: merge the adapter in float32, then round once.
+            out.offsets.copy_(ops.merge_offsets(offsets.detach(), a, b, self.scaling, base.group_size))
+        else:
+            # Straight into the new layer's offsets: no intermediate (N, L) tensor.
+            ops.merge_offsets(offsets.to(offset_dtype), a, b, self.scaling, base.group_size, out=out.offsets)
         if base.bias is not None:
             out.bias.data = base.bias.detach().clone()
         return out
+
+    @torch.no_grad()
+    def storage_rounding(self, merged: QuantLinear) -> dict[str, float]:
+        """How far ``merged`` (this layer's :meth:`merged`) moved from what was trained, from
+        rounding its group parameters to their storage dtypes: the largest relative change
+        of a scale, and the largest change of an offset in steps of its group's scale."""
+        scales, offsets = self.group_params()
+        s, m = scales.detach().float(), offsets.detach().float()
+        if self.adapter == "qalora":
+            m = ops.merge_offsets(
+                m, self.lora_A.weight.detach(), self.lora_B.weight.detach(), self.scaling, self.base_layer.group_size
+            )
+        step = s.abs().clamp_min(torch.finfo(torch.float32).tiny)
+        return {
+            "scale": float(((merged.scales.float() - s).abs() / step).max()) if s.numel() else 0.0,
+            "offset": float(((merged.offsets.float() - m).abs() / step).max()) if m.numel() else 0.0,
+        }
 
     @torch.no_grad()
     def merged_dense(self) -> nn.Linear:
@@ -384,7 +439,9 @@ class QALoRALinear(nn.Module):
         a QLoRA-style deployment quantizes again)."""
         base = self.base_layer
         dense = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=base.packed.device)
-        dense.weight.copy_(base.dequantize(torch.float32) + self.delta_weight())
+        scales, offsets = self.group_params()
+        weight = ops.dequantize(base.canonical()[0], scales.detach(), offsets.detach(), base.bits, base.group_size)
+        dense.weight.copy_(weight + self.delta_weight())
         if base.bias is not None:
             dense.bias.copy_(base.bias)
         return dense.requires_grad_(False)
@@ -398,7 +455,10 @@ class QALoRALinear(nn.Module):
         return QuantLinear.from_weight(dense.weight, dense.bias, base.bits, base.group_size, base.scales.dtype)
 
     def extra_repr(self) -> str:
-        return f"adapter={self.adapter}, rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}"
+        text = f"adapter={self.adapter}, rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}"
+        if self.trains_group_params:
+            text += f", train_scales={self.delta_scales is not None}, train_offsets={self.delta_offsets is not None}"
+        return text
 
 
 def scale_dtype_of(name: str) -> torch.dtype:

@@ -141,6 +141,11 @@ _qmatmul_grad_input_op = _custom_op(
     "qmatmul_grad_input",
     "(Tensor grad_output, Tensor packed, Tensor scales, Tensor offsets, int bits, int group_size, str backend) -> Tensor",
 )
+_qmatmul_grad_scales_op = _custom_op(
+    "qmatmul_grad_scales",
+    "(Tensor grad_output, Tensor x, Tensor packed, Tensor scales, Tensor offsets, int bits, int group_size, "
+    "str backend) -> Tensor",
+)
 _group_pool_op = _custom_op("group_pool", "(Tensor x, int group_size, str backend) -> Tensor")
 _group_pool_backward_op = _custom_op(
     "group_pool_backward", "(Tensor grad_output, int group_size, str backend) -> Tensor"
@@ -226,6 +231,12 @@ def _(grad_output, packed, scales, offsets, bits, group_size, backend):
     return grad_output.new_empty(_last(grad_output.shape, packed.shape[1] * 8 // bits))
 
 
+@_qmatmul_grad_scales_op.register_fake
+def _(grad_output, x, packed, scales, offsets, bits, group_size, backend):
+    dtype = torch.float64 if torch.float64 in (grad_output.dtype, x.dtype) else torch.float32
+    return packed.new_empty((packed.shape[0], packed.shape[1] * 8 // bits // group_size), dtype=dtype)
+
+
 @_group_pool_op.register_fake
 def _(x, group_size, backend):
     return x.new_empty(_last(x.shape, x.shape[-1] // group_size))
@@ -248,26 +259,71 @@ def _(offsets, lora_A, lora_B, scaling, group_size, backend):
 
 # Autograd: y = x W^T and its backward grad_x = grad_y W are each other's transposes, so each
 # op's backward is the other (which also gives double backward); group_pool and its
-# backward likewise. The quantized weight is frozen: no gradient for packed/scales/offsets.
-# The backwards call the ops through `_run`, so an eager backward takes the eager route too.
+# backward likewise. The codes are frozen. qmatmul also differentiates its scales and
+# offsets (trainable group parameters, docs/design.md §1): with P = grad_y^T x,
+# d/ds[n,l] = sum over group l of q[n,k] P[n,k] (qmatmul_grad_scales) and d/dm[n,l] = the
+# group sums of P, i.e. grad_y^T times the group sums of x. x is kept only when one of them
+# requires grad. The backwards call the ops through `_run`, so an eager backward takes the
+# eager route too.
 
 
 def _save_weight(ctx, inputs, output):
-    _, packed, scales, offsets, bits, group_size, backend, *_ = inputs
-    ctx.save_for_backward(packed, scales, offsets)
+    x, packed, scales, offsets, bits, group_size, backend, *_ = inputs
+    params_grad = scales.requires_grad or offsets.requires_grad
+    ctx.save_for_backward(packed, scales, offsets, x if params_grad else None)
     ctx.layout = (bits, group_size, backend)
 
 
+def group_param_grads(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    bits: int,
+    group_size: int,
+    *,
+    need_scales: bool = True,
+    need_offsets: bool = True,
+    pooled: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of ``qmatmul(x, packed, scales, offsets)`` with respect to the scales and
+    the offsets, given the output's gradient ``grad_y`` (..., N) and ``x`` (..., K); each in
+    its parameter's dtype. ``pooled``: ``group_pool(x)`` (M, K/g) if the caller has it."""
+    grad_s = grad_m = None
+    if need_scales:
+        gs = _run("qmatmul_grad_scales", "tttttiis", grad_y, x, packed, scales, offsets, bits, group_size, "auto")
+        grad_s = gs.to(scales.dtype)
+    if need_offsets:
+        g2 = grad_y.reshape(-1, grad_y.shape[-1])
+        if pooled is None:
+            pooled = _run("group_pool", "tis", x.reshape(-1, x.shape[-1]), group_size, "auto")
+        kind = torch.float64 if torch.float64 in (g2.dtype, pooled.dtype) else torch.float32
+        grad_m = (g2.t().to(kind) @ pooled.to(kind)).mul_(group_size).to(offsets.dtype)
+    return grad_s, grad_m
+
+
 def _qmatmul_backward(ctx, grad_y):
-    packed, scales, offsets = ctx.saved_tensors
-    grad_x = None
+    packed, scales, offsets, x = ctx.saved_tensors
+    grad_x = grad_s = grad_m = None
     if ctx.needs_input_grad[0]:
         grad_x = _run("qmatmul_grad_input", "ttttiis", grad_y, packed, scales, offsets, *ctx.layout)
-    return grad_x, None, None, None, None, None, None, None
+    if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+        grad_s, grad_m = group_param_grads(
+            grad_y,
+            x,
+            packed,
+            scales,
+            offsets,
+            *ctx.layout[:2],
+            need_scales=ctx.needs_input_grad[2],
+            need_offsets=ctx.needs_input_grad[3],
+        )
+    return grad_x, None, grad_s, grad_m, None, None, None, None
 
 
 def _qmatmul_grad_input_backward(ctx, grad_grad_x):
-    packed, scales, offsets = ctx.saved_tensors
+    packed, scales, offsets, _ = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0]:
         grad = _run("qmatmul", "ttttiiss", grad_grad_x, packed, scales, offsets, *ctx.layout, "exact")
@@ -325,6 +381,7 @@ def _eager_function(name: str, setup, backward) -> type[torch.autograd.Function]
 _EAGER: dict[str, Any] = {
     "qmatmul": _eager_function("qmatmul", _save_weight, _qmatmul_backward).apply,
     "qmatmul_grad_input": _eager_function("qmatmul_grad_input", _save_weight, _qmatmul_grad_input_backward).apply,
+    "qmatmul_grad_scales": _core.qmatmul_grad_scales,  # a backward's kernel: no gradient
     "group_pool": _eager_function("group_pool", _save_group, _group_pool_backward).apply,
     "group_pool_backward": _eager_function("group_pool_backward", _save_group, _group_pool_backward_backward).apply,
     "qmatmul_tiled": _core.qmatmul_tiled,  # no gradient
@@ -397,15 +454,33 @@ class _QALoRALinear(torch.autograd.Function):
         y, (pooled, h, a, b, mask) = _qalora_forward(
             x2, lora_A, lora_B, packed, scales, offsets, bits, group_size, scaling, activations, dtype, dropout
         )
-        ctx.save_for_backward(pooled, h, a, b, packed, scales, offsets, mask)
+        # Trained group parameters need x itself (the scales' gradient reads every column).
+        params_grad = scales.requires_grad or offsets.requires_grad
+        ctx.save_for_backward(pooled, h, a, b, packed, scales, offsets, mask, x2 if params_grad else None)
         ctx.layout = (bits, group_size, scaling, lora_A.dtype, lora_B.dtype, dropout)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        pooled, h, a, b, packed, scales, offsets, mask = ctx.saved_tensors
+        pooled, h, a, b, packed, scales, offsets, mask, x2 = ctx.saved_tensors
         bits, group_size, scaling, a_dtype, b_dtype, dropout = ctx.layout
+        grad_s = grad_m = None
+        if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
+            # The base product's group parameters see x, not the adapter's dropout(x): the
+            # adapter's pooled input serves the offsets only when there is no dropout.
+            grad_s, grad_m = group_param_grads(
+                grad_y,
+                x2,
+                packed,
+                scales,
+                offsets,
+                bits,
+                group_size,
+                need_scales=ctx.needs_input_grad[4],
+                need_offsets=ctx.needs_input_grad[5],
+                pooled=pooled if mask is None else None,
+            )
         g = grad_y.to(h.dtype)
         grad_h = (g @ b).mul_(scaling)
         grad_x = grad_a = grad_b = None
@@ -424,7 +499,7 @@ class _QALoRALinear(torch.autograd.Function):
             grad_a = (grad_h.t() @ pooled).to(a_dtype)
         if ctx.needs_input_grad[2]:
             grad_b = (g.t() @ h).mul_(scaling).to(b_dtype)
-        return grad_x, grad_a, grad_b, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_a, grad_b, None, grad_s, grad_m, None, None, None, None, None, None
 
 
 def qalora_linear(
@@ -456,7 +531,8 @@ def qalora_linear(
             training mode; 0 for none). Its mask (M×K bytes) is kept for the backward.
 
     Returns:
-        (..., N) in x's dtype. No double backward.
+        (..., N) in x's dtype. Differentiable with respect to x, the adapters and
+        floating-point scales/offsets (trained group parameters); no double backward.
 
     Raises:
         ShapeError: lora_A or lora_B do not fit the layer; the kernels' own errors for x and
@@ -633,8 +709,9 @@ def qmatmul(
             is exact.
 
     Returns:
-        (..., N) in x's dtype. Differentiable with respect to ``x`` (backward = grad @ W);
-        the quantized weight is frozen. On CPU, small batches (M <= 16 rows) use a fused
+        (..., N) in x's dtype. Differentiable with respect to ``x`` (backward = grad @ W)
+        and to floating-point ``scales`` and ``offsets`` (trained group parameters, see
+        :func:`group_param_grads`); the codes are frozen. On CPU, small batches (M <= 16 rows) use a fused
         dequantize-and-multiply kernel and larger ones dequantize one tile of rows at a time
         for torch's GEMM, so at most a tile of W is ever dense; on CUDA W is dequantized
         once per call. For bfloat16 x those CPU tiles are dequantized straight to bfloat16

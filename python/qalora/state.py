@@ -38,6 +38,11 @@ class QALoRAState:
         quantization: how the base was quantized (JSON-serialisable): the quantizer and,
             for GPTQ, each layer's relative output error on the calibration inputs (and
             RTN's, for comparison), its dampening and the wall time.
+        merge_rounding: after :func:`qalora.merge`, how far the stored group parameters
+            are from what was trained (rounding to their storage dtypes): the largest
+            relative change of a scale (``"scale"``) and of an offset in steps of its
+            group's scale (``"offset"``), over all layers, with the layer of each
+            (``"scale_layer"``, ``"offset_layer"``). Empty before a merge.
     """
 
     config: QALoRAConfig | None
@@ -46,6 +51,7 @@ class QALoRAState:
     memory_before_wrap: int | None = None
     source: dict[str, Any] = field(default_factory=dict)
     quantization: dict[str, Any] = field(default_factory=dict)
+    merge_rounding: dict[str, Any] = field(default_factory=dict)
 
 
 def state_of(model: nn.Module) -> QALoRAState | None:

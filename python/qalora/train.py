@@ -14,6 +14,7 @@ import torch
 from . import distributed
 from .errors import ConfigError, InvalidValueError
 from .progress import progress
+from .state import state_of
 
 
 @dataclass
@@ -39,6 +40,22 @@ def native_bf16() -> bool:
         except RuntimeError:
             pass
     return False
+
+
+def _param_groups(model: torch.nn.Module, lr: float) -> list[dict]:
+    """The optimizer's parameter groups: trained group parameters (``delta_scales``,
+    ``delta_offsets``) at ``lr`` times the config's ``group_lr_scale``, everything else
+    trainable at ``lr``."""
+    state = state_of(model)
+    lr_scale = state.config.group_lr_scale if state is not None and state.config is not None else 1.0
+    group, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (group if name.endswith((".delta_scales", ".delta_offsets")) else rest).append(p)
+    groups = [{"params": rest, "lr": lr}] if rest else []
+    if group:
+        groups.append({"params": group, "lr": lr * lr_scale})
+    return groups
 
 
 def finetune(
@@ -78,6 +95,7 @@ def finetune(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters; wrap it with qalora.wrap first")
+    param_groups = _param_groups(model, lr)
     rank, world = distributed.rank_and_world()
     if batch_size % world:
         raise ConfigError(
@@ -86,7 +104,7 @@ def finetune(
         )
     per_rank = batch_size // world
     device = next(model.parameters()).device
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(param_groups, lr=lr, weight_decay=0.0)
     trained = distributed.data_parallel(model)
 
     def lr_at(step: int) -> float:

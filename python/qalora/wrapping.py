@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -235,13 +236,29 @@ def wrap(
             weight, bias = dense_weight(module)
             base = QuantLinear.from_weight(weight, bias, config.bits, config.group_size, scale_dtype, name)
         # Adapters are created in float32 whatever the model's dtype: they are what trains.
-        new_layers.append((name, QALoRALinear(base, config.rank, config.alpha, config.dropout, config.adapter)))
+        new_layers.append(
+            (
+                name,
+                QALoRALinear(
+                    base,
+                    config.rank,
+                    config.alpha,
+                    config.dropout,
+                    config.adapter,
+                    train_scales=config.train_scales,
+                    train_offsets=config.train_offsets,
+                ),
+            )
+        )
     table = embeddings.build(embedding_plan, config, scale_dtype) if embedding_plan is not None else None
     for p in model.parameters():
         p.requires_grad_(False)
     for name, layer in new_layers:
         replace_module(model, name, layer)
         for p in (layer.lora_A.weight, layer.lora_B.weight):
+            p.requires_grad_(True)
+    if config.train_norms:
+        for p in norm_parameters(model):
             p.requires_grad_(True)
     if table is not None:
         embeddings.apply(model, embedding_plan, *table)
@@ -258,13 +275,32 @@ def wrap(
     return model
 
 
+def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The weights and biases of the model's normalization layers (``LayerNorm``, ``RMSNorm``
+    and the Hugging Face classes named ``...Norm``): what ``train_norms`` trains. Deployed
+    formats store them as they are (GGUF: float32), so training them keeps the merge exact."""
+    seen, out = set(), []
+    for module in model.modules():
+        name = type(module).__name__
+        if isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or name.endswith(("Norm", "RMSNorm")):
+            for p in module.parameters(recurse=False):
+                if p.is_floating_point() and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+    return out
+
+
 def merge(model: nn.Module, offset_dtype: torch.dtype | None = None) -> nn.Module:
     """Fold every QA-LoRA adapter into its layer's offsets (exact; codes unchanged), in place.
 
     Each :class:`QALoRALinear` becomes a plain :class:`QuantLinear`: the model is then a pure
     low-bit model with no adapter. ``m' = m + scaling * (B A) / group_size``, computed in
     float32 and stored in the offsets' dtype (float16 rounding of the offsets is the only
-    difference from the unmerged model).
+    difference from the unmerged model). Trained group parameters (``train_scales``,
+    ``train_offsets``) are folded in the same way: the trained float32 scales and offsets,
+    rounded once to their storage dtypes. ``qalora.state_of(model).merge_rounding`` then
+    says the largest change that rounding made (relative, for a scale; in steps of the
+    group's scale, for an offset) and where.
 
     Args:
         offset_dtype: store the merged offsets in this dtype (default: keep theirs).
@@ -284,6 +320,7 @@ def merge(model: nn.Module, offset_dtype: torch.dtype | None = None) -> nn.Modul
     state = require_state(model)
     layers = list(quantized_layers(model, QALoRALinear))
     merged, widened = [], []
+    rounding: dict[str, Any] = {"scale": 0.0, "scale_layer": None, "offset": 0.0, "offset_layer": None}
     for name, layer in layers:  # all built and checked before any swap
         new = layer.merged(offset_dtype)
         if not bool(torch.isfinite(new.offsets).all()) and new.offsets.dtype != torch.float32:
@@ -297,9 +334,13 @@ def merge(model: nn.Module, offset_dtype: torch.dtype | None = None) -> nn.Modul
                 f"(lora_A, lora_B) hold NaN/Inf or huge values"
             )
         merged.append((name, new))
+        for kind, change in layer.storage_rounding(new).items():
+            if change > rounding[kind] or rounding[f"{kind}_layer"] is None:
+                rounding[kind], rounding[f"{kind}_layer"] = change, name
     for name, new in merged:
         replace_module(model, name, new)
     state.merged = True
+    state.merge_rounding = rounding
     if widened:
         warnings.warn(
             f"merge: the update overflows the offsets' dtype in {len(widened)} layer(s) "

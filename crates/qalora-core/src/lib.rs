@@ -5,6 +5,7 @@
 pub mod bf16;
 pub mod error;
 pub mod gptq;
+pub mod group_grad;
 pub mod isa;
 pub mod layout;
 pub mod merge;

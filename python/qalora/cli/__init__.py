@@ -23,6 +23,9 @@ import sys
 import tempfile
 import time
 import traceback
+import types
+
+from .. import defaults
 
 SMOKE_ENV = "QALORA_SMOKE"
 
@@ -189,6 +192,7 @@ def _add_run_options(p: argparse.ArgumentParser, out_default: str | None) -> Non
         "--bits / --group-size, frozen, without adapters; smaller model, slightly higher perplexity "
         "(default: off, both stay dense)",
     )
+    _add_trainable_options(p)
     p.add_argument(
         "--on-indivisible",
         default="raise",
@@ -221,7 +225,45 @@ def _add_run_options(p: argparse.ArgumentParser, out_default: str | None) -> Non
         )
 
 
-def _add_quantizer_options(p: argparse.ArgumentParser) -> None:
+def _add_trainable_options(p: argparse.ArgumentParser) -> None:
+    # Defaults are QALoRAConfig's, so the command line and the Python API train the same.
+    default = types.SimpleNamespace(
+        train_scales=defaults.TRAIN_SCALES,
+        train_offsets=defaults.TRAIN_OFFSETS,
+        train_norms=defaults.TRAIN_NORMS,
+        group_lr_scale=defaults.GROUP_LR_SCALE,
+    )
+    on_off = lambda v: "on" if v else "off"
+    p.add_argument(
+        "--train-scales",
+        action=argparse.BooleanOptionalAction,
+        default=default.train_scales,
+        help="also train each quantized layer's per-group scales; they are stored in the low-bit format, so the "
+        f"merge stays exact (default: {on_off(default.train_scales)})",
+    )
+    p.add_argument(
+        "--train-offsets",
+        action=argparse.BooleanOptionalAction,
+        default=default.train_offsets,
+        help="also train the per-group offsets at full rank beside the pooled adapter; exact after the merge "
+        f"(default: {on_off(default.train_offsets)})",
+    )
+    p.add_argument(
+        "--train-norms",
+        action=argparse.BooleanOptionalAction,
+        default=default.train_norms,
+        help="also train the normalization layers' weights, which every format stores as they are "
+        f"(default: {on_off(default.train_norms)})",
+    )
+    p.add_argument(
+        "--group-lr-scale",
+        type=_positive_float,
+        default=default.group_lr_scale,
+        help="learning rate of trained scales/offsets relative to --lr (units: a relative scale change, a code step)",
+    )
+
+
+def _add_quantizer_options(p: argparse.ArgumentParser, gguf: bool = True) -> None:
     p.add_argument(
         "--calibration-blocks",
         type=_positive_int,
@@ -237,6 +279,8 @@ def _add_quantizer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal, static groups"
     )
+    if not gguf:
+        return
     p.add_argument(
         "--gguf",
         nargs="?",
@@ -301,7 +345,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=["rtn"],
         help="comma-separated base quantizers to compare: rtn, gptq (default: rtn)",
     )
-    _add_quantizer_options(cmp_)
+    cmp_.add_argument(
+        "--methods",
+        type=_names,
+        default=["qalora", "qalora+offsets", "qalora+scales+offsets", "qalora+scales+offsets+norms"],
+        help="comma-separated exact methods to train (each is the pooled QA-LoRA adapter plus the group "
+        "parameters named): qalora, qalora+offsets, qalora+scales, qalora+scales+offsets, qalora+norms, "
+        "qalora+offsets+norms, qalora+scales+offsets+norms",
+    )
+    cmp_.add_argument(
+        "--group-lr-scale",
+        type=_positive_float,
+        default=defaults.GROUP_LR_SCALE,
+        help="learning rate of trained scales/offsets relative to --lr",
+    )
+    cmp_.add_argument(
+        "--gguf",
+        action="store_true",
+        help="also export each exact method's merged model as GGUF and quantize the dense LoRA baseline with "
+        "llama.cpp to Q4_1 and Q4_K_M, every file scored by llama.cpp (needs llama-cpp-python)",
+    )
+    _add_quantizer_options(cmp_, gguf=False)
     cmp_.add_argument("--steps", type=_positive_int, default=40, help="training steps per method and setting")
     cmp_.add_argument("--batch-size", type=_positive_int, default=4, help="sequences per training step")
     cmp_.add_argument("--block-size", type=_positive_int, default=128, help="tokens per sequence")

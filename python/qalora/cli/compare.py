@@ -1,7 +1,20 @@
-"""``qalora compare``: QA-LoRA vs QLoRA-style deployment at several bit widths (the paper's
-Table 1 pattern), on each base quantizer asked for (RTN, GPTQ), with an fp32 model and an
-fp32 dense LoRA as reference rows. With GPTQ, the QLoRA-style row is the paper's baseline:
-dense LoRA merged, then the merged weight quantized again with GPTQ."""
+"""``qalora compare``: every exact route against the re-quantization pipeline it replaces.
+
+For each setting (bits, group size) and base quantizer (RTN, GPTQ) the base is quantized
+once; then, from copies of that base and with the same data, steps and learning-rate
+schedule:
+
+* each exact method (:data:`EXACT_METHODS`: the pooled QA-LoRA adapter, with trained group
+  offsets, scales, norms) is trained and merged: the deployed model *is* the trained model up
+  to the storage rounding of its group parameters (``"exact": true``);
+* the baseline, a dense LoRA on the same quantized base, is trained, merged into the
+  dequantized weights and quantized again with RTN and with GPTQ (the QA-LoRA paper's
+  baseline); with ``--gguf``, also written as F16 GGUF and quantized by llama.cpp to Q4_1
+  and Q4_K_M, evaluated by llama.cpp (``"exact": false``).
+
+An fp32 model and an fp32 dense LoRA are reference rows. Everything goes to
+``compare.json`` (each row flagged ``deployed`` and ``exact``, with the bits per weight of
+its quantized layers), ``compare.md`` and the loss curves side by side."""
 
 from __future__ import annotations
 
@@ -16,12 +29,26 @@ from torch import nn
 from .. import cli, datasets
 from ..config import QALoRAConfig
 from ..io import atomic_directory, atomic_write_json, atomic_write_text
+from ..layers import QuantLinear
 from ..loaders import load_model
+from ..state import QALoRAState, attach_state, state_of
 from ..targets import replace_module, select_targets
 from ..train import finetune, perplexity
 from ..wrapping import merge, merge_requantize, wrap
 from .finetune import check_settings_fit, token_splits
 from .report import plot_losses
+
+#: The exact methods ``--methods`` chooses from: the trainables each adds to the pooled
+#: QA-LoRA adapter (every one merges exactly: see docs/design.md §1).
+EXACT_METHODS: dict[str, dict[str, bool]] = {
+    "qalora": {},
+    "qalora+offsets": {"train_offsets": True},
+    "qalora+scales": {"train_scales": True},
+    "qalora+scales+offsets": {"train_scales": True, "train_offsets": True},
+    "qalora+norms": {"train_norms": True},
+    "qalora+offsets+norms": {"train_offsets": True, "train_norms": True},
+    "qalora+scales+offsets+norms": {"train_scales": True, "train_offsets": True, "train_norms": True},
+}
 
 
 class DenseLoRALinear(nn.Module):
@@ -61,81 +88,179 @@ def _dense_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0)
     return model
 
 
+def bits_per_weight(model: nn.Module) -> float | None:
+    """Stored bits per weight of the model's quantized layers (codes, scales and offsets
+    as held), or None when it holds none."""
+    stored, weights = 0, 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            packed, scales, offsets = m.canonical()
+            stored += 8 * sum(t.numel() * t.element_size() for t in (packed, scales, offsets))
+            weights += m.in_features * m.out_features
+    return stored / weights if weights else None
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """A merged model made wrappable again (its layers stay as quantized)."""
+    state = state_of(model)
+    attach_state(model, QALoRAState(config=None, source=dict(state.source) if state else {}))
+    return model
+
+
+def check_methods(names: list[str]) -> list[str]:
+    from ..errors import ConfigError
+
+    bad = [n for n in names if n not in EXACT_METHODS]
+    if bad or not names:
+        raise ConfigError(f"--methods: got {names}, allowed: {', '.join(EXACT_METHODS)}")
+    return list(dict.fromkeys(names))
+
+
 def run_compare(args) -> dict:
     out = os.path.abspath(args.out)
     settings = list(args.settings)
+    methods = check_methods(list(args.methods))
     splits = datasets.load_dataset(args.data, args.heldout)
     quantizers = list(args.quantizers)
+    use_gguf = bool(getattr(args, "gguf", False))
+    if use_gguf:
+        from ..formats import llama_cpp_eval
+
+        llama_cpp_eval.require()
     lm = load_model(args.model, dense=True)  # each setting re-quantizes the dense weights
     for bits, g in settings:  # every setting must fit the model before anything trains
         check_settings_fit(lm.model, QALoRAConfig(bits=bits, group_size=g, rank=args.rank, alpha=args.alpha))
     train_blocks, heldout = token_splits(
         lm.tokenizer, splits, args.block_size, args.eval_blocks, args.steps * args.batch_size
     )
-    calibration = None
-    if "gptq" in quantizers:  # GPTQ calibrates on blocks of the training data
-        calibration = datasets.token_blocks(
-            lm.tokenizer, splits.train, args.block_size, max_blocks=args.calibration_blocks
-        )
+    # GPTQ (a base quantizer, and the baseline's re-quantizer) calibrates on training blocks.
+    calibration = datasets.token_blocks(lm.tokenizer, splits.train, args.block_size, max_blocks=args.calibration_blocks)
 
     def fresh():
         return copy.deepcopy(lm.model)  # lm.model itself is never wrapped
 
     ppl = lambda m, d: perplexity(m, heldout, batch_size=args.batch_size, desc=f"perplexity: {d}")
-    train = lambda m, d: finetune(
-        m, train_blocks, args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, desc=f"train: {d}"
-    )
+
+    def train(m, d):
+        start = time.time()
+        r = finetune(
+            m, train_blocks, args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, desc=f"train: {d}"
+        )
+        return r, (time.time() - start) / args.steps
+
     started = time.time()
     rows: list[dict] = []
     curves: dict[str, list[float]] = {}
+
+    def row(setting, quantizer, method, value, *, deployed, exact, model=None, **extra):
+        bpw = bits_per_weight(model) if model is not None and deployed else None
+        rows.append(
+            {
+                "setting": setting,
+                "quantizer": quantizer,
+                "method": method,
+                "heldout_ppl": value,
+                "deployed": deployed,
+                "exact": exact,
+                "bits_per_weight": bpw,
+                **extra,
+            }
+        )
+
     m = fresh()
-    fp32 = ppl(m, "fp32")
-    rows.append({"setting": "-", "quantizer": "-", "method": "fp32 model", "heldout_ppl": fp32})
+    row("-", "-", "fp32 model", ppl(m, "fp32"), deployed=False, exact=False)
     _dense_lora(m, args.rank, args.alpha)
-    r = train(m, "fp32 LoRA")
+    r, per_step = train(m, "fp32 LoRA")
     curves["fp32 LoRA"] = r.losses
-    rows.append(
-        {"setting": "-", "quantizer": "-", "method": "fp32 LoRA (reference)", "heldout_ppl": ppl(m, "fp32 LoRA")}
-    )
+    row("-", "-", "fp32 LoRA (reference)", ppl(m, "fp32 LoRA"), deployed=False, exact=False, seconds_per_step=per_step)
     del m
+    gguf_dir = os.path.join(out + ".gguf-work") if use_gguf else None
     for bits, g in settings:
         tag = f"{bits}-bit g{g}"
         for q in quantizers:
             name = q.upper()
-            cfg = dict(
-                bits=bits,
-                group_size=g,
-                rank=args.rank,
-                alpha=args.alpha,
-                quantizer=q,
-                damp_percent=args.damp_percent,
-                act_order=args.act_order,
-            )
-            calib = {"calibration": calibration} if q == "gptq" else {}
-            row = lambda method, value, tag=tag, name=name, **extra: rows.append(
-                {"setting": tag, "quantizer": name, "method": method, "heldout_ppl": value, **extra}
-            )
+            base_cfg = dict(bits=bits, group_size=g, rank=args.rank, alpha=args.alpha)
             start = time.time()
-            m = wrap(fresh(), QALoRAConfig(**cfg), **calib)
-            row(f"{name} quantized base", ppl(m, f"{tag} {name}"), quantize_seconds=time.time() - start)
-            r = train(m, f"{tag} {name} QA-LoRA")
-            curves[f"{tag} {name} QA-LoRA"] = r.losses
-            row("QA-LoRA, before merge", ppl(m, f"{tag} {name} QA-LoRA"))
-            merge(m)
-            row("QA-LoRA, merged (deployed)", ppl(m, f"{tag} {name} merged"))
-            del m
-            m = wrap(fresh(), QALoRAConfig(adapter="lora", **cfg), **calib)
-            r = train(m, f"{tag} {name} LoRA")
-            curves[f"{tag} {name} QLoRA-style"] = r.losses
-            row("QLoRA-style, before merge", ppl(m, f"{tag} {name} LoRA"))
-            start = time.time()
-            merge_requantize(m, quantizer=q, **calib)
+            base = wrap(
+                fresh(),
+                QALoRAConfig(**base_cfg, quantizer=q, damp_percent=args.damp_percent, act_order=args.act_order),
+                **({"calibration": calibration} if q == "gptq" else {}),
+            )
+            merge(base)  # nothing trained yet: the quantized base, as deployed
+            _unwrapped(base)
             row(
-                f"QLoRA-style, merged + re-quantized with {name} (deployed)",
-                ppl(m, f"{tag} {name} requant"),
+                tag,
+                name,
+                "quantized base",
+                ppl(base, f"{tag} {name}"),
+                deployed=True,
+                exact=True,
+                model=base,
                 quantize_seconds=time.time() - start,
             )
-            del m
+            for method in methods:
+                label = f"{tag} {name} {method}"
+                m = wrap(
+                    copy.deepcopy(base),
+                    QALoRAConfig(**base_cfg, group_lr_scale=args.group_lr_scale, **EXACT_METHODS[method]),
+                )
+                r, per_step = train(m, label)
+                curves[label] = r.losses
+                row(
+                    tag,
+                    name,
+                    f"{method}, before merge",
+                    ppl(m, label),
+                    deployed=False,
+                    exact=False,
+                    seconds_per_step=per_step,
+                )
+                merge(m)
+                row(
+                    tag,
+                    name,
+                    f"{method}, merged",
+                    ppl(m, f"{label} merged"),
+                    deployed=True,
+                    exact=True,
+                    model=m,
+                    merge_rounding=dict(state_of(m).merge_rounding),
+                )
+                if use_gguf:
+                    _gguf_exact_row(row, m, lm, tag, name, method, heldout, gguf_dir)
+                del m
+            # The baseline: a dense LoRA on the same quantized base, merged and re-quantized.
+            label = f"{tag} {name} dense LoRA"
+            trained = wrap(copy.deepcopy(base), QALoRAConfig(**base_cfg, adapter="lora"))
+            r, per_step = train(trained, label)
+            curves[label] = r.losses
+            row(
+                tag,
+                name,
+                "dense LoRA, before merge",
+                ppl(trained, label),
+                deployed=False,
+                exact=False,
+                seconds_per_step=per_step,
+            )
+            for rq in ("rtn", "gptq"):
+                m = copy.deepcopy(trained)
+                start = time.time()
+                merge_requantize(m, quantizer=rq, **({"calibration": calibration} if rq == "gptq" else {}))
+                row(
+                    tag,
+                    name,
+                    f"dense LoRA, merged + re-quantized with {rq.upper()}",
+                    ppl(m, f"{label} {rq} requant"),
+                    deployed=True,
+                    exact=False,
+                    model=m,
+                    quantize_seconds=time.time() - start,
+                )
+                del m
+            if use_gguf:
+                _gguf_baseline_rows(row, trained, lm, tag, name, heldout, gguf_dir)
+            del trained, base
     result = {
         "model": lm.source,
         "data": splits.name,
@@ -145,21 +270,101 @@ def run_compare(args) -> dict:
         "rank": args.rank,
         "alpha": args.alpha,
         "lr": args.lr,
+        "group_lr_scale": args.group_lr_scale,
+        "methods": methods,
         "quantizers": quantizers,
-        "calibration_blocks": len(calibration) if calibration is not None else 0,
+        "calibration_blocks": len(calibration),
         "damp_percent": args.damp_percent,
         "act_order": args.act_order,
         "heldout_blocks": len(heldout),
         "seconds": time.time() - started,
         "rows": rows,
+        "losses": curves,
     }
-    table = ["| setting | base | method | held-out perplexity |", "| --- | --- | --- | --- |"]
-    table += [f"| {r['setting']} | {r['quantizer']} | {r['method']} | {r['heldout_ppl']:.3f} |" for r in rows]
+    table = [
+        "| setting | base | method | deployed | exact | bits/weight | held-out perplexity |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        bits = r["bits_per_weight"] or r.get("gguf_bits")
+        bpw = f"{bits:.3f}" if bits else "-"
+        table.append(
+            f"| {r['setting']} | {r['quantizer']} | {r['method']} | {'yes' if r['deployed'] else 'no'} | "
+            f"{'yes' if r['exact'] else 'no'} | {bpw} | {r['heldout_ppl']:.3f} |"
+        )
     with atomic_directory(out) as work:  # swapped in whole: a failed run leaves --out as it was
         atomic_write_json(os.path.join(work, "compare.json"), result)
         atomic_write_text(os.path.join(work, "compare.md"), "\n".join(table) + "\n")
         if cli.plotting_available():
-            plot_losses(curves, os.path.join(work, "compare_losses.png"), "training loss")
+            plot_losses(curves, os.path.join(work, "compare_losses.png"), "training loss, every method")
+    if gguf_dir is not None:
+        import shutil
+
+        shutil.rmtree(gguf_dir, ignore_errors=True)
     print("\n".join(table))
     print(f"qalora: comparison written to {out} ({result['seconds'] / 60:.1f} min)")
     return result
+
+
+def _gguf_exact_row(row, model, lm, tag, name, method, heldout, work_dir) -> None:
+    """The merged model exported as GGUF (its own codes, Q4_1/Q5_1) and scored by llama.cpp."""
+    from ..formats import llama_cpp_eval
+    from ..formats.gguf_export import export_gguf
+
+    os.makedirs(work_dir, exist_ok=True)
+    path = os.path.join(work_dir, "exact.gguf")
+    report = export_gguf(model, path, tokenizer=lm.tokenizer, show_progress=False)
+    row(
+        tag,
+        name,
+        f"{method}, merged, exported GGUF (llama.cpp)",
+        llama_cpp_eval.perplexity(path, heldout),
+        deployed=True,
+        exact=True,
+        gguf_bits=_gguf_layer_bits(path),
+        gguf_bytes=os.path.getsize(path),
+        gguf_summary=report.summary(),
+    )
+    os.remove(path)
+
+
+def _gguf_layer_bits(path: str) -> float:
+    """Bits per weight of a GGUF file's block matrices (the layers qalora quantizes)."""
+    from gguf import GGUFReader
+
+    tensors = [t for t in GGUFReader(path).tensors if t.name.startswith("blk.") and len(t.shape) > 1]
+    return 8 * sum(int(t.n_bytes) for t in tensors) / max(1, sum(int(t.n_elements) for t in tensors))
+
+
+def _gguf_baseline_rows(row, trained, lm, tag, name, heldout, work_dir) -> None:
+    """The dense LoRA merged into the dequantized weights, written as F16 GGUF, quantized by
+    llama.cpp's own quantizer to Q4_1 and Q4_K_M and scored by llama.cpp: the route in use
+    today for GGUF users."""
+    from ..formats import llama_cpp_eval
+    from ..formats.gguf_export import export_gguf
+    from ..layers import QALoRALinear
+    from ..targets import quantized_layers
+
+    os.makedirs(work_dir, exist_ok=True)
+    dense = copy.deepcopy(trained)
+    for layer_name, layer in list(quantized_layers(dense, QALoRALinear)):
+        replace_module(dense, layer_name, layer.merged_dense())
+    state_of(dense).source = {}  # written from its config: every weight F16, as converters do
+    f16 = os.path.join(work_dir, "dense-f16.gguf")
+    export_gguf(dense, f16, tokenizer=lm.tokenizer, other_type="f16", show_progress=False)
+    del dense
+    for type_name in ("Q4_1", "Q4_K_M"):
+        path = os.path.join(work_dir, f"dense-{type_name}.gguf")
+        llama_cpp_eval.quantize(f16, path, type_name)
+        row(
+            tag,
+            name,
+            f"dense LoRA, merged + quantized by llama.cpp to {type_name}",
+            llama_cpp_eval.perplexity(path, heldout),
+            deployed=True,
+            exact=False,
+            gguf_bits=_gguf_layer_bits(path),
+            gguf_bytes=os.path.getsize(path),
+        )
+        os.remove(path)
+    os.remove(f16)

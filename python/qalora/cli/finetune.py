@@ -56,6 +56,10 @@ def run_config(args) -> QALoRAConfig:
         on_indivisible=args.on_indivisible,
         quantizer=args.quantizer,
         damp_percent=args.damp_percent,
+        train_scales=args.train_scales,
+        train_offsets=args.train_offsets,
+        train_norms=args.train_norms,
+        group_lr_scale=args.group_lr_scale,
         act_order=args.act_order,
         quantize_embeddings=getattr(args, "quantize_embeddings", False),
     )
@@ -169,6 +173,7 @@ def run_finetune(args) -> dict:
                 "qalora_merged": ppl_merged,
             },
             "merge_perplexity_change": ppl_merged / ppl_adapted - 1,
+            "merge_rounding": dict(state_of(model).merge_rounding),
             "quantization": qalora_state_quantization(model),
             "trainable_params": info.trainable_params,
             "total_params": info.total_params,

@@ -120,6 +120,31 @@ WHY_DENSE = (
 )
 
 
+def merge_note(r: dict) -> str:
+    """What the merge changed, and when the storage rounding is large next to the update,
+    how to keep it."""
+    change = r["merge_perplexity_change"]
+    dtype = r["config"]["scale_dtype"]
+    rounding = r.get("merge_rounding") or {}
+    text = (
+        f"Merge changed perplexity by {100 * change:+.4f}%: the merged scales and offsets are rounded once to their "
+        f"{dtype} storage"
+    )
+    if rounding.get("offset_layer"):
+        text += (
+            f" (largest offset change {rounding['offset']:.3g} of its group's code step, in "
+            f"`{rounding['offset_layer']}`; largest relative scale change {rounding['scale']:.2g})"
+        )
+    text += "."
+    if abs(change) > 0.01 and dtype != "float32":
+        text += (
+            f" That is large: what training changed is small next to {dtype}'s rounding (short runs, low learning "
+            "rates). `qalora.merge(model, offset_dtype=torch.float32)` keeps the merged offsets exact (16 more bits "
+            "per group; a GGUF Q4_1/Q5_1 file stores float16 offsets, so train longer for a GGUF)."
+        )
+    return text
+
+
 def report_markdown(r: dict) -> str:
     p = r["heldout_perplexity"]
     mib = 1 << 20
@@ -141,8 +166,7 @@ def report_markdown(r: dict) -> str:
         f"| QA-LoRA, adapters unmerged | {p['qalora_unmerged']:.3f} |",
         f"| QA-LoRA, merged into the low-bit weights | {p['qalora_merged']:.3f} |",
         "",
-        f"Merge changed perplexity by {100 * r['merge_perplexity_change']:+.4f}% (rounding of the merged offsets to "
-        f"their {c['scale_dtype']} storage only).",
+        merge_note(r),
         "",
         f"- trainable parameters: {r['trainable_params']:,} of {r['total_params']:,}",
         f"- memory: as loaded {r['memory_bytes']['loaded'] / mib:.1f} MiB, wrapped {r['memory_bytes']['wrapped'] / mib:.1f} MiB, "
