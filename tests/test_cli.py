@@ -280,3 +280,68 @@ def test_quantize_embeddings_help():
         sub = parser._subparsers._group_actions[0].choices[command]
         action = next(a for a in sub._actions if "--quantize-embeddings" in a.option_strings)
         assert action.default is False and "token embedding" in action.help
+
+
+def test_compare_trains_every_method_and_flags_what_deploys_exactly(tiny_dir, tmp_path, monkeypatch):
+    """``qalora compare`` end to end on the tiny model: the exact methods and the dense-LoRA
+    baseline (re-quantized with RTN and with GPTQ) from one quantized base, every row flagged
+    deployed/exact, bits per weight beside each deployed model, a merged exact model equal to
+    its unmerged self up to the storage rounding."""
+    monkeypatch.setenv("QALORA_NO_PROGRESS", "1")
+    out = tmp_path / "cmp"
+    argv = ["compare", "--model", str(tiny_dir), "--out", str(out), "--settings", "4:16", "--quantizers", "gptq"]
+    argv += ["--steps", "3", "--batch-size", "2", "--block-size", "32", "--eval-blocks", "2", "--rank", "2"]
+    argv += ["--calibration-blocks", "2", "--methods", "qalora,qalora+scales+offsets+norms"]
+    argv += ["--offset-lr-scale", "10", "--scale-lr-scale", "2"]
+    assert main(argv) == 0
+    result = json.loads((out / "compare.json").read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert result["offset_lr_scale"] == 10 and result["methods"] == ["qalora", "qalora+scales+offsets+norms"]
+    for method in result["methods"]:
+        before, merged = rows[f"{method}, before merge"], rows[f"{method}, merged"]
+        assert (before["deployed"], before["exact"]) == (False, False)
+        assert (merged["deployed"], merged["exact"]) == (True, True)
+        assert merged["heldout_ppl"] == pytest.approx(before["heldout_ppl"], rel=0.01)
+        assert 4 < merged["bits_per_weight"] < 4 + 2 * 32 / 16 + 1e-6  # codes + float16 scale/offset per 16
+        assert set(merged["merge_rounding"]) == {"scale", "scale_layer", "offset", "offset_layer"}
+        assert len(result["losses"][f"4-bit g16 GPTQ {method}"]) == 3
+    for rq in ("RTN", "GPTQ"):
+        row = rows[f"dense LoRA, merged + re-quantized with {rq}"]
+        assert (row["deployed"], row["exact"]) == (True, False) and row["bits_per_weight"] > 4
+    assert rows["quantized base"]["exact"] and not rows["fp32 LoRA (reference)"]["deployed"]
+    assert (out / "compare.md").read_text().count("| 4-bit g16 | GPTQ |") == 8
+
+    # A method that does not exist is refused by the parser, before anything loads.
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compare", "--methods", "qalora+bogus"])
+
+
+def test_bits_on_a_gguf_model_must_say_what_its_layers_are(tmp_path, capsys):
+    """--bits / --group-size on a GGUF model (the default model is one): a request that differs
+    from the file's own layers is refused from the file's header, before anything loads, with
+    the way out; matching values, or none, train the file's layers as they are; --requantize
+    asks for a new quantization; a dense model takes --bits as before."""
+    from qalora.cli import resolve_layout
+
+    out = str(tmp_path / "run")
+    assert main(["finetune", "--out", out, "--bits", "3", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "already quantizes its layers (210 matrices at 4-bit g32)" in err and "--requantize" in err
+    assert not os.path.exists(out)
+    assert main(["finetune", "--out", out, "--group-size", "7"]) == 2
+    assert "--requantize" in capsys.readouterr().err
+    parser = build_parser()
+    for argv, want in [
+        ([], (4, 32)),  # the file's own layout
+        (["--bits", "4", "--group-size", "32"], (4, 32)),  # README's example: says what the file is
+        (["--bits", "3", "--requantize"], (3, 32)),
+        (["--bits", "3", "--quantizer", "gptq"], (3, 32)),  # GPTQ quantizes the dequantized weights
+    ]:
+        args = parser.parse_args(["finetune", "--out", out, *argv])
+        resolve_layout(args)
+        assert (args.bits, args.group_size) == want, argv
+
+
+def test_requantize_is_refused_on_a_dense_model(tiny_dir, tmp_path, capsys):
+    assert main(args(tiny_dir, tmp_path / "r", "--requantize")) == 2
+    assert "applies to a GGUF model" in capsys.readouterr().err

@@ -217,7 +217,13 @@ def test_export_of_every_trained_group_parameter_is_exact_and_runs_in_llama_cpp(
     qalora.wrap(
         model,
         qalora.QALoRAConfig(
-            rank=4, alpha=8, train_scales=True, train_offsets=True, train_norms=True, group_lr_scale=10
+            rank=4,
+            alpha=8,
+            train_scales=True,
+            train_offsets=True,
+            train_norms=True,
+            offset_lr_scale=10,
+            scale_lr_scale=10,
         ),
     )
     train.finetune(model, blocks[0], 2, batch_size=2, lr=5e-3, show_progress=False)

@@ -184,10 +184,12 @@ def test_merged_equals_unmerged_within_the_storage_rounding(bits, scale_dtype):
 
 
 def test_config_fields_validate_and_round_trip():
-    cfg = qalora.QALoRAConfig(train_scales=True, train_offsets=True, train_norms=True, group_lr_scale=4.0)
+    cfg = qalora.QALoRAConfig(
+        train_scales=True, train_offsets=True, train_norms=True, offset_lr_scale=4.0, scale_lr_scale=0.5
+    )
     assert qalora.QALoRAConfig.from_json(cfg.to_json()) == cfg
     assert "train_scales" not in qalora.QALoRAConfig().to_dict()  # older readers keep working
-    for bad in ({"train_scales": 1}, {"train_norms": "yes"}, {"group_lr_scale": 0}, {"group_lr_scale": math.inf}):
+    for bad in ({"train_scales": 1}, {"train_norms": "yes"}, {"offset_lr_scale": 0}, {"scale_lr_scale": math.inf}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             qalora.QALoRAConfig(**bad)
 
@@ -203,7 +205,10 @@ def _trained_tiny(seed=0, steps=3, **cfg):
     from tiny_models import tiny_llama
 
     model = tiny_llama(seed)
-    qalora.wrap(model, qalora.QALoRAConfig(bits=4, group_size=16, rank=4, alpha=8, group_lr_scale=20.0, **cfg))
+    qalora.wrap(
+        model,
+        qalora.QALoRAConfig(bits=4, group_size=16, rank=4, alpha=8, offset_lr_scale=20.0, scale_lr_scale=20.0, **cfg),
+    )
     blocks = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(seed))
     finetune(model, blocks, steps, batch_size=2, lr=1e-2, show_progress=False)
     return model, blocks

@@ -27,7 +27,8 @@ _LATER_FIELDS = {
     "train_scales": False,
     "train_offsets": False,
     "train_norms": False,
-    "group_lr_scale": 1.0,
+    "offset_lr_scale": 1.0,
+    "scale_lr_scale": 1.0,
 }
 
 
@@ -82,8 +83,10 @@ class QALoRAConfig:
             update is the rank-r part of the same offsets. Exact after the merge likewise.
         train_norms: also train the weights (and biases) of the model's normalization
             layers, which every deployed format stores as they are.
-        group_lr_scale: the learning rate of trained scales and offsets relative to the
-            adapters' (their units are a relative scale change and a code step).
+        offset_lr_scale: the learning rate of trained offsets relative to the adapters'
+            (their unit is one step of the group's code grid).
+        scale_lr_scale: the learning rate of trained scales relative to the adapters'
+            (their unit is a relative change of the scale).
         version: format version of this config.
     """
 
@@ -104,7 +107,8 @@ class QALoRAConfig:
     train_scales: bool = defaults.TRAIN_SCALES
     train_offsets: bool = defaults.TRAIN_OFFSETS
     train_norms: bool = defaults.TRAIN_NORMS
-    group_lr_scale: float = defaults.GROUP_LR_SCALE
+    offset_lr_scale: float = defaults.OFFSET_LR_SCALE
+    scale_lr_scale: float = defaults.SCALE_LR_SCALE
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -181,9 +185,10 @@ class QALoRAConfig:
         for name in ("train_scales", "train_offsets", "train_norms"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}: got {getattr(self, name)!r}, it must be True or False")
-        lr_scale = self.group_lr_scale
-        if isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or not 0 < lr_scale < float("inf"):
-            raise ConfigError(f"group_lr_scale: got {lr_scale!r}, it must be a finite positive number")
+        for name in ("offset_lr_scale", "scale_lr_scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+                raise ConfigError(f"{name}: got {v!r}, it must be a finite positive number")
         if not is_int(self.version) or not 1 <= self.version <= CONFIG_VERSION:
             raise ConfigError(
                 f"version: got {self.version!r}; this qalora reads config versions 1..{CONFIG_VERSION} (upgrade qalora for newer files)"

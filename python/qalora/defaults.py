@@ -5,4 +5,17 @@ Chosen from measurements: benches/RESULTS.md, "The exact route against re-quanti
 TRAIN_SCALES = False
 TRAIN_OFFSETS = False
 TRAIN_NORMS = False
-GROUP_LR_SCALE = 1.0
+OFFSET_LR_SCALE = 1.0
+SCALE_LR_SCALE = 1.0
+
+#: The exact methods ``qalora compare --methods`` chooses from: what each trains besides the
+#: pooled QA-LoRA adapter (every one merges exactly: docs/design.md §1).
+EXACT_METHODS: dict[str, dict[str, bool]] = {
+    "qalora": {},
+    "qalora+offsets": {"train_offsets": True},
+    "qalora+scales": {"train_scales": True},
+    "qalora+scales+offsets": {"train_scales": True, "train_offsets": True},
+    "qalora+norms": {"train_norms": True},
+    "qalora+offsets+norms": {"train_offsets": True, "train_norms": True},
+    "qalora+scales+offsets+norms": {"train_scales": True, "train_offsets": True, "train_norms": True},
+}

@@ -43,19 +43,21 @@ def native_bf16() -> bool:
 
 
 def _param_groups(model: torch.nn.Module, lr: float) -> list[dict]:
-    """The optimizer's parameter groups: trained group parameters (``delta_scales``,
-    ``delta_offsets``) at ``lr`` times the config's ``group_lr_scale``, everything else
-    trainable at ``lr``."""
+    """The optimizer's parameter groups: trained offsets and scales (``delta_offsets``,
+    ``delta_scales``) at ``lr`` times the config's ``offset_lr_scale`` / ``scale_lr_scale``,
+    everything else trainable at ``lr``."""
     state = state_of(model)
-    lr_scale = state.config.group_lr_scale if state is not None and state.config is not None else 1.0
-    group, rest = [], []
+    config = state.config if state is not None else None
+    scale_of = {
+        ".delta_offsets": config.offset_lr_scale if config is not None else 1.0,
+        ".delta_scales": config.scale_lr_scale if config is not None else 1.0,
+    }
+    groups: dict[str, list] = {"": [], ".delta_offsets": [], ".delta_scales": []}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (group if name.endswith((".delta_scales", ".delta_offsets")) else rest).append(p)
-    groups = [{"params": rest, "lr": lr}] if rest else []
-    if group:
-        groups.append({"params": group, "lr": lr * lr_scale})
-    return groups
+            kind = next((k for k in scale_of if name.endswith(k)), "")
+            groups[kind].append(p)
+    return [{"params": params, "lr": lr * scale_of.get(kind, 1.0)} for kind, params in groups.items() if params]
 
 
 def finetune(

@@ -104,6 +104,16 @@ def _quantizers(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _methods(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in defaults.EXACT_METHODS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated methods from {', '.join(defaults.EXACT_METHODS)}; got {text!r}"
+        )
+    return list(dict.fromkeys(names))
+
+
 def _names(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
@@ -160,8 +170,21 @@ def _add_threads(p: argparse.ArgumentParser) -> None:
 
 def _add_run_options(p: argparse.ArgumentParser, out_default: str | None) -> None:
     _add_model_data(p, "smollm2")
-    p.add_argument("--bits", type=_int_arg, default=4, help=BITS_HELP)
-    p.add_argument("--group-size", type=_positive_int, default=32, help="input columns per quantization group")
+    p.add_argument(
+        "--bits", type=_int_arg, default=None, help=BITS_HELP + " (default: 4; on a GGUF model, the file's own)"
+    )
+    p.add_argument(
+        "--group-size",
+        type=_positive_int,
+        default=None,
+        help="input columns per quantization group (default: 32; on a GGUF model, the file's own)",
+    )
+    p.add_argument(
+        "--requantize",
+        action="store_true",
+        help="on a GGUF model: quantize its (dequantized) layers again at --bits / --group-size instead of "
+        "training on the file's own codes (loses what the file's quantizer chose; default: off)",
+    )
     p.add_argument("--rank", type=_positive_int, default=16, help="adapter rank")
     p.add_argument("--alpha", type=_positive_float, default=32.0, help="adapter alpha (scaling = alpha / rank)")
     p.add_argument("--dropout", type=_probability, default=0.05, help="dropout on the adapter input, in [0, 1)")
@@ -231,7 +254,8 @@ def _add_trainable_options(p: argparse.ArgumentParser) -> None:
         train_scales=defaults.TRAIN_SCALES,
         train_offsets=defaults.TRAIN_OFFSETS,
         train_norms=defaults.TRAIN_NORMS,
-        group_lr_scale=defaults.GROUP_LR_SCALE,
+        offset_lr_scale=defaults.OFFSET_LR_SCALE,
+        scale_lr_scale=defaults.SCALE_LR_SCALE,
     )
     on_off = lambda v: "on" if v else "off"
     p.add_argument(
@@ -255,11 +279,21 @@ def _add_trainable_options(p: argparse.ArgumentParser) -> None:
         help="also train the normalization layers' weights, which every format stores as they are "
         f"(default: {on_off(default.train_norms)})",
     )
+    _add_lr_scales(p)
+
+
+def _add_lr_scales(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--group-lr-scale",
+        "--offset-lr-scale",
         type=_positive_float,
-        default=default.group_lr_scale,
-        help="learning rate of trained scales/offsets relative to --lr (units: a relative scale change, a code step)",
+        default=defaults.OFFSET_LR_SCALE,
+        help="learning rate of trained offsets relative to --lr (their unit: one code step of the group)",
+    )
+    p.add_argument(
+        "--scale-lr-scale",
+        type=_positive_float,
+        default=defaults.SCALE_LR_SCALE,
+        help="learning rate of trained scales relative to --lr (their unit: a relative change of the scale)",
     )
 
 
@@ -347,18 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp_.add_argument(
         "--methods",
-        type=_names,
+        type=_methods,
         default=["qalora", "qalora+offsets", "qalora+scales+offsets", "qalora+scales+offsets+norms"],
         help="comma-separated exact methods to train (each is the pooled QA-LoRA adapter plus the group "
         "parameters named): qalora, qalora+offsets, qalora+scales, qalora+scales+offsets, qalora+norms, "
         "qalora+offsets+norms, qalora+scales+offsets+norms",
     )
-    cmp_.add_argument(
-        "--group-lr-scale",
-        type=_positive_float,
-        default=defaults.GROUP_LR_SCALE,
-        help="learning rate of trained scales/offsets relative to --lr",
-    )
+    _add_lr_scales(cmp_)
     cmp_.add_argument(
         "--gguf",
         action="store_true",
@@ -452,6 +481,7 @@ def _check_bits(parser: argparse.ArgumentParser, args) -> None:
     from ..ops import SUPPORTED_BITS
 
     bits = [args.bits] if hasattr(args, "bits") else [b for b, _ in getattr(args, "settings", [])]
+    bits = [b for b in bits if b is not None]  # None: resolved later (resolve_layout)
     for b in bits:
         if b not in SUPPORTED_BITS:
             option = "--bits" if hasattr(args, "bits") else "--settings"
@@ -493,6 +523,63 @@ def preflight(parser: argparse.ArgumentParser, args) -> None:
             f"launched processes; use a multiple of {world}"
         )
     _check_bits(parser, args)  # imports torch (the supported set comes from the kernels)
+    if args.command in ("finetune", "demo"):
+        resolve_layout(args)
+
+
+def _gguf_path(spec: str | None) -> str | None:
+    from ..loaders import DEFAULT_MODEL, bundled_gguf_path
+
+    spec = spec or DEFAULT_MODEL
+    if spec == DEFAULT_MODEL:
+        return bundled_gguf_path()
+    return spec if spec.endswith(".gguf") else None
+
+
+def gguf_layer_layouts(path: str) -> dict[tuple[int, int], list[str]]:
+    """(bits, group size) -> the GGUF file's quantized block matrices of that layout, read
+    from its header alone (no tensor data, no torch)."""
+    from ..formats.gguf_blocks import FORMATS
+    from ..formats.gguf_file import read_header
+
+    layouts: dict[tuple[int, int], list[str]] = {}
+    for name, entry in read_header(path).tensors.items():
+        fmt = FORMATS.get(entry.ggml_type)
+        if fmt is not None and name.startswith("blk.") and name.endswith(".weight"):
+            layouts.setdefault((fmt.bits, fmt.group_size), []).append(name)
+    return layouts
+
+
+def resolve_layout(args) -> None:
+    """--bits / --group-size: on a GGUF model whose layers the file already quantizes, they
+    must say what those layers are (or --requantize must ask for a new quantization), so that
+    no report or config says something the model is not. Checked from the file's header,
+    before anything loads; fills in the defaults (4-bit g32, or the file's own layout)."""
+    path = _gguf_path(args.model)
+    quantizes = args.requantize or getattr(args, "quantizer", "rtn") == "gptq"
+    layouts = gguf_layer_layouts(path) if path is not None else {}
+    if not layouts or quantizes:
+        if args.requantize and path is None:
+            raise UsageError(
+                "--requantize applies to a GGUF model (its layers are quantized already); this model's dense "
+                "layers are quantized at --bits / --group-size anyway"
+            )
+        args.bits = 4 if args.bits is None else args.bits
+        args.group_size = 32 if args.group_size is None else args.group_size
+        args.file_layouts = None
+        return
+    main_layout = max(layouts, key=lambda k: len(layouts[k]))
+    args.file_layouts = {f"{b}-bit g{g}": len(names) for (b, g), names in sorted(layouts.items())}
+    want = (args.bits if args.bits is not None else main_layout[0], args.group_size or main_layout[1])
+    if (args.bits is not None or args.group_size is not None) and set(layouts) != {want}:
+        have = ", ".join(f"{n} matrices at {layout}" for layout, n in args.file_layouts.items())
+        raise UsageError(
+            f"--bits {want[0]} / --group-size {want[1]}: {os.path.basename(path)} already quantizes its layers ({have}); "
+            f"they train on their own codes. Leave out --bits / --group-size to train them as they are, or add "
+            f"--requantize to quantize their dequantized weights again at {want[0]}-bit g{want[1]} (a second "
+            f"rounding: expect a higher perplexity than the file's own)"
+        )
+    args.bits, args.group_size = want
 
 
 # ------------------------------------------------------------------ errors a person reads

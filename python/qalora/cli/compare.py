@@ -26,7 +26,7 @@ import time
 import torch
 from torch import nn
 
-from .. import cli, datasets
+from .. import cli, datasets, defaults
 from ..config import QALoRAConfig
 from ..io import atomic_directory, atomic_write_json, atomic_write_text
 from ..layers import QuantLinear
@@ -38,17 +38,7 @@ from ..wrapping import merge, merge_requantize, wrap
 from .finetune import check_settings_fit, token_splits
 from .report import plot_losses
 
-#: The exact methods ``--methods`` chooses from: the trainables each adds to the pooled
-#: QA-LoRA adapter (every one merges exactly: see docs/design.md §1).
-EXACT_METHODS: dict[str, dict[str, bool]] = {
-    "qalora": {},
-    "qalora+offsets": {"train_offsets": True},
-    "qalora+scales": {"train_scales": True},
-    "qalora+scales+offsets": {"train_scales": True, "train_offsets": True},
-    "qalora+norms": {"train_norms": True},
-    "qalora+offsets+norms": {"train_offsets": True, "train_norms": True},
-    "qalora+scales+offsets+norms": {"train_scales": True, "train_offsets": True, "train_norms": True},
-}
+EXACT_METHODS = defaults.EXACT_METHODS
 
 
 class DenseLoRALinear(nn.Module):
@@ -107,19 +97,10 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return model
 
 
-def check_methods(names: list[str]) -> list[str]:
-    from ..errors import ConfigError
-
-    bad = [n for n in names if n not in EXACT_METHODS]
-    if bad or not names:
-        raise ConfigError(f"--methods: got {names}, allowed: {', '.join(EXACT_METHODS)}")
-    return list(dict.fromkeys(names))
-
-
 def run_compare(args) -> dict:
     out = os.path.abspath(args.out)
     settings = list(args.settings)
-    methods = check_methods(list(args.methods))
+    methods = list(args.methods)
     splits = datasets.load_dataset(args.data, args.heldout)
     quantizers = list(args.quantizers)
     use_gguf = bool(getattr(args, "gguf", False))
@@ -202,7 +183,12 @@ def run_compare(args) -> dict:
                 label = f"{tag} {name} {method}"
                 m = wrap(
                     copy.deepcopy(base),
-                    QALoRAConfig(**base_cfg, group_lr_scale=args.group_lr_scale, **EXACT_METHODS[method]),
+                    QALoRAConfig(
+                        **base_cfg,
+                        offset_lr_scale=args.offset_lr_scale,
+                        scale_lr_scale=args.scale_lr_scale,
+                        **EXACT_METHODS[method],
+                    ),
                 )
                 r, per_step = train(m, label)
                 curves[label] = r.losses
@@ -270,7 +256,8 @@ def run_compare(args) -> dict:
         "rank": args.rank,
         "alpha": args.alpha,
         "lr": args.lr,
-        "group_lr_scale": args.group_lr_scale,
+        "offset_lr_scale": args.offset_lr_scale,
+        "scale_lr_scale": args.scale_lr_scale,
         "methods": methods,
         "quantizers": quantizers,
         "calibration_blocks": len(calibration),

@@ -59,7 +59,8 @@ def run_config(args) -> QALoRAConfig:
         train_scales=args.train_scales,
         train_offsets=args.train_offsets,
         train_norms=args.train_norms,
-        group_lr_scale=args.group_lr_scale,
+        offset_lr_scale=args.offset_lr_scale,
+        scale_lr_scale=args.scale_lr_scale,
         act_order=args.act_order,
         quantize_embeddings=getattr(args, "quantize_embeddings", False),
     )
@@ -71,6 +72,16 @@ def qalora_state_quantization(model) -> dict:
     return dict(state.quantization) if state is not None else {}
 
 
+def layer_layouts(model) -> dict[str, int]:
+    """How many quantized linear layers the model holds at each bits / group size."""
+    counts: dict[str, int] = {}
+    for _, layer in quantized_layers(model):
+        base = getattr(layer, "base_layer", layer)
+        key = f"{base.bits}-bit g{base.group_size}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def run_finetune(args) -> dict:
     out = os.path.abspath(args.out)
     writer = distributed.is_main_process()  # several processes: rank 0 prints and writes
@@ -80,7 +91,8 @@ def run_finetune(args) -> dict:
     # A GGUF model arrives with its layers already quantized (its own codes): wrap then only
     # adds adapters, and --bits / --group-size apply to layers the file holds dense. GPTQ
     # quantizes from the dense weights, so for it the file's layers are dequantized first.
-    lm = distributed.main_process_first(lambda: load_model(args.model, dense=args.quantizer == "gptq"))
+    dense = args.quantizer == "gptq" or getattr(args, "requantize", False)
+    lm = distributed.main_process_first(lambda: load_model(args.model, dense=dense))
     model, tok = lm.model, lm.tokenizer
     check_settings_fit(model, config)
     loaded_quantized = any(isinstance(m, QuantLinear) for m in model.modules())
@@ -153,7 +165,7 @@ def run_finetune(args) -> dict:
             plot_losses(
                 {"QA-LoRA": result.losses},
                 os.path.join(work, "loss_curve.png"),
-                f"{args.bits}-bit, group {args.group_size}, rank {args.rank}",
+                f"{', '.join(layer_layouts(model)) or f'{args.bits}-bit g{args.group_size}'}, rank {args.rank}",
             )
         report = {
             "model": lm.source,
@@ -166,6 +178,7 @@ def run_finetune(args) -> dict:
             "bf16_autocast": bf16,
             "heldout_blocks": len(heldout),
             "loaded_quantized": loaded_quantized,
+            "layer_layouts": layer_layouts(model),
             "heldout_perplexity": {
                 "dense_fp32": ppl_dense,
                 "quantized_base": ppl_quant,

@@ -120,6 +120,17 @@ WHY_DENSE = (
 )
 
 
+def layout_text(r: dict) -> str:
+    """The quantized layers' bits and group sizes as the model holds them."""
+    layouts = r.get("layer_layouts") or {}
+    if len(layouts) > 1:
+        return "quantized layers " + ", ".join(f"{n} at {k}" for k, n in layouts.items())
+    if len(layouts) == 1:
+        bits, g = next(iter(layouts)).split("-bit g")
+        return f"{bits}-bit, group size {g}"
+    return f"{r['config']['bits']}-bit, group size {r['config']['group_size']}"
+
+
 def merge_note(r: dict) -> str:
     """What the merge changed, and when the storage rounding is large next to the update,
     how to keep it."""
@@ -155,7 +166,7 @@ def report_markdown(r: dict) -> str:
     lines = [
         "# qalora fine-tuning report",
         "",
-        f"Model `{os.path.basename(r['model'])}`, data `{r['data']}`, {c['bits']}-bit, group size {c['group_size']}, "
+        f"Model `{os.path.basename(r['model'])}`, data `{r['data']}`, {layout_text(r)}, "
         f"rank {c['rank']}, alpha {c['alpha']}, {r['steps']} steps of {r['batch_size']}×{r['block_size']} tokens, lr {r['learning_rate']}.",
         "",
         "| held-out perplexity | value |",
