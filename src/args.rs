@@ -93,7 +93,7 @@ option_enum!(
 );
 
 option_enum!(
-    /// How a small-M CPU qmatmul treats its activations (see `qalora_core::q8`).
+    /// How a small-M CPU qmatmul treats its activations (see `qalora_core::matmul::int8`).
     Activations, "activations", parse_choice, {
         Exact = "exact",
         Int8 = "int8",

@@ -1,8 +1,7 @@
 //! Ops on CPU tensors through the tch-free Rust core (rayon inside).
 
-use qalora_core::{
-    bf16, merge, pack, parallel, pool, q8, qmatmul, quant, tiles, GroupParams, Isa, ParamDtype, QuantLayout,
-};
+use qalora_core::matmul::{bf16, exact, int8, tiled, FUSED_MAX_ROWS};
+use qalora_core::{group_pool, merge, pack, parallel, quant, GroupParams, Isa, ParamDtype, QuantLayout};
 use tch::{Device, Kind, Tensor};
 
 use crate::args::{Activations, CodeDType, QuantWeight};
@@ -10,9 +9,6 @@ use crate::boundary::{
     allocation_error, contiguous, dense, kind_name, slice, slice_mut, Fresh, KResult, Plain, Scratch,
 };
 
-/// Below or at this many activation rows the fused kernel wins; above it, dequantizing a
-/// tile and calling torch's GEMM does.
-const FUSED_MAX_ROWS: usize = 16;
 /// Elements of one dequantized tile (16 MiB of f32; fewer, larger GEMM calls measured
 /// better than 8 MiB tiles, larger did not help): bounds the transient memory of the
 /// large-M path to a small fraction of one dense copy of a large layer.
@@ -205,8 +201,8 @@ fn gemm_kind(kind: Kind) -> Kind {
 }
 
 /// y = x W~^T for x of shape (M, K) (any float kind); returns (M, N) in x's kind.
-/// `activations` chooses how small-M calls treat x (`Exact`, `Int8`: `qalora_core::q8`,
-/// `Bf16`: `qalora_core::bf16`); large-M calls are exact in f32 (f64 for f64 inputs), or
+/// `activations` chooses how small-M calls treat x (`Exact`, `Int8`: `qalora_core::matmul::int8`,
+/// `Bf16`: `qalora_core::matmul::bf16`); large-M calls are exact in f32 (f64 for f64 inputs), or
 /// bf16 GEMMs on bf16 tiles for bf16 inputs.
 pub fn qmatmul(x2: &Tensor, w: &QuantWeight, activations: Activations) -> KResult<Tensor> {
     let (m, n) = (x2.size()[0] as usize, w.layout.n);
@@ -219,8 +215,8 @@ pub fn qmatmul(x2: &Tensor, w: &QuantWeight, activations: Activations) -> KResul
         let mut out = Fresh::empty(&[m as i64, n as i64], Kind::Float)?;
         let (xs, pk, os) = (slice(&xf), slice(&w.packed), out.data_mut());
         let fused = match activations {
-            Activations::Exact => qmatmul::qmatmul_with,
-            Activations::Int8 => q8::qmatmul_int8_with,
+            Activations::Exact => exact::qmatmul_with,
+            Activations::Int8 => int8::qmatmul_int8_with,
             Activations::Bf16 => bf16::qmatmul_bf16_with,
         };
         // The default dtype goes to the kernel as raw f16 bits, converted per row in
@@ -321,7 +317,7 @@ pub fn group_pool(x: &Tensor, lead: &[i64], k: usize, g: usize) -> KResult<Tenso
     let mut shape = lead.to_vec();
     shape.push((k / g) as i64);
     let mut out = Fresh::empty(&shape, Kind::Float)?;
-    pool::group_pool(slice(&xc), k, g, out.data_mut())?;
+    group_pool::group_pool(slice(&xc), k, g, out.data_mut())?;
     Ok(out.into_tensor())
 }
 
@@ -330,7 +326,7 @@ pub fn group_pool_backward(grad: &Tensor, lead: &[i64], k: usize, g: usize) -> K
     let mut shape = lead.to_vec();
     shape.push(k as i64);
     let mut out = Fresh::empty(&shape, Kind::Float)?;
-    pool::group_pool_backward(slice(&gc), k, g, out.data_mut())?;
+    group_pool::group_pool_backward(slice(&gc), k, g, out.data_mut())?;
     Ok(out.into_tensor())
 }
 
@@ -396,11 +392,11 @@ pub fn merge_offsets(
     Ok(if offsets.kind() == kind { fresh } else { fresh.to_kind(offsets.kind()) })
 }
 
-/// Canonical 4-bit codes + f16 scales/offsets -> the tiled int8 layout (`qalora_core::tiles`).
+/// Canonical 4-bit codes + f16 scales/offsets -> the tiled int8 layout (`qalora_core::matmul::tiled`).
 pub fn repack_tiles(w: &QuantWeight) -> KResult<Tensor> {
     let (s, o) = (w.scales.contiguous(), w.offsets.contiguous());
-    let mut out = Fresh::empty(&[tiles::tiled_len(&w.layout) as i64], Kind::Uint8)?;
-    tiles::repack(slice(&w.packed), slice(&s), slice(&o), w.layout, out.data_mut())?;
+    let mut out = Fresh::empty(&[tiled::tiled_len(&w.layout) as i64], Kind::Uint8)?;
+    tiled::repack(slice(&w.packed), slice(&s), slice(&o), w.layout, out.data_mut())?;
     Ok(out.into_tensor())
 }
 
@@ -411,7 +407,7 @@ pub fn unrepack_tiles(tiled: &Tensor, layout: QuantLayout) -> KResult<(Tensor, T
     let mut packed = Fresh::empty(&[n, layout.row_bytes() as i64], Kind::Uint8)?;
     let mut scales = Fresh::empty(&[n, groups], Kind::Half)?;
     let mut offsets = Fresh::empty(&[n, groups], Kind::Half)?;
-    tiles::unrepack(slice(&t), layout, packed.data_mut(), scales.data_mut(), offsets.data_mut())?;
+    tiled::unrepack(slice(&t), layout, packed.data_mut(), scales.data_mut(), offsets.data_mut())?;
     Ok((packed.into_tensor(), scales.into_tensor(), offsets.into_tensor()))
 }
 
@@ -422,7 +418,7 @@ pub fn qmatmul_tiled(x2: &Tensor, tiled: &Tensor, layout: QuantLayout) -> KResul
     let xf = dense(x2, Kind::Float)?;
     let t = contiguous(tiled)?;
     let mut out = Fresh::empty(&[m as i64, n as i64], Kind::Float)?;
-    tiles::qmatmul_tiled_with(slice(&xf), m, slice(&t), layout, out.data_mut(), Isa::detect_best())?;
+    tiled::qmatmul_tiled_with(slice(&xf), m, slice(&t), layout, out.data_mut(), Isa::detect_best())?;
     Ok(out.into_tensor().to_kind(out_kind))
 }
 

@@ -16,6 +16,7 @@ use qalora_core::layout::{
     check_bits, check_group_size, check_in_features, check_positive_group_size, code_range_error, packed_row_bytes,
     size_product,
 };
+use qalora_core::matmul::FUSED_MAX_ROWS;
 use qalora_core::{max_code, KernelError, QuantLayout};
 use tch::{Kind, Tensor};
 
@@ -441,7 +442,7 @@ fn merge_offsets(
     wrap_tensor(py, result)
 }
 
-/// The tiled int8 layout (`qalora_core::tiles`) of a 4-bit weight with f16 parameters.
+/// The tiled int8 layout (`qalora_core::matmul::tiled`) of a 4-bit weight with f16 parameters.
 #[pyfunction]
 fn repack_tiles(
     py: Python<'_>,
@@ -490,15 +491,15 @@ fn tiled_layout(tiled: &Tensor, out_features: IntArg, in_features: IntArg, group
     let n = n.ok_or_else(|| bad("out_features", &out_features))?;
     let k = check_in_features(in_features)?;
     let layout = QuantLayout::new(n, k, 4, group_size)?;
-    if !qalora_core::tiles::supported(&layout, true) {
+    if !qalora_core::matmul::tiled::supported(&layout, true) {
         return Err(KernelError::value(format!(
             "the tiled layout takes group sizes that are multiples of 32 and out_features a multiple of {}; got \
              group_size = {}, out_features = {n}",
-            qalora_core::tiles::TILE_ROWS,
+            qalora_core::matmul::tiled::TILE_ROWS,
             layout.group_size
         )));
     }
-    let want = qalora_core::tiles::tiled_len(&layout);
+    let want = qalora_core::matmul::tiled::tiled_len(&layout);
     if tiled.numel() != want {
         return Err(KernelError::shape(format!(
             "tiled: got {} bytes, a {n}x{k} 4-bit layer in groups of {} takes {want}",
@@ -531,8 +532,8 @@ fn unrepack_tiles(
     Ok((wrap_tensor(py, p)?, wrap_tensor(py, s)?, wrap_tensor(py, o)?))
 }
 
-/// y = x W~^T on a tiled layer with int8 activations, x of shape (..., K) with at most 16
-/// rows in all.
+/// y = x W~^T on a tiled layer with int8 activations, x of shape (..., K) with at most
+/// `FUSED_MAX_ROWS` (16) rows in all.
 #[pyfunction]
 fn qmatmul_tiled(
     py: Python<'_>,
@@ -554,8 +555,8 @@ fn qmatmul_tiled(
         let layout = tiled_layout(&t, n, IntArg::Fits(k), g)?;
         let (lead, m) = activation(&x, "x", layout.k, "in_features K")?;
         same_device(&[("tiled", &t), ("x", &x)])?;
-        if m > 16 {
-            return Err(KernelError::shape(format!("x: got {m} rows, the tiled route takes at most 16")));
+        if m > FUSED_MAX_ROWS {
+            return Err(KernelError::shape(format!("x: got {m} rows, the tiled route takes at most {FUSED_MAX_ROWS}")));
         }
         let y = core_path::qmatmul_tiled(&x.reshape([m as i64, layout.k as i64]), &t, layout)?;
         Ok(y.reshape(with_last(&lead, layout.n).as_slice()))
@@ -678,6 +679,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_thread_pool, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("SUPPORTED_BITS", qalora_core::SUPPORTED_BITS.to_vec())?;
+    m.add("FUSED_MAX_ROWS", FUSED_MAX_ROWS)?;
     m.add_function(wrap_pyfunction!(boundary::register_errors, m)?)?;
     m.add_function(wrap_pyfunction!(check_layout, m)?)?;
     m.add_function(wrap_pyfunction!(pack, m)?)?;

@@ -444,4 +444,5 @@ def test_unsigned_tensor_codes_are_accepted():
 def test_stub_and_marker_ship_beside_the_module():
     here = os.path.dirname(qalora.__file__)
     assert os.path.isfile(os.path.join(here, "_core.pyi")) and os.path.isfile(os.path.join(here, "py.typed"))
-    assert not hasattr(_core, "FUSED_MAX_ROWS") and not hasattr(_core, "pack_array")
+    # The small-batch threshold is exported (qalora.layers.SMALL_BATCH_ROWS reads it); pack_array is gone.
+    assert _core.FUSED_MAX_ROWS == 16 and not hasattr(_core, "pack_array")

@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 
 __all__ = [
+    "FUSED_MAX_ROWS",
     "SUPPORTED_BITS",
     "__version__",
     "check_layout",
@@ -41,6 +42,9 @@ _Activations = Literal["exact", "int8", "bf16"]
 __version__: str
 #: Bit widths the kernels store.
 SUPPORTED_BITS: list[int]
+#: Rows of x up to which the small-batch CPU routes (fused kernels, the tiled layout) run;
+#: larger batches dequantize tiles and call torch's GEMM.
+FUSED_MAX_ROWS: int
 
 def register_errors(
     *,

@@ -20,8 +20,9 @@ from .errors import GroupSizeError, InvalidValueError, MergeError, ShapeError
 
 #: How a quantized layer can multiply small CPU batches (see :func:`qalora.ops.qmatmul`).
 ACTIVATION_MODES = ("exact", "int8", "bf16")
-#: Rows of x up to which the small-batch routes (and the tiled layout's kernel) run.
-SMALL_BATCH_ROWS = 16
+#: Rows of x up to which the small-batch routes (and the tiled layout's kernel) run: the
+#: core's threshold (``qalora_core::matmul::FUSED_MAX_ROWS``), so the two cannot drift apart.
+SMALL_BATCH_ROWS = _core.FUSED_MAX_ROWS
 
 
 def check_activations(mode: str) -> None:

@@ -4,14 +4,14 @@
 //! Run: `cargo bench -p qalora-core --bench kernels` (QALORA_BENCH_QUICK=1 for a short run).
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use qalora_core::group_pool::group_pool;
+use qalora_core::matmul::exact::qmatmul_with;
+use qalora_core::matmul::{bf16, int8, tiled, GroupParams};
 use qalora_core::pack::{pack, unpack};
-use qalora_core::pool::group_pool;
-use qalora_core::qmatmul::{qmatmul_with, GroupParams};
 use qalora_core::quant::{dequantize, quantize, ParamDtype};
 use qalora_core::testutil::{random_codes, random_f32};
 use qalora_core::Isa;
 use qalora_core::QuantLayout;
-use qalora_core::{bf16, q8, tiles};
 use std::time::Duration;
 
 fn quick() -> bool {
@@ -36,9 +36,9 @@ fn bench_qmatmul(c: &mut Criterion) {
         let o: Vec<u16> = random_f32(n * groups, 3).iter().map(|v| half::f16::from_f32(*v * 0.1).to_bits()).collect();
         let bytes = layout.packed_len() + 4 * n * groups;
         grp.throughput(Throughput::Bytes(bytes as u64));
-        let tiled = if tiles::supported(&layout, true) {
-            let mut t = vec![0u8; tiles::tiled_len(&layout)];
-            tiles::repack(&p, &s, &o, layout, &mut t).unwrap();
+        let tiled_weight = if tiled::supported(&layout, true) {
+            let mut t = vec![0u8; tiled::tiled_len(&layout)];
+            tiled::repack(&p, &s, &o, layout, &mut t).unwrap();
             Some(t)
         } else {
             None
@@ -59,10 +59,10 @@ fn bench_qmatmul(c: &mut Criterion) {
                 grp.bench_function(id, |b| {
                     b.iter(|| qmatmul_with(black_box(&x), m, &p, params, layout, &mut y, isa).unwrap())
                 });
-                if q8::supported(&layout) {
+                if int8::supported(&layout) {
                     let id = BenchmarkId::new(format!("int8-{isa:?}/b{bits}g{g}"), format!("M{m}"));
                     grp.bench_function(id, |b| {
-                        b.iter(|| q8::qmatmul_int8_with(black_box(&x), m, &p, params, layout, &mut y, isa).unwrap())
+                        b.iter(|| int8::qmatmul_int8_with(black_box(&x), m, &p, params, layout, &mut y, isa).unwrap())
                     });
                 }
                 if bf16::supported(&layout) {
@@ -71,10 +71,10 @@ fn bench_qmatmul(c: &mut Criterion) {
                         b.iter(|| bf16::qmatmul_bf16_with(black_box(&x), m, &p, params, layout, &mut y, isa).unwrap())
                     });
                 }
-                if let Some(t) = &tiled {
+                if let Some(t) = &tiled_weight {
                     let id = BenchmarkId::new(format!("tiled-{isa:?}/b{bits}g{g}"), format!("M{m}"));
                     grp.bench_function(id, |b| {
-                        b.iter(|| tiles::qmatmul_tiled_with(black_box(&x), m, t, layout, &mut y, isa).unwrap())
+                        b.iter(|| tiled::qmatmul_tiled_with(black_box(&x), m, t, layout, &mut y, isa).unwrap())
                     });
                 }
             }

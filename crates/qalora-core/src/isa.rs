@@ -26,12 +26,12 @@ pub enum Isa {
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
     /// AVX2 plus AVX-512 F/VL/VNNI (integer dot products on 256-bit vectors). Only the
-    /// int8-activation routes (`q8.rs`, `tiles.rs`) have kernels for it; the exact kernels
-    /// run their AVX2 code under it.
+    /// int8-activation routes (`matmul/int8.rs`, `matmul/tiled.rs`) have kernels for it; the
+    /// exact kernels run their AVX2 code under it.
     Avx512Vnni,
     /// [`Isa::Avx512Vnni`] plus AVX-512 BW/BF16 (bf16 dot products and conversions): the
-    /// bf16-activation route and the bf16 dequantization (`bf16.rs`); everything else runs
-    /// its AVX-512 VNNI or AVX2 code under it.
+    /// bf16-activation route and the bf16 dequantization (`matmul/bf16.rs`); everything else
+    /// runs its AVX-512 VNNI or AVX2 code under it.
     Avx512Bf16,
 }
 

@@ -2,37 +2,27 @@
 //! (row-major), so `cargo test` runs without libtorch; the Python extension adapts torch
 //! tensors onto these functions.
 
-pub mod bf16;
 pub mod error;
 pub mod gptq;
 pub mod group_grad;
+pub mod group_pool;
 pub mod isa;
 pub mod layout;
+pub mod matmul;
 pub mod merge;
 pub mod pack;
 pub mod parallel;
-pub mod pool;
 pub mod probe;
-pub mod q8;
-pub mod qmatmul;
 pub mod quant;
 #[doc(hidden)]
 pub mod testutil;
-pub mod tiles;
-pub mod wide;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
-#[cfg(target_arch = "x86_64")]
-pub mod x86_bf16;
-#[cfg(target_arch = "x86_64")]
-pub mod x86_tiles;
-#[cfg(target_arch = "x86_64")]
-pub mod x86_wide;
 
 pub use error::{ErrorKind, KernelError, Result};
 /// Re-exported so the binding names the same f16/bf16 types the kernels take.
 pub use half;
 pub use isa::Isa;
 pub use layout::{check_bits, max_code, packed_row_bytes, QuantLayout, SUPPORTED_BITS};
-pub use qmatmul::GroupParams;
+pub use matmul::GroupParams;
 pub use quant::ParamDtype;

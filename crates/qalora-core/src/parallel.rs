@@ -340,9 +340,10 @@ mod tests {
     /// kernel that used it directly would hang in a forked child.
     #[test]
     fn no_kernel_uses_the_global_pool() {
-        use crate::qmatmul::{qmatmul_with, GroupParams};
+        use crate::matmul::exact::qmatmul_with;
+        use crate::matmul::{int8, GroupParams};
         use crate::testutil::{random_codes, random_f32};
-        use crate::{merge, pack, pool, q8, quant, Isa, ParamDtype, QuantLayout};
+        use crate::{group_pool, merge, pack, quant, Isa, ParamDtype, QuantLayout};
 
         let (n, k, g) = (1024usize, 512usize, 32usize);
         let layout = QuantLayout::new(n, k, 4, g).unwrap();
@@ -357,8 +358,8 @@ mod tests {
         let mut unpacked = vec![0u8; n * k];
         pack::unpack(&packed, n, k, 4, &mut unpacked).unwrap();
         let mut pooled = vec![0f32; n * k / g];
-        pool::group_pool(&w, k, g, &mut pooled).unwrap();
-        pool::group_pool_backward(&pooled, k, g, &mut dense).unwrap();
+        group_pool::group_pool(&w, k, g, &mut pooled).unwrap();
+        group_pool::group_pool_backward(&pooled, k, g, &mut dense).unwrap();
         let (a, b) = (random_f32(8 * k / g, 3), random_f32(n * 8, 4));
         let mut merged = vec![0f32; n * k / g];
         merge::merge_offsets(&m, n, k / g, &a, &b, 8, 0.5, g, &mut merged).unwrap();
@@ -366,7 +367,7 @@ mod tests {
         let mut y = vec![0f32; 4 * n];
         let params = GroupParams::F32 { scales: &s, offsets: &m };
         qmatmul_with(&x, 4, &packed, params, layout, &mut y, Isa::detect()).unwrap();
-        q8::qmatmul_int8_with(&x, 4, &packed, params, layout, &mut y, Isa::detect()).unwrap();
+        int8::qmatmul_int8_with(&x, 4, &packed, params, layout, &mut y, Isa::detect()).unwrap();
         assert!(rayon::ThreadPoolBuilder::new().num_threads(1).build_global().is_ok());
     }
 }

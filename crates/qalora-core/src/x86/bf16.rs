@@ -1,16 +1,16 @@
 //! AVX-512 BF16 kernels: rows dequantized straight to bf16 (the training tiles) and f32 ->
 //! bf16 conversion, both with `vcvtneps2bf16` (round to nearest even). Compiled for any
 //! x86-64 and run only where [`crate::isa::Isa::avx512_bf16`] hands out its token; the
-//! scalar twins live in `bf16.rs`.
+//! scalar twins live in `matmul/bf16.rs`.
 //!
-//! Safety, as in `x86.rs`: the kernels (`unsafe fn`, private) are reached only through the
+//! Safety, as in `x86/mod.rs`: the kernels (`unsafe fn`, private) are reached only through the
 //! safe `pub fn`s here, which take the proof token and `assert!` that every buffer covers
 //! what the kernel reads or writes.
 
 use std::arch::x86_64::*;
 
+use super::RowCodes;
 use crate::isa::HasAvx512Bf16;
-use crate::x86::RowCodes;
 
 /// The 16 bf16 values as plain bits, to store.
 #[inline]
@@ -106,7 +106,7 @@ unsafe fn f32_to_bf16_avx512(src: *const f32, dst: *mut u16, n: usize) {
         j += 16;
     }
     while j < n {
-        *dst.add(j) = crate::bf16::bf16_bits(*src.add(j));
+        *dst.add(j) = crate::matmul::bf16::bf16_bits(*src.add(j));
         j += 1;
     }
 }

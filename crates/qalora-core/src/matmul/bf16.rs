@@ -15,7 +15,7 @@
 //!
 //!   and |y − y_exact| ≤ Σ_k |s·q_k| · |x_k − bf16(x_k)| ≤ 2^-8 Σ_k |s·q_k·x_k| (plus f32
 //!   accumulation rounding). The products run as f32 FMAs on the rounded x: with AVX-512 the
-//!   wide route's kernel (`wide.rs`), elsewhere the exact route's kernels (AVX2, or the
+//!   wide route's kernel (`matmul/wide.rs`), elsewhere the exact route's kernels (AVX2, or the
 //!   scalar twin), whose offsets' term is then moved onto the exact sums. (`vdpbf16ps` was
 //!   tried: on the Xeon the benchmarks ran on it takes about five times as long as an f32
 //!   FMA per instruction, so it multiplies fewer values per second; see benches/RESULTS.md.)
@@ -23,11 +23,12 @@
 //! Hardware conversions flush f32 denormals (below 1.2e-38) to zero; the scalar conversion
 //! [`bf16_bits`] keeps them. Nothing else differs.
 
+use super::exact::qmatmul_with;
+use super::{check_call, dot_isa, group_sums, GroupParams};
 use crate::error::Result;
 use crate::isa::Isa;
 use crate::layout::QuantLayout;
 use crate::pack::unpack_row;
-use crate::qmatmul::{check_call, dot_isa, group_sums, qmatmul_with, GroupParams};
 
 /// bf16 bits of `v`, rounded to nearest even (NaN stays NaN).
 #[inline]
@@ -63,7 +64,7 @@ fn f32_to_bf16_avx2(src: &[f32], dst: &mut [u16]) {
 pub fn f32_to_bf16_with(isa: Isa, src: &[f32], dst: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
     if let Some(cpu) = isa.avx512_bf16() {
-        return crate::x86_bf16::f32_to_bf16(cpu, src, dst);
+        return crate::x86::bf16::f32_to_bf16(cpu, src, dst);
     }
     #[cfg(target_arch = "x86_64")]
     if isa.avx2().is_some() {
@@ -124,7 +125,7 @@ pub fn dequantize_rows_bf16(
                     RowCodes::Bytes(codes)
                 }
             };
-            crate::x86_bf16::dequant_row_bf16(cpu, src, s, m, g, o);
+            crate::x86::bf16::dequant_row_bf16(cpu, src, s, m, g, o);
             continue;
         }
         // Other instruction sets: the f32 row (the exact route's dequantization), rounded.
@@ -191,9 +192,9 @@ pub fn qmatmul_bf16_with(
     let xsum = group_sums(x, m, k, g);
     let xr: Vec<f32> = x.iter().map(|&v| round_bf16(v)).collect();
     #[cfg(target_arch = "x86_64")]
-    if let Some(cpu) = crate::wide::route(isa, &layout) {
-        crate::wide::qmatmul_wide(cpu, &xr, &xsum, m, packed, params, layout, out, isa);
-        crate::qmatmul::dense_rows_where_needed(x, m, packed, params, layout, isa, out);
+    if let Some(cpu) = super::wide::route(isa, &layout) {
+        super::wide::qmatmul_wide(cpu, &xr, &xsum, m, packed, params, layout, out, isa);
+        super::dense_rows_where_needed(x, m, packed, params, layout, isa, out);
         return Ok(());
     }
     // Other instruction sets: the exact route on the rounded x, whose offsets' term (on the
@@ -209,7 +210,7 @@ pub fn qmatmul_bf16_with(
         }
     }
     // Non-finite or huge rows: a dense matmul's results, as on every other route.
-    crate::qmatmul::dense_rows_where_needed(x, m, packed, params, layout, isa, out);
+    super::dense_rows_where_needed(x, m, packed, params, layout, isa, out);
     Ok(())
 }
 

@@ -21,18 +21,18 @@
 //! one FMA per 8 rows and activation block, the scales converted 8 at a time where they are
 //! used.
 //!
-//! The arithmetic is the canonical int8 route's (`q8.rs`): the same activation blocks and
+//! The arithmetic is the canonical int8 route's (`matmul/int8.rs`): the same activation blocks and
 //! int8 values, exact integer block sums, the offsets' term on the exact group sums of x.
 //! Only the order of the f32 additions differs. Layouts: 4-bit, g a multiple of 32, N a
 //! multiple of 8, f16 scales and offsets ([`supported`]).
 
 use rayon::prelude::*;
 
+use super::group_sums;
+use super::int8::act_block;
 use crate::error::{KernelError, Result};
 use crate::isa::Isa;
 use crate::layout::QuantLayout;
-use crate::q8::act_block;
-use crate::qmatmul::group_sums;
 
 /// Rows per tile (the lanes of a 256-bit vector of i32).
 pub const TILE_ROWS: usize = 8;
@@ -168,7 +168,7 @@ pub fn unrepack(
 }
 
 /// Activation rows quantized per block for the tiled kernels: natural column order, the
-/// same values and scales as the canonical int8 route's (`q8::quantize_acts`).
+/// same values and scales as the canonical int8 route's (`int8::quantize_acts`).
 pub struct TiledActs {
     /// M·K int8 values, row-major.
     pub q: Vec<i8>,
@@ -189,7 +189,7 @@ pub fn quantize_acts(x: &[f32], m: usize, k: usize, g: usize) -> TiledActs {
         let scale = amax / 127.0;
         let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
         for (o, &v) in qa.iter_mut().zip(xa) {
-            *o = crate::q8::round_to_i8(v * inv);
+            *o = super::int8::round_to_i8(v * inv);
         }
         *da = scale;
     }
@@ -231,7 +231,7 @@ fn tile_with(isa: Isa, tile: &[u8], acts: &TiledActs, m: usize, k: usize, g: usi
     #[cfg(target_arch = "x86_64")]
     if let Some(cpu) = isa.avx2() {
         let vnni = isa.avx512_vnni();
-        return crate::x86_tiles::tile_rows(cpu, vnni, tile, &acts.q, &acts.d, &acts.xsum, m, k, g, acts.block, out);
+        return crate::x86::tiled::tile_rows(cpu, vnni, tile, &acts.q, &acts.d, &acts.xsum, m, k, g, acts.block, out);
     }
     let _ = isa;
     tile_scalar(tile, acts, m, k, g, out)
@@ -241,7 +241,7 @@ fn tile_with(isa: Isa, tile: &[u8], acts: &TiledActs, m: usize, k: usize, g: usi
 const PARALLEL_MIN_WEIGHTS: usize = 1 << 19;
 
 /// y = x W~^T on a tiled layer, x: (M, K) row-major, out: (M, N); the int8-activation
-/// arithmetic of `q8.rs`.
+/// arithmetic of `matmul/int8.rs`.
 pub fn qmatmul_tiled_with(
     x: &[f32],
     m: usize,
@@ -293,13 +293,13 @@ pub fn qmatmul_tiled_with(
     }
     // Rows with non-finite or huge values get a dense matmul's results, as on every other
     // route; they are rare (an overflow upstream), so the canonical form is derived for them.
-    if (0..m).any(|i| crate::qmatmul::needs_dense(&x[i * k..(i + 1) * k], g, 4)) {
+    if (0..m).any(|i| super::needs_dense(&x[i * k..(i + 1) * k], g, 4)) {
         let groups = layout.groups();
         let (mut packed, mut scales, mut offsets) =
             (vec![0u8; n * layout.row_bytes()], vec![0u16; n * groups], vec![0u16; n * groups]);
         unrepack(tiled, layout, &mut packed, &mut scales, &mut offsets)?;
-        let params = crate::qmatmul::GroupParams::F16 { scales: &scales, offsets: &offsets };
-        crate::qmatmul::dense_rows_where_needed(x, m, &packed, params, layout, isa, out);
+        let params = super::GroupParams::F16 { scales: &scales, offsets: &offsets };
+        super::dense_rows_where_needed(x, m, &packed, params, layout, isa, out);
     }
     Ok(())
 }
@@ -307,8 +307,8 @@ pub fn qmatmul_tiled_with(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::q8::qmatmul_int8_with;
-    use crate::qmatmul::GroupParams;
+    use crate::matmul::int8::qmatmul_int8_with;
+    use crate::matmul::GroupParams;
     use crate::testutil::{random_codes, random_f32, SplitMix};
 
     fn layer(n: usize, k: usize, g: usize, seed: u64) -> (Vec<u8>, Vec<u8>, Vec<u16>, Vec<u16>) {

@@ -16,10 +16,11 @@
 //! by the exact route, and so is any activation row holding a value that is not finite
 //! (its scale would be infinite), with a dense matmul's IEEE semantics.
 
+use super::exact::qmatmul_with;
+use super::{group_sums, GroupParams};
 use crate::error::{KernelError, Result};
 use crate::isa::Isa;
 use crate::layout::QuantLayout;
-use crate::qmatmul::{group_sums, qmatmul_with, GroupParams};
 
 /// Codes per SIMD block: 16 bytes of a 4-bit row. Activation blocks are 1, 2 or 4 of these.
 pub const CODE_BLOCK: usize = 32;
@@ -133,11 +134,11 @@ pub fn int8_rows_scalar(row: &[u8], q: &[i8], coef: &[f32], k: usize, block: usi
 fn int8_rows_with(isa: Isa, row: &[u8], q: &[i8], coef: &[f32], k: usize, block: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if let Some(cpu) = isa.avx512_vnni() {
-        return crate::x86::int8_rows_vnni(cpu, row, q, coef, k, block, out);
+        return crate::x86::int8::int8_rows_vnni(cpu, row, q, coef, k, block, out);
     }
     #[cfg(target_arch = "x86_64")]
     if let Some(cpu) = isa.avx2() {
-        return crate::x86::int8_rows(cpu, row, q, coef, k, block, out);
+        return crate::x86::int8::int8_rows(cpu, row, q, coef, k, block, out);
     }
     int8_rows_scalar(row, q, coef, k, block, out)
 }
@@ -151,7 +152,7 @@ fn repeat_each<'a, const P: usize>(s: &[f32], out: &'a mut [f32]) -> &'a [f32] {
     out
 }
 
-/// y = x W~^T like [`crate::qmatmul::qmatmul_with`], with activations quantized to int8 per
+/// y = x W~^T like [`qmatmul_with`], with activations quantized to int8 per
 /// block of [`act_block`] values (see the module docs for the error). Layouts outside
 /// [`supported`] are computed exactly.
 pub fn qmatmul_int8_with(
@@ -166,7 +167,7 @@ pub fn qmatmul_int8_with(
     if !supported(&layout) {
         return qmatmul_with(x, m, packed, params, layout, out, isa);
     }
-    crate::qmatmul::check_call(x, m, packed, &params, &layout, out)?;
+    super::check_call(x, m, packed, &params, &layout, out)?;
     if m == 0 {
         return Ok(());
     }
@@ -207,15 +208,15 @@ pub fn qmatmul_int8_with(
             let prow = &packed[row * rb..(row + 1) * rb];
             int8_rows_with(isa, prow, &acts.q, coef, k, block, orow);
             for (i, y) in orow.iter_mut().enumerate() {
-                *y += crate::qmatmul::dot_isa(mm, &xsum[i * groups..(i + 1) * groups], isa);
+                *y += super::dot_isa(mm, &xsum[i * groups..(i + 1) * groups], isa);
             }
         }
     };
     let init = || (vec![0f32; groups], vec![0f32; groups], vec![0f32; na], vec![0f32; na * m]);
-    crate::qmatmul::for_weight_rows(n, m, k, out, init, run_rows);
+    super::for_weight_rows(n, m, k, out, init, run_rows);
     // Rows with an infinite, NaN or huge value: their int8 scale is not finite, so they are
     // recomputed exactly, as a dense matmul does.
-    crate::qmatmul::dense_rows_where_needed(x, m, packed, params, layout, isa, out);
+    super::dense_rows_where_needed(x, m, packed, params, layout, isa, out);
     Ok(())
 }
 

@@ -1,12 +1,12 @@
-//! The small-M f32 route on 512-bit vectors, where the CPU has AVX-512 (`x86_wide.rs`): the
+//! The small-M f32 route on 512-bit vectors, where the CPU has AVX-512 (`x86/wide.rs`): the
 //! exact route and the bf16-activation route take it for 4-bit weights in groups of a
 //! multiple of 32. Same arithmetic as the AVX2 kernels (exact f32 products of codes and
 //! activations, f32 accumulation per group, then s·Σ + m·xsum), with half the instructions
 //! per weight: codes become floats by a table lookup, 32 per three instructions.
 
+use super::{for_weight_rows, GroupParams};
 use crate::isa::Isa;
 use crate::layout::QuantLayout;
-use crate::qmatmul::{for_weight_rows, GroupParams};
 
 /// Weight rows that share each chunk of x when M > 1.
 const ROW_BLOCK: usize = 16;
@@ -69,9 +69,9 @@ pub(crate) fn qmatmul_wide(
             let (s_rows, mm_rows) = (&s[..nr * groups], &mm[..nr * groups]);
             let rows = &packed[r0 * rb..(r0 + nr) * rb];
             if m == 1 {
-                crate::x86_wide::row_wide(cpu, rows, &xp, k, xsum, s_rows, mm_rows, g, ob);
+                crate::x86::wide::row_wide(cpu, rows, &xp, k, xsum, s_rows, mm_rows, g, ob);
             } else {
-                crate::x86_wide::rows_wide(cpu, rows, &xp, k, xsum, s_rows, mm_rows, g, kc, ob);
+                crate::x86::wide::rows_wide(cpu, rows, &xp, k, xsum, s_rows, mm_rows, g, kc, ob);
             }
         }
     };

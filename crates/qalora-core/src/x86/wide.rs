@@ -1,20 +1,20 @@
 //! The small-M f32 route on 512-bit vectors (AVX-512 F), for canonical 4-bit rows with groups
-//! of a multiple of 32: the exact route and the bf16-activation route run it (`wide.rs`).
-//! Safety as in `x86.rs`: reached only through the safe entry point, which takes the proof
-//! token and asserts the buffer sizes.
+//! of a multiple of 32: the exact route and the bf16-activation route run it
+//! (`matmul/wide.rs`). Safety as in `x86/mod.rs`: reached only through the safe entry point,
+//! which takes the proof token and asserts the buffer sizes.
 //!
 //! 16 packed bytes (32 codes) become two vectors of 16 floats with three instructions: the
 //! bytes widened to 16 lanes, and the low and high nibble of each lane looked up in a table
 //! of 0.0..15.0 (`vpermps` reads only the low 4 bits of an index, so the low nibble needs
 //! no mask, the high one one shift). The activations are reordered once per call to match
-//! (even columns of each 32-block, then odd ones: [`crate::wide::nibble_order`]).
+//! (even columns of each 32-block, then odd ones: [`crate::matmul::wide::nibble_order`]).
 
 #![allow(clippy::too_many_arguments)]
 
 use std::arch::x86_64::*;
 
+use super::PREFETCH_AHEAD;
 use crate::isa::HasAvx512Vnni;
-use crate::x86::PREFETCH_AHEAD;
 
 /// Activation rows one pass over a weight row takes at most (32 registers).
 pub const PASS_ROWS: usize = 8;
@@ -74,9 +74,8 @@ pub fn rows_wide(
         for i in 0..m {
             let xs = &xsum[i * groups..(i + 1) * groups];
             // SAFETY: the token proves AVX2, FMA and AVX-512 F; `tot` rows hold 16 lanes.
-            out[r * m + i] = unsafe {
-                _mm512_reduce_add_ps(_mm512_loadu_ps(tot[r * m + i].as_ptr())) + crate::x86::dot_avx2(mr, xs)
-            };
+            out[r * m + i] =
+                unsafe { _mm512_reduce_add_ps(_mm512_loadu_ps(tot[r * m + i].as_ptr())) + super::dot_avx2(mr, xs) };
         }
     }
 }
@@ -108,7 +107,7 @@ pub fn row_wide(
         unsafe {
             pass_sums(mb, row.as_ptr(), xp, k, s, g, (0, k), |i, v| {
                 let xs = &xsum[(i0 + i) * groups..(i0 + i + 1) * groups];
-                o[i] = _mm512_reduce_add_ps(v) + crate::x86::dot_avx2(mm, xs)
+                o[i] = _mm512_reduce_add_ps(v) + super::dot_avx2(mm, xs)
             })
         }
         i0 += mb;

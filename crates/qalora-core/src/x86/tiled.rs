@@ -1,22 +1,23 @@
-//! SIMD kernels of the tiled int8 layout (`tiles.rs`): AVX2 (`vpmaddubsw` + `vpmaddwd`) and
-//! AVX-512 VNNI (`vpdpbusd` on 256-bit vectors). Safety as in `x86.rs`: reached only through
-//! the safe entry point, which takes the proof tokens and asserts the buffer sizes.
+//! SIMD kernels of the tiled int8 layout (`matmul/tiled.rs`): AVX2 (`vpmaddubsw` +
+//! `vpmaddwd`) and AVX-512 VNNI (`vpdpbusd` on 256-bit vectors). Safety as in `x86/mod.rs`:
+//! reached only through the safe entry point, which takes the proof tokens and asserts the
+//! buffer sizes.
 
 #![allow(clippy::too_many_arguments)]
 
 use std::arch::x86_64::*;
 
+use super::PREFETCH_AHEAD;
 use crate::isa::{HasAvx2, HasAvx512Vnni};
-use crate::x86::PREFETCH_AHEAD;
 
 /// Activation rows one pass over a tile takes at most (registers: 32 with AVX-512 VL).
 const PASS_ROWS_VNNI: usize = 8;
 /// With AVX2 alone there are 16 vector registers.
 const PASS_ROWS_AVX2: usize = 4;
 
-/// One tile (its L records of `tiles::record_bytes(g)` bytes) against M activation rows:
-/// `q` (M, K) int8, `d` (M, K/block) scales, `xsum` (M, L) exact group sums; writes
-/// out[j·M + i] = y[i, row j of the tile]. SIMD twin of `tiles::tile_scalar`.
+/// One tile (its L records of `matmul::tiled::record_bytes(g)` bytes) against M activation
+/// rows: `q` (M, K) int8, `d` (M, K/block) scales, `xsum` (M, L) exact group sums; writes
+/// out[j·M + i] = y[i, row j of the tile]. SIMD twin of `matmul::tiled::tile_scalar`.
 pub fn tile_rows(
     _: HasAvx2,
     vnni: Option<HasAvx512Vnni>,
