@@ -345,3 +345,14 @@ def test_bits_on_a_gguf_model_must_say_what_its_layers_are(tmp_path, capsys):
 def test_requantize_is_refused_on_a_dense_model(tiny_dir, tmp_path, capsys):
     assert main(args(tiny_dir, tmp_path / "r", "--requantize")) == 2
     assert "applies to a GGUF model" in capsys.readouterr().err
+
+
+def test_data_errors_name_the_split_and_missing_files_fail_before_loading(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "small.jsonl"
+    data.write_text("".join(json.dumps({"text": f"record {i} " * 2}) + "\n" for i in range(16)))
+    assert main(args(tiny_dir, tmp_path / "a", "--data", str(data), "--block-size", "128")) == 2
+    err = capsys.readouterr().err
+    assert "the held-out split of small.jsonl" in err and "--heldout" in err and "--block-size" in err
+    assert main(args(tiny_dir, tmp_path / "b", "--data", str(tmp_path / "missing.txt"))) == 2
+    err = capsys.readouterr().err
+    assert "--data" in err and "no such file" in err

@@ -3,7 +3,9 @@
 //!
 //! For y = x·W̃ᵀ with W̃[n,k] = s[n,l(k)]·q[n,k] + m[n,l(k)] and P = grad_yᵀ·x (N × K):
 //!
-//!     ∂L/∂s[n,l] = Σ_{k in group l} q[n,k]·P[n,k]
+//! ```text
+//! ∂L/∂s[n,l] = Σ_{k in group l} q[n,k]·P[n,k]
+//! ```
 //!
 //! (the offsets' gradient, Σ_{k in l} P[n,k], is grad_yᵀ times the group sums of x, which
 //! pooling already computes). P is formed by the binding a tile of rows at a time with

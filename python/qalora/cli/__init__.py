@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(ft, out_default=None)
     demo = sub.add_parser(
         "demo",
-        help="finetune the bundled SmolLM2 on the bundled data (about 5 minutes on 2 cores)",
+        help="finetune the bundled SmolLM2 on the bundled data (about 5 minutes on a quiet 2-core machine)",
         description="qalora finetune with the bundled SmolLM2-135M-Instruct and the bundled Shakespeare data.",
         formatter_class=_HelpFormatter,
     )
@@ -501,6 +501,10 @@ def preflight(parser: argparse.ArgumentParser, args) -> None:
     from ..loaders import check_model_spec
 
     check_model_spec(args.model)
+    for option in ("data", "heldout"):  # missing files are named before torch or a model loads
+        path = getattr(args, option, None)
+        if path and path != "shakespeare" and not os.path.exists(path):
+            raise UsageError(f"--{option} {path}: no such file or directory")
     if args.command in OUT_MARKERS and os.path.isfile(os.path.join(args.model, "qalora_config.json")):
         raise UsageError(
             f"--model {args.model} is a model saved by qalora (already quantized); {args.command} starts from a "

@@ -12,7 +12,7 @@ import torch
 from .. import cli, datasets, distributed, embeddings
 from ..checkpoint import save_adapter, save_pretrained
 from ..config import QALoRAConfig
-from ..errors import GroupSizeError, NoTargetModulesError
+from ..errors import DataError, GroupSizeError, NoTargetModulesError
 from ..io import atomic_directory, atomic_write_json, atomic_write_text
 from ..layers import QALoRALinear, QuantLinear
 from ..loaders import load_model
@@ -26,9 +26,21 @@ CLI_HINT = "On the command line: --exclude NAME[,NAME...] leaves layers dense; -
 
 
 def token_splits(tokenizer, splits, block_size: int, eval_blocks: int, train_blocks: int):
-    train = datasets.token_blocks(tokenizer, splits.train, block_size, max_blocks=train_blocks)
-    heldout = datasets.token_blocks(tokenizer, splits.heldout, block_size, max_blocks=eval_blocks)
-    return train, heldout
+    """The training and held-out token blocks; a split too short for one block is named, with
+    the options that help."""
+    out = []
+    for name, texts, limit in (("training", splits.train, train_blocks), ("held-out", splits.heldout, eval_blocks)):
+        try:
+            out.append(datasets.token_blocks(tokenizer, texts, block_size, max_blocks=limit))
+        except DataError as e:
+            hint = (
+                "the held-out split is --heldout, or without it the data's last 10%: give more text, a separate "
+                "--heldout file, or a smaller --block-size"
+                if name == "held-out"
+                else "give more data or a smaller --block-size"
+            )
+            raise DataError(f"the {name} split of {splits.name}: {e}; {hint}") from None
+    return out[0], out[1]
 
 
 def check_settings_fit(model, config: QALoRAConfig) -> None:
