@@ -356,3 +356,19 @@ def test_data_errors_name_the_split_and_missing_files_fail_before_loading(tiny_d
     assert main(args(tiny_dir, tmp_path / "b", "--data", str(tmp_path / "missing.txt"))) == 2
     err = capsys.readouterr().err
     assert "--data" in err and "no such file" in err
+
+
+def test_eval_scores_the_whole_file_it_is_given(tiny_dir, tmp_path, capsys):
+    from qalora import datasets, train
+    from qalora.loaders import load_model
+
+    text = tmp_path / "heldout.txt"
+    text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(40)))
+    assert (
+        main(["eval", "--model", str(tiny_dir), "--data", str(text), "--block-size", "32", "--eval-blocks", "99"]) == 0
+    )
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["heldout_perplexity"]
+    lm = load_model(str(tiny_dir))
+    blocks = datasets.token_blocks(lm.tokenizer, datasets.read_texts(str(text)), 32, max_blocks=99)
+    assert len(blocks) > 50  # every block of the file, not its last 10%
+    assert got == pytest.approx(train.perplexity(lm.model, blocks, show_progress=False), rel=1e-6)

@@ -248,3 +248,32 @@ def test_export_of_every_trained_group_parameter_is_exact_and_runs_in_llama_cpp(
     base_agree, base_rel = _agreement(_llama_cpp_logits(SMOLLM2, heldout), _logits(reference, heldout))
     agree, rel = _agreement(_llama_cpp_logits(path, heldout), _logits(model, heldout))
     assert agree >= base_agree - 0.05 and rel <= 1.25 * base_rel
+
+
+def test_compare_with_gguf_scores_every_deployed_file_in_llama_cpp(tmp_path, monkeypatch):
+    """``qalora compare --gguf`` on SmolLM2 (one step each, to keep it short): the exact
+    method's merged model exported and scored by llama.cpp, the dense-LoRA baseline quantized
+    by llama.cpp itself to Q4_1 and Q4_K_M and scored there; the files' bits per weight."""
+    llama_cpp_or_skip()
+    from qalora.cli import main
+
+    monkeypatch.setenv("QALORA_NO_PROGRESS", "1")
+    out = tmp_path / "cmp"
+    argv = ["compare", "--out", str(out), "--settings", "4:32", "--quantizers", "rtn", "--steps", "1"]
+    argv += ["--eval-blocks", "1", "--batch-size", "1", "--block-size", "64", "--calibration-blocks", "1"]
+    assert main([*argv, "--methods", "qalora+offsets", "--gguf"]) == 0
+    rows = {r["method"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    exported = rows["qalora+offsets, merged, exported GGUF (llama.cpp)"]
+    assert (exported["deployed"], exported["exact"]) == (True, True)
+    assert exported["gguf_bits"] == pytest.approx(5.0)  # Q4_1: 4-bit codes + float16 d and m per 32
+    # llama.cpp rounds activations to 8 bits: its perplexity is near, not equal to, qalora's
+    merged = rows["qalora+offsets, merged"]["heldout_ppl"]
+    assert exported["heldout_ppl"] == pytest.approx(merged, rel=0.1)
+    for name, bits in (("Q4_1", 5.0), ("Q4_K_M", None)):
+        row = rows[f"dense LoRA, merged + quantized by llama.cpp to {name}"]
+        assert (row["deployed"], row["exact"]) == (True, False) and row["heldout_ppl"] > 1
+        if bits is not None:
+            assert row["gguf_bits"] == pytest.approx(bits)
+        else:
+            assert 4.5 < row["gguf_bits"] < 6.0
+    assert not list(tmp_path.glob("*.gguf-work"))  # the scratch files are gone

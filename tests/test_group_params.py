@@ -274,3 +274,24 @@ def test_adapter_and_model_checkpoints_carry_every_trained_tensor(tmp_path):
         assert torch.equal(loaded(blocks).logits, want)
     trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
     assert trainable == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_a_config_file_without_the_new_fields_means_what_it_meant_when_written():
+    # Files written before trained group parameters existed hold none of these fields; they
+    # read as those releases behaved, whatever today's defaults are.
+    old = {"bits": 4, "group_size": 32, "rank": 16, "alpha": 16.0, "version": 1}
+    cfg = qalora.QALoRAConfig.from_dict(old)
+    assert (cfg.train_scales, cfg.train_offsets, cfg.train_norms) == (False, False, False)
+    assert (cfg.offset_lr_scale, cfg.scale_lr_scale) == (1.0, 1.0)
+    # and a config that uses none of them writes none of them
+    assert set(cfg.to_dict()) == set(old) | {
+        "dropout",
+        "target_modules",
+        "exclude_modules",
+        "scale_dtype",
+        "on_indivisible",
+        "adapter",
+        "quantizer",
+        "damp_percent",
+        "act_order",
+    }

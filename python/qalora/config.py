@@ -20,8 +20,10 @@ _SCALE_DTYPES = ("float16", "bfloat16", "float32")
 _ADAPTERS = ("qalora", "lora")
 _ON_INDIVISIBLE = ("raise", "skip")
 _QUANTIZERS = ("rtn", "gptq")
-# Fields added after the first release, with the values older releases behave as (see
-# to_dict): written only when a config differs from them.
+# Fields added after the first release, with the values older releases behave as: a file
+# holds such a field only where it differs from that value (so files that do not use it stay
+# readable by those releases), and a file without it means that value, whatever today's
+# default (see to_dict / from_dict).
 _LATER_FIELDS = {
     "quantize_embeddings": False,
     "train_scales": False,
@@ -198,8 +200,8 @@ class QALoRAConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        # Fields added after the first release are left out at their defaults, so files of
-        # models that do not use them stay readable by qalora releases that predate them.
+        # Fields added after the first release are left out at the values older releases
+        # behave as (see _LATER_FIELDS), so files that do not use them stay readable there.
         for name, default in _LATER_FIELDS.items():
             if data[name] == default:
                 del data[name]
@@ -213,7 +215,7 @@ class QALoRAConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown QALoRAConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
+        return cls(**{**_LATER_FIELDS, **data})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

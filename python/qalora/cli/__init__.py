@@ -137,7 +137,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 BITS_HELP = "bits per weight code: one of qalora.ops.SUPPORTED_BITS (2, 3, 4, 5, 6, 8 in this release)"
 
 
-def _add_model_data(p: argparse.ArgumentParser, model_default: str | None) -> None:
+def _add_model_data(p: argparse.ArgumentParser, model_default: str | None, scores_whole_file: bool = False) -> None:
     if model_default is None:
         p.add_argument(
             "--model",
@@ -152,6 +152,15 @@ def _add_model_data(p: argparse.ArgumentParser, model_default: str | None) -> No
             help="'smollm2' (the bundled SmolLM2-135M-Instruct), a .gguf file, a Hugging Face model directory, "
             "or a directory written by qalora",
         )
+    if scores_whole_file:
+        p.add_argument(
+            "--data",
+            default=None,
+            help="the text to score, whole: .jsonl (instruction/response or text records) or .txt (default: the "
+            "bundled Shakespeare's held-out split, the one finetune evaluates)",
+        )
+        p.add_argument("--heldout", default=None, help="the same as --data (kept for symmetry with finetune)")
+        return
     p.add_argument(
         "--data",
         default=None,
@@ -354,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Held-out perplexity of a model; prints one JSON line.",
         formatter_class=_HelpFormatter,
     )
-    _add_model_data(ev, None)
+    _add_model_data(ev, None, scores_whole_file=True)
     ev.add_argument("--block-size", type=_positive_int, default=128, help="tokens per sequence")
     ev.add_argument("--eval-blocks", type=_positive_int, default=24, help="held-out sequences for perplexity")
     ev.add_argument("--batch-size", type=_positive_int, default=4, help="sequences per forward pass")

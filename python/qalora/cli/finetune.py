@@ -233,7 +233,17 @@ def run_finetune(args) -> dict:
 
 
 def run_eval(args) -> float:
-    splits = datasets.load_dataset(args.data, args.heldout)
+    """Perplexity on the text asked for: a ``--data`` file whole (or ``--heldout``'s), and
+    without either the bundled data's held-out split (what finetune evaluates)."""
+    if args.heldout:
+        texts, name = datasets.read_texts(args.heldout), args.heldout
+    elif args.data not in (None, datasets.BUNDLED):
+        texts, name = datasets.read_texts(args.data), args.data
+    else:
+        texts, name = datasets.load_dataset(None).heldout, datasets.BUNDLED
     lm = distributed.main_process_first(lambda: load_model(args.model))
-    heldout = datasets.token_blocks(lm.tokenizer, splits.heldout, args.block_size, max_blocks=args.eval_blocks)
+    try:
+        heldout = datasets.token_blocks(lm.tokenizer, texts, args.block_size, max_blocks=args.eval_blocks)
+    except DataError as e:
+        raise DataError(f"{os.path.basename(name)}: {e}; give more text or a smaller --block-size") from None
     return perplexity(lm.model, heldout, batch_size=args.batch_size)
