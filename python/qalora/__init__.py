@@ -60,7 +60,7 @@ _LAZY = {
     "save_adapter": "checkpoint",
     "load_adapter": "checkpoint",
     "load_model": "loaders",
-    "LoadedModel": "loaders",
+    "LoadedModel": "loaded",
     "load_gguf": "formats.gguf",
     "export_gguf": "formats.gguf_export",
     "ExportReport": "formats.gguf_export",
@@ -104,6 +104,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .formats.gguf_export import ExportReport, export_gguf  # noqa: F401
     from .generation import prepare_for_generation, quantize_head  # noqa: F401
     from .layers import QALoRALinear, QuantLinear  # noqa: F401
-    from .loaders import LoadedModel, load_model  # noqa: F401
+    from .loaded import LoadedModel  # noqa: F401
+    from .loaders import load_model  # noqa: F401
     from .state import QALoRAState, state_of  # noqa: F401
     from .wrapping import ModelSummary, memory_bytes, merge, merge_requantize, set_activations, summary, wrap  # noqa: F401

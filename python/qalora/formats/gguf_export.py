@@ -83,7 +83,9 @@ class TensorReport:
 
 
 @dataclass
-class ExportReport:
+class GGUFExportReport:
+    """What :func:`export_gguf` wrote: each tensor's type, how it was written and its error."""
+
     path: str
     source: str
     architecture: str
@@ -127,6 +129,10 @@ class ExportReport:
             worst = max(converted, key=lambda t: t.rel_error)
             text += f"; converted tensors' largest relative error: {worst.rel_error:.3g} ({worst.name}, {worst.type})"
         return text
+
+
+#: The name :class:`GGUFExportReport` had (``qalora.ExportReport``; :mod:`.gptq_checkpoint` has its own).
+ExportReport = GGUFExportReport
 
 
 # --------------------------------------------------------------------------- what the model holds
@@ -485,7 +491,7 @@ def export_gguf(
     source=None,
     pre_tokenizer: str | None = None,
     show_progress: bool | None = None,
-) -> ExportReport:
+) -> GGUFExportReport:
     """Write ``model`` as a llama.cpp GGUF file (atomically), for llama.cpp, Ollama, LM Studio.
 
     A merged QA-LoRA layer becomes Q4_1 (codes of at most 4 bits) or Q5_1 (5 bits) with the
@@ -510,7 +516,7 @@ def export_gguf(
         show_progress: progress bar over tensors.
 
     Returns:
-        :class:`ExportReport`: per tensor its type, how it was written and its error.
+        :class:`GGUFExportReport`: per tensor its type, how it was written and its error.
 
     Raises:
         FormatError: unsupported architecture or tokenizer, a missing tokenizer, a parameter
@@ -547,7 +553,7 @@ def export_gguf(
             if header is not None and all(copied for _, _, copied in plans):
                 file_type = header.get("general.file_type", file_type)
 
-            report = ExportReport(
+            report = GGUFExportReport(
                 os.path.abspath(os.fspath(path)), header.path if header is not None else "config", arch.gguf_name
             )
             with atomic_path(path) as tmp:
@@ -619,7 +625,7 @@ def _qtype(t: int):
     return GGMLQuantizationType(t)
 
 
-def save_report(report: ExportReport, path) -> None:
+def save_report(report: GGUFExportReport, path) -> None:
     from ..io import atomic_write_text
 
     atomic_write_text(path, json.dumps(report.to_dict(), indent=2) + "\n")
