@@ -3,9 +3,9 @@ imports nothing (the command line shows them in ``--help`` without loading torch
 Chosen from measurements: benches/RESULTS.md, "The exact route against re-quantization"."""
 
 TRAIN_SCALES = False
-TRAIN_OFFSETS = False
+TRAIN_OFFSETS = True
 TRAIN_NORMS = False
-OFFSET_LR_SCALE = 1.0
+OFFSET_LR_SCALE = 10.0
 SCALE_LR_SCALE = 1.0
 
 #: The exact methods ``qalora compare --methods`` chooses from: what each trains besides the

@@ -39,6 +39,8 @@ from .finetune import check_settings_fit, token_splits
 from .report import plot_losses
 
 EXACT_METHODS = defaults.EXACT_METHODS
+# Each method names everything it trains: nothing follows from QALoRAConfig's defaults.
+NOTHING_MORE = {"train_scales": False, "train_offsets": False, "train_norms": False}
 
 
 class DenseLoRALinear(nn.Module):
@@ -187,7 +189,7 @@ def run_compare(args) -> dict:
                         **base_cfg,
                         offset_lr_scale=args.offset_lr_scale,
                         scale_lr_scale=args.scale_lr_scale,
-                        **EXACT_METHODS[method],
+                        **{**NOTHING_MORE, **EXACT_METHODS[method]},
                     ),
                 )
                 r, per_step = train(m, label)
@@ -217,7 +219,7 @@ def run_compare(args) -> dict:
                 del m
             # The baseline: a dense LoRA on the same quantized base, merged and re-quantized.
             label = f"{tag} {name} dense LoRA"
-            trained = wrap(copy.deepcopy(base), QALoRAConfig(**base_cfg, adapter="lora"))
+            trained = wrap(copy.deepcopy(base), QALoRAConfig(**base_cfg, adapter="lora", **NOTHING_MORE))
             r, per_step = train(trained, label)
             curves[label] = r.losses
             row(
