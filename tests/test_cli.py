@@ -372,3 +372,12 @@ def test_eval_scores_the_whole_file_it_is_given(tiny_dir, tmp_path, capsys):
     blocks = datasets.token_blocks(lm.tokenizer, datasets.read_texts(str(text)), 32, max_blocks=99)
     assert len(blocks) > 50  # every block of the file, not its last 10%
     assert got == pytest.approx(train.perplexity(lm.model, blocks, show_progress=False), rel=1e-6)
+
+
+def test_the_run_hint_prompts_in_the_style_of_the_data():
+    from qalora.cli.finetune import prompt_hint
+
+    assert prompt_hint(["\n  To be, or not to be, that is the question: whether tis nobler"]) == (
+        "To be, or not to be, that is the"
+    )
+    assert prompt_hint(["", "def f(x):\n    return x"]) == "def f(x):"

@@ -649,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
                 if report["outputs"].get("gguf"):
                     from .export import how_to_run
 
-                    print("\n" + how_to_run(report["outputs"]["gguf"]))
+                    print("\n" + how_to_run(report["outputs"]["gguf"], prompt=report.get("prompt_hint", "ROMEO.")))
         elif args.command == "eval":
             from .finetune import run_eval
 

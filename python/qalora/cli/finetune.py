@@ -84,6 +84,17 @@ def qalora_state_quantization(model) -> dict:
     return dict(state.quantization) if state is not None else {}
 
 
+def prompt_hint(texts) -> str:
+    """A prompt in the style of the data the model was tuned on: the start of the first
+    non-empty held-out line (at most 40 characters, cut at a word)."""
+    for text in texts:
+        for line in str(text).splitlines():
+            line = line.strip()
+            if line:
+                return line if len(line) <= 40 else line[:40].rsplit(" ", 1)[0]
+    return "Hello"
+
+
 def layer_layouts(model) -> dict[str, int]:
     """How many quantized linear layers the model holds at each bits / group size."""
     counts: dict[str, int] = {}
@@ -191,6 +202,7 @@ def run_finetune(args) -> dict:
             "heldout_blocks": len(heldout),
             "loaded_quantized": loaded_quantized,
             "layer_layouts": layer_layouts(model),
+            "prompt_hint": prompt_hint(splits.heldout),
             "heldout_perplexity": {
                 "dense_fp32": ppl_dense,
                 "quantized_base": ppl_quant,
