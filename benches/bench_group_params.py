@@ -24,10 +24,12 @@ from bench_train_step import ALPHA, BATCH, BITS, BLOCK, GROUP, RANK, TARGETS, ma
 from qalora import datasets
 from qalora.loaders import load_model
 
+_NONE = {"train_scales": False, "train_offsets": False, "train_norms": False}
+# Each variant names everything it trains (QALoRAConfig's default trains the offsets).
 VARIANTS = {
-    "QA-LoRA": {},
-    "+ offsets": {"train_offsets": True},
-    "+ scales": {"train_scales": True},
+    "QA-LoRA": dict(_NONE),
+    "+ offsets (the default)": {**_NONE, "train_offsets": True},
+    "+ scales": {**_NONE, "train_scales": True},
     "+ scales + offsets + norms": {"train_scales": True, "train_offsets": True, "train_norms": True},
 }
 
