@@ -23,7 +23,6 @@ import sys
 import tempfile
 import time
 import traceback
-import types
 
 from .. import defaults
 
@@ -259,34 +258,27 @@ def _add_run_options(p: argparse.ArgumentParser, out_default: str | None) -> Non
 
 def _add_trainable_options(p: argparse.ArgumentParser) -> None:
     # Defaults are QALoRAConfig's, so the command line and the Python API train the same.
-    default = types.SimpleNamespace(
-        train_scales=defaults.TRAIN_SCALES,
-        train_offsets=defaults.TRAIN_OFFSETS,
-        train_norms=defaults.TRAIN_NORMS,
-        offset_lr_scale=defaults.OFFSET_LR_SCALE,
-        scale_lr_scale=defaults.SCALE_LR_SCALE,
-    )
     on_off = lambda v: "on" if v else "off"
     p.add_argument(
         "--train-scales",
         action=argparse.BooleanOptionalAction,
-        default=default.train_scales,
+        default=defaults.TRAIN_SCALES,
         help="also train each quantized layer's per-group scales; they are stored in the low-bit format, so the "
-        f"merge stays exact (default: {on_off(default.train_scales)})",
+        f"merge stays exact (default: {on_off(defaults.TRAIN_SCALES)})",
     )
     p.add_argument(
         "--train-offsets",
         action=argparse.BooleanOptionalAction,
-        default=default.train_offsets,
+        default=defaults.TRAIN_OFFSETS,
         help="also train the per-group offsets at full rank beside the pooled adapter; exact after the merge "
-        f"(default: {on_off(default.train_offsets)})",
+        f"(default: {on_off(defaults.TRAIN_OFFSETS)})",
     )
     p.add_argument(
         "--train-norms",
         action=argparse.BooleanOptionalAction,
-        default=default.train_norms,
+        default=defaults.TRAIN_NORMS,
         help="also train the normalization layers' weights, which every format stores as they are "
-        f"(default: {on_off(default.train_norms)})",
+        f"(default: {on_off(defaults.TRAIN_NORMS)})",
     )
     _add_lr_scales(p)
 

@@ -297,24 +297,32 @@ def run_compare(args) -> dict:
 
 def _gguf_exact_row(row, model, lm, tag, name, method, heldout, work_dir) -> None:
     """The merged model exported as GGUF (its own codes, Q4_1/Q5_1) and scored by llama.cpp."""
-    from ..formats import llama_cpp_eval
     from ..formats.gguf_export import export_gguf
 
     os.makedirs(work_dir, exist_ok=True)
     path = os.path.join(work_dir, "exact.gguf")
     report = export_gguf(model, path, tokenizer=lm.tokenizer, show_progress=False)
+    ppl, scored = _score_gguf(path, heldout)
     row(
         tag,
         name,
         f"{method}, merged, exported GGUF (llama.cpp)",
-        llama_cpp_eval.perplexity(path, heldout),
+        ppl,
         deployed=True,
         exact=True,
-        gguf_bits=_gguf_layer_bits(path),
-        gguf_bytes=os.path.getsize(path),
+        **scored,
         gguf_summary=report.summary(),
     )
+
+
+def _score_gguf(path: str, heldout) -> tuple[float, dict]:
+    """llama.cpp's perplexity of a GGUF file and its sizes; the file is removed after."""
+    from ..formats import llama_cpp_eval
+
+    scored = {"gguf_bits": _gguf_layer_bits(path), "gguf_bytes": os.path.getsize(path)}
+    ppl = llama_cpp_eval.perplexity(path, heldout)
     os.remove(path)
+    return ppl, scored
 
 
 def _gguf_layer_bits(path: str) -> float:
@@ -345,15 +353,14 @@ def _gguf_baseline_rows(row, trained, lm, tag, name, heldout, work_dir) -> None:
     for type_name in ("Q4_1", "Q4_K_M"):
         path = os.path.join(work_dir, f"dense-{type_name}.gguf")
         llama_cpp_eval.quantize(f16, path, type_name)
+        ppl, scored = _score_gguf(path, heldout)
         row(
             tag,
             name,
             f"dense LoRA, merged + quantized by llama.cpp to {type_name}",
-            llama_cpp_eval.perplexity(path, heldout),
+            ppl,
             deployed=True,
             exact=False,
-            gguf_bits=_gguf_layer_bits(path),
-            gguf_bytes=os.path.getsize(path),
+            **scored,
         )
-        os.remove(path)
     os.remove(f16)
