@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from . import distributed
-from .errors import ConfigError, InvalidValueError
+from . import cpu_features, distributed
+from .cpu_features import native_bf16  # noqa: F401  (defined here before)
+from .errors import ConfigError, InvalidValueError, QALoRAWarning
 from .progress import progress
 from .state import state_of
 
@@ -22,24 +24,11 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     seconds_per_step: float = 0.0
     steps: int = 0
+    bf16: bool = False  # whether the steps ran under bf16 autocast
 
 
 def _causal_lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, labels=ids).loss
-
-
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), so that
-    ``torch.autocast("cpu", torch.bfloat16)`` runs bf16 GEMMs rather than emulating them."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    for name in probes:
-        probe = getattr(torch.cpu, name, None)
-        try:
-            if probe is not None and probe():
-                return True
-        except RuntimeError:
-            pass
-    return False
 
 
 def _param_groups(model: torch.nn.Module, lr: float) -> list[dict]:
@@ -72,13 +61,17 @@ def finetune(
     show_progress: bool | None = None,
     desc: str = "qalora: training",
     bf16: bool = False,
+    force_bf16: bool = False,
 ) -> TrainResult:
     """AdamW on the trainable parameters, linear warm-up then cosine decay, batches drawn
     from ``blocks`` (num_blocks, block_size) in a seeded shuffled order.
 
     With ``bf16=True`` each forward pass runs under ``torch.autocast(device, torch.bfloat16)``
     (on CPU the frozen quantized base then runs bf16 GEMMs on dequantized bf16 tiles); the
-    trainable parameters, their gradients and the optimizer state stay float32.
+    trainable parameters, their gradients and the optimizer state stay float32. On a CPU
+    without native bf16 (no AVX-512 BF16 or AMX, e.g. AVX2-only machines) torch emulates
+    the bf16 GEMMs and a step is about 35 times slower than float32, so there the loop
+    warns (:class:`~qalora.QALoRAWarning`) and trains in float32, unless ``force_bf16``.
 
     In a ``torch.distributed`` process group each step's ``batch_size`` sequences (the
     global batch) are split evenly across the ranks and the model is trained under
@@ -106,6 +99,16 @@ def finetune(
         )
     per_rank = batch_size // world
     device = next(model.parameters()).device
+    if bf16 and device.type == "cpu" and not force_bf16 and not cpu_features.native_bf16():
+        warnings.warn(
+            QALoRAWarning(
+                f"bf16 autocast: {cpu_features.no_bf16_reason()} and a training step would be about 35x "
+                f"slower than float32; training in float32 instead (force_bf16=True, or --force-bf16 on the "
+                f"command line, insists)"
+            ),
+            stacklevel=2,
+        )
+        bf16 = False
     opt = torch.optim.AdamW(param_groups, lr=lr, weight_decay=0.0)
     trained = distributed.data_parallel(model)
 
@@ -119,7 +122,7 @@ def finetune(
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(blocks), generator=gen)
     model.train()
-    result = TrainResult()
+    result = TrainResult(bf16=bf16)
     start = time.perf_counter()
     bar = progress(range(steps), desc=desc, enabled=show_progress if rank == 0 else False)
     for step in bar:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import embeddings, gptq_quantizer
+from . import cpu_features, embeddings, gptq_quantizer
 from .config import QALoRAConfig
 from .errors import (
     ConfigError,
@@ -131,7 +131,27 @@ def checked_targets(
         raise NoTargetModulesError(
             f"every matched layer was skipped as indivisible by group_size={config.group_size}: {skipped}"
         )
+    _check_rank(keep, config.rank)
     return keep, skipped
+
+
+def _check_rank(layers: list[tuple[str, nn.Module]], rank: int) -> None:
+    """An adapter's rank is at most min(in_features, out_features) of its layer: a larger
+    one adds nothing and (a mistyped 10**9) would try to allocate what no machine has."""
+    sizes = {}
+    for name, module in layers:
+        if isinstance(module, QuantLinear):
+            sizes[name] = (module.out_features, module.in_features)
+        else:
+            sizes[name] = tuple(dense_weight(module)[0].shape)
+    name = min(sizes, key=lambda n: min(sizes[n]))
+    limit = min(sizes[name])
+    if rank > limit:
+        out_f, in_f = sizes[name]
+        raise ConfigError(
+            f"rank: got {rank}; layer {name!r} has in_features {in_f} and out_features {out_f}, so its adapter "
+            f"rank is at most {limit}; allowed: 1..{limit} (or exclude that layer)"
+        )
 
 
 #: The name :func:`checked_targets` had.
@@ -421,7 +441,7 @@ def merge_requantize(
     return model
 
 
-def set_activations(model: nn.Module, mode: str, *, tile: bool = True) -> int:
+def set_activations(model: nn.Module, mode: str, *, tile: bool = True, force: bool = False) -> int:
     """Choose how every quantized layer of ``model`` multiplies small CPU batches (up to 16
     rows, i.e. generation): ``"exact"`` (the default), ``"int8"`` (activations quantized
     to int8 per block of up to 128 values, integer dot products) or ``"bf16"``
@@ -435,6 +455,12 @@ def set_activations(model: nn.Module, mode: str, *, tile: bool = True) -> int:
     (:meth:`QuantLinear.tile_`): the fastest route for generation. Any other mode puts the
     canonical layout back.
 
+    ``"bf16"`` on a CPU without AVX-512 (F, VL, VNNI; e.g. AVX2-only machines such as AMD
+    Zen 3) has no wide kernel and runs the exact kernel on rounded inputs, slower than the
+    exact route itself (0.80x torch's int4 kernel at g32 on Zen 3, where the int8 route is
+    1.75-2.85x): CPU layers then get ``"int8"``, the fastest route there, with a
+    :class:`~qalora.QALoRAWarning`, unless ``force=True``.
+
     Returns:
         The number of quantized layers set.
 
@@ -446,13 +472,26 @@ def set_activations(model: nn.Module, mode: str, *, tile: bool = True) -> int:
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     if not layers:
         raise ConfigError("this model holds no qalora layer; wrap it with qalora.wrap first")
+    bf16_fast = mode != "bf16" or force or cpu_features.wide_kernels()
+    if not bf16_fast:
+        on_cpu = [m for m in layers if next(m.buffers()).device.type == "cpu"]
+        if on_cpu:
+            warnings.warn(
+                QALoRAWarning(
+                    f'activations="bf16": this CPU lacks AVX-512 (F/VL/VNNI), where the bf16 route is slower '
+                    f'than the exact one; the {len(on_cpu)} CPU layers get "int8", the fastest route here '
+                    f'(set_activations(..., force=True) insists; "exact" is exact and also faster than bf16 here)'
+                ),
+                stacklevel=2,
+            )
     # A head tied to a quantized embedding shares its codes with the table; tiling it would
     # hold the weight twice and untie it in saved files.
     heads = embeddings.tied_heads(model)
     tied = {id(m) for name, m in model.named_modules() if name in heads}
     for m in layers:
-        m.activations = mode
-        if mode == "int8" and tile and id(m) not in tied:
+        layer_mode = mode if bf16_fast or next(m.buffers()).device.type != "cpu" else "int8"
+        m.activations = layer_mode
+        if layer_mode == "int8" and tile and id(m) not in tied:
             m.tile_()
         else:
             m.untile_()

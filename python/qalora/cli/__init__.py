@@ -52,6 +52,28 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _int_up_to(limit: int):
+    """An argument type: a positive integer of at most ``limit`` (larger values are typos that
+    would only fail later, inside an allocation)."""
+
+    def parse(text: str) -> int:
+        v = _positive_int(text)
+        if v > limit:
+            raise argparse.ArgumentTypeError(f"got {v}, allowed: 1..{limit}")
+        return v
+
+    parse.__name__ = "positive integer"  # what argparse names in its messages
+    return parse
+
+
+#: Upper bounds of the size options (what no run on one machine comes near).
+MAX_BATCH = 1 << 16
+MAX_BLOCK = 1 << 20
+MAX_STEPS = 1 << 30
+MAX_BLOCKS = 1 << 24
+MAX_THREADS = 1 << 12
+
+
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -172,7 +194,7 @@ def _add_model_data(p: argparse.ArgumentParser, model_default: str | None, score
 
 def _add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's own choice)"
+        "--threads", type=_int_up_to(MAX_THREADS), default=None, help="torch CPU threads (default: torch's own choice)"
     )
 
 
@@ -193,7 +215,12 @@ def _add_run_options(p: argparse.ArgumentParser, out_default: str | None) -> Non
         help="on a GGUF model: quantize its (dequantized) layers again at --bits / --group-size instead of "
         "training on the file's own codes (loses what the file's quantizer chose; default: off)",
     )
-    p.add_argument("--rank", type=_positive_int, default=16, help="adapter rank")
+    p.add_argument(
+        "--rank",
+        type=_int_up_to(defaults.MAX_RANK),
+        default=16,
+        help="adapter rank (at most min(in_features, out_features) of the adapted layers)",
+    )
     p.add_argument("--alpha", type=_positive_float, default=32.0, help="adapter alpha (scaling = alpha / rank)")
     p.add_argument("--dropout", type=_probability, default=0.05, help="dropout on the adapter input, in [0, 1)")
     p.add_argument(
@@ -230,18 +257,30 @@ def _add_run_options(p: argparse.ArgumentParser, out_default: str | None) -> Non
         choices=["raise", "skip"],
         help="a layer whose in_features the group size does not divide: refuse the run, or leave that layer dense",
     )
-    p.add_argument("--steps", type=_positive_int, default=60, help="training steps")
-    p.add_argument("--batch-size", type=_positive_int, default=4, help="sequences per training step")
-    p.add_argument("--block-size", type=_positive_int, default=128, help="tokens per sequence")
+    p.add_argument("--steps", type=_int_up_to(MAX_STEPS), default=60, help="training steps")
+    p.add_argument("--batch-size", type=_int_up_to(MAX_BATCH), default=4, help="sequences per training step")
+    p.add_argument(
+        "--block-size",
+        type=_int_up_to(MAX_BLOCK),
+        default=128,
+        help="tokens per sequence (at most the model's max_position_embeddings)",
+    )
     p.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate (warm-up, then cosine decay)")
-    p.add_argument("--eval-blocks", type=_positive_int, default=24, help="held-out sequences for perplexity")
+    p.add_argument("--eval-blocks", type=_int_up_to(MAX_BLOCKS), default=24, help="held-out sequences for perplexity")
     p.add_argument("--seed", type=_int_arg, default=0, help="random seed (adapter init, batch order)")
     _add_threads(p)
     p.add_argument(
         "--bf16",
         action="store_true",
         help="train under torch.autocast bfloat16: the frozen base runs bf16 GEMMs, the adapters keep float32 "
-        "weights, gradients and optimizer state (fastest on CPUs with native bf16; default: float32)",
+        "weights, gradients and optimizer state (fastest on CPUs with native bf16; on a CPU without it, "
+        "e.g. AVX2-only, a step would be ~35x slower, so training stays float32 with a warning unless "
+        "--force-bf16; default: float32)",
+    )
+    p.add_argument(
+        "--force-bf16",
+        action="store_true",
+        help="with --bf16: use bf16 autocast even on a CPU without native bf16 arithmetic (slow there)",
     )
     if out_default is None:
         p.add_argument(
@@ -301,7 +340,7 @@ def _add_lr_scales(p: argparse.ArgumentParser) -> None:
 def _add_quantizer_options(p: argparse.ArgumentParser, gguf: bool = True) -> None:
     p.add_argument(
         "--calibration-blocks",
-        type=_positive_int,
+        type=_int_up_to(MAX_BLOCKS),
         default=128,
         help="GPTQ: training-data blocks (of --block-size tokens) to calibrate on",
     )
@@ -356,9 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     _add_model_data(ev, None, scores_whole_file=True)
-    ev.add_argument("--block-size", type=_positive_int, default=128, help="tokens per sequence")
-    ev.add_argument("--eval-blocks", type=_positive_int, default=24, help="held-out sequences for perplexity")
-    ev.add_argument("--batch-size", type=_positive_int, default=4, help="sequences per forward pass")
+    ev.add_argument("--block-size", type=_int_up_to(MAX_BLOCK), default=128, help="tokens per sequence")
+    ev.add_argument("--eval-blocks", type=_int_up_to(MAX_BLOCKS), default=24, help="held-out sequences for perplexity")
+    ev.add_argument("--batch-size", type=_int_up_to(MAX_BATCH), default=4, help="sequences per forward pass")
     _add_threads(ev)
     cmp_ = sub.add_parser(
         "compare",
@@ -396,14 +435,21 @@ def build_parser() -> argparse.ArgumentParser:
         "llama.cpp to Q4_1 and Q4_K_M, every file scored by llama.cpp (needs llama-cpp-python)",
     )
     _add_quantizer_options(cmp_, gguf=False)
-    cmp_.add_argument("--steps", type=_positive_int, default=40, help="training steps per method and setting")
-    cmp_.add_argument("--batch-size", type=_positive_int, default=4, help="sequences per training step")
-    cmp_.add_argument("--block-size", type=_positive_int, default=128, help="tokens per sequence")
-    cmp_.add_argument("--rank", type=_positive_int, default=16, help="adapter rank")
+    cmp_.add_argument("--steps", type=_int_up_to(MAX_STEPS), default=40, help="training steps per method and setting")
+    cmp_.add_argument("--batch-size", type=_int_up_to(MAX_BATCH), default=4, help="sequences per training step")
+    cmp_.add_argument("--block-size", type=_int_up_to(MAX_BLOCK), default=128, help="tokens per sequence")
+    cmp_.add_argument("--rank", type=_int_up_to(defaults.MAX_RANK), default=16, help="adapter rank")
     cmp_.add_argument("--alpha", type=_positive_float, default=32.0, help="adapter alpha (scaling = alpha / rank)")
     cmp_.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate")
-    cmp_.add_argument("--eval-blocks", type=_positive_int, default=24, help="held-out sequences for perplexity")
+    cmp_.add_argument(
+        "--eval-blocks", type=_int_up_to(MAX_BLOCKS), default=24, help="held-out sequences for perplexity"
+    )
     cmp_.add_argument("--seed", type=_int_arg, default=0, help="random seed")
+    cmp_.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="skip training the fp32 dense LoRA reference (a row that deploys nothing; saves one training run)",
+    )
     _add_threads(cmp_)
     cmp_.add_argument(
         "--out",
@@ -661,6 +707,20 @@ def main(argv: list[str] | None = None) -> int:
             run_export(args)
     except (QALoRAError, UsageError) as e:
         print(f"qalora: error: {e}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(
+            "qalora: error: out of memory: the model, the data or the sizes asked for (--batch-size, "
+            "--block-size, --rank) need more memory than this machine has; a damaged or hostile model file "
+            "can claim such sizes too",
+            file=sys.stderr,
+        )
+        return 2
+    except RecursionError:
+        print(
+            "qalora: error: a file is nested too deeply to be read (a damaged or hostile JSON or model file)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("qalora: interrupted; --out is left as it was", file=sys.stderr)

@@ -56,6 +56,19 @@ def check_settings_fit(model, config: QALoRAConfig) -> None:
     embeddings.plan(model, config, keep)  # --quantize-embeddings: its messages name the option
 
 
+def check_block_size(model, block_size: int) -> None:
+    """``--block-size`` within the positions the model takes (a model with learned position
+    embeddings would fail inside its forward pass otherwise)."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        limit = getattr(config, key, None)
+        if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < block_size:
+            raise cli.UsageError(
+                f"--block-size {block_size}: the model takes at most {limit} positions ({key}); give a "
+                f"--block-size of at most {limit}"
+            )
+
+
 def run_config(args) -> QALoRAConfig:
     return QALoRAConfig(
         bits=args.bits,
@@ -118,6 +131,7 @@ def run_finetune(args) -> dict:
     lm = distributed.main_process_first(lambda: load_model(args.model, dense=dense))
     model, tok = lm.model, lm.tokenizer
     check_settings_fit(model, config)
+    check_block_size(model, args.block_size)
     loaded_quantized = any(isinstance(m, QuantLinear) for m in model.modules())
     gguf_name = getattr(args, "gguf", None)
     if gguf_name:
@@ -148,9 +162,15 @@ def run_finetune(args) -> dict:
         ppl_quant = ppl_dense  # zero-initialised adapters on the file's own layers: nothing changed
     else:
         ppl_quant = perplexity(model, heldout, batch_size=args.batch_size, desc="perplexity: quantized base")
-    bf16 = bool(getattr(args, "bf16", False))
     result = finetune(
-        model, train_blocks, args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, bf16=bf16
+        model,
+        train_blocks,
+        args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        bf16=bool(getattr(args, "bf16", False)),
+        force_bf16=bool(getattr(args, "force_bf16", False)),
     )
     ppl_adapted = perplexity(model, heldout, batch_size=args.batch_size, desc="perplexity: with adapters")
     outputs = {
@@ -198,7 +218,7 @@ def run_finetune(args) -> dict:
             "batch_size": args.batch_size,
             "block_size": args.block_size,
             "learning_rate": args.lr,
-            "bf16_autocast": bf16,
+            "bf16_autocast": result.bf16,
             "heldout_blocks": len(heldout),
             "loaded_quantized": loaded_quantized,
             "layer_layouts": layer_layouts(model),
@@ -254,6 +274,7 @@ def run_eval(args) -> float:
     else:
         texts, name = datasets.load_dataset(None).heldout, datasets.BUNDLED
     lm = distributed.main_process_first(lambda: load_model(args.model))
+    check_block_size(lm.model, args.block_size)
     try:
         heldout = datasets.token_blocks(lm.tokenizer, texts, args.block_size, max_blocks=args.eval_blocks)
     except DataError as e:
