@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -42,8 +43,9 @@ class QALoRAConfig:
         bits: code width of the frozen base: 2, 3, 4, 5, 6 or 8.
         group_size: columns (in_features) per quantization group; it must divide each
             targeted layer's in_features (see ``on_indivisible``).
-        rank: LoRA rank r.
-        alpha: LoRA alpha; the adapter output is scaled by ``alpha / rank``.
+        rank: LoRA rank r, at most :data:`qalora.defaults.MAX_RANK` and, for :func:`qalora.wrap`,
+            at most min(in_features, out_features) of every targeted layer.
+        alpha: LoRA alpha (finite); the adapter output is scaled by ``alpha / rank``.
         dropout: dropout on the adapter input during training.
         target_modules: which linear layers to quantize and adapt. ``None`` (default): every
             ``nn.Linear`` / Hugging Face ``Conv1D`` except the output head. A list: module
@@ -145,10 +147,10 @@ class QALoRAConfig:
                 f"group_size: got {self.group_size}, at {self.bits} bits a group must start on a byte boundary "
                 f"(a multiple of 8 at 3 and 5 bits, of 4 at 6 bits)"
             ) from None
-        if not is_int(self.rank) or self.rank <= 0:
-            raise ConfigError(f"rank: got {self.rank!r}, it must be a positive int")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not (self.alpha == self.alpha):
-            raise ConfigError(f"alpha: got {self.alpha!r}, it must be a number")
+        if not is_int(self.rank) or not 0 < self.rank <= defaults.MAX_RANK:
+            raise ConfigError(f"rank: got {self.rank!r}, it must be an int in 1..{defaults.MAX_RANK}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise ConfigError(f"alpha: got {self.alpha!r}, it must be a finite number")
         if (
             isinstance(self.dropout, bool)
             or not isinstance(self.dropout, (int, float))

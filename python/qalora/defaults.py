@@ -8,6 +8,10 @@ TRAIN_NORMS = False
 OFFSET_LR_SCALE = 10.0
 SCALE_LR_SCALE = 1.0
 
+#: Largest adapter rank a config takes: a sane cap before any model is seen (a layer further
+#: limits it to min(in_features, out_features)).
+MAX_RANK = 1 << 16
+
 #: The exact methods ``qalora compare --methods`` chooses from: what each trains besides the
 #: pooled QA-LoRA adapter (every one merges exactly: docs/design.md §1).
 EXACT_METHODS: dict[str, dict[str, bool]] = {

@@ -1,7 +1,8 @@
 """The qalora exception hierarchy.
 
 Every error the library raises on purpose derives from :class:`QALoRAError`, and also from
-the built-in type that fits (``ValueError`` or ``TypeError``), so ``except ValueError`` in
+the built-in type that fits (``ValueError`` or ``TypeError``; ``OSError`` for
+:class:`OutputError`), so ``except ValueError`` in
 user code keeps working. The Rust kernels raise these same classes: this module hands them to
 the extension when it is imported (see the end of the file).
 """
@@ -23,6 +24,7 @@ __all__ = [
     "MergeError",
     "ModelLoadError",
     "NoTargetModulesError",
+    "OutputError",
     "QALoRAError",
     "QALoRAWarning",
     "ShapeError",
@@ -93,6 +95,12 @@ class ModelLoadError(QALoRAError, ValueError):
 class FormatError(QALoRAError, ValueError):
     """A model file (GGUF) is malformed, or holds a tensor type, architecture or tokenizer
     this qalora cannot read or write; the message names it and lists what is supported."""
+
+
+class OutputError(QALoRAError, OSError):
+    """A file or directory cannot be written: the target is a directory, a device, a symlink
+    or a bad name, or the file system refused (permission, no space, file too large). Also an
+    ``OSError``, whose ``errno`` it keeps where the system gave one."""
 
 
 class InternalError(QALoRAError, RuntimeError):

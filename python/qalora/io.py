@@ -22,11 +22,12 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from .errors import QALoRAError
+from .errors import OutputError, QALoRAError
 
 TMP_TAG = ".qalora-tmp-"
 OLD_TAG = ".qalora-old"
@@ -65,25 +66,182 @@ def _fsync_path(path: str, directory: bool = False) -> None:
         os.close(fd)
 
 
+#: Temporary files of :func:`atomic_path` are named ``.<name>.qalora-<pid>-<random>.tmp``:
+#: the pid lets a later write remove what a killed one left.
+TMP_FILE_TAG = ".qalora-"
+_STALE_AFTER_S = 3600.0
+
+
+def _write_failure(e: BaseException, target: str) -> OutputError | None:
+    """The :class:`OutputError` a failed write becomes (an ``OSError``, or safetensors'
+    error wrapping one), or None for other errors."""
+    if isinstance(e, OutputError):
+        return e
+    other = None
+    if isinstance(e, OSError):
+        reason, number = e.strerror or str(e), e.errno
+        if isinstance(e.filename, (str, bytes)) and os.fsdecode(e.filename) != target:
+            other = os.fsdecode(e.filename)  # the file the failure was about, when not the target
+    elif type(e).__name__ == "SafetensorError" and "(os error" in str(e):
+        reason = str(e)
+        m = re.search(r"\(os error (\d+)\)", reason)
+        number = int(m.group(1)) if m else None
+    else:
+        return None
+    err = OutputError(f"cannot write {target}: {reason}" + (f" ({other})" if other else ""))
+    err.errno = number
+    return err
+
+
+def check_output_path(path) -> str:
+    """The absolute path of a file about to be written, refused (:class:`OutputError`) when
+    it cannot be a file name (empty, a NUL byte, a trailing separator) or when something
+    other than a regular file is there: a directory, a device, a FIFO or socket (an atomic
+    write replaces the path, which would remove a device node such as /dev/null and report
+    success), or a symlink (the link itself would be replaced, not what it points to)."""
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise OutputError(f"expected a file path, got {type(path).__name__}") from None
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if "\0" in path:
+        raise OutputError(f"{path!r}: a file name cannot hold a NUL byte")
+    if not path or path.endswith(("/", os.sep)) or os.path.basename(path) in ("", ".", ".."):
+        raise OutputError(f"{path!r} is not a file name; give the path of the file to write")
+    full = os.path.abspath(path)
+    try:
+        st = os.lstat(full)
+    except (FileNotFoundError, NotADirectoryError):
+        return full
+    except OSError as e:
+        raise _write_failure(e, full) from None
+    if stat.S_ISLNK(st.st_mode):
+        raise OutputError(
+            f"{full} is a symlink (to {os.readlink(full)}); writing would replace the link with a file: write to "
+            f"the file it points to, or remove the link first"
+        )
+    if stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"{full} is a directory; give the path of a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise OutputError(
+            f"{full} exists and is not a regular file (a device, FIFO or socket); writing would replace it: give "
+            f"another path"
+        )
+    return full
+
+
+def check_output_directory(path) -> str:
+    """The absolute path of a directory files are about to be written into, refused
+    (:class:`OutputError`) when the name is bad or something other than a directory is there."""
+    try:
+        path = os.fsdecode(os.fspath(path))
+    except TypeError:
+        raise OutputError(f"expected a directory path, got {type(path).__name__}") from None
+    if not path or "\0" in path:
+        raise OutputError(f"{path!r} is not a directory name")
+    full = os.path.abspath(path)
+    if os.path.lexists(full) and not os.path.isdir(full):
+        raise OutputError(f"{full} exists and is not a directory; give the path of a directory to write into")
+    return full
+
+
+def make_output_directory(path) -> str:
+    """Creates the directory ``path`` (and its parents) for files about to be written into it
+    (:func:`check_output_directory` first) and returns its absolute path; a file-system
+    refusal is an :class:`OutputError`."""
+    full = check_output_directory(path)
+    try:
+        os.makedirs(full, exist_ok=True)
+    except OSError as e:
+        raise _write_failure(e, full) from None
+    return full
+
+
+def _process_start() -> float:
+    """When this process started (seconds since the epoch); its import of this module where
+    /proc cannot tell."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            ticks = int(f.read().rpartition(")")[2].split()[19])
+        with open("/proc/stat", encoding="ascii") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED
+
+
+_IMPORTED = time.time()
+
+
+def clean_stale_files(target: str) -> None:
+    """Removes temporary files left beside ``target`` by atomic writes that died (SIGKILL,
+    power loss): ``.<name>.qalora-<pid>-*.tmp`` whose process is gone, and the pid-less
+    ``.<name>.XXXXXXXX.tmp`` of earlier releases when they predate this process and have
+    not changed for an hour."""
+    parent, name = os.path.split(target)
+    tagged = re.compile(re.escape(f".{name}{TMP_FILE_TAG}") + r"(\d+)-[A-Za-z0-9_]+\.tmp")
+    legacy = re.compile(re.escape(f".{name}.") + r"[a-z0-9_]{8}\.tmp")
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return
+    started = _process_start()
+    now = time.time()
+    for entry in entries:
+        m = tagged.fullmatch(entry)
+        if not m and not legacy.fullmatch(entry):
+            continue
+        path = os.path.join(parent, entry)
+        with suppress(OSError):
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            if m:
+                pid = int(m.group(1))
+                stale = pid != os.getpid() and not _pid_alive(pid)
+            else:
+                stale = st.st_mtime < started and now - st.st_mtime > _STALE_AFTER_S
+            if stale:
+                os.unlink(path)
+
+
 @contextmanager
 def atomic_path(path) -> Iterator[str]:
     """Yields a temporary path in the target's directory; renames it onto ``path`` on success.
     The file ends up with the permissions an ordinary write would give it (mkstemp's 0600
-    would hide a model file from, say, an Ollama server running as another user)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    os.close(fd)
+    would hide a model file from, say, an Ollama server running as another user).
+
+    ``path`` is checked first (:func:`check_output_path`: no directory, device, FIFO,
+    socket or symlink there), temporary files killed writes left beside it are removed
+    (:func:`clean_stale_files`), and every file-system failure (permission, no space, file
+    too large, ...) is raised as :class:`~qalora.OutputError` naming ``path``.
+    """
+    path = check_output_path(path)
+    directory, name = os.path.split(path)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        clean_stale_files(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}{TMP_FILE_TAG}{os.getpid()}-", suffix=".tmp", dir=directory)
+        os.close(fd)
+    except OSError as e:
+        raise _write_failure(e, path) from e
     try:
         yield tmp
         _apply_umask(tmp, 0o666)
         _fsync_path(tmp)
+        check_output_path(path)  # something else may have appeared there meanwhile
         os.replace(tmp, path)
         _fsync_path(directory, directory=True)
+    except Exception as e:
+        failure = _write_failure(e, path)
+        if failure is None or failure is e:
+            raise
+        raise failure from e
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with suppress(OSError):
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -241,7 +399,24 @@ def atomic_directory(path, keep: Callable[[str], bool] | None = None) -> Iterato
     refused before the block runs. On error, or if the process dies, ``path`` is left
     exactly as it was. If ``path`` is a symlink, the directory it points to is replaced.
     """
-    target = os.path.realpath(os.fspath(path))
+    try:
+        target = os.path.realpath(os.fspath(path))
+    except TypeError:
+        raise OutputError(f"expected a directory path, got {type(path).__name__}") from None
+    except ValueError:
+        raise OutputError(f"{os.fspath(path)!r}: a directory name cannot hold a NUL byte") from None
+    try:
+        with _atomic_directory(target, keep) as tmp:
+            yield tmp
+    except Exception as e:
+        failure = _write_failure(e, target)
+        if failure is None or failure is e:
+            raise
+        raise failure from e
+
+
+@contextmanager
+def _atomic_directory(target: str, keep: Callable[[str], bool] | None) -> Iterator[str]:
     check_replaceable(target, files_only=keep is not None)
     parent, name = os.path.split(target)
     os.makedirs(parent, exist_ok=True)

@@ -165,10 +165,8 @@ def load_model(spec: str | None = None, *, dtype=None, dense: bool = False) -> L
         except CheckpointError as e:
             raise ModelLoadError(f"cannot load the qalora model in {directory}: {e}") from None
         if not state_of(model).source.get("tokenizer"):
-            raise ModelLoadError(
-                f"{directory} holds no tokenizer; save it with qalora.save_pretrained(model, dir, tokenizer=tok)"
-            )
-        tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+            raise ModelLoadError(_no_tokenizer_message(directory))
+        tokenizer = _load_tokenizer(transformers, directory)
         return LoadedModel(model, tokenizer, source, time.perf_counter() - start, from_cache, qalora_checkpoint=True)
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise ModelLoadError(
@@ -180,16 +178,21 @@ def load_model(spec: str | None = None, *, dtype=None, dense: bool = False) -> L
     except CheckpointError as e:
         raise ModelLoadError(str(e)) from None
     _refuse_qalora_weights(directory)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     from .formats import gptq_checkpoint
 
-    if gptq_checkpoint.quantization_config_of(directory) is not None:  # its quantized layers load as QuantLinear
-        try:
+    try:  # config.json read as untrusted first (transformers' readers have no size cap)
+        gptq = gptq_checkpoint.quantization_config_of(directory) is not None
+    except CheckpointError as e:
+        raise ModelLoadError(str(e)) from None
+    if gptq:  # its quantized layers load as QuantLinear
+        try:  # the checkpoint's files checked before any other reader (the tokenizer's) sees them
             model = gptq_checkpoint.load_gptq_model(directory, dtype=dtype)
         except CheckpointError as e:
             raise ModelLoadError(f"cannot load the GPTQ checkpoint in {directory}: {e}") from None
+        tokenizer = _load_tokenizer(transformers, directory)
         state_of(model).source["tokenizer"] = os.path.abspath(directory)  # saved with the model
         return LoadedModel(model, tokenizer, source, time.perf_counter() - start, from_cache)
+    tokenizer = _load_tokenizer(transformers, directory)
     model, info = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, output_loading_info=True)
     problems = {k: sorted(v)[:8] for k, v in info.items() if v}
     if problems:
@@ -197,6 +200,47 @@ def load_model(spec: str | None = None, *, dtype=None, dense: bool = False) -> L
         raise ModelLoadError(f"{directory}: the weights do not fit the model's config.json: {problems}")
     attach_state(model, QALoRAState(config=None, source={"model": source, "tokenizer": os.path.abspath(directory)}))
     return LoadedModel(model, tokenizer, source, time.perf_counter() - start, from_cache)
+
+
+#: Files a Hugging Face tokenizer is saved as (any of them).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
+def _no_tokenizer_message(directory: str) -> str:
+    """Why a saved qalora directory gives no tokenizer: none saved, or files added after the
+    save, which its manifest does not cover (and so are not read)."""
+    present = sorted(f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(directory, f)))
+    if not present:
+        return f"{directory} holds no tokenizer; save it with qalora.save_pretrained(model, dir, tokenizer=tok)"
+    return (
+        f"{directory} holds tokenizer files ({', '.join(present)}) that its qalora_config.json does not list: "
+        f"they were added after the save, so the manifest does not cover them and they are not loaded. "
+        f"Save the model again with its tokenizer: model = qalora.from_pretrained(dir); "
+        f"qalora.save_pretrained(model, dir, tokenizer=transformers.AutoTokenizer.from_pretrained(dir))"
+    )
+
+
+def _load_tokenizer(transformers, directory: str):
+    """The directory's tokenizer; transformers' many error types become one ModelLoadError."""
+    try:
+        return transformers.AutoTokenizer.from_pretrained(directory)
+    except (MemoryError, RecursionError) as e:
+        raise ModelLoadError(
+            f"cannot load the tokenizer in {directory}: {type(e).__name__} (a damaged or hostile tokenizer file)"
+        ) from None
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load the tokenizer in {directory}: {first}") from None
 
 
 def _refuse_qalora_weights(directory: str) -> None:

@@ -1,11 +1,14 @@
 """Rebuilding a Hugging Face model from a checkpoint directory alone: the class its JSON
 names, built from its ``config.json`` (bounded first: a hostile config must not make the
-build allocate or loop for long) with every parameter on the meta device
-(:func:`qalora.hf_skeleton.meta_model`), then given the file's tensors, ties kept.
+build allocate or loop for long: its architecture fields are checked
+(:mod:`qalora.config_check`), its layer count against the layers the weights hold, and the
+memory the build needs against what is available) with every parameter on the meta device
+(:func:`qalora.hf_skeleton.bounded_meta_model`), then given the file's tensors, ties kept.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Any
@@ -13,8 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
-from ..hf_skeleton import meta_model
+from ..config_check import check_config, check_layer_tensors
+from ..errors import CheckpointError, QALoRAError
+from ..hf_skeleton import bounded_meta_model
 from ..untrusted import read_json_file
 from .schema import HF_CONFIG, MODEL_CONFIG
 
@@ -24,30 +28,30 @@ MAX_CONFIG_INT = 1 << 24
 
 
 def _bound_config_ints(value: Any, path: str, field: str = "") -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _bound_config_ints(v, path, f"{field}.{k}" if field else str(k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _bound_config_ints(v, path, f"{field}[{i}]")
-    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_CONFIG_INT:
-        raise CheckpointError(f"{path}: field {field!r}: got {value}, larger than any real model's ({MAX_CONFIG_INT})")
+    # Iterative: a deeply nested (hostile) config must not exhaust the Python stack here.
+    stack = [(value, field)]
+    while stack:
+        value, field = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((v, f"{field}.{k}" if field else str(k)) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, f"{field}[{i}]") for i, v in enumerate(value))
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_CONFIG_INT:
+            raise CheckpointError(
+                f"{path}: field {field!r}: got {value}, larger than any real model's ({MAX_CONFIG_INT})"
+            )
 
 
-def _layer_count_bound(hf_config: dict, n_tensors: int, path: str) -> None:
-    # A hostile config asking for 10**6 layers would take long to build even on the meta
-    # device; a real model stores at least one tensor per layer.
+def _check_hf_config(hf_config: dict, header: dict, path: str, weights: str) -> None:
+    """The config's architecture fields (:func:`qalora.config_check.check_config`) and the
+    weights' tensor table against them: a hostile config must not make the build loop over
+    layers the file does not hold."""
     _bound_config_ints(hf_config, path)
-    for cfg in (hf_config, hf_config.get("text_config")):
-        if not isinstance(cfg, dict):
-            continue
-        for key in ("num_hidden_layers", "n_layer", "num_layers"):
-            v = cfg.get(key)
-            if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= n_tensors:
-                raise CheckpointError(f"{path}: field {key!r}: got {v}, but the weights hold only {n_tensors} tensors")
+    arch = check_config(hf_config, path)
+    check_layer_tensors(arch, {name: shape for name, (_, shape) in header.items()}, path, weights)
 
 
-def _build_architecture(directory: str, meta: dict, n_tensors: int) -> nn.Module:
+def _build_architecture(directory: str, meta: dict, header: dict, weights: str) -> nn.Module:
     cfg_path = os.path.join(directory, HF_CONFIG)
     arch = meta["architecture"]
     if arch is None and os.path.lexists(cfg_path):  # format 1: the class is in config.json
@@ -74,12 +78,15 @@ def _build_architecture(directory: str, meta: dict, n_tensors: int) -> nn.Module
             f"model class of transformers {transformers.__version__}"
         )
     hf_config = read_json_file(directory, HF_CONFIG, "Hugging Face config")
-    _layer_count_bound(hf_config, n_tensors, cfg_path)
+    _check_hf_config(hf_config, header, cfg_path, weights)
+    tensor_bytes = sum(math.prod(shape) * dtype.itemsize for dtype, shape in header.values())
     try:
-        config = cls.config_class.from_dict(hf_config)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return meta_model(cls, config)
+            config = cls.config_class.from_dict(hf_config)
+            return bounded_meta_model(cls, config, tensor_bytes=tensor_bytes, where=cfg_path)
+    except QALoRAError:
+        raise
     except Exception as e:  # transformers validates configs with many exception types
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{cfg_path}: transformers cannot build {arch['class']} from it: {first}") from None

@@ -25,7 +25,7 @@ def _old_manifest_files(directory: str, config_name: str) -> set[str]:
     """Files the checkpoint already in ``directory`` lists (they are replaced, not kept)."""
     try:
         data = read_json_file(os.path.realpath(directory), config_name, "previous checkpoint")
-    except (CheckpointError, OSError):
+    except (CheckpointError, OSError, ValueError):  # ValueError: a NUL byte (the save refuses it)
         return set()
     files = data.get("files")
     return set(files) if isinstance(files, dict) else set()

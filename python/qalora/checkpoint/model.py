@@ -295,7 +295,7 @@ def from_pretrained(directory, base_model: nn.Module | None = None, *, dropout: 
     for name, layer_meta in meta["layers"].items():
         _check_declared(header, _layer_tensor_specs(name, layer_meta), weights, MODEL_CONFIG)
     if base_model is None:
-        model = _build_architecture(directory, meta, len(header))
+        model = _build_architecture(directory, meta, header, weights)
         present = _layer_sites(model)
         for name, layer_meta in meta["layers"].items():
             _fitting_site(

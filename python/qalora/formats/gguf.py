@@ -7,6 +7,11 @@ The model skeleton is built from the file's config on the meta device (no memory
 blocks into a QuantLinear's packed codes, scales and offsets a slice of rows at a time (see
 :mod:`.gguf_blocks` for the exactness argument). Embeddings, norms, biases and F32/F16/BF16
 linear weights are dense.
+
+The file is untrusted: its header is checked by :mod:`.gguf_validate` before transformers
+or the skeleton see it, and dense tensors holding NaN or Inf are refused as they are read.
+The config cache is keyed by a hash of the header's bytes, and a refused file leaves no
+cache entry behind.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 from torch import nn
 
 from .. import hf_skeleton, ops
-from ..errors import FormatError, ModelLoadError
+from ..errors import FormatError, ModelLoadError, QALoRAError
 from ..hf_skeleton import apply_rope_freqs, restore_from_source  # noqa: F401  (both were defined here)
 from ..layers import QuantLinear
 from ..loaded import LoadedModel, cache_root
@@ -31,7 +36,7 @@ from ..optional import require
 from ..progress import progress
 from ..state import QALoRAState, attach_state
 from ..targets import replace_module
-from . import gguf_arch, gguf_blocks
+from . import gguf_arch, gguf_blocks, gguf_validate
 from .gguf_file import GGUFHeader, TensorEntry, TensorReader, read_header
 
 #: Weights decoded per slice of rows (bounds the import's temporary memory).
@@ -53,9 +58,28 @@ class ImportedLayer:
     rope_heads: int | None
 
 
-def _file_key(path: str) -> str:
-    st = os.stat(path)
-    return hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+def _cache_key(header: GGUFHeader) -> str:
+    """What the cached config and tokenizer are made from: the header's bytes (metadata and
+    tensor directory, hashed by :func:`read_header`) and the transformers that read them. A
+    file replaced in place, same size and time stamp or not, gets a new key."""
+    version = getattr(_transformers(), "__version__", "")
+    return hashlib.sha256(f"{header.digest}|{version}".encode()).hexdigest()[:16]
+
+
+def cache_dir(header: GGUFHeader) -> str:
+    stem = os.path.splitext(os.path.basename(header.path))[0].lower()
+    return os.path.join(cache_root(), "gguf-meta", f"{stem}-{_cache_key(header)}")
+
+
+def _same_header(header: GGUFHeader) -> bool:
+    """Whether the file still starts with the header that was checked (transformers reads
+    the file itself, after the check)."""
+    try:
+        with open(header.path, "rb") as f:
+            data = f.read(header.header_size)
+    except OSError:
+        return False
+    return len(data) == header.header_size and hashlib.sha256(data).hexdigest() == header.digest
 
 
 def _transformers():
@@ -64,18 +88,34 @@ def _transformers():
     )
 
 
-def config_and_tokenizer(path: str):
+def config_and_tokenizer(path: str, header: GGUFHeader | None = None, shape=None):
     """The Hugging Face config and tokenizer of a GGUF file (transformers' GGUF support),
     cached as a small directory (config + tokenizer files) so later loads skip the parse.
+    The header is validated first (pass ``header`` and ``shape`` when done already), and a
+    file is cached only once transformers' config agrees with it.
     Returns (config, tokenizer, whether the cache already held them)."""
     transformers = _transformers()
-    stem = os.path.splitext(os.path.basename(path))[0].lower()
-    cache = os.path.join(cache_root(), "gguf-meta", f"{stem}-{_file_key(path)}")
+    if header is None:
+        header = read_header(path)
+    if shape is None:
+        shape = gguf_validate.validate(header, check_memory=False)
+    cache = cache_dir(header)
     cached = os.path.isfile(os.path.join(cache, "config.json"))
     if not cached:
         directory, name = os.path.split(os.path.abspath(path))
-        config = transformers.AutoConfig.from_pretrained(directory, gguf_file=name)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        try:
+            config = transformers.AutoConfig.from_pretrained(directory, gguf_file=name)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        except (QALoRAError, MemoryError):
+            raise
+        except Exception as e:  # what the checks missed is still refused, by name
+            raise FormatError(
+                f"{path}: transformers could not read the file's config or tokenizer ({type(e).__name__}: "
+                f"{str(e)[:300]})"
+            ) from e
+        if not _same_header(header):
+            raise FormatError(f"{path}: the file changed while it was being read")
+        gguf_validate.check_config(config, shape, path)
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".meta-", dir=os.path.dirname(cache))
         try:
@@ -89,6 +129,7 @@ def config_and_tokenizer(path: str):
                 shutil.rmtree(tmp)
     config = transformers.AutoConfig.from_pretrained(cache)
     tokenizer = transformers.AutoTokenizer.from_pretrained(cache)
+    gguf_validate.check_config(config, shape, path)
     return config, tokenizer, cached
 
 
@@ -104,14 +145,38 @@ def _row_slices(rows: int, k: int):
         yield start, min(rows, start + step)
 
 
-def _dense_rows(reader: TensorReader, entry: TensorEntry, out: torch.Tensor, order: np.ndarray | None) -> None:
+def _check_finite(values: torch.Tensor, entry: TensorEntry, path: str, first_row: int = 0) -> None:
+    """Refuses NaN / Inf in a slice of a dense tensor's values (rows from ``first_row``), as
+    the model will hold them (a large float32 value can overflow a float16 model)."""
+    finite = torch.isfinite(values)
+    if bool(finite.all()):
+        return
+    local = tuple(int(i) for i in torch.nonzero(~finite)[0])
+    where = (local[0] + first_row, *local[1:]) if values.dim() > 1 else local
+    held = "" if values.dtype == torch.float32 else f" as {str(values.dtype).removeprefix('torch.')}"
+    raise FormatError(
+        f"{path}: tensor {entry.name!r} ({gguf_blocks.type_name(entry.ggml_type)}) holds a non-finite value "
+        f"({float(values[local])}{held}) at index {where}; pass allow_nonfinite=True to load it anyway"
+    )
+
+
+def _dense_rows(
+    reader: TensorReader,
+    entry: TensorEntry,
+    out: torch.Tensor,
+    order: np.ndarray | None,
+    allow_nonfinite: bool = False,
+) -> None:
     """Decodes a tensor into the preallocated float tensor ``out`` (rows, ne0), slice by slice."""
     k = entry.shape[0]
     for a, b in _row_slices(entry.rows, k):
         raw = reader.rows(entry, a, b)
-        values = gguf_blocks.decode_dense(entry.ggml_type, raw, entry.name).reshape(b - a, k)
+        values = torch.from_numpy(gguf_blocks.decode_dense(entry.ggml_type, raw, entry.name).reshape(b - a, k))
+        values = values.to(out.dtype)
+        if not allow_nonfinite:
+            _check_finite(values, entry, reader.path, a)
         dst = slice(a, b) if order is None else torch.from_numpy(order[a:b])
-        out[dst] = torch.from_numpy(values).to(out.dtype)
+        out[dst] = values
 
 
 def _quant_layer(
@@ -150,7 +215,15 @@ def _quant_layer(
     return layer, info
 
 
-def _set_dense(module: nn.Module, attr: str, reader: TensorReader, entry: TensorEntry, order, what: str) -> None:
+def _set_dense(
+    module: nn.Module,
+    attr: str,
+    reader: TensorReader,
+    entry: TensorEntry,
+    order,
+    what: str,
+    allow_nonfinite: bool = False,
+) -> None:
     """Fills a dense parameter of ``module`` (embedding, norm, bias, F32/F16/BF16 weight) from
     the tensor, in the module's dtype, rows in Hugging Face order."""
     old = getattr(module, attr, None)
@@ -163,8 +236,10 @@ def _set_dense(module: nn.Module, attr: str, reader: TensorReader, entry: Tensor
     if len(shape) == 1:
         raw = gguf_blocks.decode_dense(entry.ggml_type, reader.raw(entry), entry.name)
         value.copy_(torch.from_numpy(raw if order is None else raw[order_inverse(order)]))
+        if not allow_nonfinite:
+            _check_finite(value, entry, reader.path)
     else:
-        _dense_rows(reader, entry, value, order)
+        _dense_rows(reader, entry, value, order, allow_nonfinite)
     if isinstance(module, QuantLinear):
         module.bias = nn.Parameter(value.to(torch.float32), requires_grad=False)  # a quantized layer's bias
     else:
@@ -181,23 +256,34 @@ class Imported:
     rope_freqs: np.ndarray | None
 
 
-def import_gguf(path, *, dtype: torch.dtype = torch.float32, show_progress: bool | None = None) -> Imported:
+def import_gguf(
+    path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    show_progress: bool | None = None,
+    allow_nonfinite: bool = False,
+) -> Imported:
     """Reads a GGUF file into a model and its tokenizer; see :func:`load_gguf`."""
     path = os.path.abspath(os.fspath(path))
     if not os.path.isfile(path):
         raise ModelLoadError(f"GGUF file {path} does not exist")
     header = read_header(path)
-    arch = gguf_arch.architecture(header.architecture, path)
-    for name, entry in header.tensors.items():  # refuse unreadable tensors before any work
-        if entry.ggml_type not in gguf_blocks.FORMATS and entry.ggml_type not in gguf_blocks.DENSE_TYPES:
-            raise FormatError(
-                f"{path}: tensor {name!r} has GGUF type {gguf_blocks.type_name(entry.ggml_type)}, which qalora cannot read; "
-                f"supported: {gguf_blocks.supported_types()}"
-            )
-    config, tokenizer, cached = config_and_tokenizer(path)
+    shape = gguf_validate.validate(header, itemsize=torch.empty((), dtype=dtype).element_size())
+    config, tokenizer, cached = config_and_tokenizer(path, header, shape)
+    try:
+        model, layers, rope_freqs = _fill(path, header, shape, config, dtype, show_progress, allow_nonfinite)
+    except BaseException:
+        if not cached:  # a refused file leaves no cache entry behind
+            shutil.rmtree(cache_dir(header), ignore_errors=True)
+        raise
+    return Imported(model, tokenizer, header, layers, cached, rope_freqs)
+
+
+def _fill(path, header, shape, config, dtype, show_progress, allow_nonfinite):
+    """The skeleton of ``config`` with the file's tensors in it."""
+    arch = shape.arch
     model = build_skeleton(config, dtype)
-    n_head = int(header.require(f"{arch.gguf_name}.attention.head_count"))
-    n_head_kv = int(header.get(f"{arch.gguf_name}.attention.head_count_kv", n_head))
+    n_head, n_head_kv = shape.n_head, shape.n_head_kv
     modules = dict(model.named_modules())
     layers: list[ImportedLayer] = []
     rope_freqs = None
@@ -213,6 +299,11 @@ def import_gguf(path, *, dtype: torch.dtype = torch.float32, show_progress: bool
                 if entry.name != "rope_freqs.weight":
                     raise FormatError(f"{path}: tensor {entry.name!r} has no place in a {arch.gguf_name} model")
                 rope_freqs = gguf_blocks.decode_dense(entry.ggml_type, reader.raw(entry), entry.name)
+                if not (np.isfinite(rope_freqs).all() and (rope_freqs > 0).all()):
+                    raise FormatError(
+                        f"{path}: tensor 'rope_freqs.weight' must hold finite positive divisors; it holds "
+                        f"{rope_freqs[~(np.isfinite(rope_freqs) & (rope_freqs > 0))][0]}"
+                    )
                 apply_rope_freqs(model, config, rope_freqs, path)
                 continue
             module_name, _, attr = name.rpartition(".")
@@ -233,7 +324,7 @@ def import_gguf(path, *, dtype: torch.dtype = torch.float32, show_progress: bool
                 modules[module_name] = layer
                 layers.append(info)
             else:
-                _set_dense(module, attr, reader, entry, order, f"{path}: {name}")
+                _set_dense(module, attr, reader, entry, order, f"{path}: {name}", allow_nonfinite)
     if getattr(config, "tie_word_embeddings", False) and "output.weight" not in header.tensors:
         model.tie_weights()
     leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
@@ -244,10 +335,16 @@ def import_gguf(path, *, dtype: torch.dtype = torch.float32, show_progress: bool
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
-    return Imported(model, tokenizer, header, layers, cached, rope_freqs)
+    return model, layers, rope_freqs
 
 
-def load_gguf(path, *, dtype: torch.dtype = torch.float32, show_progress: bool | None = None) -> LoadedModel:
+def load_gguf(
+    path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    show_progress: bool | None = None,
+    allow_nonfinite: bool = False,
+) -> LoadedModel:
     """Load a llama.cpp GGUF model: its quantized linear layers become :class:`qalora.QuantLinear`
     straight from the file's blocks, with no dense copy of them ever made.
 
@@ -265,18 +362,24 @@ def load_gguf(path, *, dtype: torch.dtype = torch.float32, show_progress: bool |
             TinyLlama, SmolLM2, Mistral; Qwen2).
         dtype: dtype of the dense tensors (embeddings, norms, F32/F16/BF16 layers).
         show_progress: progress bar over tensors (default: for files of 20 tensors or more).
+        allow_nonfinite: load F32/F16/BF16 tensors that hold NaN or Inf (refused by default:
+            such a model computes NaN logits).
 
     Returns:
         :class:`qalora.LoadedModel` with ``.model`` (in eval mode, every parameter frozen)
         and ``.tokenizer``.
 
     Raises:
-        ModelLoadError: the file does not exist, or transformers / gguf are missing.
-        FormatError: not a GGUF file, an unsupported architecture or tensor type (named),
-            or tensors that do not fit the file's own config.
+        ModelLoadError: the file does not exist, transformers / gguf are missing, or the
+            model needs more memory than this process has.
+        FormatError: not a GGUF file, an unsupported architecture or tensor type (named), a
+            header field of the wrong type, out of range or inconsistent (named, with its
+            allowed range; see :mod:`qalora.formats.gguf_validate`), tensors that do not fit
+            the file's own config, or a dense tensor holding NaN / Inf.
+        InvalidValueError: a quantized block with a non-finite scale.
     """
     start = time.perf_counter()
-    got = import_gguf(path, dtype=dtype, show_progress=show_progress)
+    got = import_gguf(path, dtype=dtype, show_progress=show_progress, allow_nonfinite=allow_nonfinite)
     source = source_record(got.header, got.layers, got.rope_freqs)
     tokenizer_dir = getattr(got.tokenizer, "name_or_path", None)
     if tokenizer_dir and os.path.isdir(tokenizer_dir):

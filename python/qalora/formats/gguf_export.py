@@ -31,7 +31,7 @@ from torch import nn
 from .. import ops
 from ..embeddings import quantized_embeddings, tied_heads
 from ..errors import FormatError, MergeError
-from ..io import atomic_path
+from ..io import atomic_path, check_output_path
 from ..layers import QuantEmbedding, QuantLinear
 from ..progress import progress
 from ..state import state_of
@@ -522,12 +522,17 @@ def export_gguf(
         FormatError: unsupported architecture or tokenizer, a missing tokenizer, a parameter
             with no GGUF name, or a source file that changed since the model was loaded.
         MergeError: the model holds dense LoRA adapters (``adapter="lora"``).
+        OutputError: ``path`` cannot be written: a directory, a device (e.g. /dev/null), a
+            FIFO or a symlink is there, the name is empty or holds a NUL byte, or the file
+            system refused (permission, no space, file too large). Nothing is left behind
+            but the previous file; temporary files of killed exports are removed.
     """
     from gguf import GGUFWriter
 
     if other_type not in OTHER_TYPES:
         raise FormatError(f"other_type: got {other_type!r}, allowed: {', '.join(OTHER_TYPES)}")
     other = OTHER_TYPES[other_type]
+    path = check_output_path(path)  # a directory, device or symlink there: refused before any work
     header, arch, items, metadata = _prepare(model, tokenizer, source, pre_tokenizer)
 
     # Decide every tensor's type first: the file's directory precedes the data.

@@ -10,10 +10,19 @@ metadata count (u64); metadata entries (key string, value type u32, value); tens
 (name, n_dims u32, dims u64 × n_dims with ne0 first, ggml type u32, offset u64 relative to
 the data section); the data section starts at the next multiple of ``general.alignment``
 (default 32).
+
+A file from the internet is untrusted: every count is checked against the bytes left in the
+file before anything is allocated for it, metadata arrays are bounded
+(:data:`MAX_METADATA_ELEMENTS` in all, :data:`MAX_SMALL_ARRAY` for an array that is not
+part of the vocabulary), and the tensors' byte ranges must tile the data section: each
+aligned, none overlapping, each as long as its type and shape say up to the alignment
+padding. What the values mean (sizes, head counts, token ids) is checked by
+:mod:`.gguf_validate`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from dataclasses import dataclass, field
@@ -25,6 +34,26 @@ from ..errors import FormatError
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+#: Elements of all metadata arrays together (a 128k-token vocabulary with its merges and
+#: token types is about 0.6 M): a header's Python objects stay within a few GiB at worst.
+MAX_METADATA_ELEMENTS = 1 << 24
+#: Elements of a metadata array other than the vocabulary's (tokens, merges, token types,
+#: scores, SentencePiece charsmap): nothing else in a model's header is that long.
+MAX_SMALL_ARRAY = 1 << 16
+#: Metadata arrays that hold one entry per token or merge.
+VOCABULARY_ARRAYS = frozenset(
+    {
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.scores",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.precompiled_charsmap",
+    }
+)
+# Fewest bytes a metadata entry (key length, empty key, value type, 1-byte value) and a
+# tensor entry (name length, n_dims, one dimension, type, offset) can take.
+_MIN_KV_BYTES = 8 + 4 + 1
+_MIN_TENSOR_BYTES = 8 + 4 + 8 + 4 + 8
 
 # GGUF metadata value types (the file format's numbering).
 UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY, UINT64, INT64, FLOAT64 = range(13)
@@ -98,6 +127,10 @@ class GGUFHeader:
     data_offset: int
     metadata: dict[str, MetadataValue] = field(default_factory=dict)
     tensors: dict[str, TensorEntry] = field(default_factory=dict)
+    #: bytes of the header proper (magic to the end of the tensor directory)
+    header_size: int = 0
+    #: SHA-256 of those bytes: what the config and tokenizer are made from
+    digest: str = ""
 
     def get(self, key: str, default: Any = None) -> Any:
         entry = self.metadata.get(key)
@@ -121,6 +154,11 @@ class _Cursor:
         self.f, self.path, self.size = f, path, size
         self.buf = f.read(min(size, 1 << 22))
         self.pos = 0
+        self.elements = 0  # metadata array elements read so far
+
+    @property
+    def left(self) -> int:
+        return self.size - self.pos
 
     def _need(self, n: int) -> None:
         if n < 0 or self.pos + n > self.size:
@@ -130,6 +168,8 @@ class _Cursor:
         if self.pos + n > len(self.buf):
             more = max(self.pos + n - len(self.buf), len(self.buf))
             self.buf += self.f.read(min(more, self.size - len(self.buf)))
+            if self.pos + n > len(self.buf):
+                raise FormatError(f"{self.path}: the file shrank while its header was read")
 
     def take(self, n: int) -> bytes:
         self._need(n)
@@ -142,15 +182,40 @@ class _Cursor:
         self.pos += size
         return struct.unpack_from(fmt, self.buf, self.pos - size)[0]
 
-    def string(self) -> str:
-        n = self.scalar("<Q")
-        raw = self.take(n)
+    def _decode(self, raw: bytes) -> str:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
             raise FormatError(f"{self.path}: a metadata string before byte {self.pos} is not UTF-8") from None
 
-    def value(self, vtype: int) -> MetadataValue:
+    def string(self) -> str:
+        return self._decode(self.take(self.scalar("<Q")))
+
+    def strings(self, count: int) -> list[str]:
+        """``count`` strings in a row (a vocabulary: one loop, no call per element)."""
+        out: list[str] = []
+        append, unpack, buf, pos = out.append, struct.unpack_from, self.buf, self.pos
+        for _ in range(count):
+            if pos + 8 > len(buf):
+                self.pos = pos
+                self._need(8)
+                buf = self.buf
+            (n,) = unpack("<Q", buf, pos)
+            pos += 8
+            if pos + n > len(buf):
+                self.pos = pos
+                self._need(n)
+                buf = self.buf
+            try:
+                append(buf[pos : pos + n].decode("utf-8"))
+            except UnicodeDecodeError:
+                self.pos = pos
+                raise FormatError(f"{self.path}: a metadata string at byte {pos} is not UTF-8") from None
+            pos += n
+        self.pos = pos
+        return out
+
+    def value(self, vtype: int, key: str) -> MetadataValue:
         if vtype in _SCALARS:
             return MetadataValue(vtype, self.scalar(_SCALARS[vtype]))
         if vtype == STRING:
@@ -159,13 +224,31 @@ class _Cursor:
             etype, count = self.scalar("<I"), self.scalar("<Q")
             if etype in _NUMPY:
                 item = np.dtype(_NUMPY[etype]).itemsize
-                values = np.frombuffer(self.take(count * item), dtype=_NUMPY[etype]).tolist()
             elif etype == STRING:
-                values = [self.string() for _ in range(count)]
+                item = 8  # the length of each string, at the least
             else:
-                raise FormatError(f"{self.path}: unsupported metadata array element type {etype}")
+                raise FormatError(f"{self.path}: metadata {key!r}: unsupported array element type {etype}")
+            if count * item > self.left:
+                raise FormatError(
+                    f"{self.path}: truncated GGUF header: metadata {key!r} claims {count} array elements, which "
+                    f"run past the end of the file ({self.left} bytes left)"
+                )
+            bound = MAX_METADATA_ELEMENTS if key in VOCABULARY_ARRAYS else MAX_SMALL_ARRAY
+            if count > bound:
+                raise FormatError(
+                    f"{self.path}: metadata {key!r} has {count} array elements; at most {bound} are allowed"
+                    + ("" if key in VOCABULARY_ARRAYS else " for an array that is not part of the vocabulary")
+                )
+            self.elements += count
+            if self.elements > MAX_METADATA_ELEMENTS:
+                raise FormatError(
+                    f"{self.path}: the metadata arrays hold more than {MAX_METADATA_ELEMENTS} elements in all"
+                )
+            if etype == STRING:
+                return MetadataValue(vtype, self.strings(count), etype)
+            values = np.frombuffer(self.take(count * item), dtype=_NUMPY[etype]).tolist()
             return MetadataValue(vtype, values, etype)
-        raise FormatError(f"{self.path}: unknown metadata value type {vtype} at byte {self.pos}")
+        raise FormatError(f"{self.path}: metadata {key!r}: unknown value type {vtype} at byte {self.pos}")
 
 
 def read_header(path) -> GGUFHeader:
@@ -191,12 +274,19 @@ def read_header(path) -> GGUFHeader:
         if version not in (2, 3):
             raise FormatError(f"{path}: GGUF version {version} is not supported (versions 2 and 3 are)")
         n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+        if n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_BYTES > cur.left:
+            raise FormatError(
+                f"{path}: truncated GGUF header: it claims {n_kv} metadata entries and {n_tensors} tensors, which "
+                f"run past the end of the file ({cur.left} bytes left)"
+            )
         header = GGUFHeader(path, version, DEFAULT_ALIGNMENT, 0)
         for _ in range(n_kv):
             key = cur.string()
-            header.metadata[key] = cur.value(cur.scalar("<I"))
+            if key in header.metadata:
+                raise FormatError(f"{path}: metadata key {key!r} appears twice")
+            header.metadata[key] = cur.value(cur.scalar("<I"), key)
         alignment = header.get("general.alignment", DEFAULT_ALIGNMENT)
-        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
             raise FormatError(f"{path}: general.alignment = {alignment!r} is not a power of two")
         header.alignment = alignment
         raw: list[tuple[str, tuple[int, ...], int, int]] = []
@@ -207,12 +297,16 @@ def read_header(path) -> GGUFHeader:
                 raise FormatError(f"{path}: tensor {name!r} has {n_dims} dimensions (1 to 4 allowed)")
             shape = tuple(cur.scalar("<Q") for _ in range(n_dims))
             raw.append((name, shape, cur.scalar("<I"), cur.scalar("<Q")))
+        header.header_size = cur.pos
+        header.digest = hashlib.sha256(memoryview(cur.buf)[: cur.pos]).hexdigest()
         header.data_offset = -(-cur.pos // alignment) * alignment
     for name, shape, ggml_type, rel in raw:
         try:
             block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
         except (ValueError, KeyError):
             raise FormatError(f"{path}: tensor {name!r} has unknown ggml type {ggml_type}") from None
+        if 0 in shape:
+            raise FormatError(f"{path}: tensor {name!r} has shape {shape}: every dimension must be at least 1")
         if shape[0] % block:
             raise FormatError(f"{path}: tensor {name!r}: ne0 = {shape[0]} is not a multiple of its block size {block}")
         count = 1
@@ -224,10 +318,45 @@ def read_header(path) -> GGUFHeader:
             raise FormatError(
                 f"{path}: tensor {name!r} ({nbytes} bytes at {offset}) runs past the end of the file ({size} bytes)"
             )
+        if rel % alignment:
+            raise FormatError(
+                f"{path}: tensor {name!r} starts at data offset {rel}, not a multiple of the alignment {alignment}"
+            )
         if name in header.tensors:
             raise FormatError(f"{path}: tensor {name!r} appears twice")
         header.tensors[name] = TensorEntry(name, shape, ggml_type, offset, nbytes)
+    _check_ranges(header, size)
     return header
+
+
+def _check_ranges(header: GGUFHeader, size: int) -> None:
+    """The tensors' byte ranges tile the data section: the first starts it, none overlaps the
+    next, and each fills the space up to the next (or to the end of the file) but for the
+    alignment padding, so a tensor whose declared type or shape does not match its bytes
+    is refused."""
+    entries = sorted(header.tensors.values(), key=lambda e: (e.offset, e.nbytes))
+    if not entries:
+        return
+    path, align = header.path, header.alignment
+    if entries[0].offset != header.data_offset:
+        raise FormatError(
+            f"{path}: the first tensor's data ({entries[0].name!r}) starts {entries[0].offset - header.data_offset} "
+            "bytes into the data section, not at its start"
+        )
+    for here, following in zip(entries, [*entries[1:], None]):
+        end = here.offset + here.nbytes
+        limit, what = (size, "the end of the file") if following is None else (following.offset, repr(following.name))
+        if end > limit:
+            raise FormatError(
+                f"{path}: tensor {here.name!r} (bytes {here.offset} to {end}) overlaps tensor {what} "
+                f"(from byte {limit})"
+            )
+        if limit - end >= align:
+            raise FormatError(
+                f"{path}: tensor {here.name!r} is declared {here.nbytes} bytes (its type and shape) but its range "
+                f"up to {what} is {limit - here.offset} bytes; only padding below the alignment "
+                f"({align}) may follow a tensor"
+            )
 
 
 class TensorReader:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -44,12 +45,14 @@ import torch
 from torch import nn
 
 from .. import hf_skeleton, ops
-from ..errors import CheckpointError, ConfigError, InvalidValueError, MergeError
-from ..io import atomic_save_safetensors, atomic_write_json
+from ..config_check import check_config, check_layer_tensors
+from ..errors import CheckpointError, ConfigError, InvalidValueError, MergeError, QALoRAError
+from ..io import atomic_save_safetensors, atomic_write_json, check_output_directory, make_output_directory
 from ..layers import QALoRALinear, QuantLinear, check_group_size
 from ..optional import require
 from ..state import QALoRAState, attach_state
 from ..targets import dense_weight, is_linear_like, quantized_layers, replace_module
+from ..untrusted import read_json_file, safe_file, scan_directory
 
 #: ``checkpoint_format`` values read and written: v1 stores z − 1, v2 stores z.
 FORMATS = ("gptq", "gptq_v2")
@@ -171,10 +174,23 @@ def layer_from_gptq(tensors: dict[str, torch.Tensor], fmt: GPTQFormat, name: str
         raise CheckpointError(
             f"layer {name!r}: qzeros has shape {tuple(qzeros.shape)}, expected ({groups}, {n * bits / 32:g})"
         )
+    if not bool(torch.isfinite(scales).all()):
+        raise CheckpointError(f"layer {name!r}: scales holds non-finite values (NaN or Inf)")
     if "g_idx" in tensors:
+        if tensors["g_idx"].is_floating_point() or tensors["g_idx"].dtype == torch.bool:
+            raise CheckpointError(f"layer {name!r}: g_idx is {tensors['g_idx'].dtype}, expected int32")
         _contiguous_groups(tensors["g_idx"], k, g, name)
     check_group_size(k, bits, g, name)
     bias = tensors.get("bias")
+    if bias is not None:
+        # A bias of another length would broadcast (a (1,) bias shifts every output) or fail later.
+        if tuple(bias.shape) != (n,) or not bias.is_floating_point():
+            raise CheckpointError(
+                f"layer {name!r}: bias is {bias.dtype} {tuple(bias.shape)}, expected a float vector of "
+                f"out_features ({n},)"
+            )
+        if not bool(torch.isfinite(bias).all()):
+            raise CheckpointError(f"layer {name!r}: bias holds non-finite values (NaN or Inf)")
     layer = QuantLinear(k, n, bits, g, bias is not None, scales.dtype, device, name, offset_dtype=torch.float32)
     with torch.no_grad():
         layer.packed.copy_(words_to_streams(qweight))
@@ -260,48 +276,119 @@ def layer_to_gptq(
 # --------------------------------------------------------------------------- whole models
 
 
+#: The index a sharded checkpoint names its weights files in.
+INDEX = "model.safetensors.index.json"
+
+
 def quantization_config_of(directory: str) -> dict | None:
     """The GPTQ ``quantization_config`` of a Hugging Face directory (``config.json``, or
-    AutoGPTQ's ``quantize_config.json``), or None when it is not a GPTQ checkpoint."""
-    cfg_path = os.path.join(directory, "config.json")
+    AutoGPTQ's ``quantize_config.json``), or None when it is not a GPTQ checkpoint. Both
+    files are read as untrusted (:func:`qalora.untrusted.read_json_file`)."""
+    directory = os.path.realpath(os.fspath(directory))
     data = {}
-    if os.path.isfile(cfg_path):
-        try:
-            with open(cfg_path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"cannot read {cfg_path}: {e}") from None
-    q = data.get("quantization_config") if isinstance(data, dict) else None
+    if os.path.lexists(os.path.join(directory, "config.json")):
+        data = read_json_file(directory, "config.json", "Hugging Face config")
+    q = data.get("quantization_config")
     if isinstance(q, dict) and q.get("quant_method", "gptq") == "gptq":
         return q
-    legacy = os.path.join(directory, "quantize_config.json")
-    if q is None and os.path.isfile(legacy):
-        try:
-            with open(legacy, encoding="utf-8") as f:
-                return json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"cannot read {legacy}: {e}") from None
+    if q is None and os.path.lexists(os.path.join(directory, "quantize_config.json")):
+        return read_json_file(directory, "quantize_config.json", "AutoGPTQ quantize config")
     return None
 
 
-def _read_tensors(directory: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _weight_files(directory: str) -> list[str]:
+    """The weights files of a GPTQ directory: those its index names (each a plain file name
+    inside the directory), or every ``*.safetensors`` file in it."""
+    if not os.path.lexists(os.path.join(directory, INDEX)):
+        files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+        if not files:
+            raise CheckpointError(f"{directory} holds no .safetensors weights")
+        return files
+    path = os.path.join(directory, INDEX)
+    index = read_json_file(directory, INDEX, "weights index")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(
+            f"{path}: field 'weight_map': expected a non-empty JSON object of tensor name -> file name, got "
+            f"{type(weight_map).__name__}"
+        )
+    for key, name in weight_map.items():
+        field = f"weight_map.{key}"
+        if not isinstance(name, str) or not name.endswith(".safetensors"):
+            raise CheckpointError(f"{path}: field {field!r}: got {name!r}, expected the name of a .safetensors file")
+        if name != os.path.basename(name) or name in (".", "..") or "\0" in name or name.startswith("/"):
+            raise CheckpointError(
+                f"{path}: field {field!r}: {name!r} is not a plain file name; the weights must be files inside "
+                f"{directory}"
+            )
+    return sorted(set(weight_map.values()))
 
-    index = os.path.join(directory, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        files = [f for f in sorted(os.listdir(directory)) if f.endswith(".safetensors")]
-    if not files:
-        raise CheckpointError(f"{directory} holds no .safetensors weights")
+
+def _read_headers(directory: str) -> tuple[dict[str, str], dict[str, tuple[torch.dtype, tuple[int, ...]]]]:
+    """{tensor: file} and {tensor: (dtype, shape)} from the weights files' headers, each file
+    a regular file inside the directory, each header validated, before any tensor is read."""
+    from ..checkpoint.safetensors_header import _read_header
+
+    where: dict[str, str] = {}
+    table: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    for name in _weight_files(directory):
+        path = safe_file(directory, name, "weights file")
+        for key, entry in _read_header(path).items():
+            if key in where:
+                raise CheckpointError(f"{path}: tensor {key!r} is also in {where[key]}; which one is meant?")
+            where[key] = name
+            table[key] = entry
+    index = os.path.join(directory, INDEX)
+    if os.path.lexists(index):
+        weight_map = read_json_file(directory, INDEX, "weights index")["weight_map"]
+        for key, name in weight_map.items():
+            if where.get(key) != name:
+                raise CheckpointError(
+                    f"{index}: field 'weight_map.{key}': names {name}, which does not hold that tensor"
+                )
+    return where, table
+
+
+def _read_tensors(directory: str, files: dict[str, str], table: dict) -> dict[str, torch.Tensor]:
+    from ..checkpoint.safetensors_header import _load_tensors
+
     tensors: dict[str, torch.Tensor] = {}
-    for name in files:
-        try:
-            tensors.update(load_file(os.path.join(directory, name)))
-        except Exception as e:  # safetensors raises its own error types for damaged files
-            raise CheckpointError(f"cannot read {os.path.join(directory, name)}: {e}") from None
+    for name in sorted(set(files.values())):
+        path = safe_file(directory, name, "weights file")
+        tensors.update(_load_tensors(path, {k: table[k] for k, f in files.items() if f == name}))
     return tensors
+
+
+def _hf_config(transformers, data: dict, path: str):
+    """The transformers config of a ``config.json`` already read (transformers would read
+    the file again, without the size cap or the regular-file check)."""
+    model_type = data.get("model_type")
+    mapping = transformers.models.auto.configuration_auto.CONFIG_MAPPING
+    if not isinstance(model_type, str) or model_type not in mapping:
+        raise CheckpointError(f"{path}: field 'model_type': got {model_type!r}, not a model type transformers knows")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return mapping[model_type].from_dict(data)
+    except Exception as e:  # transformers validates configs with many exception types
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: transformers cannot read it as a {model_type} config: {first}") from None
+
+
+def _load_bytes(table: dict, quantized: set[str], dtype: torch.dtype) -> int:
+    """Memory a load needs: every tensor as read, plus the dense ones cast to ``dtype`` and
+    the offsets (float32, one per group) the quantized layers gain."""
+    total = 0
+    for key, (t_dtype, shape) in table.items():
+        n = math.prod(shape)
+        total += n * t_dtype.itemsize
+        owner, _, part = key.rpartition(".")
+        if owner in quantized:
+            if part == "scales":
+                total += n * 4
+        elif t_dtype.is_floating_point:
+            total += n * dtype.itemsize
+    return total
 
 
 def load_gptq_model(directory, *, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -310,31 +397,60 @@ def load_gptq_model(directory, *, dtype: torch.dtype = torch.float32) -> nn.Modu
     in ``dtype``. ``qalora.wrap`` then adapts those layers as they are (their own bits and
     group size).
 
+    The directory is untrusted input: every file it names (``config.json``,
+    ``quantize_config.json``, the index and the weights it lists) must be a regular file
+    inside it, JSON is size-capped, safetensors headers are validated, the architecture
+    fields of ``config.json`` are checked (:mod:`qalora.config_check`) against each other and
+    against the tensors present, and the memory the load needs against what is available,
+    all before the model is built; scales must be finite and biases of the layer's length.
+
     Raises:
         CheckpointError: not a GPTQ checkpoint, an unsupported variant (act-order groups,
-            marlin, other bit widths), or tensors that do not fit the architecture.
+            marlin, other bit widths), a hostile or damaged file, or tensors that do not fit
+            the architecture.
         ModelLoadError: transformers is not installed.
     """
     transformers = require("transformers", "loading a GPTQ checkpoint", install="'transformers>=5'")
-    directory = os.fspath(directory)
+    directory = os.path.realpath(os.fspath(directory))
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory} is not a directory")
+    scan_directory(directory)
     q = quantization_config_of(directory)
     if q is None:
         raise CheckpointError(f"{directory} is not a GPTQ checkpoint (no GPTQ quantization_config)")
     fmt = parse_config(q, f"{directory}: quantization_config")
-    config = transformers.AutoConfig.from_pretrained(directory)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # built as a plain model; qalora supplies the quantized layers
-    tensors = _read_tensors(directory)
-    prefixes = sorted({key[: -len(".qweight")] for key in tensors if key.endswith(".qweight")})
+    cfg_path = os.path.join(directory, "config.json")
+    data = read_json_file(directory, "config.json", "Hugging Face config")
+    arch = check_config(data, cfg_path)
+    files, table = _read_headers(directory)
+    check_layer_tensors(arch, {k: shape for k, (_, shape) in table.items()}, cfg_path, f"the weights of {directory}")
+    prefixes = sorted({key[: -len(".qweight")] for key in table if key.endswith(".qweight")})
     if not prefixes:
         raise CheckpointError(f"{directory}: no '*.qweight' tensors; is it a GPTQ checkpoint?")
-    model = hf_skeleton.meta_model(transformers.AutoModelForCausalLM, config, dtype=dtype)
+    config = _hf_config(transformers, data, cfg_path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # built as a plain model; qalora supplies the quantized layers
+    try:
+        model = hf_skeleton.bounded_meta_model(
+            transformers.AutoModelForCausalLM,
+            config,
+            tensor_bytes=_load_bytes(table, set(prefixes), dtype),
+            where=cfg_path,
+            dtype=dtype,
+        )
+    except QALoRAError:
+        raise
+    except Exception as e:  # transformers refuses configs with many exception types
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{cfg_path}: transformers cannot build a causal LM from it: {first}") from None
     modules = dict(model.named_modules())
     for prefix in prefixes:
         if prefix not in modules or not is_linear_like(modules[prefix]):
             raise CheckpointError(
                 f"{directory}: {prefix}.qweight does not belong to a linear layer of {type(model).__name__}"
             )
+    tensors = _read_tensors(directory, files, table)
+    for prefix in prefixes:
         own = {key[len(prefix) + 1 :]: t for key, t in tensors.items() if key.startswith(prefix + ".")}
         layer = layer_from_gptq(own, fmt, prefix)
         out_f, in_f = dense_weight(modules[prefix])[0].shape
@@ -354,6 +470,15 @@ def load_gptq_model(directory, *, dtype: torch.dtype = torch.float32) -> nn.Modu
     unexpected = sorted(k for k in rest if k not in expected and not k.endswith("rotary_emb.inv_freq"))
     if unexpected:
         raise CheckpointError(f"{directory}: tensors {unexpected[:10]} do not belong to {type(model).__name__}")
+    for key, t in rest.items():
+        want = expected.get(key)
+        if want is not None and (
+            tuple(t.shape) != tuple(want.shape) or t.is_floating_point() != want.is_floating_point()
+        ):
+            raise CheckpointError(
+                f"{os.path.join(directory, files[key])}: tensor {key!r} is {t.dtype} of shape {tuple(t.shape)}; "
+                f"{type(model).__name__} expects {want.dtype} of shape {tuple(want.shape)}"
+            )
     model.load_state_dict({k: v for k, v in rest.items() if k in expected}, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -472,8 +597,9 @@ def export_gptq(
         MergeError: the model still holds adapters (merge it first).
         InvalidValueError: the layers do not fit one GPTQ config, or rounding the zero
             points costs more than allowed (nothing is written then).
+        OutputError: ``directory`` is not a directory, or a file cannot be written there.
     """
-    directory = os.fspath(directory)
+    directory = check_output_directory(directory)  # a file or device there: refused before any work
     layers = list(quantized_layers(model))
     if not layers:
         raise ConfigError("the model holds no qalora layer to export")
@@ -551,7 +677,7 @@ def export_gptq(
         "meta": {"quantizer": ["qalora"]},
     }
     config["quantization_config"] = qconfig
-    os.makedirs(directory, exist_ok=True)
+    make_output_directory(directory)
     atomic_save_safetensors(os.path.join(directory, "model.safetensors"), written, metadata={"format": "pt"})
     atomic_write_json(os.path.join(directory, "config.json"), config)
     atomic_write_json(os.path.join(directory, "quantize_config.json"), qconfig)
