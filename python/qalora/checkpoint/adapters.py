@@ -84,7 +84,9 @@ def save_adapter(model: nn.Module, directory) -> None:
 
 
 def load_adapter(model: nn.Module, directory) -> nn.Module:
-    """Load adapters saved by :func:`save_adapter` into a wrapped model, in place.
+    """Load adapters saved by :func:`save_adapter` into a wrapped model, in place; or a
+    PEFT adapter directory trained with ``use_qalora=True`` onto the quantized base it was
+    trained on (see :func:`qalora.formats.peft_adapter.load_peft_adapter`).
 
     The adapter config is validated like a model checkpoint's (schema, manifest, declared
     tensor dtypes and shapes, finite values). Every layer's shape, bits, group size, adapter
@@ -93,11 +95,16 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     AdapterMismatchError (CheckpointError for missing, damaged or invalid files), and the
     model is unchanged.
     """
-    config_of(model)
     directory = _checkpoint_dir(directory)
     scan_directory(directory)
     cfg_path = os.path.join(directory, ADAPTER_CONFIG)
-    meta = _validate_adapter_config(read_json_file(directory, ADAPTER_CONFIG, "adapter config"), cfg_path)
+    raw = read_json_file(directory, ADAPTER_CONFIG, "adapter config")
+    from ..formats import peft_adapter
+
+    if peft_adapter.is_peft_adapter(raw):
+        return peft_adapter.load_peft_adapter(model, directory)
+    config_of(model)
+    meta = _validate_adapter_config(raw, cfg_path)
     if meta["files"] is not None:
         verify_manifest(directory, meta["files"], ADAPTER_CONFIG)
     layers = dict(quantized_layers(model, QALoRALinear))
