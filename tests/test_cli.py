@@ -316,6 +316,22 @@ def test_compare_trains_every_method_and_flags_what_deploys_exactly(tiny_dir, tm
         build_parser().parse_args(["compare", "--methods", "qalora+bogus"])
 
 
+def test_compare_without_the_reference_trains_no_dense_fp32_lora(tiny_dir, tmp_path, monkeypatch):
+    """--no-reference leaves out the fp32 LoRA row (it deploys nothing) and its training run;
+    the deployed rows are all there."""
+    monkeypatch.setenv("QALORA_NO_PROGRESS", "1")
+    out = tmp_path / "cmp"
+    argv = ["compare", "--model", str(tiny_dir), "--out", str(out), "--settings", "4:16", "--quantizers", "rtn"]
+    argv += ["--steps", "1", "--batch-size", "2", "--block-size", "32", "--eval-blocks", "2", "--rank", "2"]
+    argv += ["--methods", "qalora", "--no-reference"]
+    assert main(argv) == 0
+    result = json.loads((out / "compare.json").read_text())
+    methods = [r["method"] for r in result["rows"]]
+    assert "fp32 LoRA (reference)" not in methods and "fp32 model" in methods
+    assert "qalora, merged" in methods and "dense LoRA, merged + re-quantized with RTN" in methods
+    assert "fp32 LoRA" not in result["losses"]
+
+
 def test_bits_on_a_gguf_model_must_say_what_its_layers_are(tmp_path, capsys):
     """--bits / --group-size on a GGUF model (the default model is one): a request that differs
     from the file's own layers is refused from the file's header, before anything loads, with

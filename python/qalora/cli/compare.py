@@ -35,7 +35,7 @@ from ..state import QALoRAState, attach_state, state_of
 from ..targets import replace_module, select_targets
 from ..train import finetune, perplexity
 from ..wrapping import merge, merge_requantize, wrap
-from .finetune import check_settings_fit, token_splits
+from .finetune import check_block_size, check_settings_fit, token_splits
 from .report import plot_losses
 
 EXACT_METHODS = defaults.EXACT_METHODS
@@ -111,6 +111,7 @@ def run_compare(args) -> dict:
 
         llama_cpp_eval.require()
     lm = load_model(args.model, dense=True)  # each setting re-quantizes the dense weights
+    check_block_size(lm.model, args.block_size)
     for bits, g in settings:  # every setting must fit the model before anything trains
         check_settings_fit(lm.model, QALoRAConfig(bits=bits, group_size=g, rank=args.rank, alpha=args.alpha))
     train_blocks, heldout = token_splits(
@@ -152,10 +153,19 @@ def run_compare(args) -> dict:
 
     m = fresh()
     row("-", "-", "fp32 model", ppl(m, "fp32"), deployed=False, exact=False)
-    _dense_lora(m, args.rank, args.alpha)
-    r, per_step = train(m, "fp32 LoRA")
-    curves["fp32 LoRA"] = r.losses
-    row("-", "-", "fp32 LoRA (reference)", ppl(m, "fp32 LoRA"), deployed=False, exact=False, seconds_per_step=per_step)
+    if not getattr(args, "no_reference", False):
+        _dense_lora(m, args.rank, args.alpha)
+        r, per_step = train(m, "fp32 LoRA")
+        curves["fp32 LoRA"] = r.losses
+        row(
+            "-",
+            "-",
+            "fp32 LoRA (reference)",
+            ppl(m, "fp32 LoRA"),
+            deployed=False,
+            exact=False,
+            seconds_per_step=per_step,
+        )
     del m
     gguf_dir = os.path.join(out + ".gguf-work") if use_gguf else None
     for bits, g in settings:
