@@ -27,8 +27,32 @@ class TrainResult:
     bf16: bool = False  # whether the steps ran under bf16 autocast
 
 
+IGNORE_INDEX = -100  # a label that is neither trained nor scored
+
+
 def _causal_lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, labels=ids).loss
+
+
+def _labeled_nll_sum(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the positions whose label is not ``IGNORE_INDEX``."""
+    logits = model(input_ids=ids).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def _check_labels(blocks: torch.Tensor, labels: torch.Tensor | None) -> None:
+    if labels is None:
+        return
+    if not isinstance(labels, torch.Tensor) or labels.shape != blocks.shape:
+        raise ConfigError(
+            f"labels: got {getattr(labels, 'shape', type(labels).__name__)}, they must be a tensor shaped like the "
+            f"blocks {tuple(blocks.shape)}"
+        )
 
 
 def _param_groups(model: torch.nn.Module, lr: float) -> list[dict]:
@@ -62,6 +86,7 @@ def finetune(
     desc: str = "qalora: training",
     bf16: bool = False,
     force_bf16: bool = False,
+    labels: torch.Tensor | None = None,
 ) -> TrainResult:
     """AdamW on the trainable parameters, linear warm-up then cosine decay, batches drawn
     from ``blocks`` (num_blocks, block_size) in a seeded shuffled order.
@@ -79,6 +104,11 @@ def finetune(
     must pass the same ``blocks`` and ``seed``. The adapters then end as one process would
     train them on the same global batches, and the recorded losses are the global ones.
 
+    ``labels`` (shaped like ``blocks``, e.g. :class:`qalora.datasets.LabeledBlocks`'s): the
+    next-token targets, where ``-100`` marks a token that is not trained (a prompt, padding);
+    the loss is then the mean over the global batch's trained tokens. Without them every
+    token is a target.
+
     Raises:
         ConfigError: ``lr`` is not a finite positive number, nothing is trainable, or
             ``batch_size`` does not split evenly across the ranks.
@@ -90,6 +120,7 @@ def finetune(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters; wrap it with qalora.wrap first")
+    _check_labels(blocks, labels)
     param_groups = _param_groups(model, lr)
     rank, world = distributed.rank_and_world()
     if batch_size % world:
@@ -130,7 +161,14 @@ def finetune(
         idx = [order[(first + i) % len(order)].item() for i in range(per_rank)]
         batch = blocks[idx].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = _causal_lm_loss(trained, batch)
+            if labels is None:
+                loss = _causal_lm_loss(trained, batch)
+            else:
+                # Every rank knows the whole global batch, so each divides its summed loss by the
+                # global count of trained tokens (times the ranks, which DDP's mean undoes).
+                every = [order[(step * batch_size + i) % len(order)].item() for i in range(batch_size)]
+                count = max(1, int((labels[every][:, 1:] != IGNORE_INDEX).sum()))
+                loss = _labeled_nll_sum(trained, batch, labels[idx].to(device)) * (world / count)
         # The global loss (equal shares, so the mean of the ranks' means), which every rank
         # then checks alike: all stop together or none does.
         (global_loss,) = distributed.all_reduce_sum([loss.item() / world])
@@ -161,10 +199,14 @@ def perplexity(
     batch_size: int = 4,
     show_progress: bool | None = None,
     desc: str = "qalora: perplexity",
+    labels: torch.Tensor | None = None,
 ) -> float:
-    """exp(mean next-token cross-entropy) over every predicted token of ``blocks``. In a
-    ``torch.distributed`` process group the batches are shared out across the ranks (each
-    must pass the same ``blocks``) and every rank returns the same, global value."""
+    """exp(mean next-token cross-entropy) over every predicted token of ``blocks``, or with
+    ``labels`` (shaped like ``blocks``) over the tokens whose label is not ``-100`` (e.g. the
+    assistant's replies of chat data). In a ``torch.distributed`` process group the batches
+    are shared out across the ranks (each must pass the same ``blocks``) and every rank
+    returns the same, global value."""
+    _check_labels(blocks, labels)
     model.eval()
     device = next(model.parameters()).device
     rank, world = distributed.rank_and_world()
@@ -172,6 +214,11 @@ def perplexity(
     batches = list(range(0, len(blocks), batch_size))[rank::world]
     for i in progress(batches, desc=desc, enabled=show_progress if rank == 0 else False):
         ids = blocks[i : i + batch_size].to(device)
+        if labels is not None:
+            targets = labels[i : i + batch_size].to(device)
+            total_nll += _labeled_nll_sum(model, ids, targets).item()
+            total_tokens += int((targets[:, 1:] != IGNORE_INDEX).sum())
+            continue
         logits = model(input_ids=ids).logits.float()
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
@@ -179,4 +226,6 @@ def perplexity(
         total_nll += nll.item()
         total_tokens += ids[:, 1:].numel()
     total_nll, total_tokens = distributed.all_reduce_sum([total_nll, total_tokens])
+    if labels is not None and total_tokens == 0:
+        raise InvalidValueError("perplexity: the labels mark no token to score")
     return math.exp(total_nll / total_tokens)

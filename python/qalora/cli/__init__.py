@@ -177,15 +177,17 @@ def _add_model_data(p: argparse.ArgumentParser, model_default: str | None, score
         p.add_argument(
             "--data",
             default=None,
-            help="the text to score, whole: .jsonl (instruction/response or text records) or .txt (default: the "
-            "bundled Shakespeare's held-out split, the one finetune evaluates)",
+            help="the text to score, whole: .jsonl (instruction/response or text records; chat records score "
+            "their assistant tokens) or .txt (default: the bundled Shakespeare's held-out split, the one finetune "
+            "evaluates)",
         )
         p.add_argument("--heldout", default=None, help="the same as --data (kept for symmetry with finetune)")
         return
     p.add_argument(
         "--data",
         default=None,
-        help="text data: .jsonl (instruction/response or text records) or .txt (default: the bundled Shakespeare)",
+        help="training data: .jsonl (text, instruction/response, chat 'messages' or prompt/completion records) or "
+        ".txt (default: the bundled Shakespeare)",
     )
     p.add_argument(
         "--heldout", default=None, help="held-out data file for perplexity (default: the last 10%% of --data)"
@@ -264,6 +266,20 @@ def _add_run_options(p: argparse.ArgumentParser, out_default: str | None) -> Non
         type=_int_up_to(MAX_BLOCK),
         default=128,
         help="tokens per sequence (at most the model's max_position_embeddings)",
+    )
+    p.add_argument(
+        "--packing",
+        default="pack",
+        choices=["pack", "pad"],
+        help="chat data ('messages' or 'prompt'/'completion' records): pack whole examples into each --block-size "
+        "block, or pad one example per block; an example longer than a block is cut to it with a warning that "
+        "counts them (text data is always one token stream cut into blocks)",
+    )
+    p.add_argument(
+        "--train-on-all-tokens",
+        action="store_true",
+        help="chat data: train and score held-out perplexity on every token (system and user turns, template "
+        "markup) instead of the assistant's replies alone (default: off, assistant tokens only)",
     )
     p.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate (warm-up, then cosine decay)")
     p.add_argument("--eval-blocks", type=_int_up_to(MAX_BLOCKS), default=24, help="held-out sequences for perplexity")
@@ -687,7 +703,14 @@ def main(argv: list[str] | None = None) -> int:
                 if report["outputs"].get("gguf"):
                     from .export import how_to_run
 
-                    print("\n" + how_to_run(report["outputs"]["gguf"], prompt=report.get("prompt_hint", "ROMEO.")))
+                    print(
+                        "\n"
+                        + how_to_run(
+                            report["outputs"]["gguf"],
+                            prompt=report.get("prompt_hint", "ROMEO."),
+                            chat=bool(report.get("chat")),
+                        )
+                    )
         elif args.command == "eval":
             from .finetune import run_eval
 

@@ -71,20 +71,31 @@ def write_gguf(
     return report
 
 
-def how_to_run(path: str, name: str = "qalora-model", prompt: str = "ROMEO.") -> str:
+def how_to_run(path: str, name: str = "qalora-model", prompt: str = "ROMEO.", chat: bool = False) -> str:
     """How to run the file: llama-cpp-python (what pip users have), llama.cpp's own CLI, and
-    Ollama when a Modelfile beside the file names it."""
+    Ollama when a Modelfile beside the file names it. ``chat``: the model was tuned on chat
+    data, so the examples chat (through the file's chat template)."""
     path = os.path.abspath(path)
     directory = os.path.dirname(path)
-    lines = [
-        f"qalora: GGUF model written to {path}",
-        f"  report: {report_path(path)}",
-        "Run it with llama-cpp-python (pip install llama-cpp-python):",
-        f'  python -c "from llama_cpp import Llama; '
-        f"print(Llama({path!r}, verbose=False)({prompt!r}, max_tokens=64)['choices'][0]['text'])\"",
-        "or with llama.cpp's own CLI:",
-        f"  llama-cli -m {path} -p {prompt!r} -n 64",
-    ]
+    lines = [f"qalora: GGUF model written to {path}", f"  report: {report_path(path)}"]
+    if chat:
+        messages = [{"role": "user", "content": prompt}]
+        lines += [
+            "Chat with it through llama-cpp-python (pip install llama-cpp-python), which formats the chat with the "
+            "file's template:",
+            f'  python -c "from llama_cpp import Llama; print(Llama({path!r}, verbose=False).create_chat_completion('
+            f"{messages!r}, max_tokens=64)['choices'][0]['message']['content'])\"",
+            "or with llama.cpp's own CLI (conversation mode):",
+            f"  llama-cli -m {path} -cnv",
+        ]
+    else:
+        lines += [
+            "Run it with llama-cpp-python (pip install llama-cpp-python):",
+            f'  python -c "from llama_cpp import Llama; '
+            f"print(Llama({path!r}, verbose=False)({prompt!r}, max_tokens=64)['choices'][0]['text'])\"",
+            "or with llama.cpp's own CLI:",
+            f"  llama-cli -m {path} -p {prompt!r} -n 64",
+        ]
     modelfile = modelfile_for(path)
     if modelfile is not None:
         lines += [

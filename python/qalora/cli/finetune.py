@@ -12,7 +12,7 @@ import torch
 from .. import cli, datasets, distributed, embeddings
 from ..checkpoint import save_adapter, save_pretrained
 from ..config import QALoRAConfig
-from ..errors import DataError, GroupSizeError, NoTargetModulesError
+from ..errors import DataError, GroupSizeError, NoTargetModulesError, QALoRAWarning
 from ..io import atomic_directory, atomic_write_json, atomic_write_text
 from ..layers import QALoRALinear, QuantLinear
 from ..loaders import load_model
@@ -25,11 +25,29 @@ from .report import dense_parts, plot_losses, report_markdown
 CLI_HINT = "On the command line: --exclude NAME[,NAME...] leaves layers dense; --on-indivisible skip leaves every such layer dense."
 
 
-def token_splits(tokenizer, splits, block_size: int, eval_blocks: int, train_blocks: int):
+def token_splits(tokenizer, splits, block_size: int, eval_blocks: int, train_blocks: int, chat=None):
     """The training and held-out token blocks; a split too short for one block is named, with
-    the options that help."""
+    the options that help. Chat data (any chat record) needs ``chat``, a dict of
+    :func:`qalora.datasets.chat_blocks`'s ``packing`` and ``all_tokens``, and then gives
+    :class:`~qalora.datasets.LabeledBlocks`."""
+    if splits.is_chat and chat is None:
+        raise DataError(
+            f"{splits.name} holds chat records ('messages' or 'prompt'/'completion'); this command takes text data "
+            f"('text' or 'instruction'/'response' records, or a .txt file); qalora finetune trains on chat data"
+        )
     out = []
     for name, texts, limit in (("training", splits.train, train_blocks), ("held-out", splits.heldout, eval_blocks)):
+        if splits.is_chat:  # its errors name the record, or the block size that would help
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", QALoRAWarning)  # said below, naming the split
+                    blocks = datasets.chat_blocks(tokenizer, texts, block_size, max_blocks=limit, **chat)
+            except DataError as e:
+                raise DataError(f"the {name} split of {splits.name}: {e}") from None
+            for note in blocks.notes:
+                warnings.warn(QALoRAWarning(f"the {name} split of {splits.name}: {note}"), stacklevel=2)
+            out.append(blocks)
+            continue
         try:
             out.append(datasets.token_blocks(tokenizer, texts, block_size, max_blocks=limit))
         except DataError as e:
@@ -41,6 +59,20 @@ def token_splits(tokenizer, splits, block_size: int, eval_blocks: int, train_blo
             )
             raise DataError(f"the {name} split of {splits.name}: {e}; {hint}") from None
     return out[0], out[1]
+
+
+def ids_and_labels(blocks):
+    """(token ids, labels or None): what :func:`qalora.train.finetune` and ``perplexity`` take."""
+    if isinstance(blocks, datasets.LabeledBlocks):
+        return blocks.input_ids, blocks.labels
+    return blocks, None
+
+
+def chat_options(args) -> dict:
+    return {
+        "packing": getattr(args, "packing", "pack"),
+        "all_tokens": bool(getattr(args, "train_on_all_tokens", False)),
+    }
 
 
 def check_settings_fit(model, config: QALoRAConfig) -> None:
@@ -99,8 +131,15 @@ def qalora_state_quantization(model) -> dict:
 
 def prompt_hint(texts) -> str:
     """A prompt in the style of the data the model was tuned on: the start of the first
-    non-empty held-out line (at most 40 characters, cut at a word)."""
-    for text in texts:
+    non-empty held-out line (at most 40 characters, cut at a word); for chat records, of the
+    first user message (or prompt)."""
+    for record in texts:
+        if isinstance(record, datasets.Conversation):
+            text = next((m["content"] for m in record.messages if m["role"] == "user"), "")
+        elif isinstance(record, datasets.PromptCompletion):
+            text = record.prompt
+        else:
+            text = record
         for line in str(text).splitlines():
             line = line.strip()
             if line:
@@ -138,21 +177,39 @@ def run_finetune(args) -> dict:
         from ..formats.gguf_export import check_exportable
 
         check_exportable(model, tok)  # refuse before training, not after
-    train_blocks, heldout = token_splits(tok, splits, args.block_size, args.eval_blocks, args.steps * args.batch_size)
+    chat = chat_options(args) if splits.is_chat else None
+    train_data, heldout_data = token_splits(
+        tok, splits, args.block_size, args.eval_blocks, args.steps * args.batch_size, chat=chat
+    )
+    train_blocks, train_labels = ids_and_labels(train_data)
+    heldout, heldout_labels = ids_and_labels(heldout_data)
     if writer:
+        what = ""
+        if chat is not None:
+            what = (
+                f" ({train_data.examples} and {heldout_data.examples} examples, {chat['packing']}ed; loss and "
+                f"perplexity on {'every token' if chat['all_tokens'] else 'the assistant tokens'})"
+            )
         print(
             f"qalora: model {lm.source} loaded in {lm.load_seconds:.1f}s; data {splits.name}: "
-            f"{len(train_blocks)} training and {len(heldout)} held-out blocks of {args.block_size} tokens"
+            f"{len(train_blocks)} training and {len(heldout)} held-out blocks of {args.block_size} tokens{what}"
         )
     ppl_dense = perplexity(
         model,
         heldout,
         batch_size=args.batch_size,
         desc="perplexity: model as loaded" if loaded_quantized else "perplexity: dense model",
+        labels=heldout_labels,
     )
     loaded_bytes = memory_bytes(model)  # parameters and buffers (quantized layers included)
     calibration = None
-    if args.quantizer == "gptq":  # GPTQ calibrates on blocks of the training data
+    if args.quantizer == "gptq" and chat is not None:  # GPTQ calibrates on blocks of the training data
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", QALoRAWarning)  # already said for the training split
+            calibration = datasets.chat_blocks(
+                tok, splits.train, args.block_size, max_blocks=args.calibration_blocks, **chat
+            ).input_ids
+    elif args.quantizer == "gptq":
         calibration = datasets.token_blocks(tok, splits.train, args.block_size, max_blocks=args.calibration_blocks)
     wrap(model, config, calibration=calibration)
     info = summary(model)
@@ -161,7 +218,9 @@ def run_finetune(args) -> dict:
     if unchanged and not config.quantize_embeddings:
         ppl_quant = ppl_dense  # zero-initialised adapters on the file's own layers: nothing changed
     else:
-        ppl_quant = perplexity(model, heldout, batch_size=args.batch_size, desc="perplexity: quantized base")
+        ppl_quant = perplexity(
+            model, heldout, batch_size=args.batch_size, desc="perplexity: quantized base", labels=heldout_labels
+        )
     result = finetune(
         model,
         train_blocks,
@@ -171,8 +230,11 @@ def run_finetune(args) -> dict:
         seed=args.seed,
         bf16=bool(getattr(args, "bf16", False)),
         force_bf16=bool(getattr(args, "force_bf16", False)),
+        labels=train_labels,
     )
-    ppl_adapted = perplexity(model, heldout, batch_size=args.batch_size, desc="perplexity: with adapters")
+    ppl_adapted = perplexity(
+        model, heldout, batch_size=args.batch_size, desc="perplexity: with adapters", labels=heldout_labels
+    )
     outputs = {
         "model_dir": os.path.join(out, "model"),
         "adapter_dir": os.path.join(out, "adapter"),
@@ -188,7 +250,9 @@ def run_finetune(args) -> dict:
         if writer:
             save_adapter(model, os.path.join(work, "adapter"))
         merge(model)
-        ppl_merged = perplexity(model, heldout, batch_size=args.batch_size, desc="perplexity: merged")
+        ppl_merged = perplexity(
+            model, heldout, batch_size=args.batch_size, desc="perplexity: merged", labels=heldout_labels
+        )
         if not writer:
             return {"outputs": outputs}
         save_pretrained(model, os.path.join(work, "model"), tokenizer=tok)
@@ -220,6 +284,16 @@ def run_finetune(args) -> dict:
             "learning_rate": args.lr,
             "bf16_autocast": result.bf16,
             "heldout_blocks": len(heldout),
+            "chat": None
+            if chat is None
+            else {
+                "packing": chat["packing"],
+                "loss_tokens": "all" if chat["all_tokens"] else "assistant",
+                "training_examples": train_data.examples,
+                "heldout_examples": heldout_data.examples,
+                "truncated_examples": train_data.truncated + heldout_data.truncated,
+                "chat_template": bool(datasets.has_chat_template(tok)),
+            },
             "loaded_quantized": loaded_quantized,
             "layer_layouts": layer_layouts(model),
             "prompt_hint": prompt_hint(splits.heldout),
@@ -266,7 +340,8 @@ def run_finetune(args) -> dict:
 
 def run_eval(args) -> float:
     """Perplexity on the text asked for: a ``--data`` file whole (or ``--heldout``'s), and
-    without either the bundled data's held-out split (what finetune evaluates)."""
+    without either the bundled data's held-out split (what finetune evaluates). Chat data is
+    scored as finetune scores it by default: packed, on the assistant's tokens."""
     if args.heldout:
         texts, name = datasets.read_texts(args.heldout), args.heldout
     elif args.data not in (None, datasets.BUNDLED):
@@ -275,6 +350,9 @@ def run_eval(args) -> float:
         texts, name = datasets.load_dataset(None).heldout, datasets.BUNDLED
     lm = distributed.main_process_first(lambda: load_model(args.model))
     check_block_size(lm.model, args.block_size)
+    if datasets.is_chat(texts):
+        blocks = datasets.chat_blocks(lm.tokenizer, texts, args.block_size, max_blocks=args.eval_blocks)
+        return perplexity(lm.model, blocks.input_ids, batch_size=args.batch_size, labels=blocks.labels)
     try:
         heldout = datasets.token_blocks(lm.tokenizer, texts, args.block_size, max_blocks=args.eval_blocks)
     except DataError as e:

@@ -156,6 +156,15 @@ def merge_note(r: dict) -> str:
     return text
 
 
+def chat_line(chat: dict) -> str:
+    basis = "every token" if chat["loss_tokens"] == "all" else "the assistant's tokens only"
+    cut = f", {chat['truncated_examples']} cut to the block size" if chat.get("truncated_examples") else ""
+    return (
+        f"- chat data: {chat['training_examples']} training and {chat['heldout_examples']} held-out examples, "
+        f"{chat['packing']}ed{cut}; loss and perplexity on {basis}"
+    )
+
+
 def report_markdown(r: dict) -> str:
     p = r["heldout_perplexity"]
     mib = 1 << 20
@@ -185,6 +194,7 @@ def report_markdown(r: dict) -> str:
         f"- time per step: {r['seconds_per_step']:.2f} s ({r['machine']['cpus']} CPUs, {r['machine']['torch_threads']} torch threads)",
         f"- final training loss: {r['final_loss']:.3f}",
         *([f"- GGUF: {r['gguf']['summary']}"] if r.get("gguf") else []),
+        *([chat_line(r["chat"])] if r.get("chat") else []),
     ]
     if r.get("skipped_layers"):
         lines.append(f"- layers left dense as indivisible by the group size: {', '.join(r['skipped_layers'])}")

@@ -13,8 +13,13 @@ Per tensor (in the order of the source file when the model came from one):
   ``other_type`` (Q8_0 or F16), with its measured error in the report;
 * norms and biases: F32.
 
-Metadata: from the source GGUF (all of it, tokenizer included) when there is one; otherwise
-from the Hugging Face config and the given tokenizer (see :mod:`.gguf_vocab`).
+Metadata: from the source GGUF (all of it, tokenizer included) when there is one, but for the
+chat template, which is the given tokenizer's when it has one (``tokenizer.chat_template``: a
+template set to train chat data travels into the file); otherwise from the Hugging Face config
+and the given tokenizer (see :mod:`.gguf_vocab`): its chat template, BOS / EOS / padding ids,
+and as ``tokenizer.ggml.eot_token_id`` a stop token of the generation config other than EOS.
+llama.cpp, Ollama (which reads the template from the file) and LM Studio format chats and
+stop with these.
 """
 
 from __future__ import annotations
@@ -413,7 +418,38 @@ def _metadata_from_config(
             KeyValue(f"{a}.attention.value_length", UINT32, head_dim),
         ]
     kv.append(KeyValue("general.quantization_version", UINT32, 2))
-    return kv + tokenizer_metadata(tokenizer, n_vocab, pre_tokenizer)
+    return kv + tokenizer_metadata(tokenizer, n_vocab, pre_tokenizer) + _end_of_turn(model, tokenizer, n_vocab)
+
+
+CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
+EOT_KEY = "tokenizer.ggml.eot_token_id"
+
+
+def _with_chat_template(metadata: list[KeyValue], tokenizer) -> list[KeyValue]:
+    """The source's metadata with the given tokenizer's chat template, where it has one the
+    source lacks or holds differently (a template set on the tokenizer to train chat data
+    travels into the file; the same template leaves the metadata, and the file, as they were)."""
+    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    if not isinstance(template, str) or not template:
+        return metadata
+    entry = KeyValue(CHAT_TEMPLATE_KEY, STRING, template)
+    for i, kv in enumerate(metadata):
+        if kv.key == CHAT_TEMPLATE_KEY:
+            return metadata if kv.value == template else [*metadata[:i], entry, *metadata[i + 1 :]]
+    return [*metadata, entry]
+
+
+def _end_of_turn(model: nn.Module, tokenizer, n_vocab: int) -> list[KeyValue]:
+    """``tokenizer.ggml.eot_token_id``: a stop token of the model's generation config other
+    than the tokenizer's EOS (e.g. an end-of-turn token a chat template closes turns with),
+    so llama.cpp stops there too."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [ids] if isinstance(ids, int) else list(ids) if isinstance(ids, (list, tuple)) else []
+    eos = getattr(tokenizer, "eos_token_id", None)
+    for tid in ids:
+        if isinstance(tid, int) and not isinstance(tid, bool) and 0 <= tid < n_vocab and tid != eos:
+            return [KeyValue(EOT_KEY, UINT32, tid)]
+    return []
 
 
 # --------------------------------------------------------------------------- export
@@ -469,7 +505,7 @@ def _prepare(model: nn.Module, tokenizer, source, pre_tokenizer):
         raise FormatError("the model has no token embedding (token_embd.weight)")
     n_vocab = embed.shape[1]
     metadata = (
-        _metadata_from_source(header)
+        _with_chat_template(_metadata_from_source(header), tokenizer)
         if header is not None
         else _metadata_from_config(model, arch, tokenizer, n_vocab, pre_tokenizer)
     )
@@ -506,7 +542,8 @@ def export_gguf(
             not), or a Hugging Face llama-family / Qwen2 model (e.g. wrapped and merged).
         path: the ``.gguf`` file to write.
         tokenizer: the model's tokenizer, needed when the model did not come from a GGUF
-            file (whose tokenizer metadata is copied otherwise).
+            file (whose tokenizer metadata is copied otherwise; a chat template on this
+            tokenizer replaces the file's, or is added where the file has none).
         other_type: "q8_0" (default) or "f16": how weights that Q4_1 / Q5_1 cannot hold
             exactly are written.
         source: a GGUF file to take metadata and unchanged tensors from (default: the file
