@@ -316,10 +316,12 @@ def test_finetune_on_chat_data_keeps_the_template_and_scores_assistant_tokens(tm
     assert main(["eval", "--model", str(out / "model"), "--data", heldout, "--block-size", "64"]) == 0
     ppl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["heldout_perplexity"]
     assert ppl == pytest.approx(report["heldout_perplexity"]["qalora_merged"], rel=1e-5)
-    # Padding and every-token training change what is trained and scored.
+    # Padding and every-token training change what is trained and scored (on a GPTQ base here).
     out2 = tmp_path / "run2"
-    assert main(finetune_args(model_dir, data, out2, "--packing", "pad", "--train-on-all-tokens")) == 0
+    extra = ("--packing", "pad", "--train-on-all-tokens", "--quantizer", "gptq", "--calibration-blocks", "4")
+    assert main(finetune_args(model_dir, data, out2, *extra)) == 0  # GPTQ calibrates on the chat blocks
     report2 = json.loads((out2 / "report.json").read_text())
+    assert report2["config"]["quantizer"] == "gptq"
     assert (report2["chat"]["packing"], report2["chat"]["loss_tokens"]) == ("pad", "all")
     assert report2["chat"]["training_examples"] == 6  # one example per block, steps x batch size blocks
     assert report2["heldout_perplexity"]["dense_fp32"] != pytest.approx(report["heldout_perplexity"]["dense_fp32"])
@@ -394,3 +396,32 @@ def test_warnings_name_the_split(tmp_path):
         "(a larger block size, --block-size, keeps them whole); 1 examples kept no trained token and were left out"
     ]
     assert train_blocks.examples == 3 and heldout.examples == 2
+
+
+# --------------------------------------------------------------------------- the bundled SmolLM2
+
+
+def bundled_tokenizer():
+    import os
+
+    import transformers
+    from qalora.loaders import bundled_gguf_path
+
+    try:
+        path = bundled_gguf_path()
+    except qalora.ModelLoadError as e:  # pragma: no cover - depends on the machine
+        pytest.skip(str(e))
+    pytest.importorskip("gguf")
+    return transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+
+
+def test_bundled_smollm2_template_trains_the_reply_and_its_end_of_turn():
+    tok = bundled_tokenizer()
+    assert datasets.has_chat_template(tok) and tok.eos_token == "<|im_end|>"
+    c = datasets.Conversation(
+        ({"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}), "t:1"
+    )
+    ids, mask = datasets.encode_record(tok, c)
+    assert tok.decode(ids) == tok.apply_chat_template(list(c.messages), tokenize=False)
+    assert "You are a helpful AI assistant" in tok.decode(ids)  # the template's default system turn: context
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Paris.<|im_end|>\n"
