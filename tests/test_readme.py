@@ -13,22 +13,31 @@ import pytest
 README = pathlib.Path(__file__).parent.parent / "README.md"
 
 
-def quick_start_code() -> str:
+def section_code(heading: str) -> str:
+    """The first python block after ``heading`` in the README."""
     text = README.read_text()
-    section = text.split("## Quick start", 1)[1]
+    section = text.split(heading + "\n", 1)[1]
     match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, "README's Quick start has no python block"
+    assert match, f"README's {heading!r} has no python block"
     return match.group(1)
 
 
-def test_readme_quick_start_runs(tmp_path):
-    pytest.importorskip("transformers")
+def quick_start_code() -> str:
+    return section_code("## Quick start")
+
+
+def _bundled_model_or_skip():
     try:
         from qalora.loaders import bundled_gguf_path
 
         bundled_gguf_path()
     except Exception as e:  # pragma: no cover - depends on the machine
         pytest.skip(str(e))
+
+
+def test_readme_quick_start_runs(tmp_path):
+    pytest.importorskip("transformers")
+    _bundled_model_or_skip()
     env = dict(os.environ, QALORA_NO_PROGRESS="1")
     r = subprocess.run(
         [sys.executable, "-c", quick_start_code()], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=1200
@@ -51,3 +60,29 @@ def test_readme_quick_start_runs(tmp_path):
         timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_readme_trl_example_runs(tmp_path):
+    """The README's "Training with TRL" as written, with 2 training steps instead of 30 (each
+    takes tens of CPU-seconds on two cores)."""
+    pytest.importorskip("trl")
+    _bundled_model_or_skip()
+    code = section_code("### Training with TRL")
+    assert code.count("max_steps=30") == 1
+    env = dict(os.environ, QALORA_NO_PROGRESS="1")
+    r = subprocess.run(
+        [sys.executable, "-c", code.replace("max_steps=30", "max_steps=2")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "sft-qalora-4bit.gguf" in r.stdout and "Q4_1" in r.stdout, r.stdout
+    import qalora
+    from qalora.targets import quantized_layers
+
+    model = qalora.from_pretrained(tmp_path / "sft-qalora-4bit")
+    assert not list(quantized_layers(model, qalora.QALoRALinear))  # saved merged
+    assert len(list(quantized_layers(model))) == 210

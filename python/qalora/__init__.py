@@ -50,6 +50,7 @@ _LAZY = {
     "wrap": "wrapping",
     "merge": "wrapping",
     "merge_requantize": "wrapping",
+    "param_groups": "wrapping",
     "summary": "wrapping",
     "memory_bytes": "wrapping",
     "set_activations": "wrapping",

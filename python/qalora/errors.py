@@ -23,6 +23,7 @@ __all__ = [
     "InvalidValueError",
     "MergeError",
     "ModelLoadError",
+    "NoDenseWeightError",
     "NoTargetModulesError",
     "OutputError",
     "QALoRAError",
@@ -78,6 +79,12 @@ class AdapterMismatchError(QALoRAError, ValueError):
 
 class MergeError(QALoRAError, ValueError):
     """An adapter cannot be merged exactly (a dense LoRA adapter: use ``merge_requantize``)."""
+
+
+class NoDenseWeightError(QALoRAError, AttributeError):
+    """Code read ``.weight`` off a quantized layer (``QuantLinear``, ``QuantEmbedding``) or an
+    adapted one (``QALoRALinear``), which hold no dense weight matrix. Also an
+    ``AttributeError``, so ``hasattr(layer, "weight")`` stays False."""
 
 
 class CheckpointError(QALoRAError, ValueError):

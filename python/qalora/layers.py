@@ -18,10 +18,38 @@ from torch import nn
 from . import _core, ops
 from ._dispatch import SMALL_BATCH_ROWS as SMALL_BATCH_ROWS  # the small-batch threshold, kept importable here
 from ._dispatch import tiled_route_applies
-from .errors import GroupSizeError, InvalidValueError, MergeError, ShapeError
+from .errors import GroupSizeError, InvalidValueError, MergeError, NoDenseWeightError, ShapeError
 
 #: How a quantized layer can multiply small CPU batches (see :func:`qalora.ops.qmatmul`).
 ACTIVATION_MODES = ("exact", "int8", "bf16")
+
+
+def _no_dense_weight(module: nn.Module) -> NoDenseWeightError:
+    """The error for code that reads ``module.weight`` off a layer holding no dense matrix
+    (code written for ``nn.Linear``, such as TRL's ``SFTTrainer``, whose fused LM head
+    multiplies the hidden states by ``lm_head.weight`` itself)."""
+    kind = type(module).__name__
+    if isinstance(module, QALoRALinear):
+        what = (
+            "a frozen quantized base and a trainable adapter; a product with a dense weight would leave the "
+            "adapter out (qalora.merge(model) first makes it a QuantLinear)"
+        )
+    else:
+        what = (
+            f"{module.bits}-bit codes with per-group scales and offsets (groups of {module.group_size}); "
+            "dequantize() gives the dense matrix"
+        )
+    if isinstance(module, QuantEmbedding):
+        shape = f"{module.out_features} x {module.in_features}"
+    else:
+        shape = f"{module.in_features} -> {module.out_features}"
+    return NoDenseWeightError(
+        f"this {kind} ({shape}) has no dense `weight`: it holds {what}. "
+        "Code that multiplies by `module.weight` itself cannot run such a layer. TRL's SFTTrainer does that with "
+        "the output head (its fused LM head): keep the head dense there, as qalora.wrap does by default (it is "
+        "quantized only when target_modules names it, or by quantize_embeddings=True when it is tied to the "
+        "embedding table)"
+    )
 
 
 def check_activations(mode: str) -> None:
@@ -167,6 +195,8 @@ class QuantLinear(nn.Module):
         # A tiled layer derives its canonical tensors on request (see tile_).
         if name in _CANONICAL and "tiled" in self.__dict__.get("_buffers", {}):
             return self._canonical()[_CANONICAL.index(name)]
+        if name == "weight":
+            return _weight_or_error(self)
         return super().__getattr__(name)
 
     @classmethod
@@ -221,6 +251,15 @@ class QuantLinear(nn.Module):
 
 #: The name :func:`qalora._dispatch.tiled_route_applies` had here.
 _tiled_route_applies = tiled_route_applies
+
+
+def _weight_or_error(module: nn.Module):
+    # A "weight" registered by someone else is returned; otherwise a typed error that says why
+    # there is none (an AttributeError still, so hasattr(module, "weight") is False).
+    try:
+        return nn.Module.__getattr__(module, "weight")
+    except AttributeError:
+        raise _no_dense_weight(module) from None
 
 
 def _canonical_state_dict(module: QuantLinear, state_dict: dict, prefix: str, local_metadata) -> None:
@@ -295,6 +334,11 @@ class QALoRALinear(nn.Module):
         if self.delta_scales is not None:
             s = s + s * self.delta_scales
         return s, m
+
+    def __getattr__(self, name: str):
+        if name == "weight":
+            return _weight_or_error(self)
+        return super().__getattr__(name)
 
     @property
     def in_features(self) -> int:
@@ -497,6 +541,11 @@ class QuantEmbedding(nn.Module):
         )
         self.register_buffer("scales", torch.zeros(num_embeddings, groups, dtype=scale_dtype, device=device))
         self.register_buffer("offsets", torch.zeros(num_embeddings, groups, dtype=offset_dtype, device=device))
+
+    def __getattr__(self, name: str):
+        if name == "weight":
+            return _weight_or_error(self)
+        return super().__getattr__(name)
 
     # The names a QuantLinear over the same table has (its in/out features): the GGUF
     # writer and the tied head read them.

@@ -6,6 +6,7 @@ call leaves the model exactly as it was.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -316,6 +317,27 @@ def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
                     seen.add(id(p))
                     out.append(p)
     return out
+
+
+def param_groups(model: nn.Module, lr: float) -> list[dict]:
+    """Optimizer parameter groups for a wrapped model's trainable parameters, at the learning
+    rates :func:`qalora.train.finetune` uses: trained offsets (``delta_offsets``) at ``lr``
+    times the config's ``offset_lr_scale``, trained scales at ``lr`` times ``scale_lr_scale``,
+    everything else (adapters, norms) at ``lr``. For another training loop, e.g. Hugging Face's
+    ``Trainer`` or TRL's ``SFTTrainer``, which otherwise give every parameter one rate::
+
+        trainer = SFTTrainer(model, args, ..., optimizers=(torch.optim.AdamW(qalora.param_groups(model, 2e-4)), None))
+
+    Raises:
+        ConfigError: ``lr`` is not a finite positive number, or nothing is trainable.
+    """
+    from .train import _param_groups
+
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"lr: got {lr!r}, it must be a finite positive number")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("the model has no trainable parameters; wrap it with qalora.wrap first")
+    return _param_groups(model, float(lr))
 
 
 def merge(model: nn.Module, offset_dtype: torch.dtype | None = None) -> nn.Module:
