@@ -86,3 +86,39 @@ def test_readme_trl_example_runs(tmp_path):
     model = qalora.from_pretrained(tmp_path / "sft-qalora-4bit")
     assert not list(quantized_layers(model, qalora.QALoRALinear))  # saved merged
     assert len(list(quantized_layers(model))) == 210
+
+
+def test_readme_peft_adapter_example_runs(tmp_path):
+    """The README's "PEFT QA-LoRA adapters" as written, on a tiny GPTQ checkpoint and an
+    adapter PEFT trained on it (pooling group 64 over quantization groups of 32)."""
+    pytest.importorskip("peft")
+    import qalora
+    import torch
+    from qalora.formats.gptq_checkpoint import load_gptq_model
+    from qalora.targets import quantized_layers
+    from test_gptq_format import write_hand_checkpoint
+    from test_peft_adapters import _ids, peft_qalora
+    from tiny_models import char_tokenizer
+
+    gptq = tmp_path / "Llama-3.2-1B-Instruct-GPTQ"
+    write_hand_checkpoint(gptq)
+    char_tokenizer().save_pretrained(gptq)  # a checkpoint comes with its tokenizer
+    peft_model = peft_qalora(load_gptq_model(gptq), tmp_path / "peft-qalora-adapter", pool=64)
+    code = section_code("### PEFT QA-LoRA adapters")
+    env = dict(os.environ, QALORA_NO_PROGRESS="1")
+    r = subprocess.run(
+        [sys.executable, "-c", "import qalora\n" + code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    merged = qalora.from_pretrained(tmp_path / "merged-4bit")
+    assert len(list(quantized_layers(merged))) == 14
+    assert not list(quantized_layers(merged, qalora.QALoRALinear))
+    ids = _ids(5)
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
