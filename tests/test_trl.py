@@ -15,6 +15,8 @@ What TRL 1.x asks of the model, and what these tests hold qalora to:
   ``bf16=False`` there, as these tests do except where they test autocast).
 * ``Trainer`` gives every parameter one learning rate; :func:`qalora.param_groups` gives the
   trained offsets their own (the config's ``offset_lr_scale``) through ``optimizers=``.
+* ``Trainer``'s checkpoints are the model's whole state dict (packed codes, scales, offsets,
+  adapters): a run resumes from one into a fresh wrapped model.
 """
 
 from __future__ import annotations
@@ -300,3 +302,25 @@ def test_quantized_or_adapted_head_is_refused_with_the_reason(head, tmp_path):
         sft_train(model, texts(), tmp_path, max_steps=1)
     assert isinstance(caught.value, AttributeError)
     assert ("adapter out" in str(caught.value)) == (head == "adapted")
+
+
+def test_trainer_checkpoint_resumes_into_a_fresh_wrapped_model(tmp_path):
+    """Trainer's own checkpoints (``save_strategy="steps"``) hold the whole wrapped model,
+    packed codes included: resumed into a fresh wrapped model (even one quantized from other
+    weights), the run ends where the uninterrupted run ended."""
+    kw = {"max_steps": 4, "lr_scheduler_type": "linear"}
+    whole = wrapped()
+    sft_train(whole, texts(), tmp_path, save_strategy="steps", save_steps=2, **kw)
+    assert (tmp_path / "checkpoint-2" / "model.safetensors").is_file()
+    fresh = wrapped(seed=1)
+    packed = "model.layers.0.mlp.up_proj.base_layer.packed"
+    assert not torch.equal(fresh.get_buffer(packed), whole.get_buffer(packed))
+    trainer = trl.SFTTrainer(
+        model=fresh, args=sft_config(tmp_path, **kw), train_dataset=texts(), processing_class=tokenizer()
+    )
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    for name, value in trainables(whole).items():
+        assert torch.equal(fresh.get_parameter(name), value), name
+    resumed = frozen(fresh)
+    for name, value in frozen(whole).items():
+        assert torch.equal(resumed[name], value), name
