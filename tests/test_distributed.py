@@ -99,3 +99,21 @@ def test_batch_that_does_not_split_across_processes_is_refused(tiny_dir, tmp_pat
     assert r.returncode != 0
     assert "--batch-size 3 is the global batch and must split evenly across the 2 launched processes" in r.stderr
     assert not out.exists()
+
+
+def test_a_collective_tensor_is_freed_by_its_caller():
+    """all_reduce_sum returns only when the caller holds the last reference to the tensor it
+    reduced (gloo's worker thread lets go of it just after waking the caller; freed by that
+    thread during interpreter exit, it aborted one rank of finished torchrun jobs)."""
+    import threading
+    import time
+
+    from qalora import distributed
+
+    t = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    held = [t.view(2)]  # a second owner, as the backend's finished work is
+    assert t._use_count() == 2
+    threading.Timer(0.2, held.clear).start()
+    start = time.monotonic()
+    distributed._release_here(t)
+    assert t._use_count() == 1 and time.monotonic() - start >= 0.15

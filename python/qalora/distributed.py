@@ -20,6 +20,7 @@ writes its outputs from rank 0 only.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -105,7 +106,34 @@ def all_reduce_sum(values: Sequence[float], device: torch.device | str = "cpu") 
         device = torch.device("cuda", torch.cuda.current_device())
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return t.tolist()
+    sums = t.tolist()
+    _release_here(t)
+    return sums
+
+
+#: Longest wait for a backend thread to let go of a finished collective's tensor (it takes
+#: microseconds; the bound only keeps a misbehaving backend from stalling the caller).
+_RELEASE_WAIT_S = 10.0
+
+
+def _release_here(t: torch.Tensor) -> None:
+    """Waits until this caller holds the only reference to ``t``, a tensor a collective has
+    just finished with, so that ``t`` is freed by this (Python) thread.
+
+    Gloo's worker thread drops its reference to a finished collective's tensors just after it
+    wakes the caller. A tensor that Python has seen keeps a Python object, and whichever
+    thread frees the tensor last must take the GIL to release it. When that is the worker
+    and the caller has meanwhile returned and begun interpreter shutdown (the last
+    collective of a run, then exit), the worker cannot take the GIL: Python ends the thread,
+    the C++ unwind crosses a noexcept destructor and the process aborts ("terminate called
+    without an active exception", SIGABRT, one rank of a torchrun job that had finished).
+    """
+    use_count = getattr(t, "_use_count", None)
+    if use_count is None:
+        return
+    deadline = time.monotonic() + _RELEASE_WAIT_S
+    while use_count() > 1 and time.monotonic() < deadline:
+        time.sleep(1e-4)
 
 
 def barrier() -> None:
