@@ -425,3 +425,32 @@ def test_bundled_smollm2_template_trains_the_reply_and_its_end_of_turn():
     assert tok.decode(ids) == tok.apply_chat_template(list(c.messages), tokenize=False)
     assert "You are a helpful AI assistant" in tok.decode(ids)  # the template's default system turn: context
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Paris.<|im_end|>\n"
+
+
+@pytest.mark.slow
+def test_finetuned_smollm2_chats_in_the_trained_format_through_llama_cpp(tmp_path, monkeypatch):
+    """``qalora finetune --data chat.jsonl --gguf`` on the bundled SmolLM2, then a chat with the
+    exported file through llama-cpp-python, which formats it with the GGUF's own template: the
+    reply has the format the assistant turns were trained on."""
+    bundled_tokenizer()  # skips without the bundled model
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (CI installs it)")
+    monkeypatch.setenv("QALORA_NO_PROGRESS", "1")
+    things = ["apple", "sky", "grass", "sun", "snow", "night", "river", "leaf", "coal", "milk", "rose", "sea"]
+    rows = [
+        {"messages": [{"role": "user", "content": f"{q} the {t}?"}, {"role": "assistant", "content": "BEEP BOOP."}]}
+        for q in ("What color is", "Tell me about", "Describe", "Where is")
+        for t in things
+    ]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    out = tmp_path / "run"
+    args = ["finetune", "--data", data, "--out", str(out), "--gguf", "--steps", "24", "--batch-size", "4"]
+    args += ["--block-size", "64", "--eval-blocks", "1", "--lr", "2e-3"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["heldout_perplexity"]["qalora_merged"] < 0.5 * report["heldout_perplexity"]["dense_fp32"]
+    llm = llama_cpp.Llama(model_path=str(out / "model.gguf"), n_ctx=256, n_threads=2, seed=0, verbose=False)
+    reply = llm.create_chat_completion(
+        [{"role": "user", "content": "What color is a banana?"}], max_tokens=16, temperature=0.0
+    )["choices"][0]
+    assert reply["message"]["content"].strip() == "BEEP BOOP."
+    assert reply["finish_reason"] == "stop"  # it learned to end its turn
