@@ -443,8 +443,8 @@ def test_finetuned_smollm2_chats_in_the_trained_format_through_llama_cpp(tmp_pat
     ]
     data = write_jsonl(tmp_path / "chat.jsonl", rows)
     out = tmp_path / "run"
-    args = ["finetune", "--data", data, "--out", str(out), "--gguf", "--steps", "24", "--batch-size", "4"]
-    args += ["--block-size", "64", "--eval-blocks", "1", "--lr", "2e-3"]
+    args = ["finetune", "--data", data, "--out", str(out), "--gguf", "--steps", "14", "--batch-size", "4"]
+    args += ["--block-size", "48", "--packing", "pad", "--eval-blocks", "1", "--lr", "3e-3"]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["heldout_perplexity"]["qalora_merged"] < 0.5 * report["heldout_perplexity"]["dense_fp32"]
