@@ -407,7 +407,7 @@ def judge(case: gm.Case, record: dict) -> str:
     return outcome
 
 
-def test_fuzz_every_mutant_is_refused_by_name_or_loads_correctly(base, parsed, tmp_path):
+def test_fuzz_every_mutant_is_refused_by_name_or_loads_correctly(base, parsed, tmp_path, report_counts):
     blob = base.read_bytes()
     cases = (
         gm.catalogue(parsed)
@@ -421,8 +421,8 @@ def test_fuzz_every_mutant_is_refused_by_name_or_loads_correctly(base, parsed, t
     counts = Counter(verdicts.values())
     slowest = max(results.values(), key=lambda r: r.get("seconds", 0))
     designed = sum(1 for c in cases if c.expect != "either")
-    print(
-        f"\nGGUF fuzz: {len(cases)} cases ({designed} designed, {len(cases) - designed} random), "
+    report_counts(
+        f"GGUF fuzz: {len(cases)} cases ({designed} designed, {len(cases) - designed} random), "
         f"{counts['typed']} typed errors, {counts['loaded']} correct loads; "
         f"other: {dict((k, v) for k, v in counts.items() if k not in ('typed', 'loaded')) or 'none'}; "
         f"slowest case {slowest['case']} {slowest.get('seconds', '?')} s, "
@@ -430,7 +430,9 @@ def test_fuzz_every_mutant_is_refused_by_name_or_loads_correctly(base, parsed, t
     )
     errors = Counter(r.get("error") for r in results.values() if r["outcome"] == "typed")
     fallback = [r["case"] for r in results.values() if "transformers could not read" in r.get("message", "")]
-    print(f"GGUF fuzz: typed errors by class: {dict(errors)}; caught only as transformers failed: {len(fallback)}")
+    report_counts(
+        f"GGUF fuzz: typed errors by class: {dict(errors)}; caught only as transformers failed: {len(fallback)}"
+    )
     bad = {name: (verdict, results[name]) for name, verdict in verdicts.items() if verdict not in ("typed", "loaded")}
     assert not bad, json.dumps(bad, indent=1)[:4000]
     assert counts["typed"] + counts["loaded"] == len(cases)

@@ -955,7 +955,7 @@ def run_worker(cases_file: Path, n: int) -> dict[int, str]:
 
 
 @pytest.mark.slow
-def test_mutated_directories_load_or_raise_a_typed_error(pristine, tmp_path):
+def test_mutated_directories_load_or_raise_a_typed_error(pristine, tmp_path, report_counts):
     rng = random.Random(22)
     cases = []
     for i in range(CASES):
@@ -969,7 +969,9 @@ def test_mutated_directories_load_or_raise_a_typed_error(pristine, tmp_path):
     for i, case in enumerate(cases):
         kind_counts = counts.setdefault(case["kind"], {})
         kind_counts[outcomes[i]] = kind_counts.get(outcomes[i], 0) + 1
-    print(f"\nhostile directories: {len(cases)} cases in {time.perf_counter() - start:.0f} s: {json.dumps(counts)}")
+    report_counts(
+        f"hostile directories: {len(cases)} cases in {time.perf_counter() - start:.0f} s: {json.dumps(counts)}"
+    )
     bad = [
         (case["kind"], case["mutation"], outcomes[i]) for i, case in enumerate(cases) if outcomes[i].startswith("bad")
     ]

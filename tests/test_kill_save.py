@@ -149,7 +149,7 @@ def two_checkpoints(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["model", "adapter"])
-def test_killed_saves_leave_old_or_new(tmp_path, kind):
+def test_killed_saves_leave_old_or_new(tmp_path, kind, report_counts):
     src_a, src_b = two_checkpoints(tmp_path)
     area = tmp_path / "area"
     area.mkdir()
@@ -163,8 +163,8 @@ def test_killed_saves_leave_old_or_new(tmp_path, kind):
     )
     assert r.returncode == 0, r.stderr[-4000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    print(
-        f"\nkill test ({kind}): {result['trials']} trials, kill window {result['window_s'] * 1e3:.0f} ms: {result['counts']}"
+    report_counts(
+        f"kill test ({kind}): {result['trials']} trials, kill window {result['window_s'] * 1e3:.0f} ms: {result['counts']}"
     )
     assert result["bad"] == []
     assert sum(result["counts"].values()) == TRIALS
