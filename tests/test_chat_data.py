@@ -322,6 +322,7 @@ def test_finetune_on_chat_data_keeps_the_template_and_scores_assistant_tokens(tm
     assert main(finetune_args(model_dir, data, out2, *extra)) == 0  # GPTQ calibrates on the chat blocks
     report2 = json.loads((out2 / "report.json").read_text())
     assert report2["config"]["quantizer"] == "gptq"
+    assert "examples, one per block, padded; loss and perplexity on every token" in (out2 / "report.md").read_text()
     assert (report2["chat"]["packing"], report2["chat"]["loss_tokens"]) == ("pad", "all")
     assert report2["chat"]["training_examples"] == 6  # one example per block, steps x batch size blocks
     assert report2["heldout_perplexity"]["dense_fp32"] != pytest.approx(report["heldout_perplexity"]["dense_fp32"])

@@ -187,7 +187,7 @@ def run_finetune(args) -> dict:
         what = ""
         if chat is not None:
             what = (
-                f" ({train_data.examples} and {heldout_data.examples} examples, {chat['packing']}ed; loss and "
+                f" ({train_data.examples} and {heldout_data.examples} examples, {'packed' if chat['packing'] == 'pack' else 'padded'}; loss and "
                 f"perplexity on {'every token' if chat['all_tokens'] else 'the assistant tokens'})"
             )
         print(

@@ -161,7 +161,7 @@ def chat_line(chat: dict) -> str:
     cut = f", {chat['truncated_examples']} cut to the block size" if chat.get("truncated_examples") else ""
     return (
         f"- chat data: {chat['training_examples']} training and {chat['heldout_examples']} held-out examples, "
-        f"{chat['packing']}ed{cut}; loss and perplexity on {basis}"
+        f"{'packed' if chat['packing'] == 'pack' else 'one per block, padded'}{cut}; loss and perplexity on {basis}"
     )
 
 
