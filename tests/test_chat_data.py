@@ -324,7 +324,8 @@ def test_finetune_on_chat_data_keeps_the_template_and_scores_assistant_tokens(tm
     assert report2["config"]["quantizer"] == "gptq"
     assert "examples, one per block, padded; loss and perplexity on every token" in (out2 / "report.md").read_text()
     assert (report2["chat"]["packing"], report2["chat"]["loss_tokens"]) == ("pad", "all")
-    assert report2["chat"]["training_examples"] == 6  # one example per block, steps x batch size blocks
+    steps, batch = report2["steps"], report2["batch_size"]  # QALORA_SMOKE caps the steps
+    assert report2["chat"]["training_examples"] == steps * batch  # one example per block, steps x batch blocks
     assert report2["heldout_perplexity"]["dense_fp32"] != pytest.approx(report["heldout_perplexity"]["dense_fp32"])
 
 
@@ -436,6 +437,7 @@ def test_finetuned_smollm2_chats_in_the_trained_format_through_llama_cpp(tmp_pat
     bundled_tokenizer()  # skips without the bundled model
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (CI installs it)")
     monkeypatch.setenv("QALORA_NO_PROGRESS", "1")
+    monkeypatch.delenv("QALORA_SMOKE", raising=False)  # the behaviour needs its 14 steps, in CI too
     things = ["apple", "sky", "grass", "sun", "snow", "night", "river", "leaf", "coal", "milk", "rose", "sea"]
     rows = [
         {"messages": [{"role": "user", "content": f"{q} the {t}?"}, {"role": "assistant", "content": "BEEP BOOP."}]}
