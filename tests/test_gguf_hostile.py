@@ -20,7 +20,6 @@ import selectors
 import struct
 import subprocess
 import sys
-import time
 from collections import Counter
 
 import numpy as np
@@ -39,8 +38,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 A = "llama"
 #: Seconds a case may take in the fuzz run before it counts as a hang.
 PER_CASE_S = 60.0
-#: Seconds a refusal made from the header may take (validation is milliseconds).
-FAST_S = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -71,17 +68,13 @@ def variant(parsed, tmp_path, name, edit) -> str:
     return str(path)
 
 
-def refused(path, *fragments, within=FAST_S, error=qalora.FormatError, **kw) -> str:
-    start = time.perf_counter()
+def refused(path, *fragments, error=qalora.FormatError, **kw) -> str:
     with pytest.raises(error) as info:
         qalora.load_gguf(path, show_progress=False, **kw)
-    took = time.perf_counter() - start
     message = str(info.value)
     assert str(path) in message, message  # names the file
     for fragment in fragments:
         assert fragment in message, message
-    if within is not None:
-        assert took < within, f"refused after {took:.2f} s: {message}"
     return message
 
 
@@ -168,7 +161,7 @@ def test_two_million_empty_strings_stay_bounded(parsed, tmp_path, cache):
     junk = variant(parsed, tmp_path, "junk", lambda p: p.set("general.junk", gm.ARRAY, many))
     refused(junk, "'general.junk' has 2000000 array elements; at most 65536")
     tokens = variant(parsed, tmp_path, "tokens", lambda p: p.set("tokenizer.ggml.tokens", gm.ARRAY, many))
-    refused(tokens, "2000000 tokens but token_embd.weight has 272 rows", within=5.0)
+    refused(tokens, "2000000 tokens but token_embd.weight has 272 rows")
     lies = variant(
         parsed, tmp_path, "lies", lambda p: p.set("general.x", gm.ARRAY, gm.Raw(struct.pack("<IQ", 4, 1 << 60)))
     )
@@ -192,13 +185,13 @@ def test_nonfinite_dense_tensors(parsed, tmp_path, cache):
     }
     for name, (tensor, dtype, index, value, kind) in cases.items():
         path = variant(parsed, tmp_path, name, lambda p, a=(tensor, dtype, index, value): gm._poke(p, *a))
-        refused(path, f"tensor {tensor!r} {kind} holds a non-finite value", "allow_nonfinite=True", within=None)
+        refused(path, f"tensor {tensor!r} {kind} holds a non-finite value", "allow_nonfinite=True")
     # on request they load (and give what they hold)
     model = qalora.load_gguf(str(tmp_path / "norm_nan.gguf"), allow_nonfinite=True).model
     assert torch.isnan(model.model.layers[0].input_layernorm.weight[5])
     # a float32 value that overflows the float16 the model is loaded in
     big = variant(parsed, tmp_path, "big", lambda p: gm._poke(p, "output_norm.weight", np.float32, 3, 1e6))
-    refused(big, "output_norm.weight", "(inf as float16)", within=None, dtype=torch.float16)
+    refused(big, "output_norm.weight", "(inf as float16)", dtype=torch.float16)
     qalora.load_gguf(big)  # float32 holds it
     assert [e.rsplit("-", 1)[0] for e in entries(cache)] == ["big", "norm_nan"]  # the refusals left nothing
 
@@ -313,7 +306,7 @@ def test_replaced_file_gets_its_own_config(parsed, tmp_path, cache):
 def test_refused_files_leave_no_cache_entry(parsed, tmp_path, cache):
     # refused after transformers parsed the header (the tensors are read last)
     nan = variant(parsed, tmp_path, "nan", lambda p: gm._poke(p, "blk.0.attn_norm.weight", np.float32, 0, np.nan))
-    refused(nan, "non-finite", within=None)
+    refused(nan, "non-finite")
     assert entries(cache) == []
     refused(variant(parsed, tmp_path, "eps", lambda p: p.set(f"{A}.rope.freq_base", gm.FLOAT32, 0.0)), "freq_base")
     assert entries(cache) == []
@@ -328,9 +321,7 @@ def test_real_files_pass_the_checks_quickly():
         path = bundled_gguf_path()
     except Exception:
         pytest.skip("the bundled SmolLM2 GGUF is not installed")
-    start = time.perf_counter()
     shape = gguf_validate.validate(read_header(path))
-    assert time.perf_counter() - start < 5.0
     assert (shape.n_layers, shape.hidden, shape.n_head, shape.n_head_kv, shape.n_vocab) == (30, 576, 9, 3, 49152)
 
 
@@ -437,12 +428,3 @@ def test_fuzz_every_mutant_is_refused_by_name_or_loads_correctly(base, parsed, t
     assert not bad, json.dumps(bad, indent=1)[:4000]
     assert counts["typed"] + counts["loaded"] == len(cases)
     assert not [name for name in fallback if name in {c.name for c in cases if c.expect != "either"}]
-    # refusals made from the header are quick (the 16 MB file of empty strings is not small)
-    slow = {
-        c.name: results[c.name]["seconds"]
-        for c in cases
-        if c.expect == "refused"
-        and "non-finite" not in c.fragment
-        and results[c.name]["seconds"] > (5.0 if c.alone else FAST_S)
-    }
-    assert not slow, slow
