@@ -5,6 +5,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+from contextlib import contextmanager
+
+
+@contextmanager
+def deadline(seconds: int = 20):
+    """Fails the test instead of hanging it (a FIFO opened for reading blocks forever, a
+    hostile file must not make a load loop): a TimeoutError after ``seconds``."""
+
+    def fail(*_):
+        raise TimeoutError(f"took more than {seconds} s: the loader blocked or looped")
+
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def resign(directory, config_name: str = "qalora_config.json") -> None:

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import struct
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import qalora
 import torch
-from ckpt_tools import resign
+from ckpt_tools import deadline, resign
 from qalora import QALoRAConfig
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -62,20 +60,6 @@ def _cleanup():
     yield
     if "root" in _PRISTINE:
         shutil.rmtree(_PRISTINE.pop("root"), ignore_errors=True)
-
-
-@contextmanager
-def deadline(seconds=30):
-    def fail(*_):
-        raise TimeoutError("a load took more than 30 s")
-
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def byte_damage():
@@ -159,7 +143,7 @@ def load_adapter(directory: Path):
 
 def expect_checkpoint_error_or_success(load, directory: Path) -> None:
     allowed = (qalora.CheckpointError, qalora.AdapterMismatchError) if load is load_adapter else qalora.CheckpointError
-    with deadline():
+    with deadline(30):
         try:
             load(directory)
         except allowed:

@@ -8,14 +8,12 @@ import json
 import math
 import os
 import shutil
-import signal
 import struct
-from contextlib import contextmanager
 
 import pytest
 import qalora
 import torch
-from ckpt_tools import resign
+from ckpt_tools import deadline, resign
 from qalora import QALoRAConfig
 from qalora.ops import SUPPORTED_BITS
 from safetensors.torch import load_file, save_file
@@ -24,22 +22,6 @@ from tiny_models import tiny_llama
 transformers = pytest.importorskip("transformers")
 
 LAYER = "model.layers.0.self_attn.q_proj"
-
-
-@contextmanager
-def deadline(seconds=20):
-    """Fails the test instead of hanging it (a FIFO opened for reading blocks forever)."""
-
-    def fail(*_):
-        raise TimeoutError(f"took more than {seconds} s: the loader blocked")
-
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture(scope="module")
