@@ -31,6 +31,10 @@ _SCALE_FIELDS = {
 }
 # Q4_1 / Q5_1 minimum field: centre the weights around zero.
 _MIN_FIELD = {"Q4_1": (2, 8.0), "Q5_1": (2, 16.0)}
+# K-quant sub-block scale/min bytes set to their top value in every super-block, as ggml's
+# quantizers leave them (the largest sub-scale and sub-min of a block are 63, for Q2_K 15):
+# byte -> bits OR-ed in.
+_K_TOP = {"Q4_K": ((4, 63), (8, 63)), "Q5_K": ((4, 63), (8, 63)), "Q2_K": ((0, 0xFF),)}
 
 
 #: One type per role covering every K-quant and legacy type the importer reads.
@@ -158,6 +162,8 @@ def _tensor_bytes(rng: np.random.Generator, name: str, ne: tuple, type_name: str
     d = rng.uniform(lo, hi, size=blocks.shape[0]).astype(np.float16)
     for at in fields:
         blocks[:, at : at + 2] = d.view(np.uint8).reshape(-1, 2)
+    for at, bits in _K_TOP.get(type_name, ()):
+        blocks[:, at] |= np.uint8(bits)
     if type_name in _MIN_FIELD:
         at, half = _MIN_FIELD[type_name]
         m = (-half * d.astype(np.float32)).astype(np.float16)

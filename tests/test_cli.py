@@ -303,7 +303,7 @@ def test_compare_trains_every_method_and_flags_what_deploys_exactly(tiny_dir, tm
         assert (merged["deployed"], merged["exact"]) == (True, True)
         assert merged["heldout_ppl"] == pytest.approx(before["heldout_ppl"], rel=0.01)
         assert 4 < merged["bits_per_weight"] < 4 + 2 * 32 / 16 + 1e-6  # codes + float16 scale/offset per 16
-        assert set(merged["merge_rounding"]) == {"scale", "scale_layer", "offset", "offset_layer"}
+        assert set(merged["merge_rounding"]) == {"scale", "scale_layer", "offset", "offset_layer", "grid_layers"}
         assert len(result["losses"][f"4-bit g16 GPTQ {method}"]) == result["steps"]  # 2 under QALORA_SMOKE
     for rq in ("RTN", "GPTQ"):
         row = rows[f"dense LoRA, merged + re-quantized with {rq}"]

@@ -4,13 +4,14 @@ follow each layer's groups, and the export writes what the model computes with."
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
 import pytest
 import qalora
 import torch
-from qalora.formats import gguf_arch, gguf_blocks
+from qalora.formats import gguf_arch, gguf_blocks, gguf_export
 from qalora.formats.gguf_file import TensorReader, read_header
 from qalora.targets import quantized_layers
 from torch import nn
@@ -209,7 +210,21 @@ def test_wrap_adapts_imported_layers_in_their_own_groups(mixed, legacy):
     path, _ = mixed
     model = qalora.load_gguf(path).model
     before = {n: (m.packed.clone(), m.bits, m.group_size) for n, m in quantized_layers(model)}
-    qalora.wrap(model, qalora.QALoRAConfig(bits=4, group_size=64, rank=4))
+    # By default, layers of a type whose offset is fixed by its scale (Q3_K, Q6_K, Q8_0) get
+    # no adapter (an exact export could not hold their merged offsets), with a warning.
+    default = qalora.load_gguf(path).model
+    with pytest.warns(qalora.QALoRAWarning, match="Q3_K/Q6_K/Q8_0.*fixed_offset_layers"):
+        qalora.wrap(default, qalora.QALoRAConfig(rank=4))
+    layers = default.model.layers[0]
+    assert isinstance(layers.self_attn.q_proj, qalora.QuantLinear)  # Q3_K
+    assert isinstance(layers.self_attn.v_proj, qalora.QuantLinear)  # Q6_K
+    assert isinstance(layers.mlp.up_proj, qalora.QuantLinear)  # Q8_0
+    for adapted in (layers.self_attn.k_proj, layers.mlp.gate_proj, layers.mlp.down_proj):  # Q2_K, Q4_K, Q5_0
+        assert isinstance(adapted, qalora.QALoRALinear)
+    only_fixed = qalora.load_gguf(path).model
+    with pytest.raises(qalora.NoTargetModulesError, match="fixed_offset_layers"):
+        qalora.wrap(only_fixed, qalora.QALoRAConfig(rank=4, target_modules=["q_proj", "v_proj"]))
+    qalora.wrap(model, qalora.QALoRAConfig(bits=4, group_size=64, rank=4, fixed_offset_layers="adapt"))
     for name, layer in quantized_layers(model, qalora.QALoRALinear):
         packed, bits, g = before[name]
         assert layer.base_layer.bits == bits and layer.base_layer.group_size == g  # not re-quantized
@@ -293,21 +308,66 @@ def test_export_merged_model_legacy_types(legacy, tmp_path):
 def test_export_kquant_model_reports_rounding_and_conversions(mixed, tmp_path):
     path, _ = mixed
     model = qalora.load_gguf(path).model
-    qalora.wrap(model, qalora.QALoRAConfig(rank=4))
-    random_update(model)
+    torch.manual_seed(0)  # lora_A's initialization
+    qalora.wrap(model, qalora.QALoRAConfig(rank=4, fixed_offset_layers="adapt"))
+    random_update(model, std=0.002)
+    unmerged = copy.deepcopy(model)
     qalora.merge(model)
-    report, back = export_then_import(model, tmp_path / "k.gguf", other_type="f16")
+    # Written from the unmerged model (as it would be merged): the fit happens in the export.
+    report, back = export_then_import(unmerged, tmp_path / "k.gguf", other_type="f16")
     by_name = {t.name: t for t in report.tensors}
-    gate = by_name["blk.0.ffn_gate.weight"]  # Q4_K: float32 d*sc rounded to float16
-    assert gate.type == "Q4_1" and gate.how == "rounded" and 0 < gate.param_rel_change <= 2.0**-11
-    q6 = by_name["blk.0.attn_v.weight"]  # Q6_K: 6-bit codes in groups of 16
+    # Q2_K / Q4_K / Q5_K layers go back to their own type: codes as they are, the merged
+    # offsets fitted onto the grid of float16 dmin times 6-bit (Q2_K: 4-bit) integers.
+    for name, kind, module in (
+        ("blk.0.attn_k.weight", "Q2_K", "self_attn.k_proj"),
+        ("blk.0.attn_output.weight", "Q5_K", "self_attn.o_proj"),
+        ("blk.0.ffn_gate.weight", "Q4_K", "mlp.gate_proj"),
+    ):
+        t = by_name[name]
+        assert (t.type, t.how) == (kind, "fitted"), name
+        assert 0 < t.rel_error < (0.05 if kind == "Q2_K" else 5e-3), (name, t.rel_error)
+        assert 0 < t.offset_change_steps < 100, (name, t.offset_change_steps)  # bounded: test_gguf_blocks
+        # what was written is what the report describes, and the codes did not change
+        la = unmerged.get_submodule(f"model.layers.0.{module}").merged()
+        lb = back.get_submodule(f"model.layers.0.{module}")
+        assert torch.equal(lb.packed, la.packed)
+        wa, wb = la.dequantize().double(), lb.dequantize().double()
+        assert abs(((wb - wa).norm() / wa.norm()).item() - t.rel_error) < 1e-6
+        assert abs((wb - wa).abs().max().item() - t.max_abs_error) < 1e-9
+        # qalora.merge stores the same fit: the merged model is the file
+        lm = model.get_submodule(f"model.layers.0.{module}")
+        assert torch.equal(lm.scales, lb.scales) and torch.equal(lm.offsets, lb.offsets)
+    q6 = by_name["blk.0.attn_v.weight"]  # Q6_K: 6-bit codes in groups of 16, offset fixed by the scale
     assert q6.type == "F16" and q6.how == "converted" and 0 < q6.rel_error < 1e-3
-    assert "largest relative change" in report.summary()
-    # what was written is what the report describes: the Q4_1 layer decodes to the rounded params
-    lb = back.model.layers[0].mlp.gate_proj
-    la = model.model.layers[0].mlp.gate_proj
-    assert torch.equal(lb.packed, la.packed)
-    assert torch.equal(lb.scales.float(), la.scales.half().float())
+    down = by_name["blk.0.ffn_down.weight"]  # Q5_0 + merged offsets: Q5_1 holds them exactly
+    assert (down.type, down.how) == ("Q5_1", "exact")
+    assert "fitted to their grid" in report.summary()
+    assert qalora.state_of(model).merge_rounding["grid_layers"] == 6  # Q2_K, Q5_K, Q4_K in 2 blocks
+    report2 = qalora.export_gguf(model, tmp_path / "k2.gguf", other_type="f16")
+    assert {t.name: t.how for t in report2.tensors}["blk.0.ffn_gate.weight"] == "exact"
+    assert (tmp_path / "k2.gguf").read_bytes() == (tmp_path / "k.gguf").read_bytes()
+
+
+def test_kquant_export_of_an_unchanged_layer_is_exact(mixed, tmp_path):
+    """A K-quant layer whose values did not change, re-encoded, lands on its own grid again:
+    zero error, and the decoded scales and offsets of the source. (Its bytes equal the
+    source's where the sub-block integers reach the top of their range, as ggml's quantizer
+    makes them; this file's random blocks do not always; see test_gguf_smollm2 for a file
+    llama.cpp quantized.)"""
+    path, _ = mixed
+    model = qalora.load_gguf(path).model
+    layer = model.model.layers[1].mlp.gate_proj  # Q4_K
+    entry = gguf_export._Item("blk.1.ffn_gate.weight", (layer.in_features, layer.out_features), layer=layer)
+    errors = gguf_export._Errors()
+    raw = np.concatenate([c.reshape(-1) for c in gguf_export._encode(entry, gguf_blocks.Q4_K, errors)])
+    with TensorReader(path) as reader:
+        source = reader.raw(read_header(path).tensors["blk.1.ffn_gate.weight"])
+    assert errors.diff2 == 0.0 and errors.offset_steps == 0.0 and errors.param == 0.0
+    k = layer.in_features
+    mine = gguf_blocks.decode_rows(gguf_blocks.Q4_K, raw.reshape(layer.out_features, -1), k)
+    theirs = gguf_blocks.decode_rows(gguf_blocks.Q4_K, source.reshape(layer.out_features, -1), k)
+    for key in ("codes", "scales", "offsets"):
+        assert np.array_equal(getattr(mine, key), getattr(theirs, key)), key
 
 
 def test_export_options_and_refusals(legacy, tmp_path):
@@ -392,10 +452,16 @@ def test_export_from_a_hugging_face_model(legacy, tmp_path):
         qalora.export_gguf(gpt2, tmp_path / "g.gguf", tokenizer=tok)
 
 
-def test_export_command_and_check_exportable(legacy, tmp_path, capsys):
+def test_export_command_and_check_exportable(mixed, legacy, tmp_path, capsys):
     from qalora.cli import main
     from qalora.formats.gguf_export import check_exportable
 
+    # Untouched, every type comes back as the same file (the mixed file holds every K-quant).
+    for source in (mixed[0], legacy[0]):
+        same = tmp_path / "same" / os.path.basename(source)
+        same.parent.mkdir(exist_ok=True)
+        assert main(["export", "--model", source, "--out", str(same)]) == 0
+        assert open_bytes(same) == open_bytes(source), source
     path, _ = legacy
     out = tmp_path / "cli.gguf"
     assert main(["export", "--model", path, "--out", str(out), "--other-type", "f16"]) == 0

@@ -132,6 +132,104 @@ def test_encode_offset_blocks_round_trip(bits, encode, qtype):
         encode(codes, d.astype(np.float32), m)
 
 
+K_TYPES = sorted(gguf_blocks.K_OFFSET_TYPES, key=lambda t: gguf_blocks.FORMATS[t].name)
+
+
+def random_k_parts(rng, ggml_type, rows, k):
+    fmt = gguf_blocks.FORMATS[ggml_type]
+    top = gguf_blocks.K_OFFSET_TYPES[ggml_type]
+    nb, groups = k // 256, k // fmt.group_size
+    codes = rng.integers(0, 1 << fmt.bits, size=(rows, k), dtype=np.uint8)
+    d = rng.uniform(1e-4, 3e-3, (rows, nb)).astype(np.float16) * rng.choice([-1, 1], (rows, nb)).astype(np.float16)
+    dmin = rng.uniform(1e-4, 3e-3, (rows, nb)).astype(np.float16)
+    sc = rng.integers(0, top + 1, (rows, groups), dtype=np.uint8)
+    mn = rng.integers(0, top + 1, (rows, groups), dtype=np.uint8)
+    return codes, d, sc, dmin, mn
+
+
+@pytest.mark.parametrize("ggml_type", K_TYPES, ids=lambda t: gguf_blocks.FORMATS[t].name)
+def test_encode_k_blocks_against_gguf_and_float64(ggml_type):
+    fmt = gguf_blocks.FORMATS[ggml_type]
+    rng = np.random.default_rng(ggml_type)
+    rows, k = 5, 768
+    codes, d, sc, dmin, mn = random_k_parts(rng, ggml_type, rows, k)
+    raw = gguf_blocks.encode_k_blocks(ggml_type, codes, d, sc, dmin, mn)
+    assert raw.shape == (rows, k // 256 * fmt.block_bytes)
+    per = 256 // fmt.group_size
+    # float64 reference: d·sc·q and dmin·mn are exact, the difference rounds once to float32
+    scale = np.repeat(d.astype(np.float64), per, 1) * sc
+    offset = -np.repeat(dmin.astype(np.float64), per, 1) * mn
+    expect = (codes.reshape(rows, -1, fmt.group_size) * scale[:, :, None] + offset[:, :, None]).reshape(rows, k)
+    assert_same_floats(gguf_dequantize(raw, gguf.GGMLQuantizationType(ggml_type)), expect.astype(np.float32))
+    dec = gguf_blocks.decode_rows(ggml_type, raw, k)
+    assert np.array_equal(dec.codes, codes)
+    with pytest.raises(qalora.InvalidValueError, match="sub-block"):
+        gguf_blocks.encode_k_blocks(ggml_type, codes, d, sc + np.uint8(64), dmin, mn)
+    with pytest.raises(qalora.ShapeError, match="multiple of 256"):
+        gguf_blocks.encode_k_blocks(ggml_type, codes[:, :200], d, sc, dmin, mn)
+    with pytest.raises(qalora.FormatError, match="not a K-quant"):
+        gguf_blocks.encode_k_blocks(gguf_blocks.Q6_K, codes, d, sc, dmin, mn)
+
+
+def brute_force_fit(values, weights, top, reach=4):
+    """float64 reference of :func:`gguf_blocks.fit_grid` for one row: every candidate tried
+    in a plain loop."""
+    best = (np.inf, None, None)
+    amax = {1: max(values.max(), 0.0), -1: min(values.min(), 0.0)}
+    cands = [0.0] + [float(np.float16(amax[s] / k)) for s in (1, -1) for k in range(max(1, top - reach + 1), top + 1)]
+    for f in cands:
+        if not np.isfinite(f):
+            continue
+        q = np.zeros_like(values) if f == 0 else np.clip(np.rint(values / f), 0, top)
+        err = float((weights * (np.float32(f) * q.astype(np.float32) - values).astype(np.float64) ** 2).sum())
+        if err <= best[0]:
+            best = (err, f, q)
+    return best
+
+
+@pytest.mark.parametrize("ggml_type", K_TYPES, ids=lambda t: gguf_blocks.FORMATS[t].name)
+def test_fit_k_quant_is_exact_on_the_grid_and_best_off_it(ggml_type):
+    fmt = gguf_blocks.FORMATS[ggml_type]
+    top = gguf_blocks.K_OFFSET_TYPES[ggml_type]
+    rng = np.random.default_rng(100 + ggml_type)
+    rows, k = 6, 512
+    codes, d, sc, dmin, mn = random_k_parts(rng, ggml_type, rows, k)
+    d = np.abs(d)
+    per = 256 // fmt.group_size
+    # as ggml's quantizers leave a block: its largest sub-integers are the top value
+    sc.reshape(-1, per)[:, 0] = top
+    mn.reshape(-1, per)[:, 0] = top
+    raw = gguf_blocks.encode_k_blocks(ggml_type, codes, d, sc, dmin, mn)
+    dec = gguf_blocks.decode_rows(ggml_type, raw, k)
+    fit = gguf_blocks.fit_k_quant(ggml_type, dec.codes, dec.scales, dec.offsets)
+    assert np.array_equal(fit.raw, raw)  # on the grid: the same bytes
+    assert np.array_equal(fit.scales, dec.scales) and np.array_equal(fit.offsets, dec.offsets)
+    # Off the grid: each super-block's offsets are the best of the candidates (float64 loop),
+    # and the written file decodes to what the fit says it wrote.
+    moved = dec.offsets + rng.normal(0, 0.3, dec.offsets.shape).astype(np.float32) * dec.scales
+    fit = gguf_blocks.fit_k_quant(ggml_type, dec.codes, dec.scales, moved)
+    assert np.array_equal(fit.scales, dec.scales)  # the scales were on the grid
+    theirs = gguf_dequantize(fit.raw, gguf.GGMLQuantizationType(ggml_type)).reshape(rows, k)
+    assert_same_floats(theirs, gguf_blocks.fma_dequantize(dec.codes, fit.scales, fit.offsets, fmt.group_size))
+    target = -moved.reshape(-1, per).astype(np.float64)
+    got = -fit.offsets.reshape(-1, per).astype(np.float64)
+    for block in range(target.shape[0]):
+        err, _, _ = brute_force_fit(target[block].astype(np.float32), np.ones(per), top)
+        assert abs(float(((got[block] - target[block]) ** 2).sum()) - err) <= 1e-9 * max(err, 1e-30) + 1e-18
+    # where the targets stay inside the grid's range, every offset is within half a step
+    step = fit.offsets.reshape(-1, per).min(axis=1, keepdims=True) / -top
+    inside = (target >= 0).all(axis=1)
+    assert (np.abs(got - target)[inside] <= step[inside] * 0.5 * (1 + 1e-3) + 1e-12).all()
+
+
+def test_fit_k_quant_refuses_bad_input():
+    codes = np.zeros((2, 256), np.uint8)
+    with pytest.raises(qalora.ShapeError, match="one scale/offset per 32"):
+        gguf_blocks.fit_k_quant(gguf_blocks.Q4_K, codes, np.ones((2, 4), np.float32), np.ones((2, 8), np.float32))
+    with pytest.raises(qalora.FormatError, match="not a K-quant"):
+        gguf_blocks.fit_k_quant(gguf_blocks.Q3_K, codes, np.ones((2, 16), np.float32), np.ones((2, 16), np.float32))
+
+
 def test_encode_dense_types():
     rng = np.random.default_rng(7)
     w = rng.standard_normal((5, 64)).astype(np.float32)

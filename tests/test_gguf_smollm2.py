@@ -281,3 +281,76 @@ def test_compare_with_gguf_scores_every_deployed_file_in_llama_cpp(tmp_path, mon
         else:
             assert 4.5 < row["gguf_bits"] < 6.0
     assert not list(tmp_path.glob("*.gguf-work"))  # the scratch files are gone
+
+
+# --------------------------------------------------------------------------- a Q4_K_M file
+
+
+@pytest.fixture(scope="module")
+def q4_k_m(tmp_path_factory):
+    """SmolLM2 as llama.cpp's quantizer writes Q4_K_M. Its rows of 576 weights are no
+    multiple of 256, so llama.cpp gives those tensors its fallback types (Q5_0 for Q4_K,
+    Q8_0 for Q6_K); the 1536-wide ffn_down tensors are Q4_K / Q6_K."""
+    llama_cpp_or_skip()
+    from qalora.formats import llama_cpp_eval
+
+    path = tmp_path_factory.mktemp("q4km") / "smollm2-q4_k_m.gguf"
+    llama_cpp_eval.quantize(SMOLLM2, str(path), "Q4_K_M", allow_requantize=True)
+    return str(path)
+
+
+def test_q4_k_m_import_exports_back_to_its_own_types(q4_k_m, blocks, tmp_path):
+    """A Q4_K_M import, fine-tuned with the default config and merged, goes back out in the
+    file's own types and at its size (plus what the reported type changes add), and
+    llama.cpp's perplexity of the export is within 1% of qalora's on the merged model."""
+    from qalora.formats import gguf_blocks, gguf_export, llama_cpp_eval
+
+    header = read_header(q4_k_m)
+    kinds = {e.name: gguf_blocks.type_name(e.ggml_type) for e in header.tensors.values()}
+    assert {"Q4_K", "Q6_K", "Q5_0", "Q8_0"} <= set(kinds.values())
+    # Untouched, the file comes back byte for byte (`qalora export --model X.gguf`).
+    untouched = qalora.load_gguf(q4_k_m)
+    same = tmp_path / "same.gguf"
+    qalora.export_gguf(untouched.model, same)
+    with open(q4_k_m, "rb") as f:
+        assert same.read_bytes() == f.read()
+    # A Q4_K layer re-encoded without a change lands on llama.cpp's own bytes.
+    name = next(n for n, k in kinds.items() if k == "Q4_K")
+    layer = dict(quantized_layers(untouched.model))[qalora.formats.gguf_arch.hf_name(name).rpartition(".")[0]]
+    item = gguf_export._Item(name, (layer.in_features, layer.out_features), layer=layer)
+    errors = gguf_export._Errors()
+    raw = np.concatenate([c.reshape(-1) for c in gguf_export._encode(item, gguf_blocks.Q4_K, errors)])
+    with TensorReader(q4_k_m) as reader:
+        assert np.array_equal(raw, reader.raw(header.tensors[name]).reshape(-1))
+    assert errors.diff2 == 0.0
+
+    model = copy.deepcopy(untouched.model)
+    with pytest.warns(qalora.QALoRAWarning, match="Q6_K/Q8_0"):  # attn_v (Q8_0), ffn_down (Q6_K): no adapter
+        qalora.wrap(model, qalora.QALoRAConfig(rank=8, alpha=16))
+    torch.manual_seed(0)  # the batch order: the comparison below is of one fixed model
+    train.finetune(model, blocks[0], 2, batch_size=2, lr=5e-3, show_progress=False)
+    qalora.merge(model)
+    model.eval()
+    out = tmp_path / "merged.gguf"
+    report = qalora.export_gguf(model, out)
+    written = {t.name: t for t in report.tensors}
+    for t in report.tensors:
+        if kinds[t.name] == "Q5_0" and t.how != "copied":
+            assert (t.type, t.how) == ("Q5_1", "exact"), t  # Q5_0 + a merged offset: Q5_1 holds it
+        else:
+            assert t.type == kinds[t.name], t
+    # qalora.merge put the Q4_K layers' offsets on their grid already: the export writes them
+    # exactly, and the merge's rounding report holds the fit.
+    k_layers = [t for t in report.tensors if t.type == "Q4_K"]
+    assert k_layers and all(t.how == "exact" for t in k_layers)
+    rounding = qalora.state_of(model).merge_rounding
+    assert rounding["grid_layers"] == len(k_layers) and 0 < rounding["offset"] < 1
+    assert all(written[n].how == "copied" for n, k in kinds.items() if k in ("Q6_K", "Q8_0", "F32"))
+    assert report.type_changes() == {"Q5_0->Q5_1": sum(1 for t in report.tensors if t.type == "Q5_1")}
+    size = os.path.getsize(out)
+    assert size <= 1.02 * os.path.getsize(q4_k_m) + report.type_change_bytes
+    heldout = blocks[1]
+    ours = train.perplexity(model, heldout)
+    theirs = llama_cpp_eval.perplexity(str(out), heldout)
+    print(f"Q4_K_M import, merged: qalora {ours:.4f}, llama.cpp on the export {theirs:.4f}; {report.summary()}")
+    assert abs(theirs / ours - 1) < 0.01

@@ -20,6 +20,7 @@ CONFIG_VERSION = 1
 _SCALE_DTYPES = ("float16", "bfloat16", "float32")
 _ADAPTERS = ("qalora", "lora")
 _ON_INDIVISIBLE = ("raise", "skip")
+_FIXED_OFFSET_LAYERS = ("skip", "adapt")
 _QUANTIZERS = ("rtn", "gptq")
 # Fields added after the first release, with the values older releases behave as: a file
 # holds such a field only where it differs from that value (so files that do not use it stay
@@ -32,6 +33,7 @@ _LATER_FIELDS = {
     "train_norms": False,
     "offset_lr_scale": 1.0,
     "scale_lr_scale": 1.0,
+    "fixed_offset_layers": "adapt",
 }
 
 
@@ -91,6 +93,12 @@ class QALoRAConfig:
             (their unit is one step of the group's code grid).
         scale_lr_scale: the learning rate of trained scales relative to the adapters'
             (their unit is a relative change of the scale).
+        fixed_offset_layers: layers imported from a GGUF type whose offset is fixed by its
+            scale and which has no offset-holding sibling of the same codes (Q3_K, Q6_K,
+            Q8_0): "skip" (default: left without adapters, so the exported file keeps
+            their bytes and its size) or "adapt" (adapted; a merged one can only be written
+            by re-quantizing it, as Q8_0 by default, which the export reports). Q4_0 / Q5_0
+            layers are adapted either way: a merged one is written as Q4_1 / Q5_1 exactly.
         version: format version of this config.
     """
 
@@ -113,6 +121,7 @@ class QALoRAConfig:
     train_norms: bool = defaults.TRAIN_NORMS
     offset_lr_scale: float = defaults.OFFSET_LR_SCALE
     scale_lr_scale: float = defaults.SCALE_LR_SCALE
+    fixed_offset_layers: str = "skip"
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -172,6 +181,10 @@ class QALoRAConfig:
             raise ConfigError(f"scale_dtype: got {self.scale_dtype!r}, allowed: {', '.join(_SCALE_DTYPES)}")
         if self.on_indivisible not in _ON_INDIVISIBLE:
             raise ConfigError(f"on_indivisible: got {self.on_indivisible!r}, allowed: 'raise', 'skip'")
+        if self.fixed_offset_layers not in _FIXED_OFFSET_LAYERS:
+            raise ConfigError(
+                f"fixed_offset_layers: got {self.fixed_offset_layers!r}, allowed: {', '.join(map(repr, _FIXED_OFFSET_LAYERS))}"
+            )
         if self.adapter not in _ADAPTERS:
             raise ConfigError(f"adapter: got {self.adapter!r}, allowed: 'qalora', 'lora'")
         if self.quantizer not in _QUANTIZERS:

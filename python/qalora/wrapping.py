@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import cpu_features, embeddings, gptq_quantizer
+from . import cpu_features, embeddings, gptq_quantizer, ops
 from .config import QALoRAConfig
 from .errors import (
     ConfigError,
@@ -25,6 +25,7 @@ from .errors import (
     NoTargetModulesError,
     QALoRAWarning,
 )
+from .formats.gguf_blocks import FIXED_OFFSET_TYPES, FORMATS, K_OFFSET_TYPE_NAMES, fit_k_quant
 from .layers import (
     QALoRALinear,
     QuantEmbedding,
@@ -114,9 +115,15 @@ def checked_targets(
 
     Raises, as :func:`wrap` does, GroupSizeError (``on_indivisible="raise"``) and
     NoTargetModulesError."""
-    keep, skipped = [], []
+    keep, skipped, fixed = [], [], []
+    state = state_of(model)
+    imported = (state.source.get("layers", {}) if state is not None else {}) or {}
     for name, module in select_targets(model, config.target_modules, config.exclude_modules, filter_fn):
         if isinstance(module, QuantLinear):
+            kind = (imported.get(name) or {}).get("type")
+            if config.fixed_offset_layers == "skip" and kind in FIXED_OFFSET_TYPES:
+                fixed.append((name, kind))
+                continue
             keep.append((name, module))  # already quantized: its own bits and group size hold
             continue
         weight, _ = dense_weight(module)
@@ -128,6 +135,17 @@ def checked_targets(
                 raise
             skipped.append(name)
             warnings.warn(f"{e}; left unquantized (on_indivisible='skip')", QALoRAWarning, stacklevel=3)
+    if fixed:
+        kinds = sorted({k for _, k in fixed})
+        message = (
+            f"{len(fixed)} layer(s) stored as {'/'.join(kinds)} in the GGUF file (a type whose offset is fixed by its "
+            f"scale, so a merged adapter could only be written by re-quantizing it) get no adapter "
+            f"(fixed_offset_layers='skip'; 'adapt' adapts them and the export writes them as Q8_0): "
+            f"{', '.join(n for n, _ in fixed[:4])}{' ...' if len(fixed) > 4 else ''}"
+        )
+        if not keep:
+            raise NoTargetModulesError(f"no layer left to adapt: {message}")
+        warnings.warn(message, QALoRAWarning, stacklevel=3)
     if not keep:
         raise NoTargetModulesError(
             f"every matched layer was skipped as indivisible by group_size={config.group_size}: {skipped}"
@@ -348,7 +366,10 @@ def merge(model: nn.Module, offset_dtype: torch.dtype | None = None) -> nn.Modul
     float32 and stored in the offsets' dtype (float16 rounding of the offsets is the only
     difference from the unmerged model). Trained group parameters (``train_scales``,
     ``train_offsets``) are folded in the same way: the trained float32 scales and offsets,
-    rounded once to their storage dtypes. ``qalora.state_of(model).merge_rounding`` then
+    rounded once to their storage dtypes; a layer imported from a Q2_K / Q4_K / Q5_K GGUF
+    tensor stores them on that type's grid (float16 super-block factors times 6-bit, for
+    Q2_K 4-bit, integers), fitted as :func:`qalora.export_gguf` writes them, so the merged
+    model is the file that export writes. ``qalora.state_of(model).merge_rounding`` then
     says the largest change that rounding made (relative, for a scale; in steps of the
     group's scale, for an offset) and where.
 
@@ -370,7 +391,14 @@ def merge(model: nn.Module, offset_dtype: torch.dtype | None = None) -> nn.Modul
     state = require_state(model)
     layers = list(quantized_layers(model, QALoRALinear))
     merged, widened = [], []
-    rounding: dict[str, Any] = {"scale": 0.0, "scale_layer": None, "offset": 0.0, "offset_layer": None}
+    rounding: dict[str, Any] = {
+        "scale": 0.0,
+        "scale_layer": None,
+        "offset": 0.0,
+        "offset_layer": None,
+        "grid_layers": 0,  # layers whose parameters went onto a K-quant grid
+    }
+    imported = state.source.get("layers", {}) or {}
     for name, layer in layers:  # all built and checked before any swap
         new = layer.merged(offset_dtype)
         if not bool(torch.isfinite(new.offsets).all()) and new.offsets.dtype != torch.float32:
@@ -383,6 +411,7 @@ def merge(model: nn.Module, offset_dtype: torch.dtype | None = None) -> nn.Modul
                 f"layer {name!r}: the merged offsets are not finite even in float32; the adapter weights "
                 f"(lora_A, lora_B) hold NaN/Inf or huge values"
             )
+        rounding["grid_layers"] += _onto_source_grid(new, (imported.get(name) or {}).get("type"), name)
         merged.append((name, new))
         for kind, change in layer.storage_rounding(new).items():
             if change > rounding[kind] or rounding[f"{kind}_layer"] is None:
@@ -399,6 +428,30 @@ def merge(model: nn.Module, offset_dtype: torch.dtype | None = None) -> nn.Modul
             stacklevel=2,
         )
     return model
+
+
+@torch.no_grad()
+def _onto_source_grid(layer: QuantLinear, kind: str | None, name: str) -> bool:
+    """A merged layer imported from a Q2_K / Q4_K / Q5_K tensor stores its group parameters
+    on that type's grid (float16 super-block factors times small integers), which is what
+    its GGUF export writes: fitting them here, in place, makes the merged model the deployed
+    one (the merge's rounding report then includes the fit). Returns whether it did."""
+    ggml_type = K_OFFSET_TYPE_NAMES.get(kind)
+    if ggml_type is None or layer.scales.dtype != torch.float32 or layer.offsets.dtype != torch.float32:
+        return False  # not a K-quant import, or parameters narrowed on purpose (offset_dtype=)
+    fmt = FORMATS[ggml_type]
+    k = layer.in_features
+    if (layer.bits, layer.group_size) != (fmt.bits, fmt.group_size) or k % fmt.block_weights:
+        return False
+    packed = layer.canonical()[0]
+    step = max(1, (1 << 20) // k)  # rows per slice: the fit's float64 temporaries stay small
+    for a in range(0, layer.out_features, step):
+        b = min(layer.out_features, a + step)
+        codes = ops.unpack(packed[a:b].cpu(), layer.bits, k).numpy()
+        fit = fit_k_quant(ggml_type, codes, layer.scales[a:b].cpu().numpy(), layer.offsets[a:b].cpu().numpy(), name)
+        layer.scales[a:b] = torch.from_numpy(fit.scales).to(layer.scales.device)
+        layer.offsets[a:b] = torch.from_numpy(fit.offsets).to(layer.offsets.device)
+    return True
 
 
 def merge_requantize(

@@ -259,6 +259,13 @@ def _add_run_options(p: argparse.ArgumentParser, out_default: str | None) -> Non
         choices=["raise", "skip"],
         help="a layer whose in_features the group size does not divide: refuse the run, or leave that layer dense",
     )
+    p.add_argument(
+        "--fixed-offset-layers",
+        default="skip",
+        choices=["skip", "adapt"],
+        help="GGUF layers stored as Q3_K / Q6_K / Q8_0 (offset fixed by the scale): leave them without adapters "
+        "(default: the export keeps their bytes) or adapt them (the export then re-quantizes them to Q8_0)",
+    )
     p.add_argument("--steps", type=_int_up_to(MAX_STEPS), default=60, help="training steps")
     p.add_argument("--batch-size", type=_int_up_to(MAX_BATCH), default=4, help="sequences per training step")
     p.add_argument(

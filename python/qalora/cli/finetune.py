@@ -111,6 +111,7 @@ def run_config(args) -> QALoRAConfig:
         scale_dtype=args.scale_dtype,
         exclude_modules=args.exclude,
         on_indivisible=args.on_indivisible,
+        fixed_offset_layers=getattr(args, "fixed_offset_layers", "skip"),
         quantizer=args.quantizer,
         damp_percent=args.damp_percent,
         train_scales=args.train_scales,

@@ -146,8 +146,13 @@ def merge_note(r: dict) -> str:
             f" (largest offset change {rounding['offset']:.3g} of its group's code step, in "
             f"`{rounding['offset_layer']}`; largest relative scale change {rounding['scale']:.2g})"
         )
+    if rounding.get("grid_layers"):
+        text += (
+            f"; {rounding['grid_layers']} layer(s) imported from Q2_K/Q4_K/Q5_K tensors store them on their type's "
+            "grid (float16 super-block factors times 6-bit integers, 4-bit for Q2_K), as the GGUF export writes them"
+        )
     text += "."
-    if abs(change) > 0.01 and dtype != "float32":
+    if abs(change) > 0.01 and dtype != "float32" and not rounding.get("grid_layers"):
         text += (
             f" That is large: what training changed is small next to {dtype}'s rounding (short runs, low learning "
             "rates). `qalora.merge(model, offset_dtype=torch.float32)` keeps the merged offsets exact (16 more bits "

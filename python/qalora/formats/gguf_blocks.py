@@ -396,3 +396,170 @@ def encode_dense(weight: np.ndarray, ggml_type: int, what: str = "tensor") -> np
 
         return quantize(weight, GGMLQuantizationType.Q8_0).reshape(weight.shape[0], -1)
     raise FormatError(f"{what}: dense weights are written as F32, F16 or Q8_0, not {type_name(ggml_type)}")
+
+
+# --------------------------------------------------------------------------- K-quant encoding
+#
+# Q2_K, Q4_K and Q5_K store each group's scale as d·sc and its offset as -dmin·mn, with d
+# and dmin float16 per super-block of 256 weights and sc, mn small unsigned integers per
+# group. A layer imported from such a tensor keeps its codes; after a merge its float32
+# scales and offsets are arbitrary, so writing it back in its own type means fitting them
+# onto that grid. The fit below is exact wherever the values lie on the grid (an unchanged
+# layer, or one whose trained values happen to): the true factor is among the candidates and
+# gives zero error.
+
+#: GGUF types whose offset is a fixed multiple of the scale with no type of the same codes
+#: that holds an offset (Q4_0 / Q5_0 have Q4_1 / Q5_1): a merged adapter cannot be written
+#: in them exactly (see QALoRAConfig.fixed_offset_layers).
+FIXED_OFFSET_TYPES = ("Q3_K", "Q6_K", "Q8_0")
+#: Types with a per-group offset on a grid: ggml type -> largest sub-block integer.
+K_OFFSET_TYPES = {Q2_K: 15, Q4_K: 63, Q5_K: 63}
+#: The same, by type name (as a model's source record names it).
+K_OFFSET_TYPE_NAMES = {"Q2_K": Q2_K, "Q4_K": Q4_K, "Q5_K": Q5_K}
+_FIT_BLOCKS = 4096  # super-blocks per fitting step (bounds the candidate arrays)
+
+
+def fit_grid(values: np.ndarray, weights: np.ndarray, top: int, reach: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Each row of ``values`` (blocks, G) as ``factor * ints`` with a float16 factor per row
+    and integers in [0, top], minimizing ``sum(weights * (factor * ints - values) ** 2)``
+    (products in float32, as ggml's decoder forms them).
+
+    Candidates per row: 0 and ``float16(amax / k)`` for the ``reach`` largest k up to top,
+    for the largest value of each sign (mixed signs: the other sign's values go to 0). The
+    finest grid that spans the values (k = top) is almost always the best; ggml's
+    quantizers give every super-block's largest integer the top value, so an unchanged block
+    of a file they wrote is among the candidates and comes back with its own bytes (ties go
+    to the larger k). Returns (factor float16 (blocks,), ints uint8 (blocks, G))."""
+    values = np.asarray(values, dtype=np.float32)
+    weights = np.asarray(weights, dtype=np.float64)
+    factor = np.zeros(values.shape[0], dtype=np.float16)
+    ints = np.zeros(values.shape, dtype=np.uint8)
+    ks = np.arange(max(1, top - reach + 1), top + 1, dtype=np.float32)
+    for a in range(0, values.shape[0], _FIT_BLOCKS):
+        v, w = values[a : a + _FIT_BLOCKS], weights[a : a + _FIT_BLOCKS]
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            pos = np.maximum(v.max(axis=1, initial=0.0), 0.0)
+            neg = np.minimum(v.min(axis=1, initial=0.0), 0.0)
+            cand = np.concatenate(
+                [np.zeros((len(v), 1), np.float32), pos[:, None] / ks, neg[:, None] / ks], axis=1
+            ).astype(np.float16)
+        cand = np.where(np.isfinite(cand), cand, np.float16(0)).astype(np.float32)  # (blocks, C)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.where(cand[:, :, None] != 0, np.rint(v[:, None, :] / cand[:, :, None]), 0.0)
+        q = np.clip(np.nan_to_num(q), 0, top).astype(np.float32)
+        err = ((cand[:, :, None] * q - v[:, None, :]).astype(np.float64) ** 2 * w[:, None, :]).sum(axis=2)
+        # Prefer larger k among equal errors: candidates 1..top per sign run k ascending, so
+        # pick the last minimum within each sign, comparing the signs' best ones after.
+        c = err.shape[1]
+        best = c - 1 - np.argmin(err[:, ::-1], axis=1)
+        factor[a : a + len(v)] = cand[np.arange(len(v)), best].astype(np.float16)
+        ints[a : a + len(v)] = q[np.arange(len(v)), best].astype(np.uint8)
+    return factor, ints
+
+
+def _pack_k_scale_min(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_k_scale_min`: eight 6-bit (scale, min) pairs -> 12 bytes."""
+    sc, mn = sc.astype(np.uint8), mn.astype(np.uint8)
+    a = (sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6)
+    b = (mn[:, :4] & 63) | ((mn[:, 4:] >> 4) << 6)
+    c = (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4)
+    return np.concatenate([a, b, c], axis=1)
+
+
+def _pack_q4k_low(q: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_q4k_low`: (blocks, 256) low nibbles -> 128 bytes."""
+    q = (q & 0x0F).reshape(-1, 4, 2, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+
+
+def _pack_high_bits(q: np.ndarray, bit: int) -> np.ndarray:
+    """Inverse of :func:`_high_bit_planes`: bit ``bit`` of (blocks, 256) codes -> 32 bytes."""
+    h = ((q >> bit) & 1).reshape(-1, 8, 32).astype(np.uint8)
+    return np.bitwise_or.reduce(h << np.arange(8, dtype=np.uint8)[None, :, None], axis=1)
+
+
+def _pack_two_bit_low(q: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_two_bit_low`: (blocks, 256) low 2 bits -> 64 bytes."""
+    q = (q & 3).reshape(-1, 2, 4, 32).astype(np.uint8)
+    return np.bitwise_or.reduce(q << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None], axis=2).reshape(-1, 64)
+
+
+def _f16_bytes(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.astype(np.float16).reshape(-1, 1)).view(np.uint8)
+
+
+def encode_k_blocks(
+    ggml_type: int, codes: np.ndarray, d: np.ndarray, sc: np.ndarray, dmin: np.ndarray, mn: np.ndarray, what="tensor"
+) -> np.ndarray:
+    """Q2_K / Q4_K / Q5_K blocks from codes (rows, K), float16 ``d`` and ``dmin`` (rows,
+    K/256) and sub-block integers ``sc``, ``mn`` (rows, K/group): weight = d·sc·q - dmin·mn.
+
+    Returns (rows, K/256 * block_bytes) uint8."""
+    if ggml_type not in K_OFFSET_TYPES:
+        raise FormatError(f"{what}: {type_name(ggml_type)} is not a K-quant type with per-group minimums")
+    fmt = FORMATS[ggml_type]
+    top = K_OFFSET_TYPES[ggml_type]
+    rows, k = codes.shape
+    if k % 256:
+        raise ShapeError(f"{what}: {fmt.name} rows are a multiple of 256 weights, got {k}")
+    nb, g = k // 256, 256 // fmt.group_size
+    if d.shape != (rows, nb) or dmin.shape != (rows, nb) or sc.shape != (rows, nb * g) or mn.shape != (rows, nb * g):
+        raise ShapeError(f"{what}: d/dmin must be {(rows, nb)} and sc/mn {(rows, nb * g)}")
+    if codes.size and int(codes.max()) >= 1 << fmt.bits:
+        raise InvalidValueError(f"{what}: a code is {int(codes.max())}, above what {fmt.bits} bits hold")
+    if max(int(sc.max(initial=0)), int(mn.max(initial=0))) > top:
+        raise InvalidValueError(f"{what}: a sub-block scale or minimum is above {top}")
+    q = codes.reshape(-1, 256).astype(np.uint8)
+    sc, mn = sc.reshape(-1, g).astype(np.uint8), mn.reshape(-1, g).astype(np.uint8)
+    dd, mm = _f16_bytes(d), _f16_bytes(dmin)
+    if ggml_type == Q4_K:
+        parts = [dd, mm, _pack_k_scale_min(sc, mn), _pack_q4k_low(q)]
+    elif ggml_type == Q5_K:
+        parts = [dd, mm, _pack_k_scale_min(sc, mn), _pack_high_bits(q, 4), _pack_q4k_low(q)]
+    else:  # Q2_K: 16 bytes of (scale low nibble, min high nibble), 64 of codes, d, dmin
+        parts = [(sc & 0x0F) | (mn << 4), _pack_two_bit_low(q), dd, mm]
+    return np.concatenate(parts, axis=1).reshape(rows, -1)
+
+
+@dataclass
+class GridFit:
+    """A layer's group parameters fitted onto a K-quant grid (see :func:`fit_k_quant`)."""
+
+    raw: np.ndarray  # (rows, row_bytes) the encoded blocks
+    scales: np.ndarray  # float32 (rows, K/group) as written
+    offsets: np.ndarray
+
+
+def fit_k_quant(
+    ggml_type: int, codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray, what: str = "tensor"
+) -> GridFit:
+    """Writes codes (rows, K) with float32 per-group ``scales`` / ``offsets`` as ``ggml_type``
+    (Q2_K, Q4_K, Q5_K), the codes unchanged and the group parameters fitted onto the type's
+    grid: the scales first (weighted by how much each group's codes spread), then each
+    offset corrected by what its scale's rounding moved the group's mean weight, then fitted.
+    Exact (zero error) wherever the values lie on the grid."""
+    if ggml_type not in K_OFFSET_TYPES:
+        raise FormatError(f"{what}: {type_name(ggml_type)} is not a K-quant type with per-group minimums")
+    fmt = FORMATS[ggml_type]
+    top = K_OFFSET_TYPES[ggml_type]
+    rows, k = codes.shape
+    g = fmt.group_size
+    if k % 256 or scales.shape != (rows, k // g) or offsets.shape != (rows, k // g):
+        raise ShapeError(
+            f"{what}: {fmt.name} needs rows of a multiple of 256 weights and one scale/offset per {g}; got codes "
+            f"{codes.shape}, scales {scales.shape}, offsets {offsets.shape}"
+        )
+    per = 256 // g
+    grouped = codes.reshape(rows, k // g, g).astype(np.float64)
+    mean = grouped.mean(axis=2)
+    spread = ((grouped - mean[:, :, None]) ** 2).sum(axis=2) + 1e-6
+    s = scales.astype(np.float32).reshape(-1, per)
+    d, sc = fit_grid(s, spread.reshape(-1, per), top)
+    written_s = (d.astype(np.float32)[:, None] * sc.astype(np.float32)).reshape(rows, -1)
+    target = offsets.astype(np.float64) + (scales.astype(np.float64) - written_s) * mean
+    dmin, mn = fit_grid((-target).astype(np.float32).reshape(-1, per), np.ones((rows * k // 256, per)), top)
+    written_m = -(dmin.astype(np.float32)[:, None] * mn.astype(np.float32)).reshape(rows, -1)
+    raw = encode_k_blocks(
+        ggml_type, codes, d.reshape(rows, -1), sc.reshape(rows, -1), dmin.reshape(rows, -1), mn.reshape(rows, -1), what
+    )
+    return GridFit(raw, written_s, written_m)

@@ -3,8 +3,13 @@
 Per tensor (in the order of the source file when the model came from one):
 
 * unchanged since the model was imported from a GGUF file: the source's bytes, copied;
-* a quantized layer (merged or never adapted) with codes of at most 4 bits (5 bits) and a
-  group size that is a multiple of 32: Q4_1 (Q5_1), whose per-block float16 ``d`` and ``m``
+* a layer imported from a Q2_K / Q4_K / Q5_K tensor: that type again, its codes as they
+  are and its (merged) scales and offsets fitted onto the type's grid (float16 super-block
+  factors times 6-bit, for Q2_K 4-bit, integers per group); exact where the values lie on
+  the grid, otherwise the report gives each tensor's error (a Q4_K_M file so comes back at
+  its own size);
+* another quantized layer (merged or never adapted) with codes of at most 4 bits (5 bits)
+  and a group size that is a multiple of 32 (a merged Q4_0 / Q5_0 layer among them): Q4_1 (Q5_1), whose per-block float16 ``d`` and ``m``
   are the layer's scale and offset, so the codes are written as they are (a layer whose
   scales and offsets are float16 is written exactly; float32 ones are rounded to float16
   and the report gives the largest relative change). A QA-LoRA layer that is not merged yet
@@ -71,10 +76,15 @@ class TensorReport:
     """How one tensor was written.
 
     ``how``: "copied" (the source's bytes), "exact" (codes, scales and offsets written as
-    they are), "rounded" (float32 scales/offsets rounded to float16), "converted" (written as
+    they are), "rounded" (float32 scales/offsets rounded to float16), "fitted" (a layer
+    imported from a Q2_K / Q4_K / Q5_K tensor written back in that type: codes as they are,
+    scales and offsets fitted onto the type's grid; see the errors), "converted" (written as
     another type; see the errors) or "dense" (norms and biases, float32).
-    ``param_rel_change``: largest relative change of a scale or offset by float16 rounding
-    (over values in float16's normal range, |x| >= 2^-14, where it is at most 2^-11).
+    ``param_rel_change``: largest relative change of a scale by float16 rounding or by the
+    K-quant grid, or of an offset by float16 rounding (over values in float16's normal range,
+    |x| >= 2^-14, where float16 rounding is at most 2^-11).
+    ``offset_change_steps``: "fitted" tensors: largest change of an offset, in steps of its
+    group's code grid (its scale).
     ``max_abs_error`` / ``rel_error``: the written weight against the model's float32
     weight: largest absolute difference and ||written - model|| / ||model||."""
 
@@ -83,8 +93,12 @@ class TensorReport:
     how: str
     shape: tuple[int, ...]
     param_rel_change: float = 0.0
+    offset_change_steps: float = 0.0
     max_abs_error: float = 0.0
     rel_error: float = 0.0
+    nbytes: int = 0
+    source_type: str | None = None
+    source_nbytes: int = 0
 
 
 @dataclass
@@ -99,6 +113,25 @@ class GGUFExportReport:
 
     def count(self, how: str) -> int:
         return sum(1 for t in self.tensors if t.how == how)
+
+    @property
+    def source_bytes(self) -> int:
+        """Bytes of the source's tensors that were written (0 without a source)."""
+        return sum(t.source_nbytes for t in self.tensors)
+
+    @property
+    def type_change_bytes(self) -> int:
+        """Bytes the tensors written in another type than the source's add (or save)."""
+        return sum(t.nbytes - t.source_nbytes for t in self.tensors if t.source_type and t.source_type != t.type)
+
+    def type_changes(self) -> dict[str, int]:
+        """ "SOURCE->WRITTEN" type -> number of tensors written in another type than the source's."""
+        out: dict[str, int] = {}
+        for t in self.tensors:
+            if t.source_type and t.source_type != t.type:
+                key = f"{t.source_type}->{t.type}"
+                out[key] = out.get(key, 0) + 1
+        return out
 
     @property
     def max_param_rel_change(self) -> float:
@@ -119,7 +152,7 @@ class GGUFExportReport:
             types[t.type] = types.get(t.type, 0) + 1
         kinds = ", ".join(
             f"{n} {k}"
-            for k, n in ((k, self.count(k)) for k in ("copied", "exact", "rounded", "converted", "dense"))
+            for k, n in ((k, self.count(k)) for k in ("copied", "exact", "rounded", "fitted", "converted", "dense"))
             if n
         )
         text = (
@@ -127,8 +160,25 @@ class GGUFExportReport:
             + ", ".join(f"{k} x{v}" for k, v in sorted(types.items()))
             + f"; {self.bytes / (1 << 20):.1f} MiB"
         )
+        if self.source_bytes:
+            tensor_bytes = sum(t.nbytes for t in self.tensors)
+            text += f"; tensors {tensor_bytes / self.source_bytes:.4f}x the source's"
+            changes = self.type_changes()
+            if changes:
+                text += (
+                    f" ({self.type_change_bytes / (1 << 20):+.2f} MiB from type changes: "
+                    + ", ".join(f"{k} x{v}" for k, v in sorted(changes.items()))
+                    + ")"
+                )
         if self.count("rounded"):
             text += f"; largest relative change of a scale/offset by float16 rounding: {self.max_param_rel_change:.3g}"
+        fitted = [t for t in self.tensors if t.how == "fitted"]
+        if fitted:
+            worst = max(fitted, key=lambda t: t.rel_error)
+            text += (
+                f"; K-quant tensors fitted to their grid: largest relative error {worst.rel_error:.3g} ({worst.name}, "
+                f"{worst.type}), largest offset change {max(t.offset_change_steps for t in fitted):.3g} code steps"
+            )
         converted = [t for t in self.tensors if t.how == "converted"]
         if converted:
             worst = max(converted, key=lambda t: t.rel_error)
@@ -283,9 +333,21 @@ def _unchanged(reader: TensorReader, entry: TensorEntry, item: _Item) -> bool:
 # --------------------------------------------------------------------------- choosing and encoding
 
 
-def _choose(item: _Item, other: int) -> int:
+def _choose(item: _Item, other: int, entry: TensorEntry | None = None) -> int:
+    """The type a changed tensor is written as: a layer imported from a Q2_K / Q4_K / Q5_K
+    tensor goes back to its own type (codes as they are, group parameters fitted onto the
+    type's grid); another quantized layer of at most 5-bit codes in groups of 32k goes to
+    Q4_1 / Q5_1 (exact; this is where a merged Q4_0 / Q5_0 layer goes); the rest to ``other``."""
     if item.layer is not None:
         layer = item.layer
+        fmt = gguf_blocks.FORMATS.get(entry.ggml_type) if entry is not None else None
+        if (
+            fmt is not None
+            and fmt.ggml_type in gguf_blocks.K_OFFSET_TYPES
+            and (layer.bits, layer.group_size) == (fmt.bits, fmt.group_size)
+            and tuple(entry.shape) == item.shape
+        ):
+            return fmt.ggml_type
         if layer.group_size % 32 == 0 and layer.bits <= 5:
             return gguf_blocks.Q4_1 if layer.bits <= 4 else gguf_blocks.Q5_1
         return other
@@ -308,6 +370,7 @@ class _Errors:
         self.diff2 = 0.0
         self.ref2 = 0.0
         self.param = 0.0
+        self.offset_steps = 0.0
 
     def add(self, written: np.ndarray, model: np.ndarray) -> None:
         d = written.astype(np.float64) - model.astype(np.float64)
@@ -323,6 +386,15 @@ class _Errors:
         if nz.any():
             rel = np.abs(rounded[nz].astype(np.float64) - exact[nz]) / np.abs(exact[nz].astype(np.float64))
             self.param = max(self.param, float(rel.max()))
+
+    def add_offsets(self, written: np.ndarray, exact: np.ndarray, scales: np.ndarray) -> None:
+        # An offset's change in steps of its group's code grid (offsets near zero make a
+        # relative change meaningless).
+        step = np.abs(scales.astype(np.float64))
+        ok = step > 0
+        if ok.any():
+            d = np.abs(written[ok].astype(np.float64) - exact[ok]) / step[ok]
+            self.offset_steps = max(self.offset_steps, float(d.max()))
 
     @property
     def rel(self) -> float:
@@ -353,6 +425,23 @@ def _encode(item: _Item, ggml_type: int, errors: _Errors) -> Iterator[np.ndarray
             m32 = np.repeat(m16, g // 32, axis=1)
             encode = gguf_blocks.encode_q4_1 if ggml_type == gguf_blocks.Q4_1 else gguf_blocks.encode_q5_1
             yield encode(codes, d32, m32, item.gguf)
+        return
+    if ggml_type in gguf_blocks.K_OFFSET_TYPES:
+        layer = item.layer
+        g = layer.group_size
+        for a, b in _slices(item.rows, k):
+            rows = _model_rows(item, a, b)
+            codes = ops.unpack(layer.packed[rows].cpu(), layer.bits, k).numpy()
+            s = layer.scales[rows].float().cpu().numpy()
+            m = layer.offsets[rows].float().cpu().numpy()
+            fit = gguf_blocks.fit_k_quant(ggml_type, codes, s, m, item.gguf)
+            errors.add_param(fit.scales, s)
+            errors.add_offsets(fit.offsets, m, s)
+            errors.add(
+                gguf_blocks.fma_dequantize(codes, fit.scales, fit.offsets, g),
+                gguf_blocks.fma_dequantize(codes, s, m, g),
+            )
+            yield fit.raw
         return
     rows = item.rows
     for a, b in _slices(rows, k):
@@ -582,7 +671,7 @@ def export_gguf(
                 if entry is not None and _unchanged(reader, entry, item):
                     plans.append((item, entry.ggml_type, True))
                 else:
-                    plans.append((item, _choose(item, other), False))
+                    plans.append((item, _choose(item, other, entry), False))
             auxiliary = (
                 [e for name, e in header.tensors.items() if name in gguf_arch.AUXILIARY] if header is not None else []
             )
@@ -634,11 +723,23 @@ def _write(writer, metadata, file_type, auxiliary, plans, reader, header, report
     writer.write_ti_data_to_file()
     for entry in auxiliary:
         writer.write_tensor_data(reader.raw(entry))
+        kind = gguf_blocks.type_name(entry.ggml_type)
         report.tensors.append(
-            TensorReport(entry.name, gguf_blocks.type_name(entry.ggml_type), "copied", tuple(entry.shape))
+            TensorReport(
+                entry.name,
+                kind,
+                "copied",
+                tuple(entry.shape),
+                nbytes=entry.nbytes,
+                source_type=kind,
+                source_nbytes=entry.nbytes,
+            )
         )
     for item, t, copied in progress(plans, desc="qalora: writing GGUF tensors", enabled=show_progress, min_items=20):
         tr = TensorReport(item.gguf, gguf_blocks.type_name(t), "copied", item.shape)
+        source = header.tensors.get(item.gguf) if header is not None else None
+        if source is not None:
+            tr.source_type, tr.source_nbytes = gguf_blocks.type_name(source.ggml_type), source.nbytes
         if copied:
             data = reader.raw(header.tensors[item.gguf])
         else:
@@ -649,9 +750,13 @@ def _write(writer, metadata, file_type, auxiliary, plans, reader, header, report
                 tr.how = "dense"
             elif t in (gguf_blocks.Q4_1, gguf_blocks.Q5_1):
                 tr.how = "rounded" if errors.param > 0 else "exact"
+            elif t in gguf_blocks.K_OFFSET_TYPES:
+                tr.how = "fitted" if errors.diff2 > 0 else "exact"
+                tr.offset_change_steps = errors.offset_steps
             else:
                 tr.how = "converted"
         writer.write_tensor_data(data)
+        tr.nbytes = int(data.nbytes)
         report.tensors.append(tr)
 
 

@@ -54,15 +54,17 @@ def perplexity(path: str, blocks: torch.Tensor, threads: int = 2) -> float:
 QUANT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K_M", "Q4_K_S", "Q5_K_M", "Q3_K_M", "Q2_K", "Q6_K")
 
 
-def quantize(src: str, dst: str, type_name: str, threads: int = 2) -> None:
-    """llama.cpp's own quantizer (``llama_model_quantize``): ``src`` (an F16/F32 GGUF) to
-    ``dst`` at ``type_name`` (one of :data:`QUANT_TYPES`)."""
+def quantize(src: str, dst: str, type_name: str, threads: int = 2, allow_requantize: bool = False) -> None:
+    """llama.cpp's own quantizer (``llama_model_quantize``): ``src`` (an F16/F32 GGUF; a
+    quantized one with ``allow_requantize``) to ``dst`` at ``type_name`` (one of
+    :data:`QUANT_TYPES`)."""
     llama_cpp = require()
     if type_name not in QUANT_TYPES:
         raise ConfigError(f"type_name: got {type_name!r}, allowed: {', '.join(QUANT_TYPES)}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name}")
     params.nthread = threads
+    params.allow_requantize = bool(allow_requantize)
     rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
     if rc != 0:
         raise FormatError(f"llama.cpp could not quantize {src} to {type_name} (llama_model_quantize returned {rc})")
