@@ -99,8 +99,14 @@ def _vocab(n: int):
     i = 0
     # Merges of two printable letters first (so ordinary text merges), then any byte pairs.
     order = [c for c in alphabet if c.isalpha()] + [c for c in alphabet if not c.isalpha()]
+    pairs = len(order) ** 2
+    first_pair = len(tokens)
     while len(tokens) < n:
-        a, b = order[i % len(order)], order[(i // len(order)) % len(order)]
+        if i < pairs:
+            a, b = order[i % len(order)], order[i // len(order)]
+        else:  # every byte pair taken (vocabularies of 128 k): a pair token and one more byte
+            j = i - pairs
+            a, b = tokens[first_pair + j % (pairs // 2)], order[(j // (pairs // 2)) % len(order)]
         i += 1
         if a + b in seen:
             continue
