@@ -115,6 +115,10 @@ def config_and_tokenizer(path: str, header: GGUFHeader | None = None, shape=None
             ) from e
         if not _same_header(header):
             raise FormatError(f"{path}: the file changed while it was being read")
+        if shape.arch.gguf_name not in ("llama", "qwen2"):
+            # The file's head dimension, which transformers' readers of these do not all take
+            # (Qwen3's ignores attention.key_length and keeps its config's default of 128).
+            config.head_dim = shape.head_dim
         gguf_validate.check_config(config, shape, path)
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".meta-", dir=os.path.dirname(cache))
@@ -223,9 +227,11 @@ def _set_dense(
     order,
     what: str,
     allow_nonfinite: bool = False,
+    shift: float = 0.0,
 ) -> None:
     """Fills a dense parameter of ``module`` (embedding, norm, bias, F32/F16/BF16 weight) from
-    the tensor, in the module's dtype, rows in Hugging Face order."""
+    the tensor, in the module's dtype, rows in Hugging Face order, less ``shift`` (what the
+    converter added to a 1-D tensor)."""
     old = getattr(module, attr, None)
     if not isinstance(old, torch.Tensor):
         raise FormatError(f"{what}: the model has no such parameter for tensor {entry.name!r}")
@@ -235,6 +241,8 @@ def _set_dense(
     value = torch.empty(shape, dtype=old.dtype)
     if len(shape) == 1:
         raw = gguf_blocks.decode_dense(entry.ggml_type, reader.raw(entry), entry.name)
+        if shift:
+            raw = (raw.astype(np.float32) - np.float32(shift)).astype(np.float32)  # Gemma's norms: llama.cpp adds 1
         value.copy_(torch.from_numpy(raw if order is None else raw[order_inverse(order)]))
         if not allow_nonfinite:
             _check_finite(value, entry, reader.path)
@@ -294,9 +302,9 @@ def _fill(path, header, shape, config, dtype, show_progress, allow_nonfinite):
             heads = gguf_arch.rope_heads(entry.name, arch, n_head, n_head_kv)
             rows = entry.rows if len(entry.shape) > 1 else entry.shape[0]
             order = None if heads is None else gguf_arch.rope_order(rows, heads)
-            name = gguf_arch.hf_name(entry.name)
+            name = arch.hf_name(entry.name)
             if name is None:
-                if entry.name != "rope_freqs.weight":
+                if entry.name not in arch.auxiliary:
                     raise FormatError(f"{path}: tensor {entry.name!r} has no place in a {arch.gguf_name} model")
                 rope_freqs = gguf_blocks.decode_dense(entry.ggml_type, reader.raw(entry), entry.name)
                 if not (np.isfinite(rope_freqs).all() and (rope_freqs > 0).all()):
@@ -324,7 +332,8 @@ def _fill(path, header, shape, config, dtype, show_progress, allow_nonfinite):
                 modules[module_name] = layer
                 layers.append(info)
             else:
-                _set_dense(module, attr, reader, entry, order, f"{path}: {name}", allow_nonfinite)
+                shift = arch.shift(entry.name)
+                _set_dense(module, attr, reader, entry, order, f"{path}: {name}", allow_nonfinite, shift)
     if getattr(config, "tie_word_embeddings", False) and "output.weight" not in header.tensors:
         model.tie_weights()
     leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
@@ -358,8 +367,8 @@ def load_gguf(
     :func:`qalora.export_gguf` can copy unchanged tensors from it byte for byte.
 
     Args:
-        path: a ``.gguf`` file of a supported architecture (llama family: Llama 2/3,
-            TinyLlama, SmolLM2, Mistral; Qwen2).
+        path: a ``.gguf`` file of a supported architecture (llama family: Llama 2/3.x,
+            TinyLlama, SmolLM2, Mistral; Qwen2/2.5; Qwen3; Phi-3/Phi-4; Gemma 2; Gemma 3).
         dtype: dtype of the dense tensors (embeddings, norms, F32/F16/BF16 layers).
         show_progress: progress bar over tensors (default: for files of 20 tensors or more).
         allow_nonfinite: load F32/F16/BF16 tensors that hold NaN or Inf (refused by default:

@@ -152,6 +152,7 @@ class _Item:
     layer: QuantLinear | QuantEmbedding | None = None
     tensor: torch.Tensor | None = None
     order: np.ndarray | None = None  # gguf row r = model row order[r]
+    shift: float = 0.0  # what llama.cpp adds to the model's values (Gemma's norms: 1)
 
     @property
     def rows(self) -> int:
@@ -180,11 +181,12 @@ def _model_items(model: nn.Module, arch: gguf_arch.Architecture, n_head: int, n_
         return None if heads is None else gguf_arch.rope_order(rows, heads)
 
     def add(hf: str, shape, **kw) -> None:
-        gname = gguf_arch.gguf_name(hf)
+        gname = arch.gguf_name_of(hf)
         if gname is None:
             unmapped.append(hf)
         else:
-            items.append(_Item(gname, shape, order=order_for(gname, shape[1] if len(shape) > 1 else shape[0]), **kw))
+            order = order_for(gname, shape[1] if len(shape) > 1 else shape[0])
+            items.append(_Item(gname, shape, order=order, shift=arch.shift(gname), **kw))
 
     layers = dict(quantized_layers(model))
     # A quantized token embedding is written like a quantized layer (its rows are the
@@ -234,7 +236,8 @@ def _model_rows(item: _Item, a: int, b: int):
 
 
 def _dense_values(item: _Item, a: int, b: int) -> np.ndarray:
-    """Rows [a, b) of the item's float32 weight in GGUF row order."""
+    """Rows [a, b) of the item's float32 weight in GGUF row order, as the model holds it
+    (without the item's ``shift``)."""
     rows = _model_rows(item, a, b)
     if item.layer is not None:
         layer = item.layer
@@ -275,6 +278,10 @@ def _unchanged(reader: TensorReader, entry: TensorEntry, item: _Item) -> bool:
     rows = entry.rows if len(entry.shape) > 1 else 1
     for a, b in _slices(rows, k):
         source = gguf_blocks.decode_dense(entry.ggml_type, reader.rows(entry, a, b), entry.name).reshape(b - a, -1)
+        if item.shift:
+            # Compared as the import made it (source - shift in float32): adding the shift back
+            # is not exact for every float32 (below 0.5), subtracting it again is deterministic.
+            source = source.astype(np.float32) - np.float32(item.shift)
         if not np.array_equal(_dense_values(item, a, b).reshape(b - a, -1), source):
             return False
     return True
@@ -357,6 +364,8 @@ def _encode(item: _Item, ggml_type: int, errors: _Errors) -> Iterator[np.ndarray
     rows = item.rows
     for a, b in _slices(rows, k):
         dense = _dense_values(item, a, b).reshape(b - a, -1)
+        if item.shift:
+            dense = dense + np.float32(item.shift)
         raw = gguf_blocks.encode_dense(dense, ggml_type, item.gguf)
         errors.add(gguf_blocks.decode_dense(ggml_type, raw, item.gguf).reshape(dense.shape), dense)
         yield raw
@@ -488,7 +497,8 @@ def _prepare(model: nn.Module, tokenizer, source, pre_tokenizer):
         if config is None:
             raise FormatError(
                 "the model has no Hugging Face config and did not come from a GGUF file; qalora writes GGUF for "
-                "llama-family and Qwen2 models loaded with qalora.load_gguf or from a Hugging Face directory"
+                f"models of these architectures loaded with qalora.load_gguf or from a Hugging Face directory: "
+                f"{gguf_arch.supported()}"
             )
         arch = gguf_arch.architecture_for_hf(getattr(config, "model_type", None), "export_gguf")
         n_head = int(config.num_attention_heads)
@@ -539,7 +549,8 @@ def export_gguf(
 
     Args:
         model: a model loaded with :func:`qalora.load_gguf` (wrapped, trained, merged or
-            not), or a Hugging Face llama-family / Qwen2 model (e.g. wrapped and merged).
+            not), or a Hugging Face model of a supported family (llama, Mistral, Qwen2/3,
+            Phi-3, Gemma 2/3; e.g. wrapped and merged).
         path: the ``.gguf`` file to write.
         tokenizer: the model's tokenizer, needed when the model did not come from a GGUF
             file (whose tokenizer metadata is copied otherwise; a chat template on this
@@ -584,7 +595,7 @@ def export_gguf(
                 else:
                     plans.append((item, _choose(item, other), False))
             auxiliary = (
-                [e for name, e in header.tensors.items() if name in gguf_arch.AUXILIARY] if header is not None else []
+                [e for name, e in header.tensors.items() if name in arch.auxiliary] if header is not None else []
             )
             weights: dict[int, int] = {}
             for item, t, _ in plans:
@@ -621,23 +632,34 @@ def _write(writer, metadata, file_type, auxiliary, plans, reader, header, report
         writer.add_key_value(kv.key, kv.value, _writer_type(kv.type), sub)
     if not any(kv.key == "general.file_type" for kv in metadata):
         writer.add_key_value("general.file_type", int(file_type), _writer_type(UINT32))
-    for entry in auxiliary:
-        writer.add_tensor_info(
-            entry.name, (entry.nbytes,), np.dtype(np.uint8), entry.nbytes, raw_dtype=_qtype(entry.ggml_type)
-        )
-    for item, t, _ in plans:
+    # Auxiliary tensors (rope_freqs) keep their place in the source's order, so an untouched
+    # export is the source file whatever the converter put first.
+    position = {name: i for i, name in enumerate(header.tensors)} if header is not None else {}
+    ordered = sorted(
+        [(position.get(e.name, -1), e) for e in auxiliary] + [(position.get(p[0].gguf, -1), p) for p in plans],
+        key=lambda x: x[0],
+    )
+    for _, what in ordered:
+        if isinstance(what, TensorEntry):
+            writer.add_tensor_info(
+                what.name, (what.nbytes,), np.dtype(np.uint8), what.nbytes, raw_dtype=_qtype(what.ggml_type)
+            )
+            continue
+        item, t, _ = what
         nbytes = _nbytes(t, item.shape)
         byte_shape = (*reversed(item.shape[1:]), nbytes // max(item.rows, 1))
         writer.add_tensor_info(item.gguf, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=_qtype(t))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for entry in auxiliary:
-        writer.write_tensor_data(reader.raw(entry))
-        report.tensors.append(
-            TensorReport(entry.name, gguf_blocks.type_name(entry.ggml_type), "copied", tuple(entry.shape))
-        )
-    for item, t, copied in progress(plans, desc="qalora: writing GGUF tensors", enabled=show_progress, min_items=20):
+    for _, what in progress(ordered, desc="qalora: writing GGUF tensors", enabled=show_progress, min_items=20):
+        if isinstance(what, TensorEntry):
+            writer.write_tensor_data(reader.raw(what))
+            report.tensors.append(
+                TensorReport(what.name, gguf_blocks.type_name(what.ggml_type), "copied", tuple(what.shape))
+            )
+            continue
+        item, t, copied = what
         tr = TensorReport(item.gguf, gguf_blocks.type_name(t), "copied", item.shape)
         if copied:
             data = reader.raw(header.tensors[item.gguf])

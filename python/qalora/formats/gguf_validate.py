@@ -223,8 +223,14 @@ class _Checker:
         if value_length is not None and value_length != head_dim:
             raise self.fail(f"{a}.attention.value_length = {value_length} must equal the head dimension {head_dim}")
         # transformers' llama takes its head dimension from rope.dimension_count, its qwen2
-        # from the hidden size over the heads: either must agree with llama.cpp's.
-        if key_length is not None and key_length != hidden // n_head and not (a == "llama" and rope_dim == key_length):
+        # from the hidden size over the heads: either must agree with llama.cpp's. (For the
+        # other architectures qalora sets the config's head_dim from the file itself.)
+        if (
+            a in ("llama", "qwen2")
+            and key_length is not None
+            and key_length != hidden // n_head
+            and not (a == "llama" and rope_dim == key_length)
+        ):
             raise self.fail(
                 f"{a}.attention.key_length = {key_length} is not the head dimension transformers builds "
                 f"({a}.embedding_length / {a}.attention.head_count = {hidden // n_head}"
@@ -353,6 +359,11 @@ class _Checker:
         optional = {"output.weight", "rope_freqs.weight"}
         for name, entry in h.tensors.items():
             shape = expected.get(name)
+            if shape is None and name.startswith("rope_factors_"):
+                raise self.fail(
+                    f"tensor {name!r}: LongRoPE rotary factors (Phi-3 long-context models) are not supported; "
+                    "qalora reads the 4k-context Phi-3 / Phi-4 files, without rope_factors_long / rope_factors_short"
+                )
             if shape is None:
                 block, _ = gguf_arch.split_block_name(name)
                 if block is not None and block >= s["n_layers"]:
@@ -393,24 +404,29 @@ def byte_alphabet() -> list[str]:
 
 def expected_tensors(arch: gguf_arch.Architecture, s: dict, n_vocab: int) -> dict[str, tuple[int, ...]]:
     """Every tensor a file of this shape may hold, with its GGUF shape (ne0 first)."""
-    hidden, q, kv, ffn = s["hidden"], s["n_head"] * s["head_dim"], s["n_head_kv"] * s["head_dim"], s["ffn"]
+    hidden, head_dim, ffn = s["hidden"], s["head_dim"], s["ffn"]
+    q, kv = s["n_head"] * head_dim, s["n_head_kv"] * head_dim
     out: dict[str, tuple[int, ...]] = {
         "token_embd.weight": (hidden, n_vocab),
         "output_norm.weight": (hidden,),
         "output.weight": (hidden, n_vocab),
-        "rope_freqs.weight": (s["head_dim"] // 2,),
     }
-    per_block = {
-        "attn_norm.weight": (hidden,),
-        "attn_q.weight": (hidden, q),
-        "attn_k.weight": (hidden, kv),
-        "attn_v.weight": (hidden, kv),
-        "attn_output.weight": (q, hidden),
-        "ffn_norm.weight": (hidden,),
-        "ffn_gate.weight": (hidden, ffn),
-        "ffn_up.weight": (hidden, ffn),
-        "ffn_down.weight": (ffn, hidden),
+    if "rope_freqs.weight" in arch.auxiliary:
+        out["rope_freqs.weight"] = (head_dim // 2,)
+    shapes = {
+        "attn_q": (hidden, q),
+        "attn_k": (hidden, kv),
+        "attn_v": (hidden, kv),
+        "attn_qkv": (hidden, q + 2 * kv),
+        "attn_output": (q, hidden),
+        "attn_q_norm": (head_dim,),
+        "attn_k_norm": (head_dim,),
+        "ffn_gate": (hidden, ffn),
+        # Phi-3 has no ffn_gate: its ffn_up holds the gate rows, then the up rows.
+        "ffn_up": (hidden, ffn if "ffn_gate" in arch.block else 2 * ffn),
+        "ffn_down": (ffn, hidden),
     }
+    per_block = {f"{part}.weight": shapes.get(part, (hidden,)) for part in arch.block}  # the rest: norms
     if arch.attention_bias:
         per_block |= {"attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,)}
     for i in range(s["n_layers"]):
