@@ -300,3 +300,56 @@ def test_other_families_are_refused_by_name(name, tmp_path):
     path.write_bytes(serialize(parsed))
     with pytest.raises(qalora.FormatError, match=rf"'{name}' is not supported.*gemma3 \(Gemma 3.*phi3 \(Phi-3"):
         qalora.load_gguf(path)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "phi3"])
+def test_export_from_a_hugging_face_model(name, tmp_path):
+    """No GGUF source: the metadata from the config (Qwen3's head dimension as key_length),
+    and llama.cpp computes what the model does."""
+    path = tmp_path / f"{name}.gguf"
+    spec = syn.write_synthetic_gguf(path, spec_of(name))
+    hf = transformers_model(str(path), name)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    qalora.wrap(hf, qalora.QALoRAConfig(rank=4))
+    random_update(hf)
+    qalora.merge(hf)
+    out = tmp_path / "from_hf.gguf"
+    report = qalora.export_gguf(hf, out, tokenizer=tok)
+    assert report.source == "config" and report.count("exact") == len(list(quantized_layers(hf))) > 0
+    assert read_header(out).get(f"{spec.arch}.attention.key_length") == (spec.key_length if name == "qwen3" else None)
+    blocks = torch.randint(3, spec.vocab, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf(input_ids=blocks).logits.numpy()
+    agree, rel = agreement(llama_cpp_logits(out, blocks), ref)
+    assert agree > 0.8 and rel < 0.05
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3"])
+def test_gemma_from_a_hugging_face_model_is_refused_by_name(name, tmp_path):
+    path = tmp_path / f"{name}.gguf"
+    syn.write_synthetic_gguf(path, spec_of(name))
+    hf = transformers_model(str(path), name)
+    with pytest.raises(qalora.FormatError, match=r"type 'gemma.*' cannot be written.*supported model types: llama"):
+        qalora.export_gguf(hf, tmp_path / "x.gguf", tokenizer=object())
+
+
+@pytest.mark.parametrize("name, blocks", [("gemma2", 46), ("gemma3", 62)])
+def test_gemma_attention_scale_and_soft_capping_as_llama_cpp_reads_them(name, blocks, tmp_path):
+    """llama.cpp scales Gemma's queries by hidden / heads for its 27B block counts (46, 62),
+    by the head dimension otherwise, and takes Gemma 2's soft-capping from the file;
+    transformers' GGUF reader keeps its config class's defaults (256, 50, 30). (On random
+    weights the attention scale barely moves the logits, so this checks the config.)"""
+    path = tmp_path / f"{name}.gguf"
+    extra = {"gemma2.attn_logit_softcapping": ("float32", 20.0)} if name == "gemma2" else {}
+    spec = spec_of(name, hidden=64, heads=2, key_length=64, ffn=128, layers=blocks, extra_metadata=extra)
+    syn.write_synthetic_gguf(path, spec)
+    config = qalora.load_gguf(path).model.config
+    assert config.query_pre_attn_scalar == 32  # hidden / heads, not the head dimension 64
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path, gguf_file=path.name)
+    assert theirs.query_pre_attn_scalar == 256
+    if name == "gemma2":
+        assert (config.attn_logit_softcapping, config.final_logit_softcapping) == (20.0, 30.0)
+        assert theirs.attn_logit_softcapping == 50.0
+    small = tmp_path / "small.gguf"
+    syn.write_synthetic_gguf(small, spec_of(name, hidden=64, heads=2, key_length=64, ffn=128, layers=4))
+    assert qalora.load_gguf(small).model.config.query_pre_attn_scalar == 64

@@ -115,10 +115,7 @@ def config_and_tokenizer(path: str, header: GGUFHeader | None = None, shape=None
             ) from e
         if not _same_header(header):
             raise FormatError(f"{path}: the file changed while it was being read")
-        if shape.arch.gguf_name not in ("llama", "qwen2"):
-            # The file's head dimension, which transformers' readers of these do not all take
-            # (Qwen3's ignores attention.key_length and keeps its config's default of 128).
-            config.head_dim = shape.head_dim
+        family_config(config, header, shape)
         gguf_validate.check_config(config, shape, path)
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".meta-", dir=os.path.dirname(cache))
@@ -135,6 +132,31 @@ def config_and_tokenizer(path: str, header: GGUFHeader | None = None, shape=None
     tokenizer = transformers.AutoTokenizer.from_pretrained(cache)
     gguf_validate.check_config(config, shape, path)
     return config, tokenizer, cached
+
+
+#: Gemma block counts llama.cpp takes for the 27B models, whose attention scale it takes from
+#: hidden / heads instead of the head dimension (as the released configs'
+#: query_pre_attn_scalar does).
+_GEMMA_27B_BLOCKS = {"gemma2": 46, "gemma3": 62}
+
+
+def family_config(config, header: GGUFHeader, shape) -> None:
+    """Sets what the file says and transformers' GGUF reader leaves at its config class's
+    defaults, as llama.cpp reads it, so qalora computes what llama.cpp computes: the head
+    dimension (Qwen3's reader ignores attention.key_length and keeps 128; Gemma's default is
+    256), and Gemma's attention scale and soft-capping."""
+    a = shape.arch.gguf_name
+    if a in ("llama", "qwen2"):
+        return
+    config.head_dim = shape.head_dim
+    if a in _GEMMA_27B_BLOCKS:
+        big = shape.n_layers == _GEMMA_27B_BLOCKS[a]
+        config.query_pre_attn_scalar = shape.hidden // shape.n_head if big else shape.head_dim
+    if a == "gemma2":
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            value = header.get(f"gemma2.{key}")
+            if value is not None:
+                setattr(config, key, float(value))
 
 
 def build_skeleton(config, dtype: torch.dtype) -> nn.Module:

@@ -92,16 +92,11 @@ ARCHITECTURES: dict[str, Architecture] = {
         "gemma3", False, False, "Gemma 3 (text)", block=_GEMMA_BLOCK | _QK_NORM, norm_shift=1.0, auxiliary=()
     ),
 }
-#: Hugging Face ``model_type`` -> GGUF architecture written for it.
-HF_MODEL_TYPES = {
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "phi3": "phi3",
-    "gemma2": "gemma2",
-    "gemma3_text": "gemma3",
-}
+#: Hugging Face ``model_type`` -> GGUF architecture written for it, for a model that did not
+#: come from a GGUF file (metadata from its config). Gemma is not among them: its files need
+#: keys (soft-capping, sliding window) the config export does not write; Gemma models loaded
+#: from GGUF files export with their source's metadata.
+HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
 
 
 def supported() -> str:

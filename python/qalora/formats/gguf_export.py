@@ -400,6 +400,14 @@ def _metadata_from_config(
         raise FormatError(
             f"rope type {_rope_type(config)!r} is not written by qalora's GGUF export (only the default rope)"
         )
+    rope = getattr(config, "rope_parameters", None)
+    partial = (rope.get("partial_rotary_factor") if isinstance(rope, dict) else None) or getattr(
+        config, "partial_rotary_factor", None
+    )
+    if partial not in (None, 1.0):
+        raise FormatError(
+            f"partial_rotary_factor = {partial}: qalora's GGUF export writes models that rotate the whole head"
+        )
     if tokenizer is None:
         raise FormatError(
             "this model did not come from a GGUF file, so its tokenizer must be given: export_gguf(model, path, tokenizer=tok)"

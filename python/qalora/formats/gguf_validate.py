@@ -90,6 +90,8 @@ FLOAT_LIMITS = {
     "rope.freq_base": (1.0, 1e12),
     "rope.scaling.factor": (0.0, 1024.0),
     "rope.scaling.attn_factor": (0.0, 1024.0),
+    "attn_logit_softcapping": (0.0, 1e6),  # Gemma 2: logits capped at +-cap (tanh(x / cap) * cap)
+    "final_logit_softcapping": (0.0, 1e6),
 }
 #: rope scaling types llama.cpp knows.
 ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
@@ -246,6 +248,8 @@ class _Checker:
         self.number(f"{a}.attention.layer_norm_rms_epsilon", *FLOAT_LIMITS["attention.layer_norm_rms_epsilon"], True)
         self.number(f"{a}.rope.freq_base", *FLOAT_LIMITS["rope.freq_base"])
         self.rope_scaling(a)
+        for field in ("attn_logit_softcapping", "final_logit_softcapping"):
+            self.number(f"{a}.{field}", *FLOAT_LIMITS[field])
         for key, entry in self.header.metadata.items():  # any other float of the model: finite
             if key.startswith(f"{a}.") and entry.type in _FLOAT_TYPES and not math.isfinite(entry.value):
                 raise self.fail(f"{key} = {entry.value!r} is not finite")
