@@ -87,6 +87,9 @@ class SyntheticSpec:
     key_length: int | None = None
     #: more metadata: key -> (GGUFWriter add_<kind> method, value)
     extra_metadata: dict[str, tuple] = field(default_factory=dict)
+    #: multiplies the scales of attn_q / attn_k / attn_qkv: random weights otherwise give
+    #: near-uniform attention, which hides how a reader scales and rotates queries and keys
+    attn_scale: float = 1.0
     #: tensors to leave out of the plan, and (name, ne, type name) to add at its end
     omit: tuple[str, ...] = ()
     extra_tensors: tuple[tuple, ...] = ()
@@ -203,6 +206,8 @@ def _tensor_bytes(rng: np.random.Generator, name: str, ne: tuple, type_name: str
     block, size = GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, size=(count // block, size), dtype=np.uint8)
     fields, lo, hi = _SCALE_FIELDS.get(type_name, ((0,), 1e-3, 3e-3))  # other types: random bytes, d first
+    if any(f".{part}.weight" in name for part in ("attn_q", "attn_k", "attn_qkv")):
+        lo, hi = lo * spec.attn_scale, hi * spec.attn_scale
     d = rng.uniform(lo, hi, size=blocks.shape[0]).astype(np.float16)
     for at in fields:
         blocks[:, at : at + 2] = d.view(np.uint8).reshape(-1, 2)

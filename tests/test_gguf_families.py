@@ -45,7 +45,10 @@ FAMILIES = {
 
 
 def spec_of(family: str, **kw) -> syn.SyntheticSpec:
-    return syn.SyntheticSpec(**{"layers": 2, "ffn": 512, "vocab": 300, "types": TYPES, **FAMILIES[family], **kw})
+    # attn_scale: attention peaked enough that a wrong query scale or rope shows in llama.cpp's
+    # logits (measured: a 1.5x query scale moves them 0.2 relative, against 0.01-0.02 noise)
+    base = {"layers": 2, "ffn": 512, "vocab": 300, "types": TYPES, "attn_scale": 4.0}
+    return syn.SyntheticSpec(**{**base, **FAMILIES[family], **kw})
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -353,3 +356,35 @@ def test_gemma_attention_scale_and_soft_capping_as_llama_cpp_reads_them(name, bl
     small = tmp_path / "small.gguf"
     syn.write_synthetic_gguf(small, spec_of(name, hidden=64, heads=2, key_length=64, ffn=128, layers=4))
     assert qalora.load_gguf(small).model.config.query_pre_attn_scalar == 64
+
+
+def test_gemma3_linear_rope_scaling_on_global_layers(tmp_path):
+    """Gemma 3 4B and up: llama.cpp divides the global layers' rotary frequencies by the
+    file's linear factor and leaves the sliding-window layers' alone; transformers' GGUF
+    reader drops the scaling."""
+    path = tmp_path / "gemma3.gguf"
+    linear = {"gemma3.rope.scaling.type": ("string", "linear"), "gemma3.rope.scaling.factor": ("float32", 8.0)}
+    spec = syn.write_synthetic_gguf(path, spec_of("gemma3", layers=6, extra_metadata=linear))
+    model = qalora.load_gguf(path).model
+    assert model.config.layer_types[5] == "full_attention"
+    dim = spec.head_dim
+    steps = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    rotary = model.model.rotary_emb
+    assert torch.allclose(rotary.full_attention_inv_freq, 1.0 / (1e6**steps) / 8, rtol=1e-6)
+    assert torch.allclose(rotary.sliding_attention_inv_freq, 1.0 / (1e4**steps), rtol=1e-6)
+    ids = torch.randint(3, spec.vocab, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.numpy()
+    agree, rel = agreement(llama_cpp_logits(path, ids), ref)
+    assert agree > 0.8 and rel < 0.05
+    out = tmp_path / "out.gguf"
+    qalora.export_gguf(model, out)
+    assert open_bytes(out) == open_bytes(path)
+
+
+def test_other_rope_scaling_is_refused_by_name(tmp_path):
+    path = tmp_path / "qwen3.gguf"
+    yarn = {"qwen3.rope.scaling.type": ("string", "yarn"), "qwen3.rope.scaling.factor": ("float32", 4.0)}
+    syn.write_synthetic_gguf(path, spec_of("qwen3", extra_metadata=yarn))
+    with pytest.raises(qalora.FormatError, match=r"rope\.scaling\.type = 'yarn' is not supported for qwen3"):
+        qalora.load_gguf(path)

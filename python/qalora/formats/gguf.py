@@ -144,11 +144,28 @@ def family_config(config, header: GGUFHeader, shape) -> None:
     """Sets what the file says and transformers' GGUF reader leaves at its config class's
     defaults, as llama.cpp reads it, so qalora computes what llama.cpp computes: the head
     dimension (Qwen3's reader ignores attention.key_length and keeps 128; Gemma's default is
-    256), and Gemma's attention scale and soft-capping."""
+    256), linear rope scaling (Gemma 3 4B and up), and Gemma's attention scale and
+    soft-capping."""
     a = shape.arch.gguf_name
     if a in ("llama", "qwen2"):
         return
     config.head_dim = shape.head_dim
+    kind = header.get(f"{a}.rope.scaling.type")
+    if kind not in (None, "none"):
+        factor = header.get(f"{a}.rope.scaling.factor")
+        if kind != "linear" or factor is None:
+            raise FormatError(
+                f"{header.path}: {a}.rope.scaling.type = {kind!r}"
+                + ("" if kind != "linear" else " without rope.scaling.factor")
+                + f" is not supported for {a}; qalora reads linear rope scaling with its factor"
+            )
+        linear = {"rope_type": "linear", "factor": float(factor)}
+        rope = dict(config.rope_parameters)
+        if a == "gemma3":  # llama.cpp scales the global layers' rope only (Gemma 3 4B and up)
+            rope["full_attention"] = {**rope["full_attention"], **linear}
+        else:
+            rope.update(linear)
+        config.rope_parameters = rope
     if a in _GEMMA_27B_BLOCKS:
         big = shape.n_layers == _GEMMA_27B_BLOCKS[a]
         config.query_pre_attn_scalar = shape.hidden // shape.n_head if big else shape.head_dim
