@@ -83,6 +83,10 @@ class SyntheticSpec:
     #: original context 8192)
     rope_freqs: bool | str = False
     rope_theta: float = 10000.0
+    #: Phi-3 LongRoPE: rope_factors_long / rope_factors_short first in the file, the
+    #: pretraining context (rope.scaling.original_context_length) and the cos/sin scale
+    #: (rope.scaling.attn_factor) as the converter derives it from context / original
+    longrope_original: int | None = None
     #: attention.key_length, for a head dimension other than hidden / heads
     key_length: int | None = None
     #: more metadata: key -> (GGUFWriter add_<kind> method, value)
@@ -153,6 +157,8 @@ def tensor_plan(spec: SyntheticSpec):
     plan = []
     if spec.rope_freqs:  # the converter yields its generated tensors first
         plan.append(("rope_freqs.weight", (spec.head_dim // 2,), "F32"))
+    if spec.longrope_original:
+        plan += [(f"rope_factors_{k}.weight", (spec.head_dim // 2,), "F32") for k in ("long", "short")]
     plan.append(("token_embd.weight", (spec.hidden, spec.vocab), spec.types.get("token_embd", "Q8_0")))
     before, after = _block_norms(spec)
     for i in range(spec.layers):
@@ -193,6 +199,8 @@ def _tensor_bytes(rng: np.random.Generator, name: str, ne: tuple, type_name: str
     if type_name == "F32":
         if name.endswith("norm.weight"):  # for Gemma, llama.cpp's (weight + 1)
             return (1.0 + 0.1 * rng.standard_normal(count)).astype(np.float32)
+        if name.startswith("rope_factors_"):  # short: near 1; long: up to tens
+            return rng.uniform(1.0, 1.5 if "short" in name else 40.0, count).astype(np.float32)
         if name.startswith("rope_freqs"):
             if spec.rope_freqs == "llama3":
                 return llama3_rope_freqs(spec)
@@ -240,7 +248,11 @@ def write_synthetic_gguf(path, spec: SyntheticSpec | None = None, seed: int = 0)
         w.add_uint32(f"{a}.rope.dimension_count", spec.head_dim)
     w.add_uint32(f"{a}.vocab_size", spec.vocab)
     if a == "phi3":
-        w.add_uint32(f"{a}.rope.scaling.original_context_length", spec.context)
+        original = spec.longrope_original or spec.context
+        w.add_uint32(f"{a}.rope.scaling.original_context_length", original)
+        if spec.longrope_original:
+            scale = spec.context / original
+            w.add_float32(f"{a}.rope.scaling.attn_factor", float(np.sqrt(1 + np.log(scale) / np.log(original))))
     if a == "gemma2":  # the values transformers' Gemma2Config assumes (its GGUF reader skips them)
         w.add_float32(f"{a}.attn_logit_softcapping", 50.0)
         w.add_float32(f"{a}.final_logit_softcapping", 30.0)

@@ -39,6 +39,9 @@ FAMILIES = {
     "mistral": dict(arch="llama", name="Mistral-7B-Instruct-v0.3", hidden=256, heads=4, kv_heads=1, tied=False),
     "qwen3": dict(arch="qwen3", hidden=128, heads=2, kv_heads=1, key_length=128, rope_theta=1e6),
     "phi3": dict(arch="phi3", hidden=256, heads=4, kv_heads=4, tied=False),
+    "phi3_longrope": dict(
+        arch="phi3", hidden=256, heads=4, kv_heads=4, tied=False, context=131072, longrope_original=4096
+    ),
     "gemma2": dict(arch="gemma2", hidden=256, heads=2, kv_heads=1, key_length=256),
     "gemma3": dict(arch="gemma3", hidden=256, heads=2, kv_heads=1, key_length=256, rope_theta=1e6),
 }
@@ -73,6 +76,20 @@ def transformers_model(path, family):
     if family.startswith("llama3"):
         config = transformers.AutoConfig.from_pretrained(directory, gguf_file=name)
         config.rope_parameters = {**LLAMA3_ROPE, "rope_theta": 5e5}
+        kw["config"] = config
+    if family == "phi3_longrope":  # Phi-3.5's config: LongRoPE from the file's factors, by gguf-py
+        config = transformers.AutoConfig.from_pretrained(directory, gguf_file=name)
+        reader = gguf.GGUFReader(path)
+        factors = {t.name: [float(v) for v in t.data] for t in reader.tensors if t.name.startswith("rope_factors")}
+        field = reader.fields["phi3.rope.scaling.attn_factor"]
+        config.rope_parameters = {
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": factors["rope_factors_short.weight"],
+            "long_factor": factors["rope_factors_long.weight"],
+            "original_max_position_embeddings": 4096,
+            "attention_factor": float(field.parts[field.data[0]][0]),
+        }
         kw["config"] = config
     return transformers.AutoModelForCausalLM.from_pretrained(
         directory, gguf_file=name, dtype=torch.float32, **kw

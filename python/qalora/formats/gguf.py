@@ -169,11 +169,41 @@ def family_config(config, header: GGUFHeader, shape) -> None:
     if a in _GEMMA_27B_BLOCKS:
         big = shape.n_layers == _GEMMA_27B_BLOCKS[a]
         config.query_pre_attn_scalar = shape.hidden // shape.n_head if big else shape.head_dim
+    if a == "phi3" and "rope_factors_short.weight" in header.tensors:
+        _longrope(config, header)
     if a == "gemma2":
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):
             value = header.get(f"gemma2.{key}")
             if value is not None:
                 setattr(config, key, float(value))
+
+
+def _longrope(config, header: GGUFHeader) -> None:
+    """Phi-3 LongRoPE (the 128k-context Phi-3 / 3.5 / 4-mini files): the converter stores the
+    per-frequency divisors as rope_factors_short / rope_factors_long, the pretraining context
+    and the cos/sin scale as rope.scaling.original_context_length / attn_factor. transformers'
+    GGUF reader drops all of them; its Phi-3 computes LongRoPE from this config: the short
+    factors up to the original context, the long ones beyond (llama.cpp picks by its context
+    size instead: short up to the original context)."""
+    original = header.get("phi3.rope.scaling.original_context_length")
+    if original is None:
+        raise FormatError(
+            f"{header.path}: rope_factors_short.weight needs phi3.rope.scaling.original_context_length "
+            "(the context the short factors apply to)"
+        )
+    with TensorReader(header.path) as reader:
+        short, long = (_divisors(reader, header.tensors[f"rope_factors_{k}.weight"]) for k in ("short", "long"))
+    rope = dict(config.rope_parameters)
+    rope.update(
+        rope_type="longrope",
+        short_factor=[float(v) for v in short],
+        long_factor=[float(v) for v in long],
+        original_max_position_embeddings=int(original),
+        # llama.cpp scales cos/sin by the file's factor, 1 when absent (transformers would derive one)
+        attention_factor=float(header.get("phi3.rope.scaling.attn_factor", 1.0)),
+    )
+    config.rope_parameters = rope
+    config.original_max_position_embeddings = int(original)
 
 
 def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
@@ -326,6 +356,17 @@ def import_gguf(
     return Imported(model, tokenizer, header, layers, cached, rope_freqs)
 
 
+def _divisors(reader: TensorReader, entry: TensorEntry) -> np.ndarray:
+    """A rotary-divisor tensor (rope_freqs, rope_factors_*): finite and positive, or refused."""
+    values = gguf_blocks.decode_dense(entry.ggml_type, reader.raw(entry), entry.name).astype(np.float32)
+    bad = ~(np.isfinite(values) & (values > 0))
+    if bad.any():
+        raise FormatError(
+            f"{reader.path}: tensor {entry.name!r} must hold finite positive divisors; it holds {values[bad][0]}"
+        )
+    return values
+
+
 def _fill(path, header, shape, config, dtype, show_progress, allow_nonfinite):
     """The skeleton of ``config`` with the file's tensors in it."""
     arch = shape.arch
@@ -345,14 +386,10 @@ def _fill(path, header, shape, config, dtype, show_progress, allow_nonfinite):
             if name is None:
                 if entry.name not in arch.auxiliary:
                     raise FormatError(f"{path}: tensor {entry.name!r} has no place in a {arch.gguf_name} model")
-                rope_freqs = gguf_blocks.decode_dense(entry.ggml_type, reader.raw(entry), entry.name)
-                if not (np.isfinite(rope_freqs).all() and (rope_freqs > 0).all()):
-                    raise FormatError(
-                        f"{path}: tensor 'rope_freqs.weight' must hold finite positive divisors; it holds "
-                        f"{rope_freqs[~(np.isfinite(rope_freqs) & (rope_freqs > 0))][0]}"
-                    )
-                apply_rope_freqs(model, config, rope_freqs, path)
-                continue
+                if entry.name == "rope_freqs.weight":
+                    rope_freqs = _divisors(reader, entry)
+                    apply_rope_freqs(model, config, rope_freqs, path)
+                continue  # Phi-3's rope_factors_* are in the config already (family_config)
             module_name, _, attr = name.rpartition(".")
             module = modules.get(module_name)
             if module is None:

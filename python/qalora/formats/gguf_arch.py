@@ -66,7 +66,7 @@ class Architecture:
     #: llama.cpp's converter stores every ``*norm.weight`` plus this (Gemma's RMSNorm scales by
     #: 1 + weight in Hugging Face, by the weight in llama.cpp).
     norm_shift: float = 0.0
-    #: file tensors that are no parameter of the model (rotary divisors).
+    #: file tensors that are no parameter of the model (rotary divisors), copied on export.
     auxiliary: tuple[str, ...] = ("rope_freqs.weight",)
 
     def hf_name(self, gguf_name: str) -> str | None:
@@ -86,7 +86,14 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture("llama", True, False, "the llama family: Llama 2/3.x, TinyLlama, SmolLM2, Mistral"),
     "qwen2": Architecture("qwen2", False, True, "Qwen2 / Qwen2.5"),
     "qwen3": Architecture("qwen3", False, False, "Qwen3", block=_LLAMA_BLOCK | _QK_NORM),
-    "phi3": Architecture("phi3", False, False, "Phi-3 / Phi-4", block=_PHI3_BLOCK, auxiliary=()),
+    "phi3": Architecture(
+        "phi3",
+        False,
+        False,
+        "Phi-3 / Phi-3.5 / Phi-4",
+        block=_PHI3_BLOCK,
+        auxiliary=("rope_factors_long.weight", "rope_factors_short.weight"),  # LongRoPE
+    ),
     "gemma2": Architecture("gemma2", False, False, "Gemma 2", block=_GEMMA_BLOCK, norm_shift=1.0, auxiliary=()),
     "gemma3": Architecture(
         "gemma3", False, False, "Gemma 3 (text)", block=_GEMMA_BLOCK | _QK_NORM, norm_shift=1.0, auxiliary=()

@@ -360,14 +360,12 @@ class _Checker:
                     f"read; supported: {gguf_blocks.supported_types()}"
                 )
         expected = expected_tensors(arch, s, n_vocab)
-        optional = {"output.weight", "rope_freqs.weight"}
+        optional = {"output.weight", *arch.auxiliary}
+        factors = [name for name in ("rope_factors_short.weight", "rope_factors_long.weight") if name in h.tensors]
+        if len(factors) == 1:
+            raise self.fail(f"tensor {factors[0]!r} comes without its LongRoPE pair (short and long factors)")
         for name, entry in h.tensors.items():
             shape = expected.get(name)
-            if shape is None and name.startswith("rope_factors_"):
-                raise self.fail(
-                    f"tensor {name!r}: LongRoPE rotary factors (Phi-3 long-context models) are not supported; "
-                    "qalora reads the 4k-context Phi-3 / Phi-4 files, without rope_factors_long / rope_factors_short"
-                )
             if shape is None:
                 block, _ = gguf_arch.split_block_name(name)
                 if block is not None and block >= s["n_layers"]:
@@ -415,8 +413,8 @@ def expected_tensors(arch: gguf_arch.Architecture, s: dict, n_vocab: int) -> dic
         "output_norm.weight": (hidden,),
         "output.weight": (hidden, n_vocab),
     }
-    if "rope_freqs.weight" in arch.auxiliary:
-        out["rope_freqs.weight"] = (head_dim // 2,)
+    for name in arch.auxiliary:  # rotary divisors, one per frequency
+        out[name] = (head_dim // 2,)
     shapes = {
         "attn_q": (hidden, q),
         "attn_k": (hidden, kv),
