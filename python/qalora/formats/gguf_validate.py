@@ -95,7 +95,7 @@ FLOAT_LIMITS = {
 }
 #: rope scaling types llama.cpp knows.
 ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
-#: tokenizer.ggml.model values transformers can build a tokenizer for (llama and qwen2 files).
+#: tokenizer.ggml.model values transformers can build a tokenizer for (byte-level BPE, SentencePiece).
 TOKENIZER_MODELS = ("gpt2", "llama")
 #: llama.cpp token types: 0 (undefined) to 6 (byte).
 TOKEN_TYPES = range(0, 7)
