@@ -89,6 +89,8 @@ class SyntheticSpec:
     longrope_original: int | None = None
     #: attention.key_length, for a head dimension other than hidden / heads
     key_length: int | None = None
+    #: rope.dimension_count below the head dimension (Phi-4-mini rotates 3/4 of each head)
+    rope_dim: int | None = None
     #: more metadata: key -> (GGUFWriter add_<kind> method, value)
     extra_metadata: dict[str, tuple] = field(default_factory=dict)
     #: multiplies the scales of attn_q / attn_k / attn_qkv: random weights otherwise give
@@ -101,6 +103,10 @@ class SyntheticSpec:
     @property
     def head_dim(self) -> int:
         return self.key_length or self.hidden // self.heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.rope_dim or self.head_dim
 
 
 def _vocab(n: int):
@@ -158,7 +164,7 @@ def tensor_plan(spec: SyntheticSpec):
     if spec.rope_freqs:  # the converter yields its generated tensors first
         plan.append(("rope_freqs.weight", (spec.head_dim // 2,), "F32"))
     if spec.longrope_original:
-        plan += [(f"rope_factors_{k}.weight", (spec.head_dim // 2,), "F32") for k in ("long", "short")]
+        plan += [(f"rope_factors_{k}.weight", (spec.rotary_dim // 2,), "F32") for k in ("long", "short")]
     plan.append(("token_embd.weight", (spec.hidden, spec.vocab), spec.types.get("token_embd", "Q8_0")))
     before, after = _block_norms(spec)
     for i in range(spec.layers):
@@ -245,7 +251,7 @@ def write_synthetic_gguf(path, spec: SyntheticSpec | None = None, seed: int = 0)
         w.add_uint32(f"{a}.attention.key_length", spec.head_dim)
         w.add_uint32(f"{a}.attention.value_length", spec.head_dim)
     if not a.startswith("gemma"):
-        w.add_uint32(f"{a}.rope.dimension_count", spec.head_dim)
+        w.add_uint32(f"{a}.rope.dimension_count", spec.rotary_dim)
     w.add_uint32(f"{a}.vocab_size", spec.vocab)
     if a == "phi3":
         original = spec.longrope_original or spec.context

@@ -43,6 +43,9 @@ FAMILIES = {
     "phi3_longrope": dict(
         arch="phi3", hidden=256, heads=4, kv_heads=4, tied=False, context=131072, longrope_original=4096
     ),
+    "phi4_mini": dict(  # GQA, a tied head, LongRoPE over 3/4 of each head
+        arch="phi3", hidden=256, heads=4, kv_heads=2, rope_dim=48, context=131072, longrope_original=4096
+    ),
     "gemma2": dict(arch="gemma2", hidden=256, heads=2, kv_heads=1, key_length=256),
     "gemma3": dict(arch="gemma3", hidden=256, heads=2, kv_heads=1, key_length=256, rope_theta=1e6),
 }
@@ -78,7 +81,7 @@ def transformers_model(path, family):
         config = transformers.AutoConfig.from_pretrained(directory, gguf_file=name)
         config.rope_parameters = {**LLAMA3_ROPE, "rope_theta": 5e5}
         kw["config"] = config
-    if family == "phi3_longrope":  # Phi-3.5's config: LongRoPE from the file's factors, by gguf-py
+    if family in ("phi3_longrope", "phi4_mini"):  # Phi-3.5's config: LongRoPE from the file's factors, by gguf-py
         config = transformers.AutoConfig.from_pretrained(directory, gguf_file=name)
         reader = gguf.GGUFReader(path)
         factors = {t.name: [float(v) for v in t.data] for t in reader.tensors if t.name.startswith("rope_factors")}
@@ -90,6 +93,7 @@ def transformers_model(path, family):
             "long_factor": factors["rope_factors_long.weight"],
             "original_max_position_embeddings": 4096,
             "attention_factor": float(field.parts[field.data[0]][0]),
+            "partial_rotary_factor": 0.75 if family == "phi4_mini" else 1.0,
         }
         kw["config"] = config
     return transformers.AutoModelForCausalLM.from_pretrained(

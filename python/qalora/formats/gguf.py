@@ -171,6 +171,8 @@ def family_config(config, header: GGUFHeader, shape) -> None:
         config.query_pre_attn_scalar = shape.hidden // shape.n_head if big else shape.head_dim
     if a == "phi3" and "rope_factors_short.weight" in header.tensors:
         _longrope(config, header)
+    if a == "phi3" and shape.rope_dim != shape.head_dim:  # transformers' reader skips rope.dimension_count
+        config.rope_parameters = {**config.rope_parameters, "partial_rotary_factor": shape.rope_dim / shape.head_dim}
     if a == "gemma2":
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):
             value = header.get(f"gemma2.{key}")

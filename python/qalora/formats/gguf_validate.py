@@ -120,6 +120,7 @@ class ModelShape:
     context: int
     tied: bool
     memory: int  # bytes the imported model and the import's temporaries need
+    rope_dim: int = 0  # dimensions of each head the rope rotates (Phi-4-mini: fewer than all)
 
 
 class _Checker:
@@ -238,7 +239,9 @@ class _Checker:
                 f"({a}.embedding_length / {a}.attention.head_count = {hidden // n_head}"
                 + (f", or {a}.rope.dimension_count when it is given)" if a == "llama" else ")")
             )
-        if rope_dim is not None and rope_dim != head_dim:
+        # Phi-3's transformers model rotates a leading part of each head (Phi-4-mini: 3/4).
+        partial = a == "phi3" and rope_dim is not None and rope_dim < head_dim and rope_dim % 2 == 0
+        if rope_dim is not None and rope_dim != head_dim and not partial:
             raise self.fail(
                 f"{a}.rope.dimension_count = {rope_dim} must equal the head dimension {head_dim}: "
                 "qalora's models rotate the whole head"
@@ -261,6 +264,7 @@ class _Checker:
             "head_dim": head_dim,
             "ffn": ffn,
             "context": context,
+            "rope_dim": rope_dim if rope_dim is not None else head_dim,
         }
 
     def rope_scaling(self, a: str) -> None:
@@ -414,7 +418,7 @@ def expected_tensors(arch: gguf_arch.Architecture, s: dict, n_vocab: int) -> dic
         "output.weight": (hidden, n_vocab),
     }
     for name in arch.auxiliary:  # rotary divisors, one per frequency
-        out[name] = (head_dim // 2,)
+        out[name] = (s.get("rope_dim", head_dim) // 2,)
     shapes = {
         "attn_q": (hidden, q),
         "attn_k": (hidden, kv),
