@@ -327,10 +327,10 @@ def test_other_families_are_refused_by_name(name, tmp_path):
         qalora.load_gguf(path)
 
 
-@pytest.mark.parametrize("name", ["qwen3", "phi3"])
+@pytest.mark.parametrize("name", ["llama3", "qwen3", "phi3"])
 def test_export_from_a_hugging_face_model(name, tmp_path):
-    """No GGUF source: the metadata from the config (Qwen3's head dimension as key_length),
-    and llama.cpp computes what the model does."""
+    """No GGUF source: the metadata from the config (Qwen3's head dimension as key_length,
+    Llama 3.1's rope scaling as rope_freqs), and llama.cpp computes what the model does."""
     path = tmp_path / f"{name}.gguf"
     spec = syn.write_synthetic_gguf(path, spec_of(name))
     hf = transformers_model(str(path), name)
@@ -341,7 +341,14 @@ def test_export_from_a_hugging_face_model(name, tmp_path):
     out = tmp_path / "from_hf.gguf"
     report = qalora.export_gguf(hf, out, tokenizer=tok)
     assert report.source == "config" and report.count("exact") == len(list(quantized_layers(hf))) > 0
-    assert read_header(out).get(f"{spec.arch}.attention.key_length") == (spec.key_length if name == "qwen3" else None)
+    header = read_header(out)
+    assert header.get(f"{spec.arch}.attention.key_length") == (spec.key_length if name == "qwen3" else None)
+    if name == "llama3":  # the divisors the converter computes, first in the file
+        assert next(iter(header.tensors)) == "rope_freqs.weight"
+        written = syn.gguf_reference(out, "rope_freqs.weight", spec)
+        assert np.allclose(written, syn.llama3_rope_freqs(spec), rtol=1e-6)
+        back = qalora.load_gguf(out).model
+        assert torch.allclose(back.model.rotary_emb.inv_freq, hf.model.rotary_emb.inv_freq, rtol=1e-6)
     blocks = torch.randint(3, spec.vocab, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = hf(input_ids=blocks).logits.numpy()

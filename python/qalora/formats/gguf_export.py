@@ -392,13 +392,33 @@ def _rope_theta(config) -> float:
     return float(getattr(config, "rope_theta", 10000.0))
 
 
+def llama3_rope_freqs(config) -> np.ndarray:
+    """Llama 3.1's rope scaling as the divisors of the rotary frequencies llama.cpp reads from
+    ``rope_freqs.weight``: 1 for wavelengths below original context / high_freq_factor, the
+    factor above original context / low_freq_factor, and in between the reciprocal of the
+    interpolation transformers applies to the inverse frequency."""
+    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+    original = float(rope["original_max_position_embeddings"])
+    heads = int(config.num_attention_heads)
+    dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    freqs = 1.0 / _rope_theta(config) ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    wavelen = 2 * np.pi / freqs
+    smooth = (original / wavelen - low) / (high - low)
+    mid = 1.0 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, mid)).astype(np.float32)
+
+
 def _metadata_from_config(
     model: nn.Module, arch: gguf_arch.Architecture, tokenizer, n_vocab: int, pre_tokenizer
 ) -> list[KeyValue]:
     config = model.config
-    if _rope_type(config) != "default":
+    if _rope_type(config) not in ("default", "llama3") or (
+        _rope_type(config) == "llama3" and arch.gguf_name != "llama"
+    ):
         raise FormatError(
-            f"rope type {_rope_type(config)!r} is not written by qalora's GGUF export (only the default rope)"
+            f"rope type {_rope_type(config)!r} is not written by qalora's GGUF export (the default rope, and "
+            "Llama 3.1's 'llama3' as rope_freqs)"
         )
     rope = getattr(config, "rope_parameters", None)
     partial = (rope.get("partial_rotary_factor") if isinstance(rope, dict) else None) or getattr(
@@ -512,6 +532,10 @@ def _prepare(model: nn.Module, tokenizer, source, pre_tokenizer):
         n_head = int(config.num_attention_heads)
         n_head_kv = int(getattr(config, "num_key_value_heads", n_head) or n_head)
     items = _model_items(model, arch, n_head, n_head_kv)
+    if header is None and config is not None and _rope_type(config) == "llama3":
+        # llama.cpp's converter writes Llama 3.1's rope scaling as per-frequency divisors, first
+        factors = llama3_rope_freqs(config)
+        items.insert(0, _Item("rope_freqs.weight", (len(factors),), tensor=torch.from_numpy(factors)))
     if header is not None:
         missing = [i.gguf for i in items if i.gguf not in header.tensors]
         if missing:
