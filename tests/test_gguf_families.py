@@ -170,6 +170,7 @@ def test_untouched_export_is_the_source_file(family, tmp_path):
 
 def merged(path, seed=0):
     model = qalora.load_gguf(path).model
+    torch.manual_seed(seed)  # lora_A's initialisation: the same merged model whatever ran before
     qalora.wrap(model, qalora.QALoRAConfig(rank=4))
     random_update(model, seed)
     return qalora.merge(model)
@@ -222,10 +223,12 @@ def agreement(cpp, ref):
 def test_llama_cpp_runs_the_export_as_qalora_does(family, tmp_path):
     """llama.cpp rounds activations to 8 bits, so it differs from any float32 reader; the
     original file calibrates by how much (against qalora's import, which is exact). Over
-    4 x 24 random-token positions the export must agree with the merged model about as often
-    (within 4 positions) and its logits differ no more (up to 50%: the noise of so few)."""
+    8 x 32 random-token positions the export must agree with the merged model about as often,
+    within 4 points: the count hinges on near-ties (six seeds of the update, measured on
+    4 x 24 positions, moved it by -6 to +4 positions of 96 across the families), and its
+    logits differ no more (up to 50%)."""
     _, path, spec = family
-    blocks = torch.randint(3, spec.vocab, (4, 24), generator=torch.Generator().manual_seed(2))
+    blocks = torch.randint(3, spec.vocab, (8, 32), generator=torch.Generator().manual_seed(2))
     original = qalora.load_gguf(path).model
     with torch.no_grad():
         base_ref = original(input_ids=blocks).logits.numpy()
@@ -238,7 +241,7 @@ def test_llama_cpp_runs_the_export_as_qalora_does(family, tmp_path):
     export = agreement(llama_cpp_logits(out, blocks), ref)
     print(f"llama.cpp vs qalora: original {base}, export {export}")
     assert base[0] > 0.8 and base[1] < 0.05
-    assert export[0] >= base[0] - 4 / blocks.numel()
+    assert export[0] >= base[0] - 0.04
     assert export[1] <= 1.5 * base[1]
     assert (ref.argmax(-1) != base_ref.argmax(-1)).any()  # the update changed the model
 
