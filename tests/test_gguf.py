@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("accelerate")
 import gguf_synthetic as syn  # noqa: E402
+from gguf_checks import random_update  # noqa: E402
 
 ALL_TYPES = syn.EVERY_TYPE
 #: A small llama: 2 layers, hidden 256, MLP 512, untied head.
@@ -186,14 +187,6 @@ def test_rope_freqs_divide_the_rotary_frequencies(tmp_path_factory, tmp_path):
 
 
 # --------------------------------------------------------------------------- adapters on imported layers
-
-
-def random_update(model, seed=0, std=0.02):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, qalora.QALoRALinear):
-            with torch.no_grad():
-                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * std)
 
 
 def test_wrap_adapts_imported_layers_in_their_own_groups(mixed, legacy):

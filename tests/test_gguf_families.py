@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("accelerate")
 import gguf_synthetic as syn  # noqa: E402
+from gguf_checks import agreement, llama_cpp_logits, random_update  # noqa: E402
 
 #: Legacy types whose merged layers export exactly (float16 scales and offsets): Q4_1 and
 #: Q5_1 stay, Q4_0 gains its offset as Q4_1.
@@ -99,14 +100,6 @@ def transformers_model(path, family):
     return transformers.AutoModelForCausalLM.from_pretrained(
         directory, gguf_file=name, dtype=torch.float32, **kw
     ).eval()
-
-
-def random_update(model, seed=0, std=0.02):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, qalora.QALoRALinear):
-            with torch.no_grad():
-                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * std)
 
 
 def test_import_is_exact(family):
@@ -201,25 +194,6 @@ def test_merged_export_reimports_bit_identical(family, tmp_path):
     assert ((a - b).norm() / a.norm()).item() < 1e-6
 
 
-def llama_cpp_logits(path, blocks):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (CI installs it)")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, seed=0, logits_all=True, verbose=True)
-    try:
-        out = []
-        for ids in blocks.tolist():
-            llm.reset()
-            llm.eval(ids)
-            out.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
-        return np.stack(out)
-    finally:
-        llm.close()
-
-
-def agreement(cpp, ref):
-    """(share of positions with the same greedy next token, relative logit difference)."""
-    return float((cpp.argmax(-1) == ref.argmax(-1)).mean()), float(np.linalg.norm(cpp - ref) / np.linalg.norm(ref))
-
-
 def test_llama_cpp_runs_the_export_as_qalora_does(family, tmp_path):
     """llama.cpp rounds activations to 8 bits, so it differs from any float32 reader; the
     original file calibrates by how much (against qalora's import, which is exact). Over
@@ -232,13 +206,13 @@ def test_llama_cpp_runs_the_export_as_qalora_does(family, tmp_path):
     original = qalora.load_gguf(path).model
     with torch.no_grad():
         base_ref = original(input_ids=blocks).logits.numpy()
-    base = agreement(llama_cpp_logits(path, blocks), base_ref)
+    base = agreement(llama_cpp_logits(path, blocks, n_ctx=64, n_threads=1), base_ref)
     model = merged(path)
     out = tmp_path / "merged.gguf"
     qalora.export_gguf(model, out)
     with torch.no_grad():
         ref = model(input_ids=blocks).logits.numpy()
-    export = agreement(llama_cpp_logits(out, blocks), ref)
+    export = agreement(llama_cpp_logits(out, blocks, n_ctx=64, n_threads=1), ref)
     print(f"llama.cpp vs qalora: original {base}, export {export}")
     assert base[0] > 0.8 and base[1] < 0.05
     assert export[0] >= base[0] - 0.04
@@ -355,7 +329,7 @@ def test_export_from_a_hugging_face_model(name, tmp_path):
     blocks = torch.randint(3, spec.vocab, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = hf(input_ids=blocks).logits.numpy()
-    agree, rel = agreement(llama_cpp_logits(out, blocks), ref)
+    agree, rel = agreement(llama_cpp_logits(out, blocks, n_ctx=64, n_threads=1), ref)
     assert agree > 0.8 and rel < 0.05
 
 
@@ -407,7 +381,7 @@ def test_gemma3_linear_rope_scaling_on_global_layers(tmp_path):
     ids = torch.randint(3, spec.vocab, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = model(input_ids=ids).logits.numpy()
-    agree, rel = agreement(llama_cpp_logits(path, ids), ref)
+    agree, rel = agreement(llama_cpp_logits(path, ids, n_ctx=64, n_threads=1), ref)
     assert agree > 0.8 and rel < 0.05
     out = tmp_path / "out.gguf"
     qalora.export_gguf(model, out)
