@@ -58,12 +58,17 @@ class ImportedLayer:
     rope_heads: int | None
 
 
+#: Bumped when :func:`family_config` changes what it sets, so no cached config predates it.
+CONFIG_RULES = 2
+
+
 def _cache_key(header: GGUFHeader) -> str:
     """What the cached config and tokenizer are made from: the header's bytes (metadata and
-    tensor directory, hashed by :func:`read_header`) and the transformers that read them. A
-    file replaced in place, same size and time stamp or not, gets a new key."""
+    tensor directory, hashed by :func:`read_header`), the transformers that read them and
+    qalora's own settings on top (:data:`CONFIG_RULES`). A file replaced in place, same size
+    and time stamp or not, gets a new key."""
     version = getattr(_transformers(), "__version__", "")
-    return hashlib.sha256(f"{header.digest}|{version}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{header.digest}|{version}|{CONFIG_RULES}".encode()).hexdigest()[:16]
 
 
 def cache_dir(header: GGUFHeader) -> str:
