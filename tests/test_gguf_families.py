@@ -388,9 +388,38 @@ def test_gemma3_linear_rope_scaling_on_global_layers(tmp_path):
     assert open_bytes(out) == open_bytes(path)
 
 
-def test_other_rope_scaling_is_refused_by_name(tmp_path):
-    path = tmp_path / "qwen3.gguf"
-    yarn = {"qwen3.rope.scaling.type": ("string", "yarn"), "qwen3.rope.scaling.factor": ("float32", 4.0)}
-    syn.write_synthetic_gguf(path, spec_of("qwen3", extra_metadata=yarn))
-    with pytest.raises(qalora.FormatError, match=r"rope\.scaling\.type = 'yarn' is not supported for qwen3"):
+@pytest.mark.parametrize(
+    "name, metadata",
+    [
+        ("mistral", {"llama.rope.scaling.type": ("string", "linear"), "llama.rope.scaling.factor": ("float32", 4.0)}),
+        ("mistral", {"llama.rope.scale_linear": ("float32", 4.0)}),  # older files: the factor alone
+        ("qwen2", {"qwen2.rope.scaling.type": ("string", "linear"), "qwen2.rope.scaling.factor": ("float32", 4.0)}),
+    ],
+)
+def test_linear_rope_scaling_divides_the_frequencies(name, metadata, tmp_path):
+    """llama.cpp divides the rotary frequencies by a linear factor; transformers' GGUF readers
+    skip the key, qalora puts it in the config."""
+    path = tmp_path / f"{name}.gguf"
+    spec = syn.write_synthetic_gguf(path, spec_of(name, extra_metadata=metadata))
+    model = qalora.load_gguf(path).model
+    steps = torch.arange(0, spec.head_dim, 2, dtype=torch.int64).float() / spec.head_dim
+    expected = 1.0 / (spec.rope_theta**steps) / 4
+    assert torch.allclose(model.model.rotary_emb.inv_freq, expected, rtol=1e-6)
+    ids = torch.randint(3, spec.vocab, (4, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.numpy()
+    agree, rel = agreement(llama_cpp_logits(path, ids, n_ctx=64, n_threads=1), ref)
+    assert agree > 0.9 and rel < 0.05
+
+
+@pytest.mark.parametrize(
+    "name, kind", [("qwen2", "yarn"), ("qwen3", "yarn"), ("mistral", "yarn"), ("gemma2", "yarn"), ("phi3", "linear")]
+)
+def test_other_rope_scaling_is_refused_by_name(name, kind, tmp_path):
+    """What neither transformers' model of the family nor qalora computes as llama.cpp does."""
+    arch = FAMILIES[name]["arch"]
+    path = tmp_path / f"{name}.gguf"
+    scaling = {f"{arch}.rope.scaling.type": ("string", kind), f"{arch}.rope.scaling.factor": ("float32", 4.0)}
+    syn.write_synthetic_gguf(path, spec_of(name, extra_metadata=scaling))
+    with pytest.raises(qalora.FormatError, match=rf"rope\.scaling\.type = '{kind}' is not supported for {arch}"):
         qalora.load_gguf(path)

@@ -59,7 +59,7 @@ class ImportedLayer:
 
 
 #: Bumped when :func:`family_config` changes what it sets, so no cached config predates it.
-CONFIG_RULES = 2
+CONFIG_RULES = 3
 
 
 def _cache_key(header: GGUFHeader) -> str:
@@ -149,28 +149,13 @@ def family_config(config, header: GGUFHeader, shape) -> None:
     """Sets what the file says and transformers' GGUF reader leaves at its config class's
     defaults, as llama.cpp reads it, so qalora computes what llama.cpp computes: the head
     dimension (Qwen3's reader ignores attention.key_length and keeps 128; Gemma's default is
-    256), linear rope scaling (Gemma 3 4B and up), and Gemma's attention scale and
-    soft-capping."""
+    256), rope scaling (:func:`_rope_scaling`, :func:`_longrope`, partial rotary), and Gemma's
+    attention scale and soft-capping."""
     a = shape.arch.gguf_name
+    _rope_scaling(config, header, a)
     if a in ("llama", "qwen2"):
         return
     config.head_dim = shape.head_dim
-    kind = header.get(f"{a}.rope.scaling.type")
-    if kind not in (None, "none"):
-        factor = header.get(f"{a}.rope.scaling.factor")
-        if kind != "linear" or factor is None:
-            raise FormatError(
-                f"{header.path}: {a}.rope.scaling.type = {kind!r}"
-                + ("" if kind != "linear" else " without rope.scaling.factor")
-                + f" is not supported for {a}; qalora reads linear rope scaling with its factor"
-            )
-        linear = {"rope_type": "linear", "factor": float(factor)}
-        rope = dict(config.rope_parameters)
-        if a == "gemma3":  # llama.cpp scales the global layers' rope only (Gemma 3 4B and up)
-            rope["full_attention"] = {**rope["full_attention"], **linear}
-        else:
-            rope.update(linear)
-        config.rope_parameters = rope
     if a in _GEMMA_27B_BLOCKS:
         big = shape.n_layers == _GEMMA_27B_BLOCKS[a]
         config.query_pre_attn_scalar = shape.hidden // shape.n_head if big else shape.head_dim
@@ -183,6 +168,33 @@ def family_config(config, header: GGUFHeader, shape) -> None:
             value = header.get(f"gemma2.{key}")
             if value is not None:
                 setattr(config, key, float(value))
+
+
+def _rope_scaling(config, header: GGUFHeader, a: str) -> None:
+    """The file's rope.scaling.type, which transformers' GGUF readers skip: linear scaling
+    (its factor divides the rotary frequencies, as in llama.cpp) goes into the config; Phi-3's
+    LongRoPE comes with its factor tensors (:func:`_longrope`); any other type (yarn, ...)
+    is refused by name rather than computed differently from llama.cpp."""
+    kind = header.get(f"{a}.rope.scaling.type")
+    factor = header.get(f"{a}.rope.scaling.factor", header.get(f"{a}.rope.scale_linear"))
+    if kind is None and factor not in (None, 1.0):
+        kind = "linear"  # llama.cpp's default type for a factor given alone (older files: rope.scale_linear)
+    if kind in (None, "none") or (kind == "longrope" and a == "phi3" and "rope_factors_short.weight" in header.tensors):
+        return
+    if kind != "linear" or factor is None or a == "phi3":  # transformers' Phi-3 has LongRoPE only
+        raise FormatError(
+            f"{header.path}: {a}.rope.scaling.type = {kind!r}"
+            + (" without rope.scaling.factor" if kind == "linear" and factor is None else "")
+            + f" is not supported for {a}; qalora reads linear rope scaling with its factor"
+            + (" and Phi-3's LongRoPE factors" if a == "phi3" else "")
+        )
+    linear = {"rope_type": "linear", "factor": float(factor)}
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if a == "gemma3":  # llama.cpp scales the global layers' rope only (Gemma 3 4B and up)
+        rope["full_attention"] = {**rope["full_attention"], **linear}
+    else:
+        rope.update(linear)
+    config.rope_parameters = rope
 
 
 def _longrope(config, header: GGUFHeader) -> None:
