@@ -295,8 +295,8 @@ def test_tensor_names_map_both_ways():
         assert gguf_arch.gguf_name(gguf_arch.hf_name(name)) == name
     assert gguf_arch.hf_name("blk.0.attn_q.weight") == "model.layers.0.self_attn.q_proj.weight"
     assert gguf_arch.hf_name("blk.0.ssm_conv.weight") is None
-    with pytest.raises(qalora.FormatError, match="'gemma2' is not supported"):
-        gguf_arch.architecture("gemma2", "x.gguf")
+    with pytest.raises(qalora.FormatError, match="'falcon' is not supported"):
+        gguf_arch.architecture("falcon", "x.gguf")
 
 
 # --------------------------------------------------------------------------- header reader

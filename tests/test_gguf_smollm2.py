@@ -25,6 +25,7 @@ try:
 except qalora.ModelLoadError as e:  # pragma: no cover - depends on the machine
     pytest.skip(str(e), allow_module_level=True)
 from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
+from gguf_checks import agreement, llama, llama_cpp_logits  # noqa: E402
 
 
 def llama_cpp_or_skip():
@@ -105,27 +106,8 @@ def test_transformers_reads_the_export(finetuned, blocks):
     assert ((a - b).norm() / b.norm()).item() < 1e-5  # float32 summation order only
 
 
-def _llama(path, **kw):
-    # verbose=True: llama.cpp logs to stderr (pytest captures it); the quiet mode leaks file handles.
-    llama_cpp = llama_cpp_or_skip()
-    return llama_cpp.Llama(model_path=str(path), n_ctx=128, verbose=True, n_threads=2, seed=0, **kw)
-
-
-def _llama_cpp_logits(path, blocks):
-    llm = _llama(path, logits_all=True)
-    try:
-        out = []
-        for b in blocks:
-            llm.reset()
-            llm.eval(b.tolist())
-            out.append(np.array(llm.scores[: len(b)], dtype=np.float32))  # a copy: the buffer is reused
-        return np.stack(out)
-    finally:
-        llm.close()
-
-
 def _llama_cpp_argmax(path, blocks):
-    return _llama_cpp_logits(path, blocks).argmax(-1)
+    return llama_cpp_logits(path, blocks).argmax(-1)
 
 
 def _logits(model, blocks):
@@ -135,11 +117,6 @@ def _logits(model, blocks):
 
 def _argmax(model, blocks):
     return _logits(model, blocks).argmax(-1)
-
-
-def _agreement(cpp, ref):
-    """(share of positions with the same greedy next token, relative logit difference)."""
-    return float((cpp.argmax(-1) == ref.argmax(-1)).mean()), float(np.linalg.norm(cpp - ref) / np.linalg.norm(ref))
 
 
 def test_llama_cpp_runs_the_export_as_qalora_does(finetuned, blocks, reference):
@@ -153,8 +130,8 @@ def test_llama_cpp_runs_the_export_as_qalora_does(finetuned, blocks, reference):
     llama_cpp_or_skip()
     model, path, _ = finetuned
     heldout = blocks[1]
-    base_agree, base_rel = _agreement(_llama_cpp_logits(SMOLLM2, heldout), _logits(reference, heldout))
-    exp_agree, exp_rel = _agreement(_llama_cpp_logits(path, heldout), _logits(model, heldout))
+    base_agree, base_rel = agreement(llama_cpp_logits(SMOLLM2, heldout), _logits(reference, heldout))
+    exp_agree, exp_rel = agreement(llama_cpp_logits(path, heldout), _logits(model, heldout))
     print(
         f"llama.cpp vs float32: original file vs transformers: greedy agreement {base_agree:.4f}, logits rel diff "
         f"{base_rel:.4f}; export vs qalora: {exp_agree:.4f}, {exp_rel:.4f}"
@@ -196,7 +173,7 @@ def test_llama_cpp_reads_an_export_written_from_a_hugging_face_model(original, b
         assert b.get("tokenizer.ggml.pre") == pre
         for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"):
             assert a.get(key) == b.get(key), key
-        llm = _llama(out)
+        llm = llama(out)
         try:
             for text in TEXTS:
                 assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text).input_ids, (pre, text)
@@ -245,8 +222,8 @@ def test_export_of_every_trained_group_parameter_is_exact_and_runs_in_llama_cpp(
     decoded = gguf_dequantize(t.data, t.tensor_type).reshape(layer.out_features, layer.in_features)
     assert np.array_equal(decoded, layer.dequantize().numpy())
     heldout = blocks[1][:4]
-    _, base_rel = _agreement(_llama_cpp_logits(SMOLLM2, heldout), _logits(reference, heldout))
-    agree, rel = _agreement(_llama_cpp_logits(path, heldout), _logits(model, heldout))
+    _, base_rel = agreement(llama_cpp_logits(SMOLLM2, heldout), _logits(reference, heldout))
+    agree, rel = agreement(llama_cpp_logits(path, heldout), _logits(model, heldout))
     # The logits criterion is the robust one (greedy agreement over 256 positions hinges on
     # near-ties, and this fine-tune moves the model far in two steps): llama.cpp's 8-bit
     # activations differ from float32 about as much as on the original (a tensor written wrong

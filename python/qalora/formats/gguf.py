@@ -58,12 +58,17 @@ class ImportedLayer:
     rope_heads: int | None
 
 
+#: Bumped when :func:`family_config` changes what it sets, so no cached config predates it.
+CONFIG_RULES = 3
+
+
 def _cache_key(header: GGUFHeader) -> str:
     """What the cached config and tokenizer are made from: the header's bytes (metadata and
-    tensor directory, hashed by :func:`read_header`) and the transformers that read them. A
-    file replaced in place, same size and time stamp or not, gets a new key."""
+    tensor directory, hashed by :func:`read_header`), the transformers that read them and
+    qalora's own settings on top (:data:`CONFIG_RULES`). A file replaced in place, same size
+    and time stamp or not, gets a new key."""
     version = getattr(_transformers(), "__version__", "")
-    return hashlib.sha256(f"{header.digest}|{version}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{header.digest}|{version}|{CONFIG_RULES}".encode()).hexdigest()[:16]
 
 
 def cache_dir(header: GGUFHeader) -> str:
@@ -115,6 +120,7 @@ def config_and_tokenizer(path: str, header: GGUFHeader | None = None, shape=None
             ) from e
         if not _same_header(header):
             raise FormatError(f"{path}: the file changed while it was being read")
+        family_config(config, header, shape)
         gguf_validate.check_config(config, shape, path)
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".meta-", dir=os.path.dirname(cache))
@@ -131,6 +137,92 @@ def config_and_tokenizer(path: str, header: GGUFHeader | None = None, shape=None
     tokenizer = transformers.AutoTokenizer.from_pretrained(cache)
     gguf_validate.check_config(config, shape, path)
     return config, tokenizer, cached
+
+
+#: Gemma block counts llama.cpp takes for the 27B models, whose attention scale it takes from
+#: hidden / heads instead of the head dimension (as the released configs'
+#: query_pre_attn_scalar does).
+_GEMMA_27B_BLOCKS = {"gemma2": 46, "gemma3": 62}
+
+
+def family_config(config, header: GGUFHeader, shape) -> None:
+    """Sets what the file says and transformers' GGUF reader leaves at its config class's
+    defaults, as llama.cpp reads it, so qalora computes what llama.cpp computes: the head
+    dimension (Qwen3's reader ignores attention.key_length and keeps 128; Gemma's default is
+    256), rope scaling (:func:`_rope_scaling`, :func:`_longrope`, partial rotary), and Gemma's
+    attention scale and soft-capping."""
+    a = shape.arch.gguf_name
+    _rope_scaling(config, header, a)
+    if a in ("llama", "qwen2"):
+        return
+    config.head_dim = shape.head_dim
+    if a in _GEMMA_27B_BLOCKS:
+        big = shape.n_layers == _GEMMA_27B_BLOCKS[a]
+        config.query_pre_attn_scalar = shape.hidden // shape.n_head if big else shape.head_dim
+    if a == "phi3" and "rope_factors_short.weight" in header.tensors:
+        _longrope(config, header)
+    if a == "phi3" and shape.rope_dim != shape.head_dim:  # transformers' reader skips rope.dimension_count
+        config.rope_parameters = {**config.rope_parameters, "partial_rotary_factor": shape.rope_dim / shape.head_dim}
+    if a == "gemma2":
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            value = header.get(f"gemma2.{key}")
+            if value is not None:
+                setattr(config, key, float(value))
+
+
+def _rope_scaling(config, header: GGUFHeader, a: str) -> None:
+    """The file's rope.scaling.type, which transformers' GGUF readers skip: linear scaling
+    (its factor divides the rotary frequencies, as in llama.cpp) goes into the config; Phi-3's
+    LongRoPE comes with its factor tensors (:func:`_longrope`); any other type (yarn, ...)
+    is refused by name rather than computed differently from llama.cpp."""
+    kind = header.get(f"{a}.rope.scaling.type")
+    factor = header.get(f"{a}.rope.scaling.factor", header.get(f"{a}.rope.scale_linear"))
+    if kind is None and factor not in (None, 1.0):
+        kind = "linear"  # llama.cpp's default type for a factor given alone (older files: rope.scale_linear)
+    if kind in (None, "none") or (kind == "longrope" and a == "phi3" and "rope_factors_short.weight" in header.tensors):
+        return
+    if kind != "linear" or factor is None or a == "phi3":  # transformers' Phi-3 has LongRoPE only
+        raise FormatError(
+            f"{header.path}: {a}.rope.scaling.type = {kind!r}"
+            + (" without rope.scaling.factor" if kind == "linear" and factor is None else "")
+            + f" is not supported for {a}; qalora reads linear rope scaling with its factor"
+            + (" and Phi-3's LongRoPE factors" if a == "phi3" else "")
+        )
+    linear = {"rope_type": "linear", "factor": float(factor)}
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if a == "gemma3":  # llama.cpp scales the global layers' rope only (Gemma 3 4B and up)
+        rope["full_attention"] = {**rope["full_attention"], **linear}
+    else:
+        rope.update(linear)
+    config.rope_parameters = rope
+
+
+def _longrope(config, header: GGUFHeader) -> None:
+    """Phi-3 LongRoPE (the 128k-context Phi-3 / 3.5 / 4-mini files): the converter stores the
+    per-frequency divisors as rope_factors_short / rope_factors_long, the pretraining context
+    and the cos/sin scale as rope.scaling.original_context_length / attn_factor. transformers'
+    GGUF reader drops all of them; its Phi-3 computes LongRoPE from this config: the short
+    factors up to the original context, the long ones beyond (llama.cpp picks by its context
+    size instead: short up to the original context)."""
+    original = header.get("phi3.rope.scaling.original_context_length")
+    if original is None:
+        raise FormatError(
+            f"{header.path}: rope_factors_short.weight needs phi3.rope.scaling.original_context_length "
+            "(the context the short factors apply to)"
+        )
+    with TensorReader(header.path) as reader:
+        short, long = (_divisors(reader, header.tensors[f"rope_factors_{k}.weight"]) for k in ("short", "long"))
+    rope = dict(config.rope_parameters)
+    rope.update(
+        rope_type="longrope",
+        short_factor=[float(v) for v in short],
+        long_factor=[float(v) for v in long],
+        original_max_position_embeddings=int(original),
+        # llama.cpp scales cos/sin by the file's factor, 1 when absent (transformers would derive one)
+        attention_factor=float(header.get("phi3.rope.scaling.attn_factor", 1.0)),
+    )
+    config.rope_parameters = rope
+    config.original_max_position_embeddings = int(original)
 
 
 def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
@@ -223,9 +315,11 @@ def _set_dense(
     order,
     what: str,
     allow_nonfinite: bool = False,
+    shift: float = 0.0,
 ) -> None:
     """Fills a dense parameter of ``module`` (embedding, norm, bias, F32/F16/BF16 weight) from
-    the tensor, in the module's dtype, rows in Hugging Face order."""
+    the tensor, in the module's dtype, rows in Hugging Face order, less ``shift`` (what the
+    converter added to a 1-D tensor)."""
     old = getattr(module, attr, None)
     if not isinstance(old, torch.Tensor):
         raise FormatError(f"{what}: the model has no such parameter for tensor {entry.name!r}")
@@ -235,6 +329,8 @@ def _set_dense(
     value = torch.empty(shape, dtype=old.dtype)
     if len(shape) == 1:
         raw = gguf_blocks.decode_dense(entry.ggml_type, reader.raw(entry), entry.name)
+        if shift:
+            raw = (raw.astype(np.float32) - np.float32(shift)).astype(np.float32)  # Gemma's norms: llama.cpp adds 1
         value.copy_(torch.from_numpy(raw if order is None else raw[order_inverse(order)]))
         if not allow_nonfinite:
             _check_finite(value, entry, reader.path)
@@ -279,6 +375,17 @@ def import_gguf(
     return Imported(model, tokenizer, header, layers, cached, rope_freqs)
 
 
+def _divisors(reader: TensorReader, entry: TensorEntry) -> np.ndarray:
+    """A rotary-divisor tensor (rope_freqs, rope_factors_*): finite and positive, or refused."""
+    values = gguf_blocks.decode_dense(entry.ggml_type, reader.raw(entry), entry.name).astype(np.float32)
+    bad = ~(np.isfinite(values) & (values > 0))
+    if bad.any():
+        raise FormatError(
+            f"{reader.path}: tensor {entry.name!r} must hold finite positive divisors; it holds {values[bad][0]}"
+        )
+    return values
+
+
 def _fill(path, header, shape, config, dtype, show_progress, allow_nonfinite):
     """The skeleton of ``config`` with the file's tensors in it."""
     arch = shape.arch
@@ -294,18 +401,14 @@ def _fill(path, header, shape, config, dtype, show_progress, allow_nonfinite):
             heads = gguf_arch.rope_heads(entry.name, arch, n_head, n_head_kv)
             rows = entry.rows if len(entry.shape) > 1 else entry.shape[0]
             order = None if heads is None else gguf_arch.rope_order(rows, heads)
-            name = gguf_arch.hf_name(entry.name)
+            name = arch.hf_name(entry.name)
             if name is None:
-                if entry.name != "rope_freqs.weight":
+                if entry.name not in arch.auxiliary:
                     raise FormatError(f"{path}: tensor {entry.name!r} has no place in a {arch.gguf_name} model")
-                rope_freqs = gguf_blocks.decode_dense(entry.ggml_type, reader.raw(entry), entry.name)
-                if not (np.isfinite(rope_freqs).all() and (rope_freqs > 0).all()):
-                    raise FormatError(
-                        f"{path}: tensor 'rope_freqs.weight' must hold finite positive divisors; it holds "
-                        f"{rope_freqs[~(np.isfinite(rope_freqs) & (rope_freqs > 0))][0]}"
-                    )
-                apply_rope_freqs(model, config, rope_freqs, path)
-                continue
+                if entry.name == "rope_freqs.weight":
+                    rope_freqs = _divisors(reader, entry)
+                    apply_rope_freqs(model, config, rope_freqs, path)
+                continue  # Phi-3's rope_factors_* are in the config already (family_config)
             module_name, _, attr = name.rpartition(".")
             module = modules.get(module_name)
             if module is None:
@@ -324,7 +427,8 @@ def _fill(path, header, shape, config, dtype, show_progress, allow_nonfinite):
                 modules[module_name] = layer
                 layers.append(info)
             else:
-                _set_dense(module, attr, reader, entry, order, f"{path}: {name}", allow_nonfinite)
+                shift = arch.shift(entry.name)
+                _set_dense(module, attr, reader, entry, order, f"{path}: {name}", allow_nonfinite, shift)
     if getattr(config, "tie_word_embeddings", False) and "output.weight" not in header.tensors:
         model.tie_weights()
     leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
@@ -358,8 +462,8 @@ def load_gguf(
     :func:`qalora.export_gguf` can copy unchanged tensors from it byte for byte.
 
     Args:
-        path: a ``.gguf`` file of a supported architecture (llama family: Llama 2/3,
-            TinyLlama, SmolLM2, Mistral; Qwen2).
+        path: a ``.gguf`` file of a supported architecture (llama family: Llama 2/3.x,
+            TinyLlama, SmolLM2, Mistral; Qwen2/2.5; Qwen3; Phi-3/Phi-4; Gemma 2; Gemma 3).
         dtype: dtype of the dense tensors (embeddings, norms, F32/F16/BF16 layers).
         show_progress: progress bar over tensors (default: for files of 20 tensors or more).
         allow_nonfinite: load F32/F16/BF16 tensors that hold NaN or Inf (refused by default:

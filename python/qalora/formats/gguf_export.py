@@ -202,6 +202,7 @@ class _Item:
     layer: QuantLinear | QuantEmbedding | None = None
     tensor: torch.Tensor | None = None
     order: np.ndarray | None = None  # gguf row r = model row order[r]
+    shift: float = 0.0  # what llama.cpp adds to the model's values (Gemma's norms: 1)
 
     @property
     def rows(self) -> int:
@@ -230,11 +231,12 @@ def _model_items(model: nn.Module, arch: gguf_arch.Architecture, n_head: int, n_
         return None if heads is None else gguf_arch.rope_order(rows, heads)
 
     def add(hf: str, shape, **kw) -> None:
-        gname = gguf_arch.gguf_name(hf)
+        gname = arch.gguf_name_of(hf)
         if gname is None:
             unmapped.append(hf)
         else:
-            items.append(_Item(gname, shape, order=order_for(gname, shape[1] if len(shape) > 1 else shape[0]), **kw))
+            order = order_for(gname, shape[1] if len(shape) > 1 else shape[0])
+            items.append(_Item(gname, shape, order=order, shift=arch.shift(gname), **kw))
 
     layers = dict(quantized_layers(model))
     # A quantized token embedding is written like a quantized layer (its rows are the
@@ -284,7 +286,8 @@ def _model_rows(item: _Item, a: int, b: int):
 
 
 def _dense_values(item: _Item, a: int, b: int) -> np.ndarray:
-    """Rows [a, b) of the item's float32 weight in GGUF row order."""
+    """Rows [a, b) of the item's float32 weight in GGUF row order, as the model holds it
+    (without the item's ``shift``)."""
     rows = _model_rows(item, a, b)
     if item.layer is not None:
         layer = item.layer
@@ -325,6 +328,10 @@ def _unchanged(reader: TensorReader, entry: TensorEntry, item: _Item) -> bool:
     rows = entry.rows if len(entry.shape) > 1 else 1
     for a, b in _slices(rows, k):
         source = gguf_blocks.decode_dense(entry.ggml_type, reader.rows(entry, a, b), entry.name).reshape(b - a, -1)
+        if item.shift:
+            # Compared as the import made it (source - shift in float32): adding the shift back
+            # is not exact for every float32 (below 0.5), subtracting it again is deterministic.
+            source = source.astype(np.float32) - np.float32(item.shift)
         if not np.array_equal(_dense_values(item, a, b).reshape(b - a, -1), source):
             return False
     return True
@@ -446,6 +453,8 @@ def _encode(item: _Item, ggml_type: int, errors: _Errors) -> Iterator[np.ndarray
     rows = item.rows
     for a, b in _slices(rows, k):
         dense = _dense_values(item, a, b).reshape(b - a, -1)
+        if item.shift:
+            dense = dense + np.float32(item.shift)
         raw = gguf_blocks.encode_dense(dense, ggml_type, item.gguf)
         errors.add(gguf_blocks.decode_dense(ggml_type, raw, item.gguf).reshape(dense.shape), dense)
         yield raw
@@ -472,13 +481,41 @@ def _rope_theta(config) -> float:
     return float(getattr(config, "rope_theta", 10000.0))
 
 
+def llama3_rope_freqs(config) -> np.ndarray:
+    """Llama 3.1's rope scaling as the divisors of the rotary frequencies llama.cpp reads from
+    ``rope_freqs.weight``: 1 for wavelengths below original context / high_freq_factor, the
+    factor above original context / low_freq_factor, and in between the reciprocal of the
+    interpolation transformers applies to the inverse frequency."""
+    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+    original = float(rope["original_max_position_embeddings"])
+    heads = int(config.num_attention_heads)
+    dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    freqs = 1.0 / _rope_theta(config) ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    wavelen = 2 * np.pi / freqs
+    smooth = (original / wavelen - low) / (high - low)
+    mid = 1.0 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, mid)).astype(np.float32)
+
+
 def _metadata_from_config(
     model: nn.Module, arch: gguf_arch.Architecture, tokenizer, n_vocab: int, pre_tokenizer
 ) -> list[KeyValue]:
     config = model.config
-    if _rope_type(config) != "default":
+    if _rope_type(config) not in ("default", "llama3") or (
+        _rope_type(config) == "llama3" and arch.gguf_name != "llama"
+    ):
         raise FormatError(
-            f"rope type {_rope_type(config)!r} is not written by qalora's GGUF export (only the default rope)"
+            f"rope type {_rope_type(config)!r} is not written by qalora's GGUF export (the default rope, and "
+            "Llama 3.1's 'llama3' as rope_freqs)"
+        )
+    rope = getattr(config, "rope_parameters", None)
+    partial = (rope.get("partial_rotary_factor") if isinstance(rope, dict) else None) or getattr(
+        config, "partial_rotary_factor", None
+    )
+    if partial not in (None, 1.0):
+        raise FormatError(
+            f"partial_rotary_factor = {partial}: qalora's GGUF export writes models that rotate the whole head"
         )
     if tokenizer is None:
         raise FormatError(
@@ -577,12 +614,17 @@ def _prepare(model: nn.Module, tokenizer, source, pre_tokenizer):
         if config is None:
             raise FormatError(
                 "the model has no Hugging Face config and did not come from a GGUF file; qalora writes GGUF for "
-                "llama-family and Qwen2 models loaded with qalora.load_gguf or from a Hugging Face directory"
+                f"models of these architectures loaded with qalora.load_gguf or from a Hugging Face directory: "
+                f"{gguf_arch.supported()}"
             )
         arch = gguf_arch.architecture_for_hf(getattr(config, "model_type", None), "export_gguf")
         n_head = int(config.num_attention_heads)
         n_head_kv = int(getattr(config, "num_key_value_heads", n_head) or n_head)
     items = _model_items(model, arch, n_head, n_head_kv)
+    if header is None and config is not None and _rope_type(config) == "llama3":
+        # llama.cpp's converter writes Llama 3.1's rope scaling as per-frequency divisors, first
+        factors = llama3_rope_freqs(config)
+        items.insert(0, _Item("rope_freqs.weight", (len(factors),), tensor=torch.from_numpy(factors)))
     if header is not None:
         missing = [i.gguf for i in items if i.gguf not in header.tensors]
         if missing:
@@ -628,7 +670,8 @@ def export_gguf(
 
     Args:
         model: a model loaded with :func:`qalora.load_gguf` (wrapped, trained, merged or
-            not), or a Hugging Face llama-family / Qwen2 model (e.g. wrapped and merged).
+            not), or a Hugging Face model of a supported family (llama, Mistral, Qwen2/3,
+            Phi-3, Gemma 2/3; e.g. wrapped and merged).
         path: the ``.gguf`` file to write.
         tokenizer: the model's tokenizer, needed when the model did not come from a GGUF
             file (whose tokenizer metadata is copied otherwise; a chat template on this
@@ -673,7 +716,7 @@ def export_gguf(
                 else:
                     plans.append((item, _choose(item, other, entry), False))
             auxiliary = (
-                [e for name, e in header.tensors.items() if name in gguf_arch.AUXILIARY] if header is not None else []
+                [e for name, e in header.tensors.items() if name in arch.auxiliary] if header is not None else []
             )
             weights: dict[int, int] = {}
             for item, t, _ in plans:
@@ -710,32 +753,43 @@ def _write(writer, metadata, file_type, auxiliary, plans, reader, header, report
         writer.add_key_value(kv.key, kv.value, _writer_type(kv.type), sub)
     if not any(kv.key == "general.file_type" for kv in metadata):
         writer.add_key_value("general.file_type", int(file_type), _writer_type(UINT32))
-    for entry in auxiliary:
-        writer.add_tensor_info(
-            entry.name, (entry.nbytes,), np.dtype(np.uint8), entry.nbytes, raw_dtype=_qtype(entry.ggml_type)
-        )
-    for item, t, _ in plans:
+    # Auxiliary tensors (rope_freqs) keep their place in the source's order, so an untouched
+    # export is the source file whatever the converter put first.
+    position = {name: i for i, name in enumerate(header.tensors)} if header is not None else {}
+    ordered = sorted(
+        [(position.get(e.name, -1), e) for e in auxiliary] + [(position.get(p[0].gguf, -1), p) for p in plans],
+        key=lambda x: x[0],
+    )
+    for _, what in ordered:
+        if isinstance(what, TensorEntry):
+            writer.add_tensor_info(
+                what.name, (what.nbytes,), np.dtype(np.uint8), what.nbytes, raw_dtype=_qtype(what.ggml_type)
+            )
+            continue
+        item, t, _ = what
         nbytes = _nbytes(t, item.shape)
         byte_shape = (*reversed(item.shape[1:]), nbytes // max(item.rows, 1))
         writer.add_tensor_info(item.gguf, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=_qtype(t))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for entry in auxiliary:
-        writer.write_tensor_data(reader.raw(entry))
-        kind = gguf_blocks.type_name(entry.ggml_type)
-        report.tensors.append(
-            TensorReport(
-                entry.name,
-                kind,
-                "copied",
-                tuple(entry.shape),
-                nbytes=entry.nbytes,
-                source_type=kind,
-                source_nbytes=entry.nbytes,
+    for _, what in progress(ordered, desc="qalora: writing GGUF tensors", enabled=show_progress, min_items=20):
+        if isinstance(what, TensorEntry):
+            writer.write_tensor_data(reader.raw(what))
+            kind = gguf_blocks.type_name(what.ggml_type)
+            report.tensors.append(
+                TensorReport(
+                    what.name,
+                    kind,
+                    "copied",
+                    tuple(what.shape),
+                    nbytes=what.nbytes,
+                    source_type=kind,
+                    source_nbytes=what.nbytes,
+                )
             )
-        )
-    for item, t, copied in progress(plans, desc="qalora: writing GGUF tensors", enabled=show_progress, min_items=20):
+            continue
+        item, t, copied = what
         tr = TensorReport(item.gguf, gguf_blocks.type_name(t), "copied", item.shape)
         source = header.tensors.get(item.gguf) if header is not None else None
         if source is not None:

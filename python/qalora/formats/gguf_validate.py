@@ -90,10 +90,12 @@ FLOAT_LIMITS = {
     "rope.freq_base": (1.0, 1e12),
     "rope.scaling.factor": (0.0, 1024.0),
     "rope.scaling.attn_factor": (0.0, 1024.0),
+    "attn_logit_softcapping": (0.0, 1e6),  # Gemma 2: logits capped at +-cap (tanh(x / cap) * cap)
+    "final_logit_softcapping": (0.0, 1e6),
 }
 #: rope scaling types llama.cpp knows.
 ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
-#: tokenizer.ggml.model values transformers can build a tokenizer for (llama and qwen2 files).
+#: tokenizer.ggml.model values transformers can build a tokenizer for (byte-level BPE, SentencePiece).
 TOKENIZER_MODELS = ("gpt2", "llama")
 #: llama.cpp token types: 0 (undefined) to 6 (byte).
 TOKEN_TYPES = range(0, 7)
@@ -118,6 +120,7 @@ class ModelShape:
     context: int
     tied: bool
     memory: int  # bytes the imported model and the import's temporaries need
+    rope_dim: int = 0  # dimensions of each head the rope rotates (Phi-4-mini: fewer than all)
 
 
 class _Checker:
@@ -223,14 +226,22 @@ class _Checker:
         if value_length is not None and value_length != head_dim:
             raise self.fail(f"{a}.attention.value_length = {value_length} must equal the head dimension {head_dim}")
         # transformers' llama takes its head dimension from rope.dimension_count, its qwen2
-        # from the hidden size over the heads: either must agree with llama.cpp's.
-        if key_length is not None and key_length != hidden // n_head and not (a == "llama" and rope_dim == key_length):
+        # from the hidden size over the heads: either must agree with llama.cpp's. (For the
+        # other architectures qalora sets the config's head_dim from the file itself.)
+        if (
+            a in ("llama", "qwen2")
+            and key_length is not None
+            and key_length != hidden // n_head
+            and not (a == "llama" and rope_dim == key_length)
+        ):
             raise self.fail(
                 f"{a}.attention.key_length = {key_length} is not the head dimension transformers builds "
                 f"({a}.embedding_length / {a}.attention.head_count = {hidden // n_head}"
                 + (f", or {a}.rope.dimension_count when it is given)" if a == "llama" else ")")
             )
-        if rope_dim is not None and rope_dim != head_dim:
+        # Phi-3's transformers model rotates a leading part of each head (Phi-4-mini: 3/4).
+        partial = a == "phi3" and rope_dim is not None and rope_dim < head_dim and rope_dim % 2 == 0
+        if rope_dim is not None and rope_dim != head_dim and not partial:
             raise self.fail(
                 f"{a}.rope.dimension_count = {rope_dim} must equal the head dimension {head_dim}: "
                 "qalora's models rotate the whole head"
@@ -240,6 +251,8 @@ class _Checker:
         self.number(f"{a}.attention.layer_norm_rms_epsilon", *FLOAT_LIMITS["attention.layer_norm_rms_epsilon"], True)
         self.number(f"{a}.rope.freq_base", *FLOAT_LIMITS["rope.freq_base"])
         self.rope_scaling(a)
+        for field in ("attn_logit_softcapping", "final_logit_softcapping"):
+            self.number(f"{a}.{field}", *FLOAT_LIMITS[field])
         for key, entry in self.header.metadata.items():  # any other float of the model: finite
             if key.startswith(f"{a}.") and entry.type in _FLOAT_TYPES and not math.isfinite(entry.value):
                 raise self.fail(f"{key} = {entry.value!r} is not finite")
@@ -251,6 +264,7 @@ class _Checker:
             "head_dim": head_dim,
             "ffn": ffn,
             "context": context,
+            "rope_dim": rope_dim if rope_dim is not None else head_dim,
         }
 
     def rope_scaling(self, a: str) -> None:
@@ -350,7 +364,10 @@ class _Checker:
                     f"read; supported: {gguf_blocks.supported_types()}"
                 )
         expected = expected_tensors(arch, s, n_vocab)
-        optional = {"output.weight", "rope_freqs.weight"}
+        optional = {"output.weight", *arch.auxiliary}
+        factors = [name for name in ("rope_factors_short.weight", "rope_factors_long.weight") if name in h.tensors]
+        if len(factors) == 1:
+            raise self.fail(f"tensor {factors[0]!r} comes without its LongRoPE pair (short and long factors)")
         for name, entry in h.tensors.items():
             shape = expected.get(name)
             if shape is None:
@@ -393,24 +410,29 @@ def byte_alphabet() -> list[str]:
 
 def expected_tensors(arch: gguf_arch.Architecture, s: dict, n_vocab: int) -> dict[str, tuple[int, ...]]:
     """Every tensor a file of this shape may hold, with its GGUF shape (ne0 first)."""
-    hidden, q, kv, ffn = s["hidden"], s["n_head"] * s["head_dim"], s["n_head_kv"] * s["head_dim"], s["ffn"]
+    hidden, head_dim, ffn = s["hidden"], s["head_dim"], s["ffn"]
+    q, kv = s["n_head"] * head_dim, s["n_head_kv"] * head_dim
     out: dict[str, tuple[int, ...]] = {
         "token_embd.weight": (hidden, n_vocab),
         "output_norm.weight": (hidden,),
         "output.weight": (hidden, n_vocab),
-        "rope_freqs.weight": (s["head_dim"] // 2,),
     }
-    per_block = {
-        "attn_norm.weight": (hidden,),
-        "attn_q.weight": (hidden, q),
-        "attn_k.weight": (hidden, kv),
-        "attn_v.weight": (hidden, kv),
-        "attn_output.weight": (q, hidden),
-        "ffn_norm.weight": (hidden,),
-        "ffn_gate.weight": (hidden, ffn),
-        "ffn_up.weight": (hidden, ffn),
-        "ffn_down.weight": (ffn, hidden),
+    for name in arch.auxiliary:  # rotary divisors, one per frequency
+        out[name] = (s.get("rope_dim", head_dim) // 2,)
+    shapes = {
+        "attn_q": (hidden, q),
+        "attn_k": (hidden, kv),
+        "attn_v": (hidden, kv),
+        "attn_qkv": (hidden, q + 2 * kv),
+        "attn_output": (q, hidden),
+        "attn_q_norm": (head_dim,),
+        "attn_k_norm": (head_dim,),
+        "ffn_gate": (hidden, ffn),
+        # Phi-3 has no ffn_gate: its ffn_up holds the gate rows, then the up rows.
+        "ffn_up": (hidden, ffn if "ffn_gate" in arch.block else 2 * ffn),
+        "ffn_down": (ffn, hidden),
     }
+    per_block = {f"{part}.weight": shapes.get(part, (hidden,)) for part in arch.block}  # the rest: norms
     if arch.attention_bias:
         per_block |= {"attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,)}
     for i in range(s["n_layers"]):
