@@ -9,7 +9,7 @@ through /proc/self/clear_refs) and resident memory after it. Training: seconds p
 tokens per second (the first step apart: it allocates). What the model holds is printed too:
 quantized layers (codes + group parameters) and dense tensors, against the file's bytes.
 
-    python benches/bench_8b.py [--shape 8b|1b|tiny] [--steps 3] [--dir DIR] [--keep]
+    python benches/bench_8b.py [--shape 8b|1b|tiny] [--steps 3] [--dir DIR] [--keep] [--quantized-embedding]
 
 ``--shape 1b`` uses Llama-3.2-1B's shapes (16 layers, hidden 2048, FFN 8192, 32 / 8 heads,
 tied head); ``tiny`` checks the script in seconds. The file is written once into ``--dir``
@@ -41,9 +41,9 @@ CHILD = r"""
 import json, os, sys, time
 import torch, transformers, qalora
 from transformers.models.llama import modeling_llama  # code imported before the baseline
-from qalora.targets import quantized_layers
 
 path, out, steps, seq = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+quantized_embedding = sys.argv[5] == "1"
 
 def status(key):
     with open("/proc/self/status") as f:
@@ -64,9 +64,15 @@ def stage(name, fn):
     return result
 
 print(json.dumps(dict(stage="start", seconds=0.0, peak=status("VmHWM"), rss=status("VmRSS"))), flush=True)
-lm = stage("import", lambda: qalora.load_gguf(path, show_progress=False))
+lm = stage("import", lambda: qalora.load_gguf(path, show_progress=False, quantized_embedding=quantized_embedding))
 model = lm.model
-quant = sum(b.numel() * b.element_size() for _, m in quantized_layers(model) for b in m.buffers())
+seen, quant = set(), 0  # quantized layers and a quantized embedding; a tied head shares the table's
+for m in model.modules():
+    if isinstance(m, (qalora.QuantLinear, qalora.layers.QuantEmbedding)):
+        for b in m.buffers(recurse=False):
+            if b.data_ptr() not in seen:
+                seen.add(b.data_ptr())
+                quant += b.numel() * b.element_size()
 dense = sum(p.numel() * p.element_size() for p in model.parameters())
 print(json.dumps(dict(stage="held", quant=quant, dense=dense)), flush=True)
 
@@ -116,6 +122,11 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--dir", default=None, help="where the synthetic file is written (default: a temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the exported file")
+    ap.add_argument(
+        "--quantized-embedding",
+        action="store_true",
+        help="load_gguf(quantized_embedding=True): the Q4_K token embedding stays quantized (no dense table)",
+    )
     args = ap.parse_args()
     sys.path.insert(0, TESTS)
     import gguf_synthetic as syn
@@ -139,7 +150,7 @@ def main() -> None:
     print("\n| stage | seconds | peak RSS GiB | RSS after GiB |")
     print("| --- | --- | --- | --- |")
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, path, out, str(args.steps), str(args.seq)],
+        [sys.executable, "-c", CHILD, path, out, str(args.steps), str(args.seq), str(int(args.quantized_embedding))],
         stdout=subprocess.PIPE,
         text=True,
         env=env,

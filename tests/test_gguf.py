@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import qalora
 import torch
+from qalora import train
 from qalora.formats import gguf_arch, gguf_blocks, gguf_export
 from qalora.formats.gguf_file import TensorReader, read_header
 from qalora.targets import quantized_layers
@@ -474,3 +475,34 @@ def test_export_command_and_check_exportable(mixed, legacy, tmp_path, capsys):
     with pytest.raises(qalora.FormatError, match="type 'gpt2'"):
         check_exportable(gpt2, None)
     check_exportable(qalora.load_gguf(path).model)  # a GGUF model needs no tokenizer
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_quantized_embedding_keeps_the_table_as_the_file_holds_it(tmp_path, tied):
+    """load_gguf(quantized_embedding=True): a quantized token_embd becomes a QuantEmbedding
+    holding the file's codes (a tied head shares them), looks rows up exactly as the dense
+    import does, trains, and exports back byte for byte."""
+    path = tmp_path / "emb.gguf"
+    types = {"default": "Q4_K", "token_embd": "Q4_K", "output": "Q6_K"}
+    syn.write_synthetic_gguf(path, syn.SyntheticSpec(**{**SMALL, "tied": tied}, types=types), seed=7)
+    dense = qalora.load_gguf(path).model
+    lm = qalora.load_gguf(path, quantized_embedding=True)
+    model = lm.model
+    table = model.get_input_embeddings()
+    assert isinstance(table, qalora.layers.QuantEmbedding) and (table.bits, table.group_size) == (4, 32)
+    assert not any(p.numel() == SMALL["vocab"] * SMALL["hidden"] for p in model.parameters())  # no dense table
+    if tied:
+        assert isinstance(model.lm_head, qalora.QuantLinear) and model.lm_head.packed is table.packed
+    ids = torch.randint(0, SMALL["vocab"], (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(table(ids), dense.get_input_embeddings()(ids))  # the same float32 rows
+        a, b = model(input_ids=ids).logits, dense(input_ids=ids).logits
+    assert ((a - b).norm() / b.norm()).item() < 1e-5
+    qalora.wrap(model, qalora.QALoRAConfig(rank=4))
+    train.finetune(model, torch.randint(0, SMALL["vocab"], (4, 16)), 1, batch_size=2, show_progress=False)
+    out = tmp_path / "same.gguf"
+    report = qalora.export_gguf(model, out)
+    assert {t.name: t.how for t in report.tensors}["token_embd.weight"] == "copied"
+    untouched = qalora.load_gguf(path, quantized_embedding=True).model
+    qalora.export_gguf(untouched, tmp_path / "untouched.gguf")
+    assert open_bytes(tmp_path / "untouched.gguf") == open_bytes(path)

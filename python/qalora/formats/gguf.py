@@ -30,7 +30,7 @@ from torch import nn
 from .. import hf_skeleton, ops
 from ..errors import FormatError, ModelLoadError, QALoRAError
 from ..hf_skeleton import apply_rope_freqs, restore_from_source  # noqa: F401  (both were defined here)
-from ..layers import QuantLinear
+from ..layers import QuantEmbedding, QuantLinear
 from ..loaded import LoadedModel, cache_root
 from ..optional import require
 from ..progress import progress
@@ -358,6 +358,7 @@ def import_gguf(
     dtype: torch.dtype = torch.float32,
     show_progress: bool | None = None,
     allow_nonfinite: bool = False,
+    quantized_embedding: bool = False,
 ) -> Imported:
     """Reads a GGUF file into a model and its tokenizer; see :func:`load_gguf`."""
     path = os.path.abspath(os.fspath(path))
@@ -367,7 +368,9 @@ def import_gguf(
     shape = gguf_validate.validate(header, itemsize=torch.empty((), dtype=dtype).element_size())
     config, tokenizer, cached = config_and_tokenizer(path, header, shape)
     try:
-        model, layers, rope_freqs = _fill(path, header, shape, config, dtype, show_progress, allow_nonfinite)
+        model, layers, rope_freqs = _fill(
+            path, header, shape, config, dtype, show_progress, allow_nonfinite, quantized_embedding
+        )
     except BaseException:
         if not cached:  # a refused file leaves no cache entry behind
             shutil.rmtree(cache_dir(header), ignore_errors=True)
@@ -386,7 +389,27 @@ def _divisors(reader: TensorReader, entry: TensorEntry) -> np.ndarray:
     return values
 
 
-def _fill(path, header, shape, config, dtype, show_progress, allow_nonfinite):
+def _quant_embedding(layer: QuantLinear, embedding: nn.Embedding, dtype: torch.dtype, name: str) -> QuantEmbedding:
+    """A quantized token_embd held as it is in the file (a QuantLinear(D, V)'s buffers) as a
+    :class:`QuantEmbedding` looking rows up: no dense copy of the table."""
+    table = QuantEmbedding(
+        layer.out_features,
+        layer.in_features,
+        layer.bits,
+        layer.group_size,
+        layer.scales.dtype,
+        "meta",
+        name,
+        offset_dtype=layer.offsets.dtype,
+        dtype=dtype,
+        padding_idx=embedding.padding_idx,
+    )
+    for key in ("packed", "scales", "offsets"):
+        table._buffers[key] = layer._buffers[key]
+    return table
+
+
+def _fill(path, header, shape, config, dtype, show_progress, allow_nonfinite, quantized_embedding=False):
     """The skeleton of ``config`` with the file's tensors in it."""
     arch = shape.arch
     model = build_skeleton(config, dtype)
@@ -426,11 +449,35 @@ def _fill(path, header, shape, config, dtype, show_progress, allow_nonfinite):
                 replace_module(model, module_name, layer)
                 modules[module_name] = layer
                 layers.append(info)
+            elif (
+                quantized_embedding
+                and type(module) is nn.Embedding  # a subclass (Gemma's scaled one) does more than look up
+                and module.max_norm is None
+                and attr == "weight"
+                and entry.ggml_type in gguf_blocks.FORMATS
+                and entry.shape[0] % gguf_blocks.FORMATS[entry.ggml_type].group_size == 0
+            ):
+                if (entry.rows, entry.shape[0]) != tuple(module.weight.shape):
+                    raise FormatError(
+                        f"{path}: {entry.name} is {entry.rows} x {entry.shape[0]}, the config makes {module_name} "
+                        f"{tuple(module.weight.shape)}"
+                    )
+                layer, _ = _quant_layer(reader, entry, False, order, module_name)
+                table = _quant_embedding(layer, module, dtype, module_name)
+                replace_module(model, module_name, table)
+                modules[module_name] = table
             else:
                 shift = arch.shift(entry.name)
                 _set_dense(module, attr, reader, entry, order, f"{path}: {name}", allow_nonfinite, shift)
     if getattr(config, "tie_word_embeddings", False) and "output.weight" not in header.tensors:
-        model.tie_weights()
+        table = model.get_input_embeddings()
+        head = model.get_output_embeddings()
+        if isinstance(table, QuantEmbedding) and isinstance(head, nn.Linear):
+            # the head computes the logits from the table's own tensors (one copy, still tied)
+            names = [n for n, m in model.named_modules() if m is head]
+            replace_module(model, names[0], table.tied_head(head.bias if head.bias is not None else None))
+        else:
+            model.tie_weights()
     leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
     if leftover:
         raise FormatError(
@@ -448,6 +495,7 @@ def load_gguf(
     dtype: torch.dtype = torch.float32,
     show_progress: bool | None = None,
     allow_nonfinite: bool = False,
+    quantized_embedding: bool = False,
 ) -> LoadedModel:
     """Load a llama.cpp GGUF model: its quantized linear layers become :class:`qalora.QuantLinear`
     straight from the file's blocks, with no dense copy of them ever made.
@@ -468,6 +516,11 @@ def load_gguf(
         show_progress: progress bar over tensors (default: for files of 20 tensors or more).
         allow_nonfinite: load F32/F16/BF16 tensors that hold NaN or Inf (refused by default:
             such a model computes NaN logits).
+        quantized_embedding: keep a quantized ``token_embd`` as it is in the file, a frozen
+            :class:`qalora.layers.QuantEmbedding` that dequantizes only the rows looked up
+            (a head tied to it holds the same tensors), instead of a dense table: 1/5 of
+            the memory of a float32 table for Q4_K (0.4 instead of 2.0 GiB at Llama-3-8B's
+            vocabulary). Off by default; embeddings that scale their output (Gemma's) stay dense.
 
     Returns:
         :class:`qalora.LoadedModel` with ``.model`` (in eval mode, every parameter frozen)
@@ -483,7 +536,13 @@ def load_gguf(
         InvalidValueError: a quantized block with a non-finite scale.
     """
     start = time.perf_counter()
-    got = import_gguf(path, dtype=dtype, show_progress=show_progress, allow_nonfinite=allow_nonfinite)
+    got = import_gguf(
+        path,
+        dtype=dtype,
+        show_progress=show_progress,
+        allow_nonfinite=allow_nonfinite,
+        quantized_embedding=quantized_embedding,
+    )
     source = source_record(got.header, got.layers, got.rope_freqs)
     tokenizer_dir = getattr(got.tokenizer, "name_or_path", None)
     if tokenizer_dir and os.path.isdir(tokenizer_dir):
