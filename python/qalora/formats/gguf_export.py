@@ -408,17 +408,22 @@ class _Errors:
         return (self.diff2 / self.ref2) ** 0.5 if self.ref2 > 0 else (0.0 if self.diff2 == 0 else float("inf"))
 
 
+def _layer_slices(item: _Item) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """A quantized item's (codes, float32 scales, float32 offsets), a slice of rows at a time,
+    rows in GGUF order."""
+    layer, k = item.layer, item.shape[0]
+    for a, b in _slices(item.rows, k):
+        rows = _model_rows(item, a, b)
+        codes = ops.unpack(layer.packed[rows].cpu(), layer.bits, k).numpy()
+        yield codes, layer.scales[rows].float().cpu().numpy(), layer.offsets[rows].float().cpu().numpy()
+
+
 def _encode(item: _Item, ggml_type: int, errors: _Errors) -> Iterator[np.ndarray]:
     """The item's bytes as ``ggml_type``, a slice of rows at a time."""
     k = item.shape[0]
     if ggml_type in (gguf_blocks.Q4_1, gguf_blocks.Q5_1):
-        layer = item.layer
-        g = layer.group_size
-        for a, b in _slices(item.rows, k):
-            rows = _model_rows(item, a, b)
-            codes = ops.unpack(layer.packed[rows].cpu(), layer.bits, k).numpy()
-            s = layer.scales[rows].float().cpu().numpy()
-            m = layer.offsets[rows].float().cpu().numpy()
+        g = item.layer.group_size
+        for codes, s, m in _layer_slices(item):
             d16, m16 = s.astype(np.float16), m.astype(np.float16)
             if not (np.isfinite(d16).all() and np.isfinite(m16).all()):
                 raise FormatError(
@@ -434,13 +439,8 @@ def _encode(item: _Item, ggml_type: int, errors: _Errors) -> Iterator[np.ndarray
             yield encode(codes, d32, m32, item.gguf)
         return
     if ggml_type in gguf_blocks.K_OFFSET_TYPES:
-        layer = item.layer
-        g = layer.group_size
-        for a, b in _slices(item.rows, k):
-            rows = _model_rows(item, a, b)
-            codes = ops.unpack(layer.packed[rows].cpu(), layer.bits, k).numpy()
-            s = layer.scales[rows].float().cpu().numpy()
-            m = layer.offsets[rows].float().cpu().numpy()
+        g = item.layer.group_size
+        for codes, s, m in _layer_slices(item):
             fit = gguf_blocks.fit_k_quant(ggml_type, codes, s, m, item.gguf)
             errors.add_param(fit.scales, s)
             errors.add_offsets(fit.offsets, m, s)
