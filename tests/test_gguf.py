@@ -506,3 +506,19 @@ def test_quantized_embedding_keeps_the_table_as_the_file_holds_it(tmp_path, tied
     untouched = qalora.load_gguf(path, quantized_embedding=True).model
     qalora.export_gguf(untouched, tmp_path / "untouched.gguf")
     assert open_bytes(tmp_path / "untouched.gguf") == open_bytes(path)
+
+
+def test_merge_rounding_measures_a_zero_scale_group_in_its_rows_step(mixed):
+    """A K-quant sub-block can have scale 0; the grid fit still moves its offset, which the
+    merge report measures in the row's largest code step (not as an overflow of 0)."""
+    path, _ = mixed
+    model = qalora.load_gguf(path).model
+    layer = model.model.layers[0].self_attn.k_proj  # Q2_K: 4-bit sub-scales, zeros among them
+    assert bool((layer.scales == 0).any())
+    torch.manual_seed(0)
+    with pytest.warns(qalora.QALoRAWarning):
+        qalora.wrap(model, qalora.QALoRAConfig(rank=4))
+    random_update(model, std=0.002)
+    qalora.merge(model)
+    rounding = qalora.state_of(model).merge_rounding
+    assert rounding["grid_layers"] > 0 and 0 < rounding["offset"] < 100

@@ -464,7 +464,11 @@ class QALoRALinear(nn.Module):
             m = ops.merge_offsets(
                 m, self.lora_A.weight.detach(), self.lora_B.weight.detach(), self.scaling, self.base_layer.group_size
             )
-        step = s.abs().clamp_min(torch.finfo(torch.float32).tiny)
+        # An offset's change in steps of its group's code grid; a group whose scale is 0 (a
+        # K-quant sub-block can have one) is measured in its row's largest step instead.
+        step = s.abs()
+        row_step = step.amax(dim=-1, keepdim=True).expand_as(step) if step.numel() else step
+        step = torch.where(step > 0, step, row_step).clamp_min(torch.finfo(torch.float32).tiny)
         return {
             "scale": float(((merged.scales.float() - s).abs() / step).max()) if s.numel() else 0.0,
             "offset": float(((merged.offsets.float() - m).abs() / step).max()) if m.numel() else 0.0,

@@ -396,8 +396,10 @@ class _Errors:
 
     def add_offsets(self, written: np.ndarray, exact: np.ndarray, scales: np.ndarray) -> None:
         # An offset's change in steps of its group's code grid (offsets near zero make a
-        # relative change meaningless).
+        # relative change meaningless); a group of scale 0 in steps of its row's largest.
         step = np.abs(scales.astype(np.float64))
+        if step.size:
+            step = np.where(step > 0, step, step.max(axis=-1, keepdims=True))
         ok = step > 0
         if ok.any():
             d = np.abs(written[ok].astype(np.float64) - exact[ok]) / step[ok]
