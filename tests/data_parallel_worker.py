@@ -130,3 +130,12 @@ if __name__ == "__main__":
     os.environ.setdefault("QALORA_NO_PROGRESS", "1")
     torch.set_num_threads(1)
     main(sys.argv[1])
+    # Everything is written. Leave without interpreter shutdown: the Trainer's and
+    # Accelerate's own collectives (not qalora's, which wait for gloo to let go of their
+    # tensors, see qalora.distributed._release_here) can leave a gloo worker thread freeing a
+    # Python-owned tensor while the interpreter finalizes, which aborts the rank ("terminate
+    # called without an active exception") after its work is done; seen once in a CI run on a
+    # loaded machine.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
