@@ -209,6 +209,11 @@ def test_wrap_adapts_imported_layers_in_their_own_groups(mixed, legacy):
     only_fixed = qalora.load_gguf(path).model
     with pytest.raises(qalora.NoTargetModulesError, match="fixed_offset_layers"):
         qalora.wrap(only_fixed, qalora.QALoRAConfig(rank=4, target_modules=["q_proj", "v_proj"]))
+    # refused before anything changed: no adapter, no config, the same layers
+    assert not any(isinstance(m, qalora.QALoRALinear) for m in only_fixed.modules())
+    assert qalora.state_of(only_fixed).config is None
+    with pytest.warns(qalora.QALoRAWarning, match="fixed_offset_layers"):
+        qalora.wrap(only_fixed, qalora.QALoRAConfig(rank=4))  # and it can still be wrapped
     qalora.wrap(model, qalora.QALoRAConfig(bits=4, group_size=64, rank=4, fixed_offset_layers="adapt"))
     for name, layer in quantized_layers(model, qalora.QALoRALinear):
         packed, bits, g = before[name]
@@ -522,3 +527,11 @@ def test_merge_rounding_measures_a_zero_scale_group_in_its_rows_step(mixed):
     qalora.merge(model)
     rounding = qalora.state_of(model).merge_rounding
     assert rounding["grid_layers"] > 0 and 0 < rounding["offset"] < 100
+
+
+def test_load_gguf_refuses_non_bool_flags(legacy):
+    for flag in ("quantized_embedding", "allow_nonfinite"):
+        with pytest.raises(qalora.ConfigError, match=f"{flag}: got 'yes', it must be True or False"):
+            qalora.load_gguf(legacy[0], **{flag: "yes"})
+    with pytest.raises(qalora.ConfigError, match="fixed_offset_layers: got 'always', allowed: 'skip', 'adapt'"):
+        qalora.QALoRAConfig(fixed_offset_layers="always")

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .. import hf_skeleton, ops
-from ..errors import FormatError, ModelLoadError, QALoRAError
+from ..errors import ConfigError, FormatError, ModelLoadError, QALoRAError
 from ..hf_skeleton import apply_rope_freqs, restore_from_source  # noqa: F401  (both were defined here)
 from ..layers import QuantEmbedding, QuantLinear
 from ..loaded import LoadedModel, cache_root
@@ -361,6 +361,9 @@ def import_gguf(
     quantized_embedding: bool = False,
 ) -> Imported:
     """Reads a GGUF file into a model and its tokenizer; see :func:`load_gguf`."""
+    for name, value in (("allow_nonfinite", allow_nonfinite), ("quantized_embedding", quantized_embedding)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: got {value!r}, it must be True or False")
     path = os.path.abspath(os.fspath(path))
     if not os.path.isfile(path):
         raise ModelLoadError(f"GGUF file {path} does not exist")

@@ -414,8 +414,8 @@ def encode_dense(weight: np.ndarray, ggml_type: int, what: str = "tensor") -> np
 FIXED_OFFSET_TYPES = ("Q3_K", "Q6_K", "Q8_0")
 #: Types with a per-group offset on a grid: ggml type -> largest sub-block integer.
 K_OFFSET_TYPES = {Q2_K: 15, Q4_K: 63, Q5_K: 63}
-#: The same, by type name (as a model's source record names it).
-K_OFFSET_TYPE_NAMES = {"Q2_K": Q2_K, "Q4_K": Q4_K, "Q5_K": Q5_K}
+#: The same types by name (as a model's source record names them) -> ggml type.
+K_OFFSET_TYPE_NAMES = {FORMATS[t].name: t for t in K_OFFSET_TYPES}
 _FIT_BLOCKS = 4096  # super-blocks per fitting step (bounds the candidate arrays)
 
 
@@ -448,8 +448,8 @@ def fit_grid(values: np.ndarray, weights: np.ndarray, top: int, reach: int = 4) 
             q = np.where(cand[:, :, None] != 0, np.rint(v[:, None, :] / cand[:, :, None]), 0.0)
         q = np.clip(np.nan_to_num(q), 0, top).astype(np.float32)
         err = ((cand[:, :, None] * q - v[:, None, :]).astype(np.float64) ** 2 * w[:, None, :]).sum(axis=2)
-        # Prefer larger k among equal errors: candidates 1..top per sign run k ascending, so
-        # pick the last minimum within each sign, comparing the signs' best ones after.
+        # Among equal errors take the last candidate: within each sign k ascends, so a tie
+        # goes to the larger k (the finer grid, as ggml's quantizers choose).
         c = err.shape[1]
         best = c - 1 - np.argmin(err[:, ::-1], axis=1)
         factor[a : a + len(v)] = cand[np.arange(len(v)), best].astype(np.float16)
