@@ -10,6 +10,7 @@ tokens per second (the first step apart: it allocates). What the model holds is 
 quantized layers (codes + group parameters) and dense tensors, against the file's bytes.
 
     python benches/bench_8b.py [--shape 8b|1b|tiny] [--steps 3] [--dir DIR] [--keep] [--quantized-embedding]
+                               [--no-train-offsets]
 
 ``--shape 1b`` uses Llama-3.2-1B's shapes (16 layers, hidden 2048, FFN 8192, 32 / 8 heads,
 tied head); ``tiny`` checks the script in seconds. The file is written once into ``--dir``
@@ -44,6 +45,7 @@ from transformers.models.llama import modeling_llama  # code imported before the
 
 path, out, steps, seq = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 quantized_embedding = sys.argv[5] == "1"
+train_offsets = sys.argv[6] == "1"
 
 def status(key):
     with open("/proc/self/status") as f:
@@ -80,7 +82,7 @@ def wrap():
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", qalora.QALoRAWarning)  # Q6_K layers: no adapter, by default
-        qalora.wrap(model, qalora.QALoRAConfig())
+        qalora.wrap(model, qalora.QALoRAConfig(train_offsets=train_offsets))
 stage("wrap", wrap)
 model.config.use_cache = False
 if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
@@ -98,13 +100,20 @@ def train():
     for i in range(steps):
         ids = torch.randint(0, vocab, (1, seq), generator=gen)
         t = time.perf_counter()
+        peaks = {}  # peak RSS within each phase of the step
+        reset_peak()
         loss = model(input_ids=ids, labels=ids).loss
+        peaks["forward"] = status("VmHWM")
+        reset_peak()
         loss.backward()
+        peaks["backward"] = status("VmHWM")
+        reset_peak()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        peaks["optimizer"] = status("VmHWM")
         times.append(time.perf_counter() - t)
-        print(json.dumps(dict(stage="step", step=i, seconds=times[-1], loss=float(loss.detach()), rss=status("VmRSS"))),
-              flush=True)
+        print(json.dumps(dict(stage="step", step=i, seconds=times[-1], loss=float(loss.detach()), rss=status("VmRSS"),
+                              peaks=peaks)), flush=True)
 stage("train", train)
 model.eval()
 del opt
@@ -126,6 +135,11 @@ def main() -> None:
         "--quantized-embedding",
         action="store_true",
         help="load_gguf(quantized_embedding=True): the Q4_K token embedding stays quantized (no dense table)",
+    )
+    ap.add_argument(
+        "--no-train-offsets",
+        action="store_true",
+        help="QALoRAConfig(train_offsets=False): adapters only (no per-group offsets and their AdamW state)",
     )
     args = ap.parse_args()
     sys.path.insert(0, TESTS)
@@ -150,7 +164,17 @@ def main() -> None:
     print("\n| stage | seconds | peak RSS GiB | RSS after GiB |")
     print("| --- | --- | --- | --- |")
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, path, out, str(args.steps), str(args.seq), str(int(args.quantized_embedding))],
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            path,
+            out,
+            str(args.steps),
+            str(args.seq),
+            str(int(args.quantized_embedding)),
+            str(int(not args.no_train_offsets)),
+        ],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
@@ -162,6 +186,8 @@ def main() -> None:
             held = (r["quant"], r["dense"])
         elif r["stage"] == "step":
             steps.append(r["seconds"])
+            phases = ", ".join(f"{k} {v / gib:.2f}" for k, v in r["peaks"].items())
+            print(f"| (step {r['step']}: {r['seconds']:.1f} s; peak RSS GiB by phase: {phases}) | | | |", flush=True)
         elif r["stage"] == "exported":
             exported = r
         else:

@@ -311,17 +311,30 @@ pub fn same_device(tensors: &[(&str, &Tensor)]) -> KResult<Device> {
 }
 
 /// A frozen quantized weight as the ops receive it: packed codes (N, K*b/8) uint8 and
-/// scales/offsets (N, K/g).
+/// scales/offsets (N, K/g): float, or for factored parameters (docs/design.md §2) uint8/int8
+/// integers that `factors` multiply.
 pub struct QuantWeight {
     pub packed: Tensor,
     pub scales: Tensor,
     pub offsets: Tensor,
+    pub factors: Option<Factors>,
     pub layout: QuantLayout,
     pub device: Device,
 }
 
+/// The float16 factors of factored group parameters, (N, K/g/per_factor) each: group l of
+/// row n is `factor[n, l / per_factor] · int[n, l]`.
+pub struct Factors {
+    pub scales: Tensor,
+    pub offsets: Tensor,
+    pub per_factor: usize,
+}
+
+const INT_PARAM_KINDS: [Kind; 2] = [Kind::Uint8, Kind::Int8];
+
 impl QuantWeight {
-    /// Validates the three buffers. `k` is the in_features the caller expects, if it knows.
+    /// Validates the buffers. `k` is the in_features the caller expects, if it knows.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         packed: Tensor,
         scales: Tensor,
@@ -329,6 +342,8 @@ impl QuantWeight {
         bits: IntArg,
         group_size: IntArg,
         k: Option<usize>,
+        scale_factors: Option<Tensor>,
+        offset_factors: Option<Tensor>,
     ) -> KResult<Self> {
         let bits = check_bits(bits)?;
         check_kind(&packed, "packed", &[Kind::Uint8])?;
@@ -362,17 +377,68 @@ impl QuantWeight {
         };
         let layout = QuantLayout::new(n, k, bits, group_size)?;
         let want = [n as i64, layout.groups() as i64];
-        for (name, t) in [("scales", &scales), ("offsets", &offsets)] {
-            check_kind(t, name, &[Kind::Half, Kind::BFloat16, Kind::Float])?;
-            check_shape(t, name, &want, "N, K/group_size")?;
+        let factors = match (scale_factors, offset_factors) {
+            (None, None) => {
+                for (name, t) in [("scales", &scales), ("offsets", &offsets)] {
+                    check_kind(t, name, &[Kind::Half, Kind::BFloat16, Kind::Float])?;
+                    check_shape(t, name, &want, "N, K/group_size")?;
+                }
+                None
+            }
+            (Some(sf), Some(of)) => Some(Factors::new(&scales, &offsets, sf, of, &layout)?),
+            _ => {
+                return Err(KernelError::shape(
+                    "scale_factors, offset_factors: factored group parameters need both (or neither)",
+                ))
+            }
+        };
+        let mut named = vec![("packed", &packed), ("scales", &scales), ("offsets", &offsets)];
+        if let Some(f) = &factors {
+            named.extend([("scale_factors", &f.scales), ("offset_factors", &f.offsets)]);
         }
-        let device = same_device(&[("packed", &packed), ("scales", &scales), ("offsets", &offsets)])?;
-        Ok(Self { packed, scales, offsets, layout, device })
+        let device = same_device(&named)?;
+        Ok(Self { packed, scales, offsets, factors, layout, device })
     }
 
-    /// Scales and offsets as contiguous f32 tensors (small: N*K/g values).
+    /// Scales and offsets as contiguous f32 tensors (small: N*K/g values), factored ones
+    /// multiplied out (exact in f32).
     pub fn params_f32(&self) -> (Tensor, Tensor) {
-        (self.scales.to_kind(Kind::Float).contiguous(), self.offsets.to_kind(Kind::Float).contiguous())
+        let Some(f) = &self.factors else {
+            return (self.scales.to_kind(Kind::Float).contiguous(), self.offsets.to_kind(Kind::Float).contiguous());
+        };
+        let (n, groups) = (self.layout.n as i64, self.layout.groups() as i64);
+        let expand = |ints: &Tensor, factors: &Tensor| {
+            let spread = factors
+                .to_kind(Kind::Float)
+                .unsqueeze(-1)
+                .expand([n, groups / f.per_factor as i64, f.per_factor as i64], false);
+            (spread.reshape([n, groups]) * ints.to_kind(Kind::Float)).contiguous()
+        };
+        (expand(&self.scales, &f.scales), expand(&self.offsets, &f.offsets))
+    }
+}
+
+impl Factors {
+    fn new(scales: &Tensor, offsets: &Tensor, sf: Tensor, of: Tensor, layout: &QuantLayout) -> KResult<Self> {
+        let (n, groups) = (layout.n as i64, layout.groups() as i64);
+        for (name, t) in [("scales", scales), ("offsets", offsets)] {
+            check_kind(t, &format!("{name} (factored: integers times {name} factors)"), &INT_PARAM_KINDS)?;
+            check_shape(t, name, &[n, groups], "N, K/group_size")?;
+        }
+        check_kind(&sf, "scale_factors", &[Kind::Half])?;
+        check_kind(&of, "offset_factors", &[Kind::Half])?;
+        check_dims(&sf, "scale_factors", 2)?;
+        let per = sf.size()[1];
+        if per <= 0 || groups % per != 0 {
+            return Err(KernelError::shape(format!(
+                "scale_factors: got shape {:?}; its {per} factors per row must divide the {groups} groups per row",
+                sf.size()
+            )));
+        }
+        let want = [n, per];
+        check_shape(&sf, "scale_factors", &want, "N, a divisor of K/group_size")?;
+        check_shape(&of, "offset_factors", &want, "the shape of scale_factors")?;
+        Ok(Self { scales: sf, offsets: of, per_factor: (groups / per) as usize })
     }
 }
 

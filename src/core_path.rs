@@ -1,6 +1,6 @@
 //! Ops on CPU tensors through the tch-free Rust core (rayon inside).
 
-use qalora_core::matmul::{bf16, exact, int8, tiled, FUSED_MAX_ROWS};
+use qalora_core::matmul::{bf16, exact, int8, tiled, GroupInts, FUSED_MAX_ROWS};
 use qalora_core::{group_pool, merge, pack, parallel, quant, GroupParams, Isa, ParamDtype, QuantLayout};
 use tch::{Device, Kind, Tensor};
 
@@ -100,14 +100,25 @@ fn tile_rows(layout: QuantLayout) -> usize {
 }
 
 /// The weight's scales and offsets as the kernels take them: raw f16 bits when both are
-/// f16 (the default; converted per row inside the kernels), else f32 copies.
+/// f16 (the default; converted per row inside the kernels), the integers and f16 factors of
+/// factored parameters as they are, else f32 copies.
 enum Params {
     F16(Tensor, Tensor),
     F32(Tensor, Tensor),
+    Factored { scales: Tensor, scale_factors: Tensor, offsets: Tensor, offset_factors: Tensor, per_factor: usize },
 }
 
 impl Params {
     fn of(w: &QuantWeight) -> Params {
+        if let Some(f) = &w.factors {
+            return Params::Factored {
+                scales: w.scales.contiguous(),
+                scale_factors: f.scales.contiguous(),
+                offsets: w.offsets.contiguous(),
+                offset_factors: f.offsets.contiguous(),
+                per_factor: f.per_factor,
+            };
+        }
         if w.scales.kind() == Kind::Half && w.offsets.kind() == Kind::Half {
             Params::F16(w.scales.contiguous(), w.offsets.contiguous())
         } else {
@@ -117,9 +128,23 @@ impl Params {
     }
 
     fn view(&self) -> GroupParams<'_> {
+        fn ints(t: &Tensor) -> GroupInts<'_> {
+            if t.kind() == Kind::Int8 {
+                GroupInts::I8(slice(t))
+            } else {
+                GroupInts::U8(slice(t))
+            }
+        }
         match self {
             Params::F16(s, o) => GroupParams::F16 { scales: slice(s), offsets: slice(o) },
             Params::F32(s, o) => GroupParams::F32 { scales: slice(s), offsets: slice(o) },
+            Params::Factored { scales, scale_factors, offsets, offset_factors, per_factor } => GroupParams::Factored {
+                scales: ints(scales),
+                scale_factors: slice(scale_factors),
+                offsets: ints(offsets),
+                offset_factors: slice(offset_factors),
+                per_factor: *per_factor,
+            },
         }
     }
 }
@@ -165,17 +190,25 @@ fn for_each_tile(w: &QuantWeight, kind: Kind, mut f: impl FnMut(usize, &Tensor))
             Ok(())
         });
     }
-    let (s, o) = w.params_f32();
-    let (sf, of) = (slice::<f32>(&s), slice::<f32>(&o));
+    // Each row's parameters are converted (or multiplied out, when factored) as it is
+    // dequantized: no f32 copy of all N*K/g of them.
+    let params = Params::of(w);
+    let view = params.view();
+    let (groups, rb) = (layout.groups(), layout.row_bytes());
+    let one_row = QuantLayout::new(1, k, layout.bits, layout.group_size)?;
     Scratch::with([rows, k], Kind::Float, |buf| {
         let mut row0 = 0;
         while row0 < n {
             let r = rows.min(n - row0);
             let chunk = per(r);
             parallel::for_each_chunk(&mut buf.data_mut::<f32>()[..r * k], chunk * k, |c, out| {
-                let mut codes = vec![0u8; k];
+                let (mut codes, mut s, mut m) = (vec![0u8; k], vec![0f32; groups], vec![0f32; groups]);
+                let isa = Isa::detect_best();
                 for (i, out_row) in out.chunks_exact_mut(k).enumerate() {
-                    quant::dequantize_row(packed, sf, of, layout, row0 + c * chunk + i, &mut codes, out_row);
+                    let row = row0 + c * chunk + i;
+                    view.row_into(row, (0, groups), isa, &mut s, &mut m);
+                    let prow = &packed[row * rb..(row + 1) * rb];
+                    quant::dequantize_row(prow, &s, &m, one_row, 0, &mut codes, out_row);
                 }
             });
             buf.with_rows(r, |tile| {

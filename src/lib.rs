@@ -145,7 +145,7 @@ fn quantize(
 
 /// Dense (N, K) weight s*q + m in `dtype`.
 #[pyfunction]
-#[pyo3(signature = (packed, scales, offsets, bits, group_size, dtype=OutDType::F32, backend=BackendArg::Auto))]
+#[pyo3(signature = (packed, scales, offsets, bits, group_size, dtype=OutDType::F32, backend=BackendArg::Auto, scale_factors=None, offset_factors=None))]
 #[allow(clippy::too_many_arguments)]
 fn dequantize(
     py: Python<'_>,
@@ -156,17 +156,31 @@ fn dequantize(
     group_size: &Bound<'_, PyAny>,
     dtype: OutDType,
     backend: BackendArg,
+    scale_factors: Option<&Bound<'_, PyAny>>,
+    offset_factors: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<PyObject> {
+    let factors = factor_args(scale_factors, offset_factors)?;
     let (p, s, o) = (tensor_arg(packed, "packed")?, tensor_arg(scales, "scales")?, tensor_arg(offsets, "offsets")?);
     let (bits, group_size) = (int_arg(bits, "bits")?, int_arg(group_size, "group_size")?);
     let out = run(py, move || {
-        let w = QuantWeight::new(p, s, o, bits, group_size, None)?;
+        let w = QuantWeight::new(p, s, o, bits, group_size, None, factors.0, factors.1)?;
         Ok(match backend.resolve(w.device, true)? {
             Backend::Core => core_path::dequantize(&w, dtype.kind())?,
             Backend::Torch => torch_path::dequantize(&w, dtype.kind()),
         })
     })?;
     wrap_tensor(py, out)
+}
+
+/// The optional factors of factored group parameters (None and Python's None alike).
+fn factor_args(
+    scale_factors: Option<&Bound<'_, PyAny>>,
+    offset_factors: Option<&Bound<'_, PyAny>>,
+) -> PyResult<(Option<Tensor>, Option<Tensor>)> {
+    let arg = |ob: Option<&Bound<'_, PyAny>>, name: &str| {
+        ob.filter(|o| !o.is_none()).map(|o| tensor_arg(o, name)).transpose()
+    };
+    Ok((arg(scale_factors, "scale_factors")?, arg(offset_factors, "offset_factors")?))
 }
 
 /// Shared front half of qmatmul and its backward: validates and flattens `t` to 2-D.
@@ -185,7 +199,7 @@ fn with_last(lead: &[i64], last: usize) -> Vec<i64> {
 
 /// y = x W~^T for x of shape (..., K).
 #[pyfunction]
-#[pyo3(signature = (x, packed, scales, offsets, bits, group_size, backend=BackendArg::Auto, activations=Activations::Exact))]
+#[pyo3(signature = (x, packed, scales, offsets, bits, group_size, backend=BackendArg::Auto, activations=Activations::Exact, scale_factors=None, offset_factors=None))]
 #[allow(clippy::too_many_arguments)]
 fn qmatmul(
     py: Python<'_>,
@@ -197,14 +211,17 @@ fn qmatmul(
     group_size: &Bound<'_, PyAny>,
     backend: BackendArg,
     activations: Activations,
+    scale_factors: Option<&Bound<'_, PyAny>>,
+    offset_factors: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<PyObject> {
+    let factors = factor_args(scale_factors, offset_factors)?;
     let x = tensor_arg(x, "x")?;
     let (p, s, o) = (tensor_arg(packed, "packed")?, tensor_arg(scales, "scales")?, tensor_arg(offsets, "offsets")?);
     let (bits, group_size) = (int_arg(bits, "bits")?, int_arg(group_size, "group_size")?);
     let out = run(py, move || {
         // in_features comes from x, so a packed buffer of the wrong width is named as such.
         let k = x.size().last().map(|&k| k as usize);
-        let w = QuantWeight::new(p, s, o, bits, group_size, k)?;
+        let w = QuantWeight::new(p, s, o, bits, group_size, k, factors.0, factors.1)?;
         let (lead, x2) = matmul_operands(&x, "x", &w, true)?;
         let y = match backend.resolve(w.device, true)? {
             Backend::Core => core_path::qmatmul(&x2, &w, activations)?,
@@ -217,7 +234,7 @@ fn qmatmul(
 
 /// grad_x = grad_output W~ for grad_output of shape (..., N): the backward of qmatmul.
 #[pyfunction]
-#[pyo3(signature = (grad_output, packed, scales, offsets, bits, group_size, backend=BackendArg::Auto))]
+#[pyo3(signature = (grad_output, packed, scales, offsets, bits, group_size, backend=BackendArg::Auto, scale_factors=None, offset_factors=None))]
 #[allow(clippy::too_many_arguments)]
 fn qmatmul_grad_input(
     py: Python<'_>,
@@ -228,12 +245,15 @@ fn qmatmul_grad_input(
     bits: &Bound<'_, PyAny>,
     group_size: &Bound<'_, PyAny>,
     backend: BackendArg,
+    scale_factors: Option<&Bound<'_, PyAny>>,
+    offset_factors: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<PyObject> {
+    let factors = factor_args(scale_factors, offset_factors)?;
     let g = tensor_arg(grad_output, "grad_output")?;
     let (p, s, o) = (tensor_arg(packed, "packed")?, tensor_arg(scales, "scales")?, tensor_arg(offsets, "offsets")?);
     let (bits, group_size) = (int_arg(bits, "bits")?, int_arg(group_size, "group_size")?);
     let out = run(py, move || {
-        let w = QuantWeight::new(p, s, o, bits, group_size, None)?;
+        let w = QuantWeight::new(p, s, o, bits, group_size, None, factors.0, factors.1)?;
         let (lead, g2) = matmul_operands(&g, "grad_output", &w, false)?;
         let gx = match backend.resolve(w.device, true)? {
             Backend::Core => core_path::qmatmul_grad_input(&g2, &w)?,
@@ -246,7 +266,7 @@ fn qmatmul_grad_input(
 
 /// The scales' gradient of y = x W~^T: (N, K/g), f32 (f64 when an input is f64). `grad_output` (..., N) and `x` (..., K) have the same leading dimensions.
 #[pyfunction]
-#[pyo3(signature = (grad_output, x, packed, scales, offsets, bits, group_size, backend=BackendArg::Auto))]
+#[pyo3(signature = (grad_output, x, packed, scales, offsets, bits, group_size, backend=BackendArg::Auto, scale_factors=None, offset_factors=None))]
 #[allow(clippy::too_many_arguments)]
 fn qmatmul_grad_scales(
     py: Python<'_>,
@@ -258,14 +278,17 @@ fn qmatmul_grad_scales(
     bits: &Bound<'_, PyAny>,
     group_size: &Bound<'_, PyAny>,
     backend: BackendArg,
+    scale_factors: Option<&Bound<'_, PyAny>>,
+    offset_factors: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<PyObject> {
+    let factors = factor_args(scale_factors, offset_factors)?;
     let g = tensor_arg(grad_output, "grad_output")?;
     let x = tensor_arg(x, "x")?;
     let (p, s, o) = (tensor_arg(packed, "packed")?, tensor_arg(scales, "scales")?, tensor_arg(offsets, "offsets")?);
     let (bits, group_size) = (int_arg(bits, "bits")?, int_arg(group_size, "group_size")?);
     let out = run(py, move || {
         let k = x.size().last().map(|&k| k as usize);
-        let w = QuantWeight::new(p, s, o, bits, group_size, k)?;
+        let w = QuantWeight::new(p, s, o, bits, group_size, k, factors.0, factors.1)?;
         let (glead, g2) = matmul_operands(&g, "grad_output", &w, false)?;
         let (xlead, x2) = matmul_operands(&x, "x", &w, true)?;
         if glead != xlead {
@@ -455,7 +478,7 @@ fn repack_tiles(
     let (p, s, o) = (tensor_arg(packed, "packed")?, tensor_arg(scales, "scales")?, tensor_arg(offsets, "offsets")?);
     let (bits, group_size) = (int_arg(bits, "bits")?, int_arg(group_size, "group_size")?);
     let out = run(py, move || {
-        let w = QuantWeight::new(p, s, o, bits, group_size, None)?;
+        let w = QuantWeight::new(p, s, o, bits, group_size, None, None, None)?;
         backend_core_only(&w.packed)?;
         for (name, t) in [("scales", &w.scales), ("offsets", &w.offsets)] {
             if t.kind() != Kind::Half {

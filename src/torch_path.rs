@@ -114,7 +114,7 @@ pub fn quantize(w: &Tensor, layout: QuantLayout, scale_kind: Kind) -> KResult<(T
 pub fn dequantize(w: &QuantWeight, kind: Kind) -> Tensor {
     let l = w.layout;
     let codes = unpack(&w.packed, l.bits, l.k).to_kind(Kind::Float);
-    let (s, o) = (w.scales.to_kind(Kind::Float), w.offsets.to_kind(Kind::Float));
+    let (s, o) = w.params_f32();
     // o + codes·s as one addcmul: one rounding where the device fuses it (the core's FMA).
     let codes = codes.view([l.n as i64, l.groups() as i64, l.group_size as i64]);
     let dense = o.unsqueeze(-1).addcmul(&codes, &s.unsqueeze(-1));

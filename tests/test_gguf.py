@@ -99,6 +99,7 @@ def test_import_is_exact_for_every_type(mixed):
                 assert (module.bits, module.group_size) == expect[type_name], name
             k_quant = type_name.endswith("_K")
             assert module.scales.dtype == (torch.float32 if k_quant else torch.float16), name
+            assert module.is_factored == k_quant, name
         else:
             value = model.get_parameter(hf).detach().numpy()
             assert np.array_equal(value.reshape(ref.shape), ref), name
@@ -113,6 +114,81 @@ def test_import_is_exact_for_every_type(mixed):
     assert source["format"] == "gguf" and source["path"] == os.path.abspath(path)
     assert source["layers"]["model.layers.0.self_attn.v_proj"]["type"] == "Q6_K"
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
+
+
+#: Bytes a factored layer holds over its tensor's bytes in the file: 8-bit sub-block
+#: integers where the file packs 6 (Q4_K/Q5_K/Q3_K) or 4 (Q2_K) bits; Q6_K stores int8.
+KQUANT_SIZE = {"Q2_K": 1.20, "Q3_K": 1.06, "Q4_K": 1.03, "Q5_K": 1.03, "Q6_K": 1.01}
+
+
+def test_kquant_layers_are_held_at_file_size_and_compute_as_decoded(mixed):
+    """Every K-quant layer holds its group parameters factored, at about the tensor's bytes
+    in the file, and computes (small and large batches, forward and backward) exactly what
+    the same layer with the decoded float32 parameters computes."""
+    path, _ = mixed
+    model = qalora.load_gguf(path).model
+    header = read_header(path)
+    seen = set()
+    torch.manual_seed(0)
+    for name, entry in header.tensors.items():
+        type_name = gguf_blocks.type_name(entry.ggml_type)
+        if type_name not in KQUANT_SIZE:
+            continue
+        module = model.get_submodule(gguf_arch.hf_name(name).rpartition(".")[0])
+        assert isinstance(module, qalora.QuantLinear) and module.is_factored, name
+        held = sum(b.numel() * b.element_size() for b in module.buffers())
+        assert held <= KQUANT_SIZE[type_name] * entry.nbytes, (name, held / entry.nbytes)
+        plain = copy.deepcopy(module)
+        plain.unfactor_()
+        assert not plain.is_factored and plain.scales.dtype == torch.float32
+        assert held < 0.85 * sum(b.numel() * b.element_size() for b in plain.buffers()), name
+        assert torch.equal(plain.dequantize(), module.dequantize()), name
+        for rows in (1, 5, 40):  # the fused kernels, and the tiled GEMM path
+            x = torch.randn(rows, module.in_features, requires_grad=True)
+            xp = x.detach().clone().requires_grad_(True)
+            y, yp = module(x), plain(xp)
+            assert torch.equal(y, yp), (name, rows)
+            g = torch.randn_like(y)
+            y.backward(g)
+            yp.backward(g)
+            assert torch.equal(x.grad, xp.grad), (name, rows)
+        seen.add(type_name)
+    assert seen == set(KQUANT_SIZE)
+
+
+def test_factored_layers_keep_their_factors_through_dtype_moves_and_state_dicts(mixed):
+    path, _ = mixed
+    model = qalora.load_gguf(path).model
+    layer = model.model.layers[0].self_attn.v_proj
+    assert layer.is_factored
+    want = layer.dequantize()
+    model.to(torch.bfloat16)  # floating tensors convert; the factors are part of the layout
+    assert layer.super_scales.dtype == torch.float16 and torch.equal(layer.dequantize(), want)
+    model.float()
+    state = layer.state_dict()  # files hold float32 scales and offsets
+    assert not any(k.startswith(("sub_", "super_")) for k in state) and state["scales"].dtype == torch.float32
+    again = qalora.QuantLinear(
+        layer.in_features, layer.out_features, layer.bits, layer.group_size, False, torch.float32
+    )
+    again.load_state_dict(state)
+    assert torch.equal(again.dequantize(), want)
+    layer.load_state_dict(state)  # loading float parameters into a factored layer: a plain one
+    assert not layer.is_factored and torch.equal(layer.dequantize(), want)
+    with pytest.raises(qalora.ShapeError, match="super_scales"):
+        layer.factor_(  # 3 factors a row cannot divide its 16 groups
+            torch.zeros(layer.out_features, layer.in_features // layer.group_size, dtype=torch.uint8),
+            torch.zeros(layer.out_features, 3, dtype=torch.float16),
+            None,
+            torch.zeros(layer.out_features, 3, dtype=torch.float16),
+        )
+    with pytest.raises(qalora.ShapeError, match="sub_scales"):
+        layer.factor_(
+            torch.zeros(layer.out_features, 3, dtype=torch.uint8),
+            torch.zeros(layer.out_features, 2, dtype=torch.float16),
+            None,
+            torch.zeros(layer.out_features, 2, dtype=torch.float16),
+        )
+    assert not layer.is_factored and torch.equal(layer.dequantize(), want)  # a refusal changes nothing
 
 
 @pytest.mark.parametrize("which", ["mixed", "legacy", "qwen"])

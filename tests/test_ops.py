@@ -499,6 +499,93 @@ def test_bad_inputs_raise_typed_errors(call, error, fragment):
     assert isinstance(info.value, qalora.QALoRAError)
 
 
+# ---------------------------------------------------------------- factored group parameters
+
+
+def _factored(n, k, g, bits, per, seed, signed=False, device="cpu"):
+    """Random codes and factored parameters (K-quant style), and the float64 dense weight
+    computed independently from them."""
+    r = rng(seed)
+    groups = k // g
+    codes = r.integers(0, 2**bits, size=(n, k))
+    ints = (
+        r.integers(-32, 32, size=(n, groups)).astype(np.int8)
+        if signed
+        else r.integers(1, 64, (n, groups)).astype(np.uint8)
+    )
+    mins = r.integers(0, 64, size=(n, groups)).astype(np.uint8)
+    sf = (r.uniform(0.5, 2.0, size=(n, groups // per)) * 1e-3).astype(np.float16)
+    of = (-r.uniform(0.5, 2.0, size=(n, groups // per)) * 1e-3).astype(np.float16)
+    s64 = np.repeat(sf.astype(np.float64), per, axis=1) * ints
+    m64 = np.repeat(of.astype(np.float64), per, axis=1) * mins
+    dense64 = ref.dequantize(codes, s64, m64, g)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    packed = t(ref.pack(codes.astype(np.uint8), bits))
+    return (packed, t(ints), t(mins), t(sf), t(of)), dense64
+
+
+def _close_to_float64(got, a, b):
+    """got ≈ a @ b in float64, within float32 summation error: 1e-5 of Σ|a·b| per output."""
+    a64 = a.double().cpu().numpy()
+    want, scale = a64 @ b, np.abs(a64) @ np.abs(b)
+    err = np.abs(got.detach().double().cpu().numpy() - want)
+    assert (err <= 1e-5 * scale + 1e-9).all(), float((err / (scale + 1e-9)).max())
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("n,k,g,per", [(13, 256, 16, 16), (7, 512, 32, 8), (33, 96, 16, 3)])
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_factored_params_match_float64(bits, n, k, g, per, signed, backend):
+    (p, si, mi, sf, of), dense64 = _factored(n, k, g, bits, per, seed=bits + n, signed=signed)
+    kw = dict(backend=backend, scale_factors=sf, offset_factors=of)
+    got = ops.dequantize(p, si, mi, bits, g, torch.float64, **kw).numpy()
+    np.testing.assert_allclose(got, dense64, rtol=1e-6, atol=1e-9)  # exact products, one f32 rounding
+    for m in (1, 5, 40):  # fused kernels and the tiled GEMM path
+        x = torch.from_numpy(rng(m).standard_normal((m, k)).astype(np.float32)).requires_grad_(True)
+        y = ops.qmatmul(x, p, si, mi, bits, g, **kw)
+        _close_to_float64(y, x.detach(), dense64.T)
+        gy = torch.randn_like(y)
+        y.backward(gy)
+        _close_to_float64(x.grad, gy, dense64)
+
+
+def test_factored_params_equal_their_expansion_on_every_activation_route():
+    (p, si, mi, sf, of), _ = _factored(24, 512, 32, 4, 8, seed=3)
+    s32 = sf.float().repeat_interleave(8, dim=1) * si.float()
+    m32 = of.float().repeat_interleave(8, dim=1) * mi.float()
+    x = torch.randn(3, 512)
+    for activations in ("exact", "int8", "bf16"):
+        got = ops.qmatmul(x, p, si, mi, 4, 32, activations=activations, scale_factors=sf, offset_factors=of)
+        assert torch.equal(got, ops.qmatmul(x, p, s32, m32, 4, 32, activations=activations)), activations
+
+
+def test_factored_params_refuse_bad_inputs():
+    (p, si, mi, sf, of), _ = _factored(8, 256, 32, 4, 2, seed=4)  # 8 groups, 4 factors a row
+    x = torch.randn(2, 256)
+    with pytest.raises(qalora.ShapeError, match="both"):
+        ops.qmatmul(x, p, si, mi, 4, 32, scale_factors=sf)
+    with pytest.raises(qalora.DTypeError, match=r"scale_factors.*float16"):
+        ops.qmatmul(x, p, si, mi, 4, 32, scale_factors=sf.float(), offset_factors=of)
+    with pytest.raises(qalora.DTypeError, match=r"scales \(factored"):
+        ops.qmatmul(x, p, si.float(), mi, 4, 32, scale_factors=sf, offset_factors=of)
+    with pytest.raises(qalora.ShapeError, match="divide"):
+        ops.qmatmul(x, p, si, mi, 4, 32, scale_factors=sf[:, :3], offset_factors=of[:, :3])
+    with pytest.raises(qalora.ShapeError, match="offset_factors"):
+        ops.qmatmul(x, p, si, mi, 4, 32, scale_factors=sf, offset_factors=of[:4])
+    with pytest.raises(qalora.DTypeError, match="scales"):  # integers without factors
+        ops.dequantize(p, si, mi, 4, 32)
+
+
+@cuda
+def test_factored_params_on_cuda_match_cpu():
+    q, dense64 = _factored(40, 512, 32, 4, 8, seed=5, device="cuda")
+    p, si, mi, sf, of = q
+    x = torch.randn(6, 512, device="cuda")
+    y = ops.qmatmul(x, p, si, mi, 4, 32, scale_factors=sf, offset_factors=of)
+    _close_to_float64(y, x, dense64.T)
+
+
 def test_error_hierarchy_fits_builtin_types():
     assert issubclass(qalora.ShapeError, ValueError) and issubclass(qalora.DTypeError, TypeError)
     assert issubclass(qalora.NoTargetModulesError, qalora.ConfigError)

@@ -85,8 +85,14 @@ def dequantize(
     group_size: int,
     dtype: torch.dtype = ...,
     backend: _Backend = ...,
+    scale_factors: torch.Tensor | None = ...,
+    offset_factors: torch.Tensor | None = ...,
 ) -> torch.Tensor:
-    """Dense (N, K) weight ``scales * q + offsets``; dtype defaults to torch.float32."""
+    """Dense (N, K) weight ``scales * q + offsets``; dtype defaults to torch.float32. With
+    ``scale_factors`` / ``offset_factors`` (float16, (N, F)), ``scales`` / ``offsets`` are
+    uint8 or int8 integers (N, L) and each group's value is ``factor[n, l // (L / F)] *
+    int[n, l]`` (factored parameters, as GGUF's K-quants store them; every op taking a
+    quantized weight takes them)."""
 
 def qmatmul(
     x: torch.Tensor,
@@ -97,6 +103,8 @@ def qmatmul(
     group_size: int,
     backend: _Backend = ...,
     activations: _Activations = ...,
+    scale_factors: torch.Tensor | None = ...,
+    offset_factors: torch.Tensor | None = ...,
 ) -> torch.Tensor:
     """``x @ W.T`` for x of shape (..., K); backend defaults to "auto", activations to "exact"."""
 
@@ -108,6 +116,8 @@ def qmatmul_grad_input(
     bits: int,
     group_size: int,
     backend: _Backend = ...,
+    scale_factors: torch.Tensor | None = ...,
+    offset_factors: torch.Tensor | None = ...,
 ) -> torch.Tensor:
     """``grad_output @ W`` for grad_output of shape (..., N): the backward of qmatmul."""
 
@@ -120,6 +130,8 @@ def qmatmul_grad_scales(
     bits: int,
     group_size: int,
     backend: _Backend = ...,
+    scale_factors: torch.Tensor | None = ...,
+    offset_factors: torch.Tensor | None = ...,
 ) -> torch.Tensor:
     """The gradient of ``x @ W.T`` with respect to the scales: (N, K/g), float32 (float64 if an input is)."""
 

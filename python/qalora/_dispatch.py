@@ -51,21 +51,23 @@ _quantize_op = _custom_op(
 )
 _dequantize_op = _custom_op(
     "dequantize",
-    "(Tensor packed, Tensor scales, Tensor offsets, int bits, int group_size, ScalarType dtype, str backend) -> Tensor",
+    "(Tensor packed, Tensor scales, Tensor offsets, int bits, int group_size, ScalarType dtype, str backend, "
+    "Tensor? scale_factors=None, Tensor? offset_factors=None) -> Tensor",
 )
 _qmatmul_op = _custom_op(
     "qmatmul",
     "(Tensor x, Tensor packed, Tensor scales, Tensor offsets, int bits, int group_size, str backend, "
-    "str activations) -> Tensor",
+    "str activations, Tensor? scale_factors=None, Tensor? offset_factors=None) -> Tensor",
 )
 _qmatmul_grad_input_op = _custom_op(
     "qmatmul_grad_input",
-    "(Tensor grad_output, Tensor packed, Tensor scales, Tensor offsets, int bits, int group_size, str backend) -> Tensor",
+    "(Tensor grad_output, Tensor packed, Tensor scales, Tensor offsets, int bits, int group_size, str backend, "
+    "Tensor? scale_factors=None, Tensor? offset_factors=None) -> Tensor",
 )
 _qmatmul_grad_scales_op = _custom_op(
     "qmatmul_grad_scales",
     "(Tensor grad_output, Tensor x, Tensor packed, Tensor scales, Tensor offsets, int bits, int group_size, "
-    "str backend) -> Tensor",
+    "str backend, Tensor? scale_factors=None, Tensor? offset_factors=None) -> Tensor",
 )
 _group_pool_op = _custom_op("group_pool", "(Tensor x, int group_size, str backend) -> Tensor")
 _group_pool_backward_op = _custom_op(
@@ -138,22 +140,22 @@ def _(weight, bits, group_size, scale_dtype, backend):
 
 
 @_dequantize_op.register_fake
-def _(packed, scales, offsets, bits, group_size, dtype, backend):
+def _(packed, scales, offsets, bits, group_size, dtype, backend, scale_factors=None, offset_factors=None):
     return packed.new_empty((packed.shape[0], packed.shape[1] * 8 // bits), dtype=dtype)
 
 
 @_qmatmul_op.register_fake
-def _(x, packed, scales, offsets, bits, group_size, backend, activations):
+def _(x, packed, scales, offsets, bits, group_size, backend, activations, scale_factors=None, offset_factors=None):
     return x.new_empty(_last(x.shape, packed.shape[0]))
 
 
 @_qmatmul_grad_input_op.register_fake
-def _(grad_output, packed, scales, offsets, bits, group_size, backend):
+def _(grad_output, packed, scales, offsets, bits, group_size, backend, scale_factors=None, offset_factors=None):
     return grad_output.new_empty(_last(grad_output.shape, packed.shape[1] * 8 // bits))
 
 
 @_qmatmul_grad_scales_op.register_fake
-def _(grad_output, x, packed, scales, offsets, bits, group_size, backend):
+def _(grad_output, x, packed, scales, offsets, bits, group_size, backend, scale_factors=None, offset_factors=None):
     dtype = torch.float64 if torch.float64 in (grad_output.dtype, x.dtype) else torch.float32
     return packed.new_empty((packed.shape[0], packed.shape[1] * 8 // bits // group_size), dtype=dtype)
 
@@ -185,13 +187,15 @@ def _(offsets, lora_A, lora_B, scaling, group_size, backend):
 # d/ds[n,l] = sum over group l of q[n,k] P[n,k] (qmatmul_grad_scales) and d/dm[n,l] = the
 # group sums of P, i.e. grad_y^T times the group sums of x. x is kept only when one of them
 # requires grad. The backwards call the ops through `_run`, so an eager backward takes the
-# eager route too.
+# eager route too. Factored parameters' integers and factors (the last two inputs of both
+# ops) are frozen.
 
 
 def _save_weight(ctx, inputs, output):
     x, packed, scales, offsets, bits, group_size, backend, *_ = inputs
+    scale_factors, offset_factors = inputs[-2:]
     params_grad = scales.requires_grad or offsets.requires_grad
-    ctx.save_for_backward(packed, scales, offsets, x if params_grad else None)
+    ctx.save_for_backward(packed, scales, offsets, x if params_grad else None, scale_factors, offset_factors)
     ctx.layout = (bits, group_size, backend)
 
 
@@ -225,10 +229,10 @@ def group_param_grads(
 
 
 def _qmatmul_backward(ctx, grad_y):
-    packed, scales, offsets, x = ctx.saved_tensors
+    packed, scales, offsets, x, *factors = ctx.saved_tensors
     grad_x = grad_s = grad_m = None
     if ctx.needs_input_grad[0]:
-        grad_x = _run("qmatmul_grad_input", "ttttiis", grad_y, packed, scales, offsets, *ctx.layout)
+        grad_x = _run("qmatmul_grad_input", "ttttiisTT", grad_y, packed, scales, offsets, *ctx.layout, *factors)
     if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
         grad_s, grad_m = group_param_grads(
             grad_y,
@@ -240,15 +244,15 @@ def _qmatmul_backward(ctx, grad_y):
             need_scales=ctx.needs_input_grad[2],
             need_offsets=ctx.needs_input_grad[3],
         )
-    return grad_x, None, grad_s, grad_m, None, None, None, None
+    return grad_x, None, grad_s, grad_m, None, None, None, None, None, None
 
 
 def _qmatmul_grad_input_backward(ctx, grad_grad_x):
-    packed, scales, offsets, _ = ctx.saved_tensors
+    packed, scales, offsets, _, *factors = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0]:
-        grad = _run("qmatmul", "ttttiiss", grad_grad_x, packed, scales, offsets, *ctx.layout, "exact")
-    return grad, None, None, None, None, None, None
+        grad = _run("qmatmul", "ttttiissTT", grad_grad_x, packed, scales, offsets, *ctx.layout, "exact", *factors)
+    return grad, None, None, None, None, None, None, None, None
 
 
 def _save_group(ctx, inputs, output):
@@ -374,11 +378,12 @@ def tiled_route_applies(x: torch.Tensor, in_features: int) -> bool:
 
 
 def _qalora_forward(
-    x2, lora_A, lora_B, packed, scales, offsets, bits, group_size, scaling, activations, dtype, dropout
+    x2, lora_A, lora_B, packed, scales, offsets, bits, group_size, scaling, activations, dtype, dropout, factors
 ):
     """The fused layer's forward: y and what its backward needs (pooled input, h, the
-    adapters in the compute dtype, the dropout's mask)."""
-    y = _core.qmatmul(x2, packed, scales, offsets, bits, group_size, "auto", activations)
+    adapters in the compute dtype, the dropout's mask). ``factors``: (scale_factors,
+    offset_factors) of factored group parameters, or (None, None)."""
+    y = _core.qmatmul(x2, packed, scales, offsets, bits, group_size, "auto", activations, *factors)
     mask = None
     if dropout > 0:
         # The adapter reads dropout(x), as nn.Dropout gives it (same random stream).
@@ -401,21 +406,34 @@ class _QALoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x2, lora_A, lora_B, packed, scales, offsets, bits, group_size, scaling, activations, dtype, dropout
+        ctx,
+        x2,
+        lora_A,
+        lora_B,
+        packed,
+        scales,
+        offsets,
+        bits,
+        group_size,
+        scaling,
+        activations,
+        dtype,
+        dropout,
+        factors,
     ):
         y, (pooled, h, a, b, mask) = _qalora_forward(
-            x2, lora_A, lora_B, packed, scales, offsets, bits, group_size, scaling, activations, dtype, dropout
+            x2, lora_A, lora_B, packed, scales, offsets, bits, group_size, scaling, activations, dtype, dropout, factors
         )
         # Trained group parameters need x itself (the scales' gradient reads every column).
         params_grad = scales.requires_grad or offsets.requires_grad
-        ctx.save_for_backward(pooled, h, a, b, packed, scales, offsets, mask, x2 if params_grad else None)
+        ctx.save_for_backward(pooled, h, a, b, packed, scales, offsets, mask, x2 if params_grad else None, *factors)
         ctx.layout = (bits, group_size, scaling, lora_A.dtype, lora_B.dtype, dropout)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        pooled, h, a, b, packed, scales, offsets, mask, x2 = ctx.saved_tensors
+        pooled, h, a, b, packed, scales, offsets, mask, x2, *factors = ctx.saved_tensors
         bits, group_size, scaling, a_dtype, b_dtype, dropout = ctx.layout
         grad_s = grad_m = None
         if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
@@ -437,7 +455,7 @@ class _QALoRALinear(torch.autograd.Function):
         grad_h = (g @ b).mul_(scaling)
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _core.qmatmul_grad_input(grad_y, packed, scales, offsets, bits, group_size, "auto")
+            grad_x = _core.qmatmul_grad_input(grad_y, packed, scales, offsets, bits, group_size, "auto", *factors)
             # The adapter's share, the pooling's backward: each group's gradient spread over
             # its columns, added in place (no second (M, K) tensor, no separate add).
             rows, k = grad_x.shape
@@ -451,7 +469,7 @@ class _QALoRALinear(torch.autograd.Function):
             grad_a = (grad_h.t() @ pooled).to(a_dtype)
         if ctx.needs_input_grad[2]:
             grad_b = (g.t() @ h).mul_(scaling).to(b_dtype)
-        return grad_x, grad_a, grad_b, None, grad_s, grad_m, None, None, None, None, None, None
+        return grad_x, grad_a, grad_b, None, grad_s, grad_m, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------- arguments for the dispatcher
@@ -460,13 +478,16 @@ _INT64 = (-(2**63), 2**63 - 1)
 
 
 def _carried(kinds: str, *values: Any) -> list[Any] | None:
-    """``values`` as the dispatcher's schema carries them (per ``kinds``: ``t`` a tensor, ``i``
+    """``values`` as the dispatcher's schema carries them (per ``kinds``: ``t`` a tensor, ``T``
+    a tensor or None, ``i``
     an int64, ``f`` a float, ``s`` a str, ``d`` a torch.dtype), converted the way the kernel
     reads them (``__index__`` for ints, ``__float__`` for floats); None when one cannot be."""
     out = []
     for kind, v in zip(kinds, values, strict=True):
         if kind == "t":
             ok = isinstance(v, torch.Tensor)
+        elif kind == "T":
+            ok = v is None or isinstance(v, torch.Tensor)
         elif kind == "i":
             ok = not isinstance(v, bool) and hasattr(type(v), "__index__")
             if ok:

@@ -59,6 +59,8 @@ def check_activations(mode: str) -> None:
 
 
 _CANONICAL = ("packed", "scales", "offsets")
+# A factored layer's group parameters (docs/design.md §2): integers times float16 factors.
+_FACTORED = ("sub_scales", "super_scales", "sub_offsets", "super_offsets")
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -90,7 +92,8 @@ class QuantLinear(nn.Module):
     """A frozen linear layer y = x W^T + b with W stored as b-bit codes per group.
 
     Buffers: ``packed`` uint8 (out, in*bits/8), ``scales`` and ``offsets`` (out, in/group_size).
-    ``bias`` is a frozen parameter (or None).
+    ``bias`` is a frozen parameter (or None). A layer imported from a GGUF K-quant holds its
+    group parameters factored instead, as the file does (see :meth:`factor_`).
     """
 
     def __init__(
@@ -128,6 +131,109 @@ class QuantLinear(nn.Module):
     # ---- tiled storage (the int8 route's layout) ----------------------------------------
 
     @property
+    def is_factored(self) -> bool:
+        """Whether the group parameters are held factored (see :meth:`factor_`)."""
+        return "super_scales" in self._buffers
+
+    @torch.no_grad()
+    def factor_(
+        self,
+        sub_scales: torch.Tensor,
+        super_scales: torch.Tensor,
+        sub_offsets: torch.Tensor | None,
+        super_offsets: torch.Tensor,
+    ) -> None:
+        """Hold the group parameters factored, the way GGUF's K-quants store them, in place
+        of float ``scales`` / ``offsets``: ``scales[n, l] = super_scales[n, l // p] *
+        sub_scales[n, l]`` and ``offsets[n, l] = super_offsets[n, l // p] * sub_offsets[n, l]``
+        (``sub_offsets`` None: the offsets reuse ``sub_scales``, as Q6_K's and Q3_K's implied
+        minimums do), with uint8 / int8 integers (out, L) and float16 factors (out, L / p).
+        Exact in float32, and about the file's size: a Q4_K layer holds 4.6 bits a weight
+        instead of 6 with float32 parameters.
+
+        The kernels read this form directly. Reading ``layer.scales`` / ``layer.offsets``
+        (or :meth:`canonical`) gives a float32 copy derived on each access, so write to them
+        only after :meth:`unfactor_`; a state dict holds the float32 tensors."""
+        groups = self.in_features // self.group_size
+        if super_scales.dim() != 2 or super_scales.shape[1] == 0 or groups % super_scales.shape[1]:
+            raise ShapeError(
+                f"super_scales: got shape {tuple(super_scales.shape)}, expected (out_features, a divisor of {groups})"
+            )
+        for name, t in (("sub_scales", sub_scales), ("sub_offsets", sub_offsets)):
+            if t is not None and (
+                t.dtype not in (torch.uint8, torch.int8) or tuple(t.shape) != (self.out_features, groups)
+            ):
+                raise ShapeError(
+                    f"{name}: got {t.dtype} {tuple(t.shape)}, expected uint8 or int8 ({self.out_features}, {groups})"
+                )
+        for name, t in (("super_scales", super_scales), ("super_offsets", super_offsets)):
+            if t.dtype != torch.float16 or t.shape != super_scales.shape:
+                raise ShapeError(
+                    f"{name}: got {t.dtype} {tuple(t.shape)}, expected float16 {tuple(super_scales.shape)}"
+                )
+        self.untile_()
+        for name in ("scales", "offsets", *_FACTORED):
+            self._buffers.pop(name, None)
+        self.register_buffer("sub_scales", sub_scales)
+        self.register_buffer("super_scales", super_scales)
+        if sub_offsets is not None:
+            self.register_buffer("sub_offsets", sub_offsets)
+        self.register_buffer("super_offsets", super_offsets)
+
+    @torch.no_grad()
+    def unfactor_(self) -> None:
+        """Back to float32 ``scales`` / ``offsets`` (the same values; see :meth:`factor_`)."""
+        if not self.is_factored:
+            return
+        scales, offsets = self._derived_params()
+        for name in _FACTORED:
+            self._buffers.pop(name, None)
+        self.register_buffer("scales", scales)
+        self.register_buffer("offsets", offsets)
+
+    def _derived_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self._buffers
+        sub_offsets = b.get("sub_offsets", b["sub_scales"])
+        per = b["sub_scales"].shape[1] // max(b["super_scales"].shape[1], 1)
+
+        def times(ints, factors):
+            return factors.float().repeat_interleave(per, dim=1) * ints.float()
+
+        return times(b["sub_scales"], b["super_scales"]), times(sub_offsets, b["super_offsets"])
+
+    def _apply(self, fn, recurse=True):
+        # A factored layer's float16 factors move with the layer but keep their dtype:
+        # .float() / .half() / .to(dtype) convert the model's floating tensors, and these
+        # are part of an integer layout (the kernels take float16 factors only).
+        if not self.is_factored:
+            return super()._apply(fn, recurse)
+        factors = {name: self._buffers.pop(name) for name in ("super_scales", "super_offsets")}
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for name, t in factors.items():
+                self._buffers[name] = t.to(fn(torch.empty(0, dtype=t.dtype, device=t.device)).device)
+
+    def kernel_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(scales, offsets, scale_factors, offset_factors)`` as the ops take them: the
+        float buffers and two Nones, or a factored layer's integers and factors."""
+        if self.is_factored:
+            b = self._buffers
+            return b["sub_scales"], b.get("sub_offsets", b["sub_scales"]), b["super_scales"], b["super_offsets"]
+        _, scales, offsets = self.canonical()
+        return scales, offsets, None, None
+
+    @property
+    def param_dtypes(self) -> tuple[torch.dtype, torch.dtype]:
+        """The dtypes of ``scales`` and ``offsets`` as read (float32 for a factored layer,
+        float16 for a tiled one), without deriving them."""
+        if self.is_factored:
+            return torch.float32, torch.float32
+        if self.is_tiled:
+            return torch.float16, torch.float16
+        return self.scales.dtype, self.offsets.dtype
+
+    @property
     def is_tiled(self) -> bool:
         """Whether the weight is stored in the int8 route's tiled layout (see :meth:`tile_`)."""
         return "tiled" in self._buffers
@@ -138,7 +244,8 @@ class QuantLinear(nn.Module):
         if self.is_tiled:
             return True
         return (
-            self.bits == 4
+            not self.is_factored
+            and self.bits == 4
             and self.group_size % 32 == 0
             and self.out_features % 8 == 0
             and self.packed.device.type == "cpu"
@@ -186,15 +293,22 @@ class QuantLinear(nn.Module):
 
     def canonical(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(packed, scales, offsets)``: the buffers themselves, or for a tiled layer one
-        derived copy of all three (reading the attributes one by one derives each anew)."""
+        derived copy of all three, for a factored one float32 scales and offsets derived
+        (reading the attributes one by one derives each anew)."""
         if self.is_tiled:
             return self._canonical()
+        if self.is_factored:
+            return (self.packed, *self._derived_params())
         return self.packed, self.scales, self.offsets
 
     def __getattr__(self, name: str):
-        # A tiled layer derives its canonical tensors on request (see tile_).
-        if name in _CANONICAL and "tiled" in self.__dict__.get("_buffers", {}):
+        # A tiled layer derives its canonical tensors on request (see tile_), a factored one
+        # its float32 scales and offsets (see factor_).
+        buffers = self.__dict__.get("_buffers", {})
+        if name in _CANONICAL and "tiled" in buffers:
             return self._canonical()[_CANONICAL.index(name)]
+        if name in ("scales", "offsets") and "super_scales" in buffers:
+            return self._derived_params()[name == "offsets"]
         if name == "weight":
             return _weight_or_error(self)
         return super().__getattr__(name)
@@ -225,12 +339,35 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense (out, in) weight this layer computes with."""
-        return ops.dequantize(*self.canonical(), self.bits, self.group_size, dtype)
+        s, m, sf, mf = self.kernel_params()
+        return ops.dequantize(
+            self.canonical()[0] if self.is_tiled else self.packed,
+            s,
+            m,
+            self.bits,
+            self.group_size,
+            dtype,
+            scale_factors=sf,
+            offset_factors=mf,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _autocast_input(x)
         if self.is_tiled and tiled_route_applies(x, self.in_features):
             y = ops.qmatmul_tiled(x, self._buffers["tiled"], self.out_features, self.group_size)
+        elif self.is_factored:
+            s, m, sf, mf = self.kernel_params()
+            y = ops.qmatmul(
+                x,
+                self.packed,
+                s,
+                m,
+                self.bits,
+                self.group_size,
+                activations=self.activations,
+                scale_factors=sf,
+                offset_factors=mf,
+            )
         else:
             y = ops.qmatmul(x, *self.canonical(), self.bits, self.group_size, activations=self.activations)
         if self.bias is not None:
@@ -238,15 +375,14 @@ class QuantLinear(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        # A tiled layer holds float16 scales and offsets (see can_tile); printing derives nothing.
-        scale_dtype, offset_dtype = (
-            (torch.float16, torch.float16) if self.is_tiled else (self.scales.dtype, self.offsets.dtype)
-        )
-        return (
+        # Printing derives nothing (see param_dtypes).
+        scale_dtype, offset_dtype = self.param_dtypes
+        text = (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, bias={self.bias is not None}, scale_dtype={scale_dtype}, "
             f"offset_dtype={offset_dtype}"
         )
+        return text + (", factored=True" if self.is_factored else "")
 
 
 #: The name :func:`qalora._dispatch.tiled_route_applies` had here.
@@ -268,10 +404,17 @@ def _canonical_state_dict(module: QuantLinear, state_dict: dict, prefix: str, lo
         del state_dict[prefix + "tiled"]
         for name, t in zip(_CANONICAL, module._canonical()):
             state_dict[prefix + name] = t
+    if prefix + "super_scales" in state_dict:
+        for name in _FACTORED:
+            state_dict.pop(prefix + name, None)
+        state_dict[prefix + "scales"], state_dict[prefix + "offsets"] = module._derived_params()
 
 
 def _tiled_load_state_dict(module: QuantLinear, state_dict: dict, prefix: str, *args) -> None:
-    # Loading canonical tensors into a tiled layer tiles them.
+    # Loading canonical tensors into a factored layer makes it a plain one; into a tiled
+    # layer tiles them.
+    if module.is_factored and prefix + "scales" in state_dict:
+        module.unfactor_()
     keys = [prefix + name for name in _CANONICAL]
     if module.is_tiled and all(k in state_dict for k in keys):
         p, s, o = (state_dict.pop(k) for k in keys)
@@ -374,7 +517,10 @@ class QALoRALinear(nn.Module):
             # One autograd node for the whole layer (ops.qalora_linear); same arithmetic.
             x = _autocast_input(x)
             autocast = torch.is_autocast_enabled(x.device.type)
-            scales, offsets = self.group_params()
+            if self.trains_group_params:
+                scales, offsets, scale_factors, offset_factors = *self.group_params(), None, None
+            else:  # the base layer's own (a factored layer's integers and factors)
+                scales, offsets, scale_factors, offset_factors = base.kernel_params()
             y = ops.qalora_linear(
                 x,
                 base.packed,
@@ -388,6 +534,8 @@ class QALoRALinear(nn.Module):
                 activations=base.activations,
                 adapter_dtype=torch.get_autocast_dtype(x.device.type) if autocast else None,
                 dropout=getattr(self.lora_dropout, "p", 0.0) if self.lora_dropout.training else 0.0,
+                scale_factors=scale_factors,
+                offset_factors=offset_factors,
             )
             return y if base.bias is None else y + base.bias.to(y.dtype)
         if self.trains_group_params:
@@ -493,7 +641,7 @@ class QALoRALinear(nn.Module):
         same bits and group size. Lossy for a dense adapter; for a QA-LoRA adapter it gives back
         the same codes (the update is constant per group)."""
         base, dense = self.base_layer, self.merged_dense()
-        return QuantLinear.from_weight(dense.weight, dense.bias, base.bits, base.group_size, base.scales.dtype)
+        return QuantLinear.from_weight(dense.weight, dense.bias, base.bits, base.group_size, base.param_dtypes[0])
 
     def extra_repr(self) -> str:
         text = f"adapter={self.adapter}, rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}"
@@ -625,6 +773,11 @@ class QuantEmbedding(nn.Module):
         for head in self._tied_heads:
             self.share_into(head)
         return out
+
+    @property
+    def param_dtypes(self) -> tuple[torch.dtype, torch.dtype]:
+        """The dtypes of ``scales`` and ``offsets`` (as :attr:`QuantLinear.param_dtypes`)."""
+        return self.scales.dtype, self.offsets.dtype
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense (num_embeddings, embedding_dim) table (for tests and exports)."""

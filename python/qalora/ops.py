@@ -122,6 +122,8 @@ def qalora_linear(
     activations: str = "exact",
     adapter_dtype: torch.dtype | None = None,
     dropout: float = 0.0,
+    scale_factors: torch.Tensor | None = None,
+    offset_factors: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``qmatmul(x, ...) + scaling * group_pool(dropout(x)) @ lora_A.T @ lora_B.T`` as one
     autograd node: a QA-LoRA layer in eager mode (callers check
@@ -136,6 +138,7 @@ def qalora_linear(
             autocast dtype under autocast); its gradients come back in the weights' dtypes.
         dropout: probability of zeroing an input of the adapter (as ``nn.Dropout`` in
             training mode; 0 for none). Its mask (M×K bytes) is kept for the backward.
+        scale_factors, offset_factors: factored group parameters (see :func:`dequantize`).
 
     Returns:
         (..., N) in x's dtype. Differentiable with respect to x, the adapters and
@@ -158,7 +161,22 @@ def qalora_linear(
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
     if not 0.0 <= dropout < 1.0:
         raise InvalidValueError(f"dropout: got {dropout}, allowed: 0 <= dropout < 1")
-    args = (x2, lora_A, lora_B, packed, scales, offsets, bits, group_size, scaling, activations, dtype, dropout)
+    factors = (_frozen(scale_factors), _frozen(offset_factors))
+    args = (
+        x2,
+        lora_A,
+        lora_B,
+        packed,
+        scales,
+        offsets,
+        bits,
+        group_size,
+        scaling,
+        activations,
+        dtype,
+        dropout,
+        factors,
+    )
     # Nothing to differentiate (inference, no_grad): the forward without an autograd node.
     y = _QALoRALinear.apply(*args) if _needs_grad(args) else _qalora_forward(*args)[0]
     return y.view(*x.shape[:-1], y.shape[-1]) if x.dim() != 2 else y
@@ -231,10 +249,18 @@ def dequantize(
     dtype: torch.dtype = torch.float32,
     *,
     backend: str = "auto",
+    scale_factors: torch.Tensor | None = None,
+    offset_factors: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dense (N, K) weight ``scales * q + offsets`` (computed in float32), in ``dtype``."""
+    """Dense (N, K) weight ``scales * q + offsets`` (computed in float32), in ``dtype``.
+
+    ``scale_factors`` / ``offset_factors``: factored group parameters (docs/design.md §2):
+    ``scales`` and ``offsets`` are then uint8 / int8 integers (N, L) and each group's value is
+    ``factor[n, l // (L / F)] * int[n, l]`` for float16 factors of shape (N, F), F dividing L,
+    the way GGUF's K-quants store them (exact in float32). Every op that takes a quantized
+    weight takes them."""
     args = (_frozen(packed), _frozen(scales), _frozen(offsets), bits, group_size, dtype, backend)
-    return _call("dequantize", "tttiids", *args)
+    return _call("dequantize", "tttiidsTT", *args, _frozen(scale_factors), _frozen(offset_factors))
 
 
 def qmatmul(
@@ -247,6 +273,8 @@ def qmatmul(
     *,
     backend: str = "auto",
     activations: str = "exact",
+    scale_factors: torch.Tensor | None = None,
+    offset_factors: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ W.T`` for the quantized weight W, without materialising W on CPU.
 
@@ -263,6 +291,8 @@ def qmatmul(
             Both keep the offsets' term exact (float32 sums of x). Other layouts, larger
             batches, float64 and CUDA tensors are always computed exactly. The backward pass
             is exact.
+        scale_factors, offset_factors: factored group parameters (see :func:`dequantize`);
+            frozen, like the codes.
 
     Returns:
         (..., N) in x's dtype. Differentiable with respect to ``x`` (backward = grad @ W)
@@ -275,7 +305,8 @@ def qmatmul(
         bf16 weights, e.g. under ``torch.autocast("cpu", torch.bfloat16)``); the backward
         pass of a bfloat16 gradient likewise.
     """
-    return _run("qmatmul", "ttttiiss", x, packed, scales, offsets, bits, group_size, backend, activations)
+    factors = (_frozen(scale_factors), _frozen(offset_factors))
+    return _run("qmatmul", "ttttiissTT", x, packed, scales, offsets, bits, group_size, backend, activations, *factors)
 
 
 def qmatmul_tiled(x: torch.Tensor, tiled: torch.Tensor, out_features: int, group_size: int) -> torch.Tensor:

@@ -435,7 +435,8 @@ def _onto_source_grid(layer: QuantLinear, kind: str | None, name: str) -> bool:
     """A merged layer imported from a Q2_K / Q4_K / Q5_K tensor stores its group parameters
     on that type's grid (float16 super-block factors times small integers), which is what
     its GGUF export writes: fitting them here, in place, makes the merged model the deployed
-    one (the merge's rounding report then includes the fit). Returns whether it did."""
+    one (the merge's rounding report then includes the fit). The layer then holds them
+    factored, at the file's size (QuantLinear.factor_). Returns whether it did."""
     ggml_type = K_OFFSET_TYPE_NAMES.get(kind)
     if ggml_type is None or layer.scales.dtype != torch.float32 or layer.offsets.dtype != torch.float32:
         return False  # not a K-quant import, or parameters narrowed on purpose (offset_dtype=)
@@ -443,14 +444,19 @@ def _onto_source_grid(layer: QuantLinear, kind: str | None, name: str) -> bool:
     k = layer.in_features
     if (layer.bits, layer.group_size) != (fmt.bits, fmt.group_size) or k % fmt.block_weights:
         return False
-    packed = layer.canonical()[0]
+    packed, scales, offsets = layer.canonical()
+    n, groups, blocks = layer.out_features, k // fmt.group_size, k // fmt.block_weights
+    sub_scales, sub_offsets = (torch.empty(n, groups, dtype=torch.uint8) for _ in range(2))
+    super_scales, super_offsets = (torch.empty(n, blocks, dtype=torch.float16) for _ in range(2))
     step = max(1, (1 << 20) // k)  # rows per slice: the fit's float64 temporaries stay small
-    for a in range(0, layer.out_features, step):
-        b = min(layer.out_features, a + step)
+    for a in range(0, n, step):
+        b = min(n, a + step)
         codes = ops.unpack(packed[a:b].cpu(), layer.bits, k).numpy()
-        fit = fit_k_quant(ggml_type, codes, layer.scales[a:b].cpu().numpy(), layer.offsets[a:b].cpu().numpy(), name)
-        layer.scales[a:b] = torch.from_numpy(fit.scales).to(layer.scales.device)
-        layer.offsets[a:b] = torch.from_numpy(fit.offsets).to(layer.offsets.device)
+        fit = fit_k_quant(ggml_type, codes, scales[a:b].cpu().numpy(), offsets[a:b].cpu().numpy(), name)
+        sub_scales[a:b], super_scales[a:b] = torch.from_numpy(fit.sc), torch.from_numpy(fit.d)
+        sub_offsets[a:b], super_offsets[a:b] = torch.from_numpy(fit.mn), torch.from_numpy(-fit.dmin)
+    device = packed.device
+    layer.factor_(sub_scales.to(device), super_scales.to(device), sub_offsets.to(device), super_offsets.to(device))
     return True
 
 

@@ -296,8 +296,8 @@ def _layer_meta(layer: nn.Module) -> dict:
         "bits": base.bits,
         "group_size": base.group_size,
         "bias": getattr(base, "bias", None) is not None,
-        "scale_dtype": str(base.scales.dtype).replace("torch.", ""),
-        "offset_dtype": str(base.offsets.dtype).replace("torch.", ""),
+        "scale_dtype": str(base.param_dtypes[0]).replace("torch.", ""),
+        "offset_dtype": str(base.param_dtypes[1]).replace("torch.", ""),
     }
     if isinstance(layer, QALoRALinear):
         meta.update(adapter=layer.adapter, rank=layer.rank, alpha=layer.alpha)

@@ -43,6 +43,8 @@ from .gguf_file import GGUFHeader, TensorEntry, TensorReader, read_header
 CHUNK_WEIGHTS = 1 << 21
 
 _TORCH = {np.float16: torch.float16, np.float32: torch.float32}
+# Types whose group parameters a layer holds factored, as the file does.
+_K_TYPES = (gguf_blocks.Q2_K, gguf_blocks.Q3_K, gguf_blocks.Q4_K, gguf_blocks.Q5_K, gguf_blocks.Q6_K)
 
 
 @dataclass
@@ -274,7 +276,8 @@ def _dense_rows(
 def _quant_layer(
     reader: TensorReader, entry: TensorEntry, bias: bool, order: np.ndarray | None, module: str
 ) -> tuple[QuantLinear, ImportedLayer]:
-    """A QuantLinear holding a quantized GGUF tensor, filled a slice of rows at a time.
+    """A QuantLinear holding a quantized GGUF tensor, filled a slice of rows at a time; a
+    K-quant's group parameters stay factored as the file stores them (QuantLinear.factor_).
 
     The buffers are numpy arrays handed to torch without a copy: numpy fills them on one
     thread, which is as fast as a memory copy gets and does not compete with torch's pool."""
@@ -283,8 +286,8 @@ def _quant_layer(
     stored = fmt.bits if fmt.bits in ops.SUPPORTED_BITS else 8
     groups = k // fmt.group_size
     packed = np.empty((n, k * stored // 8), dtype=np.uint8)
-    scales = np.empty((n, groups), dtype=fmt.param_dtype)
-    offsets = np.empty((n, groups), dtype=np.float32)
+    factored = _FactoredBuffers(n, groups, k // fmt.block_weights) if entry.ggml_type in _K_TYPES else None
+    scales = offsets = None
     offset_dtype = fmt.param_dtype
     for a, b in _row_slices(n, k):
         dec = gguf_blocks.decode_rows(entry.ggml_type, reader.rows(entry, a, b), k, entry.name)
@@ -292,6 +295,16 @@ def _quant_layer(
             offset_dtype = np.float32  # an implied -8d overflowed float16
         dst = slice(a, b) if order is None else order[a:b]
         packed[dst] = dec.codes if stored == 8 else ops.pack(dec.codes, stored)
+        if factored is not None and dec.factored is None:
+            # An implied minimum's factor overflows float16 (no real file): float32 parameters.
+            scales, offsets = factored.expanded()
+            factored = None
+        if factored is not None:
+            factored.fill(dst, dec.factored)
+            continue
+        if scales is None:
+            scales = np.empty((n, groups), dtype=fmt.param_dtype)
+            offsets = np.empty((n, groups), dtype=np.float32)
         scales[dst] = dec.scales
         offsets[dst] = dec.offsets
     # Built on the meta device, then given the filled buffers: nothing is allocated twice.
@@ -299,12 +312,56 @@ def _quant_layer(
         k, n, stored, fmt.group_size, False, _TORCH[fmt.param_dtype], "meta", module, offset_dtype=_TORCH[offset_dtype]
     )
     layer.packed = torch.from_numpy(packed)
-    layer.scales = torch.from_numpy(scales)
-    layer.offsets = torch.from_numpy(offsets if offset_dtype is np.float32 else offsets.astype(np.float16))
+    if factored is not None:
+        layer.factor_(*factored.tensors())
+    else:
+        layer.scales = torch.from_numpy(scales)
+        layer.offsets = torch.from_numpy(offsets if offset_dtype is np.float32 else offsets.astype(np.float16))
     if bias:
         layer.bias = nn.Parameter(torch.zeros(n), requires_grad=False)
     info = ImportedLayer(entry.name, module, fmt.name, fmt.bits, stored, fmt.group_size, None)
     return layer, info
+
+
+class _FactoredBuffers:
+    """A K-quant layer's factored group parameters (gguf_blocks.FactoredParams), filled a
+    slice of rows at a time."""
+
+    def __init__(self, n: int, groups: int, blocks: int) -> None:
+        self.shape = (n, groups, blocks)
+        self.scale_ints = self.offset_ints = None
+        self.scale_factors = np.empty((n, blocks), dtype=np.float16)
+        self.offset_factors = np.empty((n, blocks), dtype=np.float16)
+
+    def fill(self, dst, part: gguf_blocks.FactoredParams) -> None:
+        n, groups, _ = self.shape
+        if self.scale_ints is None:  # dtypes from the first slice: uint8, or int8 (Q3_K/Q6_K)
+            self.scale_ints = np.empty((n, groups), dtype=part.scale_ints.dtype)
+            if part.offset_ints is not None:
+                self.offset_ints = np.empty((n, groups), dtype=part.offset_ints.dtype)
+        self.scale_ints[dst] = part.scale_ints
+        if self.offset_ints is not None:
+            self.offset_ints[dst] = part.offset_ints
+        self.scale_factors[dst] = part.scale_factors
+        self.offset_factors[dst] = part.offset_factors
+
+    def tensors(self) -> tuple:
+        t = torch.from_numpy
+        offsets = None if self.offset_ints is None else t(self.offset_ints)
+        return t(self.scale_ints), t(self.scale_factors), offsets, t(self.offset_factors)
+
+    def expanded(self) -> tuple[np.ndarray, np.ndarray]:
+        """float32 (scales, offsets) of the rows filled so far (the others are overwritten later)."""
+        n, groups, blocks = self.shape
+        if self.scale_ints is None:
+            return np.empty((n, groups), np.float32), np.empty((n, groups), np.float32)
+        per = groups // blocks
+        offset_ints = self.scale_ints if self.offset_ints is None else self.offset_ints
+
+        def times(factors, ints):
+            return np.repeat(factors.astype(np.float32), per, axis=1) * ints.astype(np.float32)
+
+        return times(self.scale_factors, self.scale_ints), times(self.offset_factors, offset_ints)
 
 
 def _set_dense(
@@ -394,7 +451,9 @@ def _divisors(reader: TensorReader, entry: TensorEntry) -> np.ndarray:
 
 def _quant_embedding(layer: QuantLinear, embedding: nn.Embedding, dtype: torch.dtype, name: str) -> QuantEmbedding:
     """A quantized token_embd held as it is in the file (a QuantLinear(D, V)'s buffers) as a
-    :class:`QuantEmbedding` looking rows up: no dense copy of the table."""
+    :class:`QuantEmbedding` looking rows up: no dense copy of the table. (A K-quant table
+    holds float32 group parameters: the lookup does not read the factored form.)"""
+    layer.unfactor_()
     table = QuantEmbedding(
         layer.out_features,
         layer.in_features,

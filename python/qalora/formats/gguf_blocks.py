@@ -159,17 +159,18 @@ def _k_scale_min(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _q3k_scales(packed: np.ndarray) -> np.ndarray:
-    """Q3_K: sixteen 6-bit scales in 12 bytes (biased by 32). Scale i < 8 takes its low 4
-    bits from the low nibble of byte i, scale i + 8 from the high nibble of byte i; scale
-    4 j + i takes its top 2 bits from bits 2 j..2 j+1 of byte 8 + i."""
+    """Q3_K: sixteen 6-bit scales in 12 bytes (biased by 32), as int8 without the bias. Scale
+    i < 8 takes its low 4 bits from the low nibble of byte i, scale i + 8 from the high
+    nibble of byte i; scale 4 j + i takes its top 2 bits from bits 2 j..2 j+1 of byte 8 + i."""
     low = np.concatenate([packed[:, 0:8] & 0x0F, packed[:, 0:8] >> 4], axis=1)
     high = _planes(packed[:, 8:12].reshape(-1, 1, 4), (0, 2, 4, 6), 2).reshape(-1, 16)
-    return ((low | (high << 4)).astype(np.int16) - 32).astype(np.float32)
+    return ((low | (high << 4)).astype(np.int16) - 32).astype(np.int8)
 
 
 # --------------------------------------------------------------------------- decoders per type
 # Each takes (blocks, block_bytes) uint8 and returns codes (blocks, block_weights) uint8 and
-# per-group scales / offsets (blocks, block_weights / group_size) in float32.
+# per-group scales / offsets (blocks, block_weights / group_size) in float32; a K-quant's
+# also returns them factored as the block stores them (see FactoredParams), per block.
 
 
 def _dec_q4_0(b):
@@ -196,16 +197,24 @@ def _dec_q8_0(b):
     return b[:, 2:34] ^ np.uint8(0x80), d, -128 * d
 
 
+def _times(d16: np.ndarray, ints: np.ndarray) -> np.ndarray:
+    """float32(d) · ints: exact (11 × 8 significant bits)."""
+    return d16.astype(np.float32) * ints.astype(np.float32)
+
+
 def _dec_q2_k(b):
-    sub, d, dmin = b[:, 0:16], _half(b, 80).astype(np.float32), _half(b, 82).astype(np.float32)
-    scale = d * (sub & 0x0F).astype(np.float32)
-    return _two_bit_low(b[:, 16:80]), scale, -(dmin * (sub >> 4).astype(np.float32))
+    sub, d, dmin = b[:, 0:16], _half(b, 80), _half(b, 82)
+    sc, mn = sub & 0x0F, sub >> 4
+    return _two_bit_low(b[:, 16:80]), _times(d, sc), _times(-dmin, mn), (sc, d, mn, -dmin)
 
 
 def _dec_q3_k(b):
     codes = _two_bit_low(b[:, 32:96]) | (_high_bit_planes(b[:, 0:32]) << 2)
-    scale = _half(b, 108).astype(np.float32) * _q3k_scales(b[:, 96:108])
-    return codes, scale, -4 * scale
+    d, sc = _half(b, 108), _q3k_scales(b[:, 96:108])
+    scale = _times(d, sc)
+    with np.errstate(over="ignore"):  # an overflow leaves the tensor unfactored (decode_rows)
+        implied = np.float16(-4) * d
+    return codes, scale, -4 * scale, (sc, d, None, implied)
 
 
 def _q4k_low(qs: np.ndarray) -> np.ndarray:
@@ -215,16 +224,16 @@ def _q4k_low(qs: np.ndarray) -> np.ndarray:
 
 
 def _dec_q4_k(b):
-    d, dmin = _half(b, 0).astype(np.float32), _half(b, 2).astype(np.float32)
+    d, dmin = _half(b, 0), _half(b, 2)
     sc, mn = _k_scale_min(b[:, 4:16])
-    return _q4k_low(b[:, 16:144]), d * sc.astype(np.float32), -(dmin * mn.astype(np.float32))
+    return _q4k_low(b[:, 16:144]), _times(d, sc), _times(-dmin, mn), (sc, d, mn, -dmin)
 
 
 def _dec_q5_k(b):
-    d, dmin = _half(b, 0).astype(np.float32), _half(b, 2).astype(np.float32)
+    d, dmin = _half(b, 0), _half(b, 2)
     sc, mn = _k_scale_min(b[:, 4:16])
     codes = _q4k_low(b[:, 48:176]) | (_high_bit_planes(b[:, 16:48]) << 4)
-    return codes, d * sc.astype(np.float32), -(dmin * mn.astype(np.float32))
+    return codes, _times(d, sc), _times(-dmin, mn), (sc, d, mn, -dmin)
 
 
 def _dec_q6_k(b):
@@ -234,8 +243,11 @@ def _dec_q6_k(b):
     low = _planes(b[:, 0:128].reshape(-1, 2, 1, 2, 32), (0, 4), 4)  # (blk, h, t, 1, a, l)
     low = low.reshape(-1, 256)
     high = _planes(b[:, 128:192].reshape(-1, 2, 32), (0, 2, 4, 6), 2).reshape(-1, 256)
-    scale = _half(b, 208).astype(np.float32) * np.ascontiguousarray(b[:, 192:208]).view(np.int8).astype(np.float32)
-    return low | (high << 4), scale, -32 * scale
+    d, sc = _half(b, 208), np.ascontiguousarray(b[:, 192:208]).view(np.int8)
+    scale = _times(d, sc)
+    with np.errstate(over="ignore"):  # an overflow leaves the tensor unfactored (decode_rows)
+        implied = np.float16(-32) * d
+    return low | (high << 4), scale, -32 * scale, (sc, d, None, implied)
 
 
 _DECODERS = {
@@ -253,10 +265,26 @@ _DECODERS = {
 
 
 @dataclass
+class FactoredParams:
+    """A K-quant's group parameters as its blocks store them: ``scales = scale_factors[:, l //
+    p] · scale_ints`` and ``offsets = offset_factors[:, l // p] · offset_ints`` (``offset_ints``
+    None: the scale ints, as Q6_K's and Q3_K's implied minimums), exactly the float32 values
+    decoded (the layout of :meth:`qalora.QuantLinear.factor_`)."""
+
+    scale_ints: np.ndarray  # uint8 / int8 (rows, K / group_size)
+    scale_factors: np.ndarray  # float16 (rows, K / 256)
+    offset_ints: np.ndarray | None
+    offset_factors: np.ndarray  # float16 (rows, K / 256)
+
+
+@dataclass
 class DecodedRows:
     codes: np.ndarray  # uint8 (rows, K)
     scales: np.ndarray  # (rows, K / group_size)
     offsets: np.ndarray
+    # K-quants: the same parameters factored; None for other types, and where an implied
+    # minimum's factor (−4·d, −32·d) overflows float16.
+    factored: FactoredParams | None = None
 
 
 def decode_rows(ggml_type: int, raw: np.ndarray, k: int, what: str = "tensor") -> DecodedRows:
@@ -284,11 +312,21 @@ def decode_rows(ggml_type: int, raw: np.ndarray, k: int, what: str = "tensor") -
             f"(blocks of {fmt.block_weights}), got {raw.shape[1]}"
         )
     rows = raw.shape[0]
-    codes, scales, offsets = _DECODERS[ggml_type](raw.reshape(-1, fmt.block_bytes))
+    codes, scales, offsets, *factored = _DECODERS[ggml_type](raw.reshape(-1, fmt.block_bytes))
     if not (np.isfinite(scales).all() and np.isfinite(offsets).all()):
         bad = int(np.argwhere(~(np.isfinite(scales) & np.isfinite(offsets)))[0][0])
         raise InvalidValueError(f"{what}: block {bad} has a non-finite scale or minimum (a corrupt file?)")
-    return DecodedRows(codes.reshape(rows, k), scales.reshape(rows, -1), offsets.reshape(rows, -1))
+    out = DecodedRows(codes.reshape(rows, k), scales.reshape(rows, -1), offsets.reshape(rows, -1))
+    if factored:
+        sc, d, mn, dmin = factored[0]
+        if np.isfinite(dmin).all():
+            out.factored = FactoredParams(
+                sc.reshape(rows, -1),
+                d.reshape(rows, -1),
+                None if mn is None else mn.reshape(rows, -1),
+                dmin.reshape(rows, -1),
+            )
+    return out
 
 
 def storage_dtypes(ggml_type: int, decoded: DecodedRows) -> tuple[type, type]:
@@ -528,6 +566,11 @@ class GridFit:
     raw: np.ndarray  # (rows, row_bytes) the encoded blocks
     scales: np.ndarray  # float32 (rows, K/group) as written
     offsets: np.ndarray
+    # The same, factored: scales = d · sc, offsets = −dmin · mn
+    d: np.ndarray  # float16 (rows, K/256)
+    sc: np.ndarray  # uint8 (rows, K/group)
+    dmin: np.ndarray  # float16 (rows, K/256)
+    mn: np.ndarray  # uint8 (rows, K/group)
 
 
 def fit_k_quant(
@@ -559,7 +602,6 @@ def fit_k_quant(
     target = offsets.astype(np.float64) + (scales.astype(np.float64) - written_s) * mean
     dmin, mn = fit_grid((-target).astype(np.float32).reshape(-1, per), np.ones((rows * k // 256, per)), top)
     written_m = -(dmin.astype(np.float32)[:, None] * mn.astype(np.float32)).reshape(rows, -1)
-    raw = encode_k_blocks(
-        ggml_type, codes, d.reshape(rows, -1), sc.reshape(rows, -1), dmin.reshape(rows, -1), mn.reshape(rows, -1), what
-    )
-    return GridFit(raw, written_s, written_m)
+    d, sc, dmin, mn = d.reshape(rows, -1), sc.reshape(rows, -1), dmin.reshape(rows, -1), mn.reshape(rows, -1)
+    raw = encode_k_blocks(ggml_type, codes, d, sc, dmin, mn, what)
+    return GridFit(raw, written_s, written_m, d, sc, dmin, mn)

@@ -102,8 +102,7 @@ pub fn dequantize_rows_bf16(
     scratch: &mut DequantScratch,
     isa: Isa,
 ) -> Result<()> {
-    let (sl, ol) = params_lens(&params);
-    layout.check_buffers(packed.len(), sl, ol)?;
+    params.check(packed.len(), &layout)?;
     let (k, g, groups) = (layout.k, layout.group_size, layout.groups());
     if row0.checked_add(rows).is_none_or(|end| end > layout.n) || out.len() != rows * k {
         return Err(crate::error::KernelError::internal("dequantize_rows_bf16: rows out of range"));
@@ -138,13 +137,6 @@ pub fn dequantize_rows_bf16(
         f32_to_bf16_with(isa, wrow, o);
     }
     Ok(())
-}
-
-fn params_lens(p: &GroupParams<'_>) -> (usize, usize) {
-    match p {
-        GroupParams::F32 { scales, offsets } => (scales.len(), offsets.len()),
-        GroupParams::F16 { scales, offsets } => (scales.len(), offsets.len()),
-    }
 }
 
 /// Whether [`qmatmul_bf16_with`] rounds the activations for this layout: 4-bit weights with

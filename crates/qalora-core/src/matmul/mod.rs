@@ -38,19 +38,127 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Scales and offsets of a weight, (N, L) row-major, as f32 values or raw f16 bits (the
-/// default storage dtype: converting per row inside the kernel saves a pass over them).
+/// default storage dtype: converting per row inside the kernel saves a pass over them), or
+/// factored as GGUF's K-quants store them (docs/design.md §2).
 #[derive(Debug, Clone, Copy)]
 pub enum GroupParams<'a> {
-    F32 { scales: &'a [f32], offsets: &'a [f32] },
-    F16 { scales: &'a [u16], offsets: &'a [u16] },
+    F32 {
+        scales: &'a [f32],
+        offsets: &'a [f32],
+    },
+    F16 {
+        scales: &'a [u16],
+        offsets: &'a [u16],
+    },
+    /// `scales[n,l] = f32(scale_factors[n, l / per_factor]) · scales[n,l]`, offsets alike:
+    /// small integers (N, L) times f16 factors (N, L / per_factor) as raw bits. Both
+    /// products are exact in f32 (11 × 8 significant bits).
+    Factored {
+        scales: GroupInts<'a>,
+        scale_factors: &'a [u16],
+        offsets: GroupInts<'a>,
+        offset_factors: &'a [u16],
+        per_factor: usize,
+    },
+}
+
+/// The integer halves of factored group parameters: unsigned (K-quant sub-block scales and
+/// mins) or signed (Q6_K's and Q3_K's scales).
+#[derive(Debug, Clone, Copy)]
+pub enum GroupInts<'a> {
+    U8(&'a [u8]),
+    I8(&'a [i8]),
+}
+
+impl GroupInts<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            GroupInts::U8(v) => v.len(),
+            GroupInts::I8(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `out[i] *= self[start + i]`: one pass that vectorizes.
+    #[inline]
+    fn multiply_into(&self, start: usize, out: &mut [f32]) {
+        let end = start + out.len();
+        match self {
+            GroupInts::U8(v) => out.iter_mut().zip(&v[start..end]).for_each(|(o, &q)| *o *= q as f32),
+            GroupInts::I8(v) => out.iter_mut().zip(&v[start..end]).for_each(|(o, &q)| *o *= q as f32),
+        }
+    }
+}
+
+/// Row `n`'s factored parameters of groups [l0, l1) into `out` (l1 − l0 values). Whole
+/// factors of a multiple of 8 groups (K-quants: 8 or 16) take one AVX2 pass (a factor
+/// converted by F16C, then 8 integers per multiply); anything else each factor converted
+/// and written over its groups, then one pass multiplies by the integers. (A loop per
+/// factor over its groups cost 4× the arithmetic of the row.)
+#[inline]
+#[allow(clippy::too_many_arguments)]
+fn factored_row_into(
+    ints: &GroupInts<'_>,
+    factors: &[u16],
+    per: usize,
+    n: usize,
+    l: usize,
+    (l0, l1): (usize, usize),
+    isa: Isa,
+    out: &mut [f32],
+) {
+    let row_factors = &factors[n * (l / per)..(n + 1) * (l / per)];
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(cpu), true) = (isa.avx2(), per.is_multiple_of(8) && l0.is_multiple_of(per) && l1.is_multiple_of(per)) {
+        use crate::x86::FactorInts;
+        let (a, b) = (n * l + l0, n * l + l1);
+        let row_ints = match ints {
+            GroupInts::U8(v) => FactorInts::U8(&v[a..b]),
+            GroupInts::I8(v) => FactorInts::I8(&v[a..b]),
+        };
+        return crate::x86::factored_params(cpu, row_ints, &row_factors[l0 / per..l1 / per], per, out);
+    }
+    let _ = isa;
+    for (i, o) in out[..l1 - l0].iter_mut().enumerate() {
+        *o = half::f16::from_bits(row_factors[(l0 + i) / per]).to_f32();
+    }
+    ints.multiply_into(n * l + l0, &mut out[..l1 - l0]);
 }
 
 impl GroupParams<'_> {
-    fn lens(&self) -> (usize, usize) {
+    pub(crate) fn lens(&self) -> (usize, usize) {
         match self {
             GroupParams::F32 { scales, offsets } => (scales.len(), offsets.len()),
             GroupParams::F16 { scales, offsets } => (scales.len(), offsets.len()),
+            GroupParams::Factored { scales, offsets, .. } => (scales.len(), offsets.len()),
         }
+    }
+
+    /// Checks the buffers against the layout: `packed` bytes, (N, L) parameters, and for factored ones a
+    /// factor count that divides L and (N, L / per_factor) factors.
+    pub fn check(&self, packed: usize, layout: &QuantLayout) -> Result<()> {
+        let (sl, ol) = self.lens();
+        layout.check_buffers(packed, sl, ol)?;
+        if let GroupParams::Factored { scale_factors, offset_factors, per_factor, .. } = self {
+            let groups = layout.groups();
+            if *per_factor == 0 || !groups.is_multiple_of(*per_factor) {
+                return Err(KernelError::shape(format!(
+                    "factored group parameters: {per_factor} groups per factor does not divide the {groups} groups of a row"
+                )));
+            }
+            let want = layout.n * (groups / per_factor);
+            for (name, len) in [("scale_factors", scale_factors.len()), ("offset_factors", offset_factors.len())] {
+                if len != want {
+                    return Err(KernelError::shape(format!(
+                        "{name}: got {len} values, expected N*(K/group_size)/{per_factor} = {want}"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Asks for row `n`'s scales and offsets (`l` groups per row) ahead of use (a hint;
@@ -73,6 +181,11 @@ impl GroupParams<'_> {
                 lines(scales, start, l);
                 lines(offsets, start, l);
             }
+            GroupParams::Factored { scales: GroupInts::U8(s), offsets: GroupInts::U8(o), .. } => {
+                lines(s, start, l);
+                lines(o, start, l);
+            }
+            GroupParams::Factored { .. } => {}
         }
     }
 
@@ -102,6 +215,10 @@ impl GroupParams<'_> {
                     *d = half::f16::from_bits(h).to_f32();
                 }
             }
+            GroupParams::Factored { scales, scale_factors, offsets, offset_factors, per_factor } => {
+                factored_row_into(scales, scale_factors, *per_factor, n, l, (l0, l1), isa, s);
+                factored_row_into(offsets, offset_factors, *per_factor, n, l, (l0, l1), isa, m);
+            }
         }
     }
 }
@@ -119,8 +236,7 @@ pub(crate) fn check_call(
     layout: &QuantLayout,
     out: &[f32],
 ) -> Result<()> {
-    let (sl, ol) = params.lens();
-    layout.check_buffers(packed.len(), sl, ol)?;
+    params.check(packed.len(), layout)?;
     let k = layout.k;
     if x.len() != size_product("x", &[m, k])? {
         return Err(KernelError::shape(format!("x: got {} values, expected M*K = {m}*{k}", x.len())));
@@ -315,6 +431,122 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Factored (K-quant) group parameters: each value is f32(factor)·int, exactly, for
+    /// unsigned and signed ints, whole rows and group ranges that start and end inside a
+    /// factor; every route gives the same bits as the same values passed as f32, and the
+    /// exact route matches an independent float64 reference.
+    #[test]
+    fn factored_params_expand_exactly_on_every_route() {
+        use crate::testutil::{random_codes, SplitMix};
+        let mut rng = SplitMix::new(77);
+        for (bits, g, per, n, k) in [
+            (4u32, 32usize, 8usize, 10usize, 512usize),
+            (6, 16, 16, 7, 768),
+            (2, 16, 16, 5, 256),
+            (3, 16, 16, 9, 512),
+            (5, 32, 8, 6, 256),
+            (8, 32, 2, 4, 192),
+        ] {
+            let layout = QuantLayout::new(n, k, bits, g).unwrap();
+            let groups = k / g;
+            let codes = random_codes(n * k, bits, rng.next_u64());
+            let mut p = vec![0u8; layout.packed_len()];
+            crate::pack::pack(&codes, n, k, bits, &mut p).unwrap();
+            let sub_u: Vec<u8> = (0..n * groups).map(|_| 1 + (rng.next_u64() % 63) as u8).collect();
+            let sub_i: Vec<i8> = (0..n * groups).map(|_| (rng.next_u64() % 255) as i32 as i8).collect();
+            let factor = |rng: &mut SplitMix| half::f16::from_f32(1e-3 * (1.0 + 4.0 * rng.uniform().abs())).to_bits();
+            let sf: Vec<u16> = (0..n * groups / per).map(|_| factor(&mut rng)).collect();
+            let of: Vec<u16> = (0..n * groups / per)
+                .map(|_| half::f16::from_bits(factor(&mut rng)).to_f32())
+                .map(|v| half::f16::from_f32(-v).to_bits())
+                .collect();
+            for signed in [false, true] {
+                let ints = if signed { GroupInts::I8(&sub_i) } else { GroupInts::U8(&sub_u) };
+                let int_at = |i: usize| if signed { sub_i[i] as f64 } else { sub_u[i] as f64 };
+                let params = GroupParams::Factored {
+                    scales: ints,
+                    scale_factors: &sf,
+                    offsets: GroupInts::U8(&sub_u),
+                    offset_factors: &of,
+                    per_factor: per,
+                };
+                // The expansion, by an independent float64 computation.
+                let f = |v: &[u16], i: usize| half::f16::from_bits(v[i]).to_f64();
+                let want_s: Vec<f64> = (0..n * groups).map(|i| f(&sf, i / per) * int_at(i)).collect();
+                let want_m: Vec<f64> = (0..n * groups).map(|i| f(&of, i / per) * sub_u[i] as f64).collect();
+                let (mut s, mut m) = (vec![0f32; groups], vec![0f32; groups]);
+                for row in 0..n {
+                    for range in [(0, groups), (1, groups - 1), (per - 1, (per + 1).min(groups))] {
+                        s.fill(f32::NAN);
+                        params.row_into(row, range, Isa::Scalar, &mut s, &mut m);
+                        for l in range.0..range.1 {
+                            assert_eq!(s[l] as f64, want_s[row * groups + l], "bits={bits} row {row} group {l}");
+                            assert_eq!(m[l] as f64, want_m[row * groups + l], "bits={bits} row {row} group {l}");
+                        }
+                    }
+                }
+                let s32: Vec<f32> = want_s.iter().map(|&v| v as f32).collect();
+                let m32: Vec<f32> = want_m.iter().map(|&v| v as f32).collect();
+                let plain = GroupParams::F32 { scales: &s32, offsets: &m32 };
+                for mrows in [1usize, 3, 16] {
+                    let x = random_f32(mrows * k, rng.next_u64());
+                    for isa in Isa::available() {
+                        for route in ["exact", "int8", "bf16"] {
+                            let run = |params| {
+                                let mut y = vec![0f32; mrows * n];
+                                match route {
+                                    "exact" => qmatmul_with(&x, mrows, &p, params, layout, &mut y, isa).unwrap(),
+                                    "int8" => {
+                                        int8::qmatmul_int8_with(&x, mrows, &p, params, layout, &mut y, isa).unwrap()
+                                    }
+                                    _ => bf16::qmatmul_bf16_with(&x, mrows, &p, params, layout, &mut y, isa).unwrap(),
+                                }
+                                y
+                            };
+                            let y = run(params);
+                            assert_eq!(y, run(plain), "bits={bits} m={mrows} {isa:?} {route}");
+                            if route == "exact" {
+                                for (t, &got) in y.iter().enumerate() {
+                                    let (i, j) = (t / n, t % n);
+                                    let (mut acc, mut mag) = (0f64, 0f64);
+                                    for c in 0..k {
+                                        let l = j * groups + c / g;
+                                        let w = want_s[l] * codes[j * k + c] as f64 + want_m[l];
+                                        acc += w * x[i * k + c] as f64;
+                                        mag += (w * x[i * k + c] as f64).abs();
+                                    }
+                                    assert!(
+                                        (got as f64 - acc).abs() <= 1e-5 * (mag + 1e-6),
+                                        "bits={bits} {isa:?}: {got} vs {acc}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            // Factor counts that do not fit the layout are refused before any read.
+            let mut y = vec![0f32; n];
+            let x = random_f32(k, 5);
+            let bad = GroupParams::Factored {
+                scales: GroupInts::U8(&sub_u),
+                scale_factors: &sf[1..],
+                offsets: GroupInts::U8(&sub_u),
+                offset_factors: &of,
+                per_factor: per,
+            };
+            assert!(qmatmul_with(&x, 1, &p, bad, layout, &mut y, Isa::Scalar).is_err());
+            let bad = GroupParams::Factored {
+                scales: GroupInts::U8(&sub_u),
+                scale_factors: &sf,
+                offsets: GroupInts::U8(&sub_u),
+                offset_factors: &of,
+                per_factor: groups + 1,
+            };
+            assert!(qmatmul_with(&x, 1, &p, bad, layout, &mut y, Isa::Scalar).is_err());
         }
     }
 }

@@ -87,6 +87,28 @@ pub fn f16_to_f32(_: HasAvx2, src: &[u16], dst: &mut [f32]) {
     unsafe { f16_to_f32_avx2(src, dst) }
 }
 
+/// Factored group parameters of whole factors: `out[i] = f32(factors[i / per]) · ints[i]`
+/// for `factors.len()` factors of `per` groups each; `per % 8 == 0`, `ints` and `out` hold
+/// `factors.len() · per` values. Signed (`i8`) or unsigned (`u8`) integers.
+pub fn factored_params(_: HasAvx2, ints: FactorInts<'_>, factors: &[u16], per: usize, out: &mut [f32]) {
+    let len = factors.len().checked_mul(per).expect("factored parameters: length overflows");
+    let held = match ints {
+        FactorInts::U8(v) => v.len(),
+        FactorInts::I8(v) => v.len(),
+    };
+    assert!(per > 0 && per.is_multiple_of(8) && held >= len && out.len() >= len);
+    // SAFETY: the token proves AVX2+F16C; the assert covers `len` integers and outputs, read
+    // and written 8 at a time within each factor's `per`.
+    unsafe { factored_params_avx2(ints, factors, per, out) }
+}
+
+/// The integers of [`factored_params`].
+#[derive(Debug, Clone, Copy)]
+pub enum FactorInts<'a> {
+    U8(&'a [u8]),
+    I8(&'a [i8]),
+}
+
 /// Dequantizes one row: out[k] = s[l]·q[k] + m[l] for the L = `scales.len()` groups of `g`
 /// codes. `g % 8 == 0`.
 pub fn dequant_row(_: HasAvx2, row: RowCodes<'_>, scales: &[f32], offsets: &[f32], g: usize, out: &mut [f32]) {
@@ -157,6 +179,23 @@ unsafe fn f16_to_f32_avx2(src: &[u16], dst: &mut [f32]) {
 /// # Safety
 /// AVX2 and FMA are available; `packed` holds L·g/2 bytes and `out` L·g values
 /// (L = `scales.len()`); `g % 8 == 0`.
+/// # Safety
+/// AVX2 and F16C are available; `ints` and `out` hold `factors.len() · per` values, `per % 8 == 0`.
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn factored_params_avx2(ints: FactorInts<'_>, factors: &[u16], per: usize, out: &mut [f32]) {
+    let o = out.as_mut_ptr();
+    for (j, &h) in factors.iter().enumerate() {
+        let f = _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32))));
+        for t in (j * per..(j + 1) * per).step_by(8) {
+            let q = match ints {
+                FactorInts::U8(v) => _mm256_cvtepu8_epi32(_mm_loadl_epi64(v.as_ptr().add(t) as *const __m128i)),
+                FactorInts::I8(v) => _mm256_cvtepi8_epi32(_mm_loadl_epi64(v.as_ptr().add(t) as *const __m128i)),
+            };
+            _mm256_storeu_ps(o.add(t), _mm256_mul_ps(f, _mm256_cvtepi32_ps(q)));
+        }
+    }
+}
+
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dequant_row_nib(packed: &[u8], scales: &[f32], offsets: &[f32], g: usize, out: &mut [f32]) {
     let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
