@@ -63,6 +63,18 @@ def _samples():
         cases["merge_offsets_out"].append(
             (offs, torch.randn(3, 2), torch.randn(12, 3), 0.5, 32, backend, torch.empty_like(offs))
         )
+    # Factored group parameters (GGUF K-quants): integers and float16 factors, frozen.
+    for bits, g, ints in [(4, 32, torch.uint8), (6, 16, torch.int8)]:
+        pf = _weight(12, 256, bits, g)[0]
+        groups = 256 // g
+        si = torch.randint(1, 60, (12, groups)).to(ints)
+        mi = torch.randint(0, 60, (12, groups)).to(torch.uint8)
+        sf = (torch.rand(12, 2) * 1e-2 + 1e-3).half()
+        factored = (pf, si, mi, bits, g)
+        cases["dequantize"].append((*factored, torch.float32, "auto", sf, -sf))
+        cases["qmatmul"].append((torch.randn(3, 256, **grad), *factored, "auto", "exact", sf, -sf))
+        cases["qmatmul"].append((torch.randn(20, 256, **grad), *factored, "auto", "exact", sf, -sf))
+        cases["qmatmul_grad_input"].append((torch.randn(3, 12, **grad), *factored, "auto", sf, -sf))
     p, s, m = _weight(16, 64, 4, 32)
     tiled = qalora._core.repack_tiles(p, s, m, 4, 32)
     for x in (torch.randn(3, 64), torch.randn(2, 1, 64, dtype=torch.bfloat16)):

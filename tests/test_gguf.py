@@ -156,6 +156,18 @@ def test_kquant_layers_are_held_at_file_size_and_compute_as_decoded(mixed):
     assert seen == set(KQUANT_SIZE)
 
 
+def test_factored_layers_trace_without_graph_breaks(mixed):
+    """A model with factored K-quant layers goes through torch.compile whole (the ops' fake
+    implementations take the factors), with the eager result."""
+    model = qalora.load_gguf(mixed[0]).model
+    ids = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(input_ids=ids).logits
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_factored_layers_keep_their_factors_through_dtype_moves_and_state_dicts(mixed):
     path, _ = mixed
     model = qalora.load_gguf(path).model

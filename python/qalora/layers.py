@@ -191,15 +191,24 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("offsets", offsets)
 
-    def _derived_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _derived_params(self, rows=slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         b = self._buffers
         sub_offsets = b.get("sub_offsets", b["sub_scales"])
         per = b["sub_scales"].shape[1] // max(b["super_scales"].shape[1], 1)
 
         def times(ints, factors):
-            return factors.float().repeat_interleave(per, dim=1) * ints.float()
+            return factors[rows].float().repeat_interleave(per, dim=1) * ints[rows].float()
 
         return times(b["sub_scales"], b["super_scales"]), times(sub_offsets, b["super_offsets"])
+
+    def row_params(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scales, offsets)`` of the rows ``rows`` (a slice or an index tensor): on a
+        factored layer derived for those rows alone, so code that walks a large layer a
+        slice of rows at a time does not derive the whole layer for every slice."""
+        if self.is_factored:
+            return self._derived_params(rows)
+        _, scales, offsets = self.canonical()
+        return scales[rows], offsets[rows]
 
     def _apply(self, fn, recurse=True):
         # A factored layer's float16 factors move with the layer but keep their dtype:
@@ -778,6 +787,10 @@ class QuantEmbedding(nn.Module):
     def param_dtypes(self) -> tuple[torch.dtype, torch.dtype]:
         """The dtypes of ``scales`` and ``offsets`` (as :attr:`QuantLinear.param_dtypes`)."""
         return self.scales.dtype, self.offsets.dtype
+
+    def row_params(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scales, offsets)`` of the rows ``rows`` (as :meth:`QuantLinear.row_params`)."""
+        return self.scales[rows], self.offsets[rows]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense (num_embeddings, embedding_dim) table (for tests and exports)."""

@@ -503,7 +503,7 @@ def merge_requantize(
                 group_size=config.group_size,
                 scale_dtype=scale_dtype_of(config.scale_dtype),
                 layer_settings={
-                    name: (layer.base_layer.bits, layer.base_layer.group_size, layer.base_layer.scales.dtype)
+                    name: (layer.base_layer.bits, layer.base_layer.group_size, layer.base_layer.param_dtypes[0])
                     for name, layer in layers
                 },
                 calibration=calibration,

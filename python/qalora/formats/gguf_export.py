@@ -291,9 +291,9 @@ def _dense_values(item: _Item, a: int, b: int) -> np.ndarray:
     rows = _model_rows(item, a, b)
     if item.layer is not None:
         layer = item.layer
-        g = layer.group_size
+        scales, offsets = layer.row_params(rows)
         return ops.dequantize(
-            layer.packed[rows].cpu(), layer.scales[rows].cpu(), layer.offsets[rows].cpu(), layer.bits, g
+            layer.packed[rows].cpu(), scales.cpu(), offsets.cpu(), layer.bits, layer.group_size
         ).numpy()
     t = item.tensor
     if t.dim() == 1:
@@ -316,10 +316,11 @@ def _unchanged(reader: TensorReader, entry: TensorEntry, item: _Item) -> bool:
             dec = gguf_blocks.decode_rows(entry.ggml_type, reader.rows(entry, a, b), k, entry.name)
             rows = _model_rows(item, a, b)
             packed = dec.codes if stored == 8 else ops.pack(dec.codes, stored)
+            scales, offsets = layer.row_params(rows)
             if not (
                 np.array_equal(layer.packed[rows].cpu().numpy(), packed)
-                and np.array_equal(layer.scales[rows].float().cpu().numpy(), dec.scales)
-                and np.array_equal(layer.offsets[rows].float().cpu().numpy(), dec.offsets)
+                and np.array_equal(scales.float().cpu().numpy(), dec.scales)
+                and np.array_equal(offsets.float().cpu().numpy(), dec.offsets)
             ):
                 return False
         return True
@@ -417,7 +418,8 @@ def _layer_slices(item: _Item) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndar
     for a, b in _slices(item.rows, k):
         rows = _model_rows(item, a, b)
         codes = ops.unpack(layer.packed[rows].cpu(), layer.bits, k).numpy()
-        yield codes, layer.scales[rows].float().cpu().numpy(), layer.offsets[rows].float().cpu().numpy()
+        scales, offsets = layer.row_params(rows)
+        yield codes, scales.float().cpu().numpy(), offsets.float().cpu().numpy()
 
 
 def _encode(item: _Item, ggml_type: int, errors: _Errors) -> Iterator[np.ndarray]:
