@@ -53,6 +53,7 @@ _LAZY = {
     "param_groups": "wrapping",
     "summary": "wrapping",
     "memory_bytes": "wrapping",
+    "limit_heap_retention": "allocator",
     "set_activations": "wrapping",
     "prepare_for_generation": "generation",
     "quantize_head": "generation",
@@ -98,6 +99,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from . import errors, ops  # noqa: F401
+    from .allocator import limit_heap_retention  # noqa: F401
     from .checkpoint import from_pretrained, load_adapter, save_adapter, save_pretrained  # noqa: F401
     from .config import CONFIG_VERSION, QALoRAConfig  # noqa: F401
     from .errors import *  # noqa: F403

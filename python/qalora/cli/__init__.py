@@ -684,6 +684,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         preflight(parser, args)
+        from ..allocator import limit_heap_retention
+
+        limit_heap_retention()  # large temporaries go back to the system (qalora/allocator.py)
         if getattr(args, "threads", None):
             import torch
 
