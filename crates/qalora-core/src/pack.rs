@@ -104,6 +104,20 @@ fn unpack_row_words<const B: u32>(packed: &[u8], out: &mut [u8]) {
 
 /// Unpacks one row of `out.len()` codes.
 pub fn unpack_row(packed: &[u8], bits: u32, out: &mut [u8]) {
+    // 2, 3, 5 and 6 bits: AVX2 takes the row's groups of eight codes (about 3x the scalar
+    // words' speed; the unpack was most of a 6-bit row's time at M = 1), the rest below.
+    #[cfg(target_arch = "x86_64")]
+    if let (2 | 3 | 5 | 6, Some(cpu)) = (bits, crate::Isa::detect().avx2()) {
+        let done = crate::x86::unpack_groups(cpu, packed, bits, out);
+        if done > 0 {
+            let at = done * bits as usize / 8;
+            return unpack_row_rest(&packed[at..], bits, &mut out[done..]);
+        }
+    }
+    unpack_row_rest(packed, bits, out)
+}
+
+fn unpack_row_rest(packed: &[u8], bits: u32, out: &mut [u8]) {
     match bits {
         8 => out.copy_from_slice(packed),
         4 => {
@@ -272,7 +286,7 @@ mod tests {
     #[test]
     fn fast_paths_match_scalar_twin() {
         for bits in crate::SUPPORTED_BITS {
-            for k in [8usize, 16, 24, 40, 136, 1000, 4, 12, 20, 1004] {
+            for k in [8usize, 16, 24, 40, 136, 1000, 4, 12, 20, 1004, 32, 64, 264, 4096, 4100] {
                 if !(k * bits as usize).is_multiple_of(8) {
                     continue;
                 }

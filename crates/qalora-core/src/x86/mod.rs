@@ -102,6 +102,16 @@ pub fn factored_params(_: HasAvx2, ints: FactorInts<'_>, factors: &[u16], per: u
     unsafe { factored_params_avx2(ints, factors, per, out) }
 }
 
+/// Unpacks the leading whole groups of eight `bits`-bit codes (`bits` in 2, 3, 5, 6; a group
+/// is `bits` bytes) that it can read as 8-byte words inside `packed`, 32 codes per step;
+/// returns how many codes it wrote (a multiple of 32), the rest is the caller's.
+pub fn unpack_groups(_: HasAvx2, packed: &[u8], bits: u32, out: &mut [u8]) -> usize {
+    assert!(matches!(bits, 2 | 3 | 5 | 6));
+    // SAFETY: the token proves AVX2; the kernel loads 8 bytes at g·bits only while that
+    // stays inside `packed`, and stores 32 codes only while they fit in `out`.
+    unsafe { unpack_groups_avx2(packed, bits as usize, out) }
+}
+
 /// The integers of [`factored_params`].
 #[derive(Debug, Clone, Copy)]
 pub enum FactorInts<'a> {
@@ -179,6 +189,38 @@ unsafe fn f16_to_f32_avx2(src: &[u16], dst: &mut [f32]) {
 /// # Safety
 /// AVX2 and FMA are available; `packed` holds L·g/2 bytes and `out` L·g values
 /// (L = `scales.len()`); `g % 8 == 0`.
+/// # Safety
+/// AVX2 is available; `bits` in 2..=7.
+#[target_feature(enable = "avx2")]
+unsafe fn unpack_groups_avx2(packed: &[u8], b: usize, out: &mut [u8]) -> usize {
+    // A group's 8 codes are the low 8·b bits of a little-endian u64 read at g·b: shifted by
+    // 0, 2b, 4b, 6b in the four 64-bit lanes, each lane's two codes go to its two 32-bit
+    // halves; four groups are then narrowed to 32 bytes in order.
+    let mask = _mm256_set1_epi64x((1i64 << b) - 1);
+    let b64 = b as i64;
+    let shifts = _mm256_setr_epi64x(0, 2 * b64, 4 * b64, 6 * b64);
+    let by_b = _mm_cvtsi32_si128(b as i32);
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let (p, o) = (packed.as_ptr(), out.as_mut_ptr());
+    let mut g = 0;
+    while (g + 4) * 8 <= out.len() && (g + 3) * b + 8 <= packed.len() {
+        let mut v = [_mm256_setzero_si256(); 4];
+        for (t, lane) in v.iter_mut().enumerate() {
+            let word = (p.add((g + t) * b) as *const u64).read_unaligned();
+            let a = _mm256_srlv_epi64(_mm256_set1_epi64x(word as i64), shifts);
+            let low = _mm256_and_si256(a, mask);
+            let high = _mm256_and_si256(_mm256_srl_epi64(a, by_b), mask);
+            *lane = _mm256_or_si256(low, _mm256_slli_epi64::<32>(high));
+        }
+        // packus works within 128-bit halves: half 0 ends up with codes 0-3 of each group,
+        // half 1 with codes 4-7; the dword permutation restores group order.
+        let bytes = _mm256_packus_epi16(_mm256_packus_epi32(v[0], v[1]), _mm256_packus_epi32(v[2], v[3]));
+        _mm256_storeu_si256(o.add(g * 8) as *mut __m256i, _mm256_permutevar8x32_epi32(bytes, order));
+        g += 4;
+    }
+    g * 8
+}
+
 /// # Safety
 /// AVX2 and F16C are available; `ints` and `out` hold `factors.len() · per` values, `per % 8 == 0`.
 #[target_feature(enable = "avx2,f16c")]
