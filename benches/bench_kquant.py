@@ -3,7 +3,8 @@ the file stores them, QuantLinear.factor_) against the Q4_1 layout (float16 scal
 per group of 32) and against the float32 group parameters K-quant imports used to hold, in
 one run, on Llama-3-8B's layer shapes.
 
-Per layout: the bytes a layer holds, and the time of
+Per layout: the bytes a layer holds, and the median time (the layouts taking turns, round by
+round) of
 - a generation step, M = 1 (the fused kernel), over rotating weight copies that together
   exceed twice the last-level cache, so weights come from DRAM as in a real model;
 - a training step of the frozen base layer, M = 256 rows: forward (dequantized tiles through
@@ -19,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
+import time
 
 import torch
-from _common import l3_bytes, machine, median_time
+from _common import l3_bytes, machine
 from qalora import QuantLinear, ops
 
 
@@ -66,24 +69,46 @@ def layouts(n: int, k: int, gen: torch.Generator) -> dict[str, QuantLinear]:
     return out
 
 
-def time_m1(layer: QuantLinear, reps: int) -> float:
+def _m1_call(layer: QuantLinear):
+    """A generation-step call of the layer over rotating copies (weights from DRAM)."""
     copies = max(1, -(-2 * l3_bytes() // held_bytes(layer)))
     layers = [layer] + [copy.deepcopy(layer) for _ in range(copies - 1)]
     x = torch.randn(1, layer.in_features)
-    with torch.no_grad():
-        return median_time(lambda i: layers[i % len(layers)](x), reps, warmup=len(layers))
+    state = {"i": 0}
+
+    def call():
+        state["i"] += 1
+        with torch.no_grad():
+            layers[state["i"] % len(layers)](x)
+
+    for _ in range(len(layers)):
+        call()
+    return call
 
 
-def time_train(layer: QuantLinear, reps: int, rows: int = 256) -> float:
+def _train_call(layer: QuantLinear, rows: int = 256):
     x = torch.randn(rows, layer.in_features, requires_grad=True)
     grad = torch.randn(rows, layer.out_features)
 
-    def step(_):
-        y = layer(x)
-        y.backward(grad)
+    def call():
+        layer(x).backward(grad)
         x.grad = None
 
-    return median_time(step, reps, warmup=1)
+    call()
+    return call
+
+
+def interleaved(calls: dict[str, object], rounds: int, per_round: int) -> dict[str, float]:
+    """Median seconds per call of each entry, the entries taking turns round by round (this
+    VM's speed drifts by tens of percent between runs; turns give each layout the same drift)."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            t = time.perf_counter()
+            for _ in range(per_round):
+                call()
+            times[name].append((time.perf_counter() - t) / per_round)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def main() -> None:
@@ -97,14 +122,15 @@ def main() -> None:
     print("| N x K | layout | bits/weight held | M=1 us | vs Q4_1 | train step ms (M=256) | vs Q4_1 |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for n, k in shapes:
-        base = None
-        for name, layer in layouts(n, k, gen).items():
+        built = layouts(n, k, gen)
+        m1 = interleaved({name: _m1_call(layer) for name, layer in built.items()}, args.reps, 5)
+        train = interleaved({name: _train_call(layer) for name, layer in built.items()}, max(3, args.reps // 5), 1)
+        base = next(iter(built))
+        for name, layer in built.items():
             bits = 8 * held_bytes(layer) / (n * k)
-            t1, tt = time_m1(layer, args.reps), time_train(layer, max(3, args.reps // 6))
-            base = base or (t1, tt)
             print(
-                f"| {n} x {k} | {name} | {bits:.3f} | {t1 * 1e6:.0f} | {t1 / base[0]:.2f} "
-                f"| {tt * 1e3:.1f} | {tt / base[1]:.2f} |",
+                f"| {n} x {k} | {name} | {bits:.3f} | {m1[name] * 1e6:.0f} | {m1[name] / m1[base]:.2f} "
+                f"| {train[name] * 1e3:.1f} | {train[name] / train[base]:.2f} |",
                 flush=True,
             )
     # The factored layers compute what their float32 twins compute.
