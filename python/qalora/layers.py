@@ -128,7 +128,7 @@ class QuantLinear(nn.Module):
         self.register_state_dict_post_hook(_canonical_state_dict)
         self.register_load_state_dict_pre_hook(_tiled_load_state_dict)
 
-    # ---- tiled storage (the int8 route's layout) ----------------------------------------
+    # ---- factored group parameters (GGUF K-quants) ---------------------------------------
 
     @property
     def is_factored(self) -> bool:
@@ -223,14 +223,16 @@ class QuantLinear(nn.Module):
             for name, t in factors.items():
                 self._buffers[name] = t.to(fn(torch.empty(0, dtype=t.dtype, device=t.device)).device)
 
-    def kernel_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """``(scales, offsets, scale_factors, offset_factors)`` as the ops take them: the
-        float buffers and two Nones, or a factored layer's integers and factors."""
+    def kernel_weight(
+        self,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(packed, scales, offsets, scale_factors, offset_factors)`` as the ops take them:
+        the canonical tensors and two Nones, or a factored layer's codes, integers and factors."""
         if self.is_factored:
             b = self._buffers
-            return b["sub_scales"], b.get("sub_offsets", b["sub_scales"]), b["super_scales"], b["super_offsets"]
-        _, scales, offsets = self.canonical()
-        return scales, offsets, None, None
+            sub_offsets = b.get("sub_offsets", b["sub_scales"])
+            return b["packed"], b["sub_scales"], sub_offsets, b["super_scales"], b["super_offsets"]
+        return (*self.canonical(), None, None)
 
     @property
     def param_dtypes(self) -> tuple[torch.dtype, torch.dtype]:
@@ -241,6 +243,8 @@ class QuantLinear(nn.Module):
         if self.is_tiled:
             return torch.float16, torch.float16
         return self.scales.dtype, self.offsets.dtype
+
+    # ---- tiled storage (the int8 route's layout) ----------------------------------------
 
     @property
     def is_tiled(self) -> bool:
@@ -348,37 +352,17 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense (out, in) weight this layer computes with."""
-        s, m, sf, mf = self.kernel_params()
-        return ops.dequantize(
-            self.canonical()[0] if self.is_tiled else self.packed,
-            s,
-            m,
-            self.bits,
-            self.group_size,
-            dtype,
-            scale_factors=sf,
-            offset_factors=mf,
-        )
+        p, s, m, sf, mf = self.kernel_weight()
+        return ops.dequantize(p, s, m, self.bits, self.group_size, dtype, scale_factors=sf, offset_factors=mf)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _autocast_input(x)
         if self.is_tiled and tiled_route_applies(x, self.in_features):
             y = ops.qmatmul_tiled(x, self._buffers["tiled"], self.out_features, self.group_size)
-        elif self.is_factored:
-            s, m, sf, mf = self.kernel_params()
-            y = ops.qmatmul(
-                x,
-                self.packed,
-                s,
-                m,
-                self.bits,
-                self.group_size,
-                activations=self.activations,
-                scale_factors=sf,
-                offset_factors=mf,
-            )
         else:
-            y = ops.qmatmul(x, *self.canonical(), self.bits, self.group_size, activations=self.activations)
+            p, s, m, sf, mf = self.kernel_weight()
+            kw = dict(activations=self.activations, scale_factors=sf, offset_factors=mf)
+            y = ops.qmatmul(x, p, s, m, self.bits, self.group_size, **kw)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
@@ -529,7 +513,7 @@ class QALoRALinear(nn.Module):
             if self.trains_group_params:
                 scales, offsets, scale_factors, offset_factors = *self.group_params(), None, None
             else:  # the base layer's own (a factored layer's integers and factors)
-                scales, offsets, scale_factors, offset_factors = base.kernel_params()
+                _, scales, offsets, scale_factors, offset_factors = base.kernel_weight()
             y = ops.qalora_linear(
                 x,
                 base.packed,
