@@ -135,6 +135,10 @@ UNSUPPORTED_BITS = next(b for b in range(1, 17) if b not in SUPPORTED_BITS)
         ("type", "Linear", ["type", "QuantLinear"]),
         ("scale_dtype", "float64", ["scale_dtype"]),
         ("bias", "yes", ["bias"]),
+        ("factored", "yes", ["factored"]),
+        ("factored", {"groups_per_factor": 1, "scale_ints": "float32", "offset_ints": "shared"}, ["scale_ints"]),
+        ("factored", {"groups_per_factor": 10**6, "scale_ints": "uint8", "offset_ints": "int8"}, ["groups_per_factor"]),
+        ("factored", {"groups_per_factor": 1, "scale_ints": "uint8"}, ["offset_ints"]),
     ],
 )
 def test_layer_fields_are_validated(ckpt, key, value, fragments):
@@ -252,3 +256,11 @@ def test_refused_two_argument_load_leaves_model_unchanged(ckpt):
 def test_missing_directory_and_plain_directory(tmp_path):
     refused(tmp_path / "nowhere", "does not exist")
     refused(tmp_path, "qalora_config.json", "does not exist")
+
+
+def test_a_factored_description_needs_the_factored_tensors(ckpt):
+    # A valid "factored" entry on a layer whose file holds float scales and offsets: the
+    # tensors the description implies are missing, and the file is refused by name.
+    factored = {"groups_per_factor": 1, "scale_ints": "uint8", "offset_ints": "shared"}
+    edit_json(ckpt / "model" / "qalora_config.json", lambda d: d["layers"][LAYER].update(factored=factored))
+    refused(ckpt / "model", "model.safetensors", f"{LAYER}.base_layer.sub_scales")

@@ -177,14 +177,15 @@ def test_factored_layers_keep_their_factors_through_dtype_moves_and_state_dicts(
     model.to(torch.bfloat16)  # floating tensors convert; the factors are part of the layout
     assert layer.super_scales.dtype == torch.float16 and torch.equal(layer.dequantize(), want)
     model.float()
-    state = layer.state_dict()  # files hold float32 scales and offsets
-    assert not any(k.startswith(("sub_", "super_")) for k in state) and state["scales"].dtype == torch.float32
-    again = qalora.QuantLinear(
+    state = layer.state_dict()  # the factored buffers, as held
+    assert {"sub_scales", "super_scales", "super_offsets"} <= set(state) and "scales" not in state
+    plain = qalora.QuantLinear(
         layer.in_features, layer.out_features, layer.bits, layer.group_size, False, torch.float32
     )
-    again.load_state_dict(state)
-    assert torch.equal(again.dequantize(), want)
-    layer.load_state_dict(state)  # loading float parameters into a factored layer: a plain one
+    plain.load_state_dict(state)  # a plain layer takes the factored form
+    assert plain.is_factored and torch.equal(plain.dequantize(), want)
+    plain.unfactor_()
+    layer.load_state_dict(plain.state_dict())  # float parameters make a factored layer plain
     assert not layer.is_factored and torch.equal(layer.dequantize(), want)
     with pytest.raises(qalora.ShapeError, match="super_scales"):
         layer.factor_(  # 3 factors a row cannot divide its 16 groups
@@ -201,6 +202,34 @@ def test_factored_layers_keep_their_factors_through_dtype_moves_and_state_dicts(
             torch.zeros(layer.out_features, 2, dtype=torch.float16),
         )
     assert not layer.is_factored and torch.equal(layer.dequantize(), want)  # a refusal changes nothing
+
+
+def test_checkpoints_keep_kquant_layers_factored(mixed, tmp_path):
+    """save_pretrained / from_pretrained of a wrapped and of a merged K-quant model: the
+    layers come back factored (the file holds the integers and factors) and compute the same."""
+    model = qalora.load_gguf(mixed[0]).model
+    with pytest.warns(qalora.QALoRAWarning, match="no adapter"):
+        qalora.wrap(model, qalora.QALoRAConfig())
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and ("lora_B" in name or "delta" in name):
+                p.normal_(std=1e-3)
+    ids = torch.randint(0, 300, (1, 9))
+
+    def factored(m):
+        return sum(isinstance(x, qalora.QuantLinear) and x.is_factored for x in m.modules())
+
+    for step in ("wrapped", "merged"):
+        if step == "merged":
+            qalora.merge(model)
+        with torch.no_grad():
+            want = model(input_ids=ids).logits
+        qalora.save_pretrained(model, tmp_path / step)
+        back = qalora.from_pretrained(tmp_path / step)
+        assert factored(back) == factored(model) == 10, step  # Q2_K..Q6_K layers of two blocks
+        with torch.no_grad():
+            assert torch.equal(back(input_ids=ids).logits, want), step
 
 
 @pytest.mark.parametrize("which", ["mixed", "legacy", "qwen"])

@@ -59,7 +59,8 @@ def check_activations(mode: str) -> None:
 
 
 _CANONICAL = ("packed", "scales", "offsets")
-# A factored layer's group parameters (docs/design.md §2): integers times float16 factors.
+# A factored layer's group parameters (docs/design.md §2): integers times float16 factors,
+# in factor_'s argument order.
 _FACTORED = ("sub_scales", "super_scales", "sub_offsets", "super_offsets")
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -153,7 +154,9 @@ class QuantLinear(nn.Module):
 
         The kernels read this form directly. Reading ``layer.scales`` / ``layer.offsets``
         (or :meth:`canonical`) gives a float32 copy derived on each access, so write to them
-        only after :meth:`unfactor_`; a state dict holds the float32 tensors."""
+        only after :meth:`unfactor_`. A state dict (and a qalora checkpoint) holds the
+        factored buffers; loading one into a plain layer factors it, and float ones loaded
+        into a factored layer make it plain."""
         groups = self.in_features // self.group_size
         if super_scales.dim() != 2 or super_scales.shape[1] == 0 or groups % super_scales.shape[1]:
             raise ShapeError(
@@ -397,15 +400,19 @@ def _canonical_state_dict(module: QuantLinear, state_dict: dict, prefix: str, lo
         del state_dict[prefix + "tiled"]
         for name, t in zip(_CANONICAL, module._canonical()):
             state_dict[prefix + name] = t
-    if prefix + "super_scales" in state_dict:
-        for name in _FACTORED:
-            state_dict.pop(prefix + name, None)
-        state_dict[prefix + "scales"], state_dict[prefix + "offsets"] = module._derived_params()
+
+
+def _empty_like_entry(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else torch.empty(t.shape, dtype=t.dtype)
 
 
 def _tiled_load_state_dict(module: QuantLinear, state_dict: dict, prefix: str, *args) -> None:
-    # Loading canonical tensors into a factored layer makes it a plain one; into a tiled
-    # layer tiles them.
+    # A layer takes the form the state holds: factored parameters make a plain layer a
+    # factored one (buffers of the state's dtypes and shapes, then filled as usual),
+    # float ones a factored layer a plain one; canonical tensors loaded into a tiled
+    # layer are tiled.
+    if not module.is_factored and prefix + "super_scales" in state_dict:
+        module.factor_(*(_empty_like_entry(state_dict.get(prefix + name)) for name in _FACTORED))
     if module.is_factored and prefix + "scales" in state_dict:
         module.unfactor_()
     keys = [prefix + name for name in _CANONICAL]

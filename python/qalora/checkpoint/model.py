@@ -36,6 +36,7 @@ from .schema import (
     _model_layer_metas,
     _validate_model_config,
     _version,
+    factored_buffers,
 )
 
 # ---------------------------------------------------------------- saving
@@ -176,6 +177,8 @@ def _build_layer(meta: dict, device) -> nn.Module:
         device,
         offset_dtype=scale_dtype_of(meta["offset_dtype"]),
     )
+    if "factored" in meta:
+        base.factor_(*factored_buffers(meta, device))
     if meta["type"] == "QALoRALinear":
         return QALoRALinear(
             base,

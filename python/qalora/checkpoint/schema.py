@@ -18,7 +18,7 @@ from torch import nn
 from ..config import QALoRAConfig
 from ..embeddings import quantized_embeddings, tied_heads
 from ..errors import CheckpointError, ConfigError, QALoRAError
-from ..layers import QALoRALinear, QuantEmbedding, check_group_size, scale_dtype_of
+from ..layers import QALoRALinear, QuantEmbedding, QuantLinear, check_group_size, scale_dtype_of
 from ..targets import quantized_layers
 
 #: Version written; files of versions in READABLE_VERSIONS load.
@@ -39,6 +39,9 @@ MAX_FEATURES = 1 << 31
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 _LAYER_TYPES = ("QuantLinear", "QALoRALinear", "QuantEmbedding")
+# Factored group parameters (QuantLinear.factor_): the integers' dtypes ("shared": the
+# offsets reuse the scales' integers).
+_INT_DTYPES = {"uint8": torch.uint8, "int8": torch.int8}
 _ADAPTERS = ("qalora", "lora")
 
 
@@ -167,7 +170,13 @@ class _Fields:
             out["padding_idx"] = (
                 None if pad is None else self.int(pad, field + ".padding_idx", 0, out["out_features"] - 1)
             )
+        if "factored" in meta:
+            out["factored"] = self.factored(meta["factored"], field + ".factored", out)
         if "tied_to" in meta:
+            if "factored" in out:
+                raise self.fail(
+                    field + ".factored", "a tied head holds the embedding's tensors, which are not factored"
+                )
             if out["type"] != "QuantLinear":
                 raise self.fail(field + ".tied_to", f"only a QuantLinear head can be tied, this is a {out['type']}")
             out["tied_to"] = self.str(meta["tied_to"], field + ".tied_to")
@@ -178,6 +187,27 @@ class _Fields:
             for key in ("train_scales", "train_offsets"):  # absent in files of earlier releases
                 out[key] = self.bool(self.get(meta, key, f"{field}.{key}", False), f"{field}.{key}")
         return out
+
+    def factored(self, value: Any, field: str, layer: dict) -> dict:
+        """A factored layer's description: groups per float16 factor (dividing a row's
+        groups) and the dtypes of the scale and offset integers."""
+        if layer["type"] == "QuantEmbedding":
+            raise self.fail(field, "an embedding table is not held factored")
+        value = self.dict(value, field)
+        groups = layer["in_features"] // layer["group_size"]
+        per_field = field + ".groups_per_factor"
+        per = self.int(self.get(value, "groups_per_factor", per_field), per_field, 1, groups)
+        if groups % per:
+            raise self.fail(
+                field + ".groups_per_factor", f"got {per}, which does not divide the {groups} groups of a row"
+            )
+        scale_ints = self.choice(
+            self.get(value, "scale_ints", field + ".scale_ints"), field + ".scale_ints", tuple(_INT_DTYPES)
+        )
+        offset_ints = self.choice(
+            self.get(value, "offset_ints", field + ".offset_ints"), field + ".offset_ints", (*_INT_DTYPES, "shared")
+        )
+        return {"groups_per_factor": per, "scale_ints": scale_ints, "offset_ints": offset_ints}
 
     def layers(self, data: dict) -> dict[str, dict]:
         raw = self.dict(self.get(data, "layers", "layers"), "layers")
@@ -271,10 +301,19 @@ def _layer_tensor_specs(name: str, meta: dict) -> dict[str, tuple[Any, tuple[int
     if "tied_to" in meta:  # its codes are the embedding's, stored (and checked) under that name
         return {prefix + "bias": ("float", (out_f,))} if meta["bias"] else {}
     specs: dict[str, tuple[Any, tuple[int, ...]]] = {
-        prefix + "packed": (torch.uint8, (out_f, in_f * meta["bits"] // 8)),
-        prefix + "scales": (scale_dtype_of(meta["scale_dtype"]), (out_f, in_f // g)),
-        prefix + "offsets": (scale_dtype_of(meta["offset_dtype"]), (out_f, in_f // g)),
+        prefix + "packed": (torch.uint8, (out_f, in_f * meta["bits"] // 8))
     }
+    factored = meta.get("factored")
+    if factored is None:
+        specs[prefix + "scales"] = (scale_dtype_of(meta["scale_dtype"]), (out_f, in_f // g))
+        specs[prefix + "offsets"] = (scale_dtype_of(meta["offset_dtype"]), (out_f, in_f // g))
+    else:
+        factors = (out_f, in_f // g // factored["groups_per_factor"])
+        specs[prefix + "sub_scales"] = (_INT_DTYPES[factored["scale_ints"]], (out_f, in_f // g))
+        specs[prefix + "super_scales"] = (torch.float16, factors)
+        if factored["offset_ints"] != "shared":
+            specs[prefix + "sub_offsets"] = (_INT_DTYPES[factored["offset_ints"]], (out_f, in_f // g))
+        specs[prefix + "super_offsets"] = (torch.float16, factors)
     if meta["bias"]:
         specs[prefix + "bias"] = ("float", (out_f,))
     if meta["type"] == "QALoRALinear":
@@ -285,6 +324,31 @@ def _layer_tensor_specs(name: str, meta: dict) -> dict[str, tuple[Any, tuple[int
             if meta.get(f"train_{key}"):
                 specs[f"{name}.delta_{key}"] = ("float", (out_f, in_f // g))
     return specs
+
+
+def factored_meta(layer: QuantLinear) -> dict:
+    """How a factored layer's parameters are held (the "factored" entry of its description)."""
+    b = layer._buffers
+    dtype_name = {v: k for k, v in _INT_DTYPES.items()}
+    return {
+        "groups_per_factor": b["sub_scales"].shape[1] // b["super_scales"].shape[1],
+        "scale_ints": dtype_name[b["sub_scales"].dtype],
+        "offset_ints": "shared" if "sub_offsets" not in b else dtype_name[b["sub_offsets"].dtype],
+    }
+
+
+def factored_buffers(meta: dict, device=None) -> tuple:
+    """Empty tensors for QuantLinear.factor_ as a layer description's "factored" entry says."""
+    out_f, groups = meta["out_features"], meta["in_features"] // meta["group_size"]
+    factored = meta["factored"]
+    factors = (out_f, groups // factored["groups_per_factor"])
+
+    def ints(name):
+        return torch.empty(out_f, groups, dtype=_INT_DTYPES[name], device=device)
+
+    offsets = None if factored["offset_ints"] == "shared" else ints(factored["offset_ints"])
+    half = dict(dtype=torch.float16, device=device)
+    return ints(factored["scale_ints"]), torch.empty(factors, **half), offsets, torch.empty(factors, **half)
 
 
 def _layer_meta(layer: nn.Module) -> dict:
@@ -299,6 +363,8 @@ def _layer_meta(layer: nn.Module) -> dict:
         "scale_dtype": str(base.param_dtypes[0]).replace("torch.", ""),
         "offset_dtype": str(base.param_dtypes[1]).replace("torch.", ""),
     }
+    if isinstance(base, QuantLinear) and base.is_factored:
+        meta["factored"] = factored_meta(base)
     if isinstance(layer, QALoRALinear):
         meta.update(adapter=layer.adapter, rank=layer.rank, alpha=layer.alpha)
         # Written only when set, so files without trained group parameters stay readable by
