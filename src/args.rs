@@ -428,17 +428,17 @@ impl Factors {
         check_kind(&sf, "scale_factors", &[Kind::Half])?;
         check_kind(&of, "offset_factors", &[Kind::Half])?;
         check_dims(&sf, "scale_factors", 2)?;
-        let per = sf.size()[1];
-        if per <= 0 || groups % per != 0 {
+        let per_row = sf.size()[1];
+        if per_row <= 0 || groups % per_row != 0 {
             return Err(KernelError::shape(format!(
-                "scale_factors: got shape {:?}; its {per} factors per row must divide the {groups} groups per row",
+                "scale_factors: got shape {:?}; its {per_row} factors per row must divide the {groups} groups per row",
                 sf.size()
             )));
         }
-        let want = [n, per];
+        let want = [n, per_row];
         check_shape(&sf, "scale_factors", &want, "N, a divisor of K/group_size")?;
         check_shape(&of, "offset_factors", &want, "the shape of scale_factors")?;
-        Ok(Self { scales: sf, offsets: of, per_factor: (groups / per) as usize })
+        Ok(Self { scales: sf, offsets: of, per_factor: (groups / per_row) as usize })
     }
 }
 

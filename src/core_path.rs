@@ -163,9 +163,11 @@ fn for_each_tile(w: &QuantWeight, kind: Kind, mut f: impl FnMut(usize, &Tensor))
     let team = parallel::has_executor();
     // Rows per task when the tile is split among the team's threads.
     let per = |r: usize| if team { r.div_ceil(parallel::parallel_threads() * 2).max(1) } else { r };
+    // Each row's parameters are converted (or multiplied out, when factored) as it is
+    // dequantized: no f32 copy of all N*K/g of them.
+    let params = Params::of(w);
+    let view = params.view();
     if kind == Kind::BFloat16 {
-        let params = Params::of(w);
-        let view = params.view();
         let failed = std::sync::Mutex::new(None);
         return Scratch::with([rows, k], Kind::BFloat16, |buf| {
             let mut row0 = 0;
@@ -190,10 +192,6 @@ fn for_each_tile(w: &QuantWeight, kind: Kind, mut f: impl FnMut(usize, &Tensor))
             Ok(())
         });
     }
-    // Each row's parameters are converted (or multiplied out, when factored) as it is
-    // dequantized: no f32 copy of all N*K/g of them.
-    let params = Params::of(w);
-    let view = params.view();
     let (groups, rb) = (layout.groups(), layout.row_bytes());
     let one_row = QuantLayout::new(1, k, layout.bits, layout.group_size)?;
     Scratch::with([rows, k], Kind::Float, |buf| {

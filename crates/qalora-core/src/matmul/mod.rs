@@ -82,6 +82,14 @@ impl GroupInts<'_> {
         self.len() == 0
     }
 
+    /// The integers [start, end).
+    fn range(&self, start: usize, end: usize) -> Self {
+        match self {
+            GroupInts::U8(v) => GroupInts::U8(&v[start..end]),
+            GroupInts::I8(v) => GroupInts::I8(&v[start..end]),
+        }
+    }
+
     /// `out[i] *= self[start + i]`: one pass that vectorizes.
     #[inline]
     fn multiply_into(&self, start: usize, out: &mut [f32]) {
@@ -113,12 +121,7 @@ fn factored_row_into(
     let row_factors = &factors[n * (l / per)..(n + 1) * (l / per)];
     #[cfg(target_arch = "x86_64")]
     if let (Some(cpu), true) = (isa.avx2(), per.is_multiple_of(8) && l0.is_multiple_of(per) && l1.is_multiple_of(per)) {
-        use crate::x86::FactorInts;
-        let (a, b) = (n * l + l0, n * l + l1);
-        let row_ints = match ints {
-            GroupInts::U8(v) => FactorInts::U8(&v[a..b]),
-            GroupInts::I8(v) => FactorInts::I8(&v[a..b]),
-        };
+        let row_ints = ints.range(n * l + l0, n * l + l1);
         return crate::x86::factored_params(cpu, row_ints, &row_factors[l0 / per..l1 / per], per, out);
     }
     let _ = isa;
@@ -129,7 +132,7 @@ fn factored_row_into(
 }
 
 impl GroupParams<'_> {
-    pub(crate) fn lens(&self) -> (usize, usize) {
+    fn lens(&self) -> (usize, usize) {
         match self {
             GroupParams::F32 { scales, offsets } => (scales.len(), offsets.len()),
             GroupParams::F16 { scales, offsets } => (scales.len(), offsets.len()),
@@ -181,11 +184,14 @@ impl GroupParams<'_> {
                 lines(scales, start, l);
                 lines(offsets, start, l);
             }
-            GroupParams::Factored { scales: GroupInts::U8(s), offsets: GroupInts::U8(o), .. } => {
-                lines(s, start, l);
-                lines(o, start, l);
+            GroupParams::Factored { scales, offsets, .. } => {
+                for ints in [scales, offsets] {
+                    match ints {
+                        GroupInts::U8(v) => lines(v, start, l),
+                        GroupInts::I8(v) => lines(v, start, l),
+                    }
+                }
             }
-            GroupParams::Factored { .. } => {}
         }
     }
 

@@ -12,6 +12,7 @@
 use std::arch::x86_64::*;
 
 use crate::isa::HasAvx2;
+use crate::matmul::GroupInts;
 
 pub mod bf16;
 pub mod exact;
@@ -90,13 +91,9 @@ pub fn f16_to_f32(_: HasAvx2, src: &[u16], dst: &mut [f32]) {
 /// Factored group parameters of whole factors: `out[i] = f32(factors[i / per]) · ints[i]`
 /// for `factors.len()` factors of `per` groups each; `per % 8 == 0`, `ints` and `out` hold
 /// `factors.len() · per` values. Signed (`i8`) or unsigned (`u8`) integers.
-pub fn factored_params(_: HasAvx2, ints: FactorInts<'_>, factors: &[u16], per: usize, out: &mut [f32]) {
+pub fn factored_params(_: HasAvx2, ints: GroupInts<'_>, factors: &[u16], per: usize, out: &mut [f32]) {
     let len = factors.len().checked_mul(per).expect("factored parameters: length overflows");
-    let held = match ints {
-        FactorInts::U8(v) => v.len(),
-        FactorInts::I8(v) => v.len(),
-    };
-    assert!(per > 0 && per.is_multiple_of(8) && held >= len && out.len() >= len);
+    assert!(per > 0 && per.is_multiple_of(8) && ints.len() >= len && out.len() >= len);
     // SAFETY: the token proves AVX2+F16C; the assert covers `len` integers and outputs, read
     // and written 8 at a time within each factor's `per`.
     unsafe { factored_params_avx2(ints, factors, per, out) }
@@ -110,13 +107,6 @@ pub fn unpack_groups(_: HasAvx2, packed: &[u8], bits: u32, out: &mut [u8]) -> us
     // SAFETY: the token proves AVX2; the kernel loads 8 bytes at g·bits only while that
     // stays inside `packed`, and stores 32 codes only while they fit in `out`.
     unsafe { unpack_groups_avx2(packed, bits as usize, out) }
-}
-
-/// The integers of [`factored_params`].
-#[derive(Debug, Clone, Copy)]
-pub enum FactorInts<'a> {
-    U8(&'a [u8]),
-    I8(&'a [i8]),
 }
 
 /// Dequantizes one row: out[k] = s[l]·q[k] + m[l] for the L = `scales.len()` groups of `g`
@@ -224,14 +214,14 @@ unsafe fn unpack_groups_avx2(packed: &[u8], b: usize, out: &mut [u8]) -> usize {
 /// # Safety
 /// AVX2 and F16C are available; `ints` and `out` hold `factors.len() · per` values, `per % 8 == 0`.
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn factored_params_avx2(ints: FactorInts<'_>, factors: &[u16], per: usize, out: &mut [f32]) {
+unsafe fn factored_params_avx2(ints: GroupInts<'_>, factors: &[u16], per: usize, out: &mut [f32]) {
     let o = out.as_mut_ptr();
     for (j, &h) in factors.iter().enumerate() {
         let f = _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32))));
         for t in (j * per..(j + 1) * per).step_by(8) {
             let q = match ints {
-                FactorInts::U8(v) => _mm256_cvtepu8_epi32(_mm_loadl_epi64(v.as_ptr().add(t) as *const __m128i)),
-                FactorInts::I8(v) => _mm256_cvtepi8_epi32(_mm_loadl_epi64(v.as_ptr().add(t) as *const __m128i)),
+                GroupInts::U8(v) => _mm256_cvtepu8_epi32(_mm_loadl_epi64(v.as_ptr().add(t) as *const __m128i)),
+                GroupInts::I8(v) => _mm256_cvtepi8_epi32(_mm_loadl_epi64(v.as_ptr().add(t) as *const __m128i)),
             };
             _mm256_storeu_ps(o.add(t), _mm256_mul_ps(f, _mm256_cvtepi32_ps(q)));
         }
