@@ -156,6 +156,29 @@ def test_kquant_layers_are_held_at_file_size_and_compute_as_decoded(mixed):
     assert seen == set(KQUANT_SIZE)
 
 
+def test_a_tensor_that_cannot_be_factored_is_imported_with_float32_parameters(mixed, monkeypatch):
+    """Where a K-quant's implied minimum overflows float16 as a factor (decode_rows gives no
+    factored form), the import reads that tensor again into float32 parameters: still exact."""
+    path, spec = mixed
+    header = read_header(path)
+    name = next(n for n, e in header.tensors.items() if gguf_blocks.type_name(e.ggml_type) == "Q6_K")
+    decode = gguf_blocks.decode_rows
+
+    def without_factors(ggml_type, raw, k, what="tensor"):
+        dec = decode(ggml_type, raw, k, what)
+        if what == name:
+            dec.factored = None
+        return dec
+
+    monkeypatch.setattr(gguf_blocks, "decode_rows", without_factors)
+    model = qalora.load_gguf(path).model
+    layer = model.get_submodule(gguf_arch.hf_name(name).rpartition(".")[0])
+    assert not layer.is_factored and layer.scales.dtype == torch.float32
+    assert np.array_equal(layer.dequantize().numpy(), gguf_reference(path, name, spec))
+    others = [m for m in model.modules() if isinstance(m, qalora.QuantLinear) and m is not layer]
+    assert sum(m.is_factored for m in others) == 9  # every other K-quant layer still factored
+
+
 def test_factored_layers_trace_without_graph_breaks(mixed):
     """A model with factored K-quant layers goes through torch.compile whole (the ops' fake
     implementations take the factors), with the eager result."""

@@ -87,6 +87,36 @@ def test_storage_dtypes_hold_the_parameters_exactly(ggml_type):
         assert not np.array_equal(dec.scales.astype(np.float16).astype(np.float32), dec.scales)
 
 
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: gguf_blocks.FORMATS[t].name)
+def test_kquant_decode_also_gives_the_factored_form_exactly(ggml_type):
+    """A K-quant's factored parameters (integers times float16 factors, as QuantLinear.factor_
+    holds them) multiply out, in float64, to exactly the decoded float32 values."""
+    fmt = gguf_blocks.FORMATS[ggml_type]
+    rng = np.random.default_rng(200 + ggml_type)
+    dec = gguf_blocks.decode_rows(ggml_type, random_blocks(rng, ggml_type, 3, 4), 4 * fmt.block_weights)
+    if not fmt.name.endswith("_K"):
+        assert dec.factored is None
+        return
+    f = dec.factored
+    groups, per = dec.scales.shape[1], dec.scales.shape[1] // f.scale_factors.shape[1]
+    assert f.scale_factors.dtype == f.offset_factors.dtype == np.float16 and f.scale_ints.shape == (3, groups)
+    assert f.scale_ints.dtype == (np.int8 if fmt.name in ("Q3_K", "Q6_K") else np.uint8)
+    offset_ints = f.scale_ints if f.offset_ints is None else f.offset_ints
+    for ints, factors, want in (
+        (f.scale_ints, f.scale_factors, dec.scales),
+        (offset_ints, f.offset_factors, dec.offsets),
+    ):
+        got = np.repeat(factors.astype(np.float64), per, axis=1) * ints.astype(np.float64)
+        assert np.array_equal(got, want.astype(np.float64))
+
+
+def test_implied_minimum_overflowing_float16_leaves_a_tensor_unfactored():
+    raw = random_blocks(np.random.default_rng(3), gguf_blocks.Q6_K, 1, 1)
+    raw[0, 208:210] = np.array([4000.0], dtype=np.float16).view(np.uint8)  # -32 d overflows float16
+    dec = gguf_blocks.decode_rows(gguf_blocks.Q6_K, raw, 256)
+    assert dec.factored is None and np.isfinite(dec.offsets).all()
+
+
 def test_implied_offset_overflowing_float16_gets_float32_offsets():
     raw = np.zeros((1, 18), dtype=np.uint8)
     raw[0, 0:2] = np.array([10000.0], dtype=np.float16).view(np.uint8)  # -8 d = -80000

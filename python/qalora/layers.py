@@ -127,7 +127,7 @@ class QuantLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.register_state_dict_post_hook(_canonical_state_dict)
-        self.register_load_state_dict_pre_hook(_tiled_load_state_dict)
+        self.register_load_state_dict_pre_hook(_layout_of_loaded_state)
 
     # ---- factored group parameters (GGUF K-quants) ---------------------------------------
 
@@ -406,7 +406,7 @@ def _empty_like_entry(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else torch.empty(t.shape, dtype=t.dtype)
 
 
-def _tiled_load_state_dict(module: QuantLinear, state_dict: dict, prefix: str, *args) -> None:
+def _layout_of_loaded_state(module: QuantLinear, state_dict: dict, prefix: str, *args) -> None:
     # A layer takes the form the state holds: factored parameters make a plain layer a
     # factored one (buffers of the state's dtypes and shapes, then filled as usual),
     # float ones a factored layer a plain one; canonical tensors loaded into a tiled

@@ -328,12 +328,12 @@ def _layer_tensor_specs(name: str, meta: dict) -> dict[str, tuple[Any, tuple[int
 
 def factored_meta(layer: QuantLinear) -> dict:
     """How a factored layer's parameters are held (the "factored" entry of its description)."""
-    b = layer._buffers
+    _, scale_ints, offset_ints, scale_factors, _ = layer.kernel_weight()
     dtype_name = {v: k for k, v in _INT_DTYPES.items()}
     return {
-        "groups_per_factor": b["sub_scales"].shape[1] // b["super_scales"].shape[1],
-        "scale_ints": dtype_name[b["sub_scales"].dtype],
-        "offset_ints": "shared" if "sub_offsets" not in b else dtype_name[b["sub_offsets"].dtype],
+        "groups_per_factor": scale_ints.shape[1] // scale_factors.shape[1],
+        "scale_ints": dtype_name[scale_ints.dtype],
+        "offset_ints": "shared" if offset_ints is scale_ints else dtype_name[offset_ints.dtype],
     }
 
 

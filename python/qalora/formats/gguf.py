@@ -274,10 +274,16 @@ def _dense_rows(
 
 
 def _quant_layer(
-    reader: TensorReader, entry: TensorEntry, bias: bool, order: np.ndarray | None, module: str
+    reader: TensorReader,
+    entry: TensorEntry,
+    bias: bool,
+    order: np.ndarray | None,
+    module: str,
+    factor: bool = True,
 ) -> tuple[QuantLinear, ImportedLayer]:
     """A QuantLinear holding a quantized GGUF tensor, filled a slice of rows at a time; a
-    K-quant's group parameters stay factored as the file stores them (QuantLinear.factor_).
+    K-quant's group parameters stay factored as the file stores them (QuantLinear.factor_)
+    unless ``factor`` is False.
 
     The buffers are numpy arrays handed to torch without a copy: numpy fills them on one
     thread, which is as fast as a memory copy gets and does not compete with torch's pool."""
@@ -286,8 +292,10 @@ def _quant_layer(
     stored = fmt.bits if fmt.bits in ops.SUPPORTED_BITS else 8
     groups = k // fmt.group_size
     packed = np.empty((n, k * stored // 8), dtype=np.uint8)
-    factored = _FactoredBuffers(n, groups, k // fmt.block_weights) if entry.ggml_type in _K_TYPES else None
-    scales = offsets = None
+    factored = _FactoredBuffers(n, groups, k // fmt.block_weights) if factor and entry.ggml_type in _K_TYPES else None
+    if factored is None:
+        scales = np.empty((n, groups), dtype=fmt.param_dtype)
+        offsets = np.empty((n, groups), dtype=np.float32)
     offset_dtype = fmt.param_dtype
     for a, b in _row_slices(n, k):
         dec = gguf_blocks.decode_rows(entry.ggml_type, reader.rows(entry, a, b), k, entry.name)
@@ -295,18 +303,15 @@ def _quant_layer(
             offset_dtype = np.float32  # an implied -8d overflowed float16
         dst = slice(a, b) if order is None else order[a:b]
         packed[dst] = dec.codes if stored == 8 else ops.pack(dec.codes, stored)
-        if factored is not None and dec.factored is None:
-            # An implied minimum's factor overflows float16 (no real file): float32 parameters.
-            scales, offsets = factored.expanded()
-            factored = None
-        if factored is not None:
+        if factored is None:
+            scales[dst] = dec.scales
+            offsets[dst] = dec.offsets
+        elif dec.factored is not None:
             factored.fill(dst, dec.factored)
-            continue
-        if scales is None:
-            scales = np.empty((n, groups), dtype=fmt.param_dtype)
-            offsets = np.empty((n, groups), dtype=np.float32)
-        scales[dst] = dec.scales
-        offsets[dst] = dec.offsets
+        else:
+            # An implied minimum's factor overflows float16 (no real file): the tensor is
+            # read again into float32 parameters.
+            return _quant_layer(reader, entry, bias, order, module, factor=False)
     # Built on the meta device, then given the filled buffers: nothing is allocated twice.
     layer = QuantLinear(
         k, n, stored, fmt.group_size, False, _TORCH[fmt.param_dtype], "meta", module, offset_dtype=_TORCH[offset_dtype]
@@ -328,13 +333,13 @@ class _FactoredBuffers:
     slice of rows at a time."""
 
     def __init__(self, n: int, groups: int, blocks: int) -> None:
-        self.shape = (n, groups, blocks)
+        self.shape = (n, groups)
         self.scale_ints = self.offset_ints = None
         self.scale_factors = np.empty((n, blocks), dtype=np.float16)
         self.offset_factors = np.empty((n, blocks), dtype=np.float16)
 
     def fill(self, dst, part: gguf_blocks.FactoredParams) -> None:
-        n, groups, _ = self.shape
+        n, groups = self.shape
         if self.scale_ints is None:  # dtypes from the first slice: uint8, or int8 (Q3_K/Q6_K)
             self.scale_ints = np.empty((n, groups), dtype=part.scale_ints.dtype)
             if part.offset_ints is not None:
@@ -349,19 +354,6 @@ class _FactoredBuffers:
         t = torch.from_numpy
         offsets = None if self.offset_ints is None else t(self.offset_ints)
         return t(self.scale_ints), t(self.scale_factors), offsets, t(self.offset_factors)
-
-    def expanded(self) -> tuple[np.ndarray, np.ndarray]:
-        """float32 (scales, offsets) of the rows filled so far (the others are overwritten later)."""
-        n, groups, blocks = self.shape
-        if self.scale_ints is None:
-            return np.empty((n, groups), np.float32), np.empty((n, groups), np.float32)
-        per = groups // blocks
-        offset_ints = self.scale_ints if self.offset_ints is None else self.offset_ints
-
-        def times(factors, ints):
-            return np.repeat(factors.astype(np.float32), per, axis=1) * ints.astype(np.float32)
-
-        return times(self.scale_factors, self.scale_ints), times(self.offset_factors, offset_ints)
 
 
 def _set_dense(
