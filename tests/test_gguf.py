@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 
 import numpy as np
 import pytest
@@ -225,6 +226,33 @@ def test_factored_layers_keep_their_factors_through_dtype_moves_and_state_dicts(
             torch.zeros(layer.out_features, 2, dtype=torch.float16),
         )
     assert not layer.is_factored and torch.equal(layer.dequantize(), want)  # a refusal changes nothing
+
+
+_INTS = torch.zeros(8, 8, dtype=torch.uint8)
+_FACTORS = torch.zeros(8, 1, dtype=torch.float16)
+
+
+@pytest.mark.parametrize(
+    "args,error,fragment",
+    [
+        ((np.zeros((8, 8), np.uint8), _FACTORS, None, _FACTORS), qalora.DTypeError, "sub_scales: got ndarray"),
+        ((_INTS, None, None, _FACTORS), qalora.DTypeError, "super_scales: got NoneType"),
+        ((_INTS.float(), _FACTORS, None, _FACTORS), qalora.DTypeError, "allowed: torch.uint8, torch.int8"),
+        ((_INTS, _FACTORS.bfloat16(), None, _FACTORS), qalora.DTypeError, "allowed: torch.float16"),
+        ((_INTS, _FACTORS, _INTS[:, :3], _FACTORS), qalora.ShapeError, "sub_offsets: got shape (8, 3)"),
+        ((_INTS, _FACTORS, None, _FACTORS.expand(8, 2)), qalora.ShapeError, "super_offsets"),
+        ((_INTS, _FACTORS[:4], None, _FACTORS[:4]), qalora.ShapeError, "out_features = 8"),
+        ((_INTS.to("meta"), _FACTORS, None, _FACTORS), qalora.DeviceError, "sub_scales: on meta"),
+    ],
+)
+def test_factor_refuses_bad_arguments_and_leaves_the_layer_as_it_was(args, error, fragment):
+    layer = qalora.QuantLinear.from_weight(torch.randn(8, 256), None, 4, 32)
+    want = layer.dequantize()
+    with pytest.raises(error, match=re.escape(fragment)):
+        layer.factor_(*args)
+    assert not layer.is_factored and torch.equal(layer.dequantize(), want)
+    layer.factor_(_INTS, _FACTORS, None, _FACTORS)  # the same layer takes good arguments
+    assert layer.is_factored
 
 
 def test_checkpoints_keep_kquant_layers_factored(mixed, tmp_path):

@@ -18,7 +18,15 @@ from torch import nn
 from . import _core, ops
 from ._dispatch import SMALL_BATCH_ROWS as SMALL_BATCH_ROWS  # the small-batch threshold, kept importable here
 from ._dispatch import tiled_route_applies
-from .errors import GroupSizeError, InvalidValueError, MergeError, NoDenseWeightError, ShapeError
+from .errors import (
+    DeviceError,
+    DTypeError,
+    GroupSizeError,
+    InvalidValueError,
+    MergeError,
+    NoDenseWeightError,
+    ShapeError,
+)
 
 #: How a quantized layer can multiply small CPU batches (see :func:`qalora.ops.qmatmul`).
 ACTIVATION_MODES = ("exact", "int8", "bf16")
@@ -157,23 +165,7 @@ class QuantLinear(nn.Module):
         only after :meth:`unfactor_`. A state dict (and a qalora checkpoint) holds the
         factored buffers; loading one into a plain layer factors it, and float ones loaded
         into a factored layer make it plain."""
-        groups = self.in_features // self.group_size
-        if super_scales.dim() != 2 or super_scales.shape[1] == 0 or groups % super_scales.shape[1]:
-            raise ShapeError(
-                f"super_scales: got shape {tuple(super_scales.shape)}, expected (out_features, a divisor of {groups})"
-            )
-        for name, t in (("sub_scales", sub_scales), ("sub_offsets", sub_offsets)):
-            if t is not None and (
-                t.dtype not in (torch.uint8, torch.int8) or tuple(t.shape) != (self.out_features, groups)
-            ):
-                raise ShapeError(
-                    f"{name}: got {t.dtype} {tuple(t.shape)}, expected uint8 or int8 ({self.out_features}, {groups})"
-                )
-        for name, t in (("super_scales", super_scales), ("super_offsets", super_offsets)):
-            if t.dtype != torch.float16 or t.shape != super_scales.shape:
-                raise ShapeError(
-                    f"{name}: got {t.dtype} {tuple(t.shape)}, expected float16 {tuple(super_scales.shape)}"
-                )
+        _check_factored(self, sub_scales, super_scales, sub_offsets, super_offsets)
         self.untile_()
         for name in ("scales", "offsets", *_FACTORED):
             self._buffers.pop(name, None)
@@ -381,6 +373,46 @@ class QuantLinear(nn.Module):
         return text + (", factored=True" if self.is_factored else "")
 
 
+def _codes_device(layer: QuantLinear) -> torch.device:
+    """Where the layer's codes are (``packed``, or ``tiled``; read without deriving anything)."""
+    return (layer._buffers.get("tiled") if layer.is_tiled else layer._buffers["packed"]).device
+
+
+def _check_factored(layer: QuantLinear, sub_scales, super_scales, sub_offsets, super_offsets) -> None:
+    """factor_'s arguments, all checked before the layer changes: torch tensors on the
+    layer's device, integers uint8/int8 (out, L), float16 factors (out, F) with F dividing L."""
+    groups = layer.in_features // layer.group_size
+    named = {"sub_scales": sub_scales, "super_scales": super_scales, "super_offsets": super_offsets}
+    if sub_offsets is not None:
+        named["sub_offsets"] = sub_offsets
+    device = _codes_device(layer)
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise DTypeError(f"{name}: got {type(t).__name__}, expected a torch.Tensor")
+        if t.device != device:
+            raise DeviceError(f"{name}: on {t.device}, the layer's codes are on {device}; move it there")
+    for name in ("sub_scales", "sub_offsets"):
+        t = named.get(name)
+        if t is None:
+            continue
+        if t.dtype not in (torch.uint8, torch.int8):
+            raise DTypeError(f"{name}: got {t.dtype}, allowed: torch.uint8, torch.int8")
+        if tuple(t.shape) != (layer.out_features, groups):
+            raise ShapeError(
+                f"{name}: got shape {tuple(t.shape)}, expected (out_features, K/group_size) = ({layer.out_features}, {groups})"
+            )
+    for name in ("super_scales", "super_offsets"):
+        if named[name].dtype != torch.float16:
+            raise DTypeError(f"{name}: got {named[name].dtype}, allowed: torch.float16")
+    shape = tuple(super_scales.shape)
+    if len(shape) != 2 or shape[0] != layer.out_features or shape[1] == 0 or groups % shape[1]:
+        raise ShapeError(
+            f"super_scales: got shape {shape}, expected (out_features, a divisor of {groups}) with out_features = {layer.out_features}"
+        )
+    if tuple(super_offsets.shape) != shape:
+        raise ShapeError(f"super_offsets: got shape {tuple(super_offsets.shape)}, expected super_scales' {shape}")
+
+
 #: The name :func:`qalora._dispatch.tiled_route_applies` had here.
 _tiled_route_applies = tiled_route_applies
 
@@ -402,8 +434,8 @@ def _canonical_state_dict(module: QuantLinear, state_dict: dict, prefix: str, lo
             state_dict[prefix + name] = t
 
 
-def _empty_like_entry(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else torch.empty(t.shape, dtype=t.dtype)
+def _empty_like_entry(t: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if t is None else torch.empty(t.shape, dtype=t.dtype, device=device)
 
 
 def _layout_of_loaded_state(module: QuantLinear, state_dict: dict, prefix: str, *args) -> None:
@@ -412,7 +444,8 @@ def _layout_of_loaded_state(module: QuantLinear, state_dict: dict, prefix: str, 
     # float ones a factored layer a plain one; canonical tensors loaded into a tiled
     # layer are tiled.
     if not module.is_factored and prefix + "super_scales" in state_dict:
-        module.factor_(*(_empty_like_entry(state_dict.get(prefix + name)) for name in _FACTORED))
+        device = _codes_device(module)
+        module.factor_(*(_empty_like_entry(state_dict.get(prefix + name), device) for name in _FACTORED))
     if module.is_factored and prefix + "scales" in state_dict:
         module.unfactor_()
     keys = [prefix + name for name in _CANONICAL]
